@@ -1,0 +1,87 @@
+"""Every error leaves turngate in OpenAI's envelope: {"error": {message, type, param, code}}.
+
+Status map: 400 bad request, 401 auth, 404 unknown model/id, 413 too large, 422 turn_rejected
+(the gate judged every candidate unsafe and the route says to stop), 429 upstream rate limit with
+its Retry-After, 502 upstream failure or garbage, 504 upstream timeout.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from service.api.protocol import ErrorBody, ErrorDetail
+from service.gate.pipeline import TurnRejected
+from service.upstream.client import UpstreamError
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.code, self.param, self.headers = code, param, headers or {}
+
+    def body(self) -> dict:
+        return ErrorBody(error=ErrorDetail(message=self.message, type=self.type, param=self.param,
+                                           code=self.code)).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def from_validation(exc: ValidationError | RequestValidationError) -> APIError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    return APIError(400, f"{param + ': ' if param else ''}{err.get('msg')}", param=param,
+                    code="invalid_value")
+
+
+def from_upstream(exc: UpstreamError) -> APIError:
+    if exc.kind == "timeout":
+        return APIError(504, exc.message, "upstream_error", "upstream_timeout")
+    if exc.kind == "rate_limited":
+        headers = {"retry-after": exc.retry_after} if exc.retry_after else {}
+        return APIError(429, exc.message, "rate_limit_error", "rate_limit_exceeded", headers=headers)
+    if exc.kind == "client_error" and exc.status:
+        detail = (exc.body or {}).get("error") or {}
+        return APIError(exc.status, exc.message, detail.get("type") or "invalid_request_error",
+                        detail.get("code"), detail.get("param"))
+    return APIError(502, exc.message, "upstream_error", f"upstream_{exc.kind}")
+
+
+def from_rejection(exc: TurnRejected) -> APIError:
+    return APIError(422, exc.message, "turn_rejected", "turn_rejected",
+                    headers={"x-turngate-turn-id": exc.record.turn_id, "x-turngate-decision": "rejected"})
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api(_: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        return from_validation(exc).response()
+
+    @app.exception_handler(UpstreamError)
+    async def _upstream(_: Request, exc: UpstreamError):
+        return from_upstream(exc).response()
+
+    @app.exception_handler(TurnRejected)
+    async def _rejected(_: Request, exc: TurnRejected):
+        return from_rejection(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException):
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type_).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        return APIError(500, "internal error in turngate", "server_error").response()

@@ -1,0 +1,27 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.api.deps import ServicesDep
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(services: ServicesDep) -> JSONResponse:
+    critic = services.critics.current
+    ready = getattr(services.sink, "ready", True)
+    body = {
+        "status": "ready" if ready else "degraded",
+        "critic": {"name": critic.name, "version": critic.version, "provider": critic.provider},
+        "routes": [{"alias": r.alias, "mode": r.mode, "candidates": r.n} for r in services.settings.routes],
+    }
+    return JSONResponse(body, status_code=200 if ready else 503)

@@ -1,0 +1,36 @@
+"""A pure-ASGI guard that refuses request bodies over the configured size with 413.
+
+It checks Content-Length up front and counts bytes of chunked bodies as they arrive, so an
+oversized upload is never buffered whole.
+"""
+
+from __future__ import annotations
+
+from service.api.errors import APIError
+
+
+class BodySizeLimit:
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"Request body is larger than {self.max_bytes} bytes.",
+                             code="request_too_large")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_large.response()(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large  # rendered by the APIError handler inside the app
+            return message
+
+        await self.app(scope, counted, send)

@@ -1,0 +1,147 @@
+"""POST /v1/chat/completions and GET /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from service.api import replies
+from service.api.deps import ClientKeyDep, ServicesDep
+from service.api.errors import APIError, from_rejection, from_upstream, from_validation
+from service.api.protocol import ChatCompletionRequest
+from service.gate.pipeline import Gate, TurnRejected, TurnRequest
+from service.gate.record import ConversationHint, new_turn_id
+from service.upstream.client import UpstreamError
+
+router = APIRouter()
+
+CONVERSATION_HEADER = "x-turngate-conversation-id"
+
+
+class ClientGone(Exception):
+    pass
+
+
+@router.get("/v1/models")
+async def list_models(services: ServicesDep, _: ClientKeyDep) -> dict:
+    created = int(time.time())
+    return {"object": "list", "data": [
+        {"id": r.alias, "object": "model", "created": created, "owned_by": "turngate"}
+        for r in services.settings.routes]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, services: ServicesDep, key: ClientKeyDep) -> Response:
+    payload = _parse(await request.body())
+    route = services.settings.route_for(payload["model"])
+    if route is None:
+        raise APIError(404, f"The model {payload['model']!r} does not exist on this gateway.",
+                       code="model_not_found", param="model")
+    turn = TurnRequest(
+        turn_id=new_turn_id(), route=route, body=payload, client_key=key.key,
+        conversation=ConversationHint(header_id=request.headers.get(CONVERSATION_HEADER),
+                                      user=payload.get("user"), metadata=payload.get("metadata"),
+                                      key_id=key.key_id))
+    task = asyncio.ensure_future(services.gate.run(turn))
+    if not payload.get("stream"):
+        try:
+            await _until_done(request, task)
+        except ClientGone:
+            return Response(status_code=499)
+        result = task.result()
+        return JSONResponse(replies.completion_body(result, route.alias), headers=replies.decision_headers(result))
+    return await _stream(request, services.gate, task, turn, services.settings.keepalive_interval_s)
+
+
+def _parse(raw: bytes) -> dict:
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"We could not parse the JSON body of your request: {e}") from e
+    if not isinstance(payload, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    try:
+        ChatCompletionRequest.model_validate(payload)
+    except ValidationError as e:
+        raise from_validation(e) from e
+    return payload  # forwarded as sent, unknown fields included
+
+
+async def _until_done(request: Request, task: asyncio.Task, timeout: float | None = None) -> bool:
+    """Waits for the turn; cancels it (and so its upstream calls) if the client disconnects.
+
+    Returns False when `timeout` passed first, with the turn still running.
+    """
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        if not watcher.done():
+            watcher.cancel()
+    if task.done():
+        return True
+    if watcher.done():
+        task.cancel()
+        raise ClientGone()
+    return False
+
+
+async def _stream(request: Request, gate: Gate, task: asyncio.Task, turn: TurnRequest,
+                  keepalive_s: float) -> Response:
+    """SSE: ranking needs whole candidates, so the chosen one is replayed once the turn is done.
+
+    If the turn settles within the first keepalive interval the client gets real status codes
+    and all decision headers; after that the stream is open, kept alive with SSE comments, and a
+    late failure arrives as an error event.
+    """
+    include_usage = bool((turn.body.get("stream_options") or {}).get("include_usage"))
+    try:
+        settled = await _until_done(request, task, timeout=keepalive_s)
+    except ClientGone:
+        return Response(status_code=499)
+    if settled:
+        result = task.result()  # raises: the handlers turn it into an error response
+        body = replies.completion_body(result, turn.route.alias)
+        return StreamingResponse(_iter(replies.replay_chunks(body, include_usage)),
+                                 media_type="text/event-stream", headers=replies.decision_headers(result))
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=keepalive_s)
+                if not task.done():
+                    yield b": keepalive\n\n"
+            try:
+                result = task.result()
+            except (UpstreamError, TurnRejected) as e:
+                err = from_upstream(e) if isinstance(e, UpstreamError) else from_rejection(e)
+                yield replies.sse(err.body())
+                return
+            headers = replies.decision_headers(result)
+            yield (": " + " ".join(f"{k}={v}" for k, v in headers.items()) + "\n\n").encode()
+            for chunk in replies.replay_chunks(replies.completion_body(result, turn.route.alias), include_usage):
+                yield chunk
+        finally:
+            if not task.done():
+                task.cancel()  # the client went away mid-wait
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"x-turngate-turn-id": turn.turn_id})
+
+
+async def _iter(chunks) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk

@@ -1,0 +1,51 @@
+"""Wiring: build the services in a lifespan, mount the routers."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api import errors, health, openai
+from service.api.deps import Services
+from service.api.limits import BodySizeLimit
+from service.critic.base import Critic, CriticSlot
+from service.critic.registry import load_critic
+from service.gate.pipeline import Gate
+from service.settings import Settings
+from service.store.base import TurnSink
+from service.store.factory import make_sink
+from service.upstream.client import UpstreamClient, make_http_client
+
+log = logging.getLogger("turngate")
+
+
+def create_app(settings: Settings | None = None, *, critic: Critic | None = None,
+               sink: TurnSink | None = None) -> FastAPI:
+    """The ASGI app. `critic` and `sink` override what settings would build (tests, benchmarks)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        http = make_http_client()
+        critics = CriticSlot(critic or load_critic(settings))
+        turn_sink = sink or make_sink(settings)
+        await turn_sink.start()
+        gate = Gate(UpstreamClient(http), critics, turn_sink)
+        app.state.services = Services(settings, gate, critics, turn_sink)
+        log.info("turngate ready: routes=%s critic=%s/%s on %s", [r.alias for r in settings.routes],
+                 critics.current.name, critics.current.version, critics.current.provider)
+        try:
+            yield
+        finally:
+            await gate.drain()
+            await turn_sink.stop()
+            await http.aclose()
+
+    app = FastAPI(title="turngate", version="0.1.0", lifespan=lifespan)
+    errors.install(app)
+    app.include_router(openai.router)
+    app.include_router(health.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    return app

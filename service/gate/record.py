@@ -1,0 +1,84 @@
+"""The turn record: what the gate hands to the store for every turn it served (or failed to).
+
+This is the contract between the gate and the store. Plain dataclasses of JSON-able values, so a
+record can be written to a spool file and read back unchanged (`to_dict` / `from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def new_turn_id() -> str:
+    return "turn-" + uuid.uuid4().hex
+
+
+@dataclass
+class CandidateRecord:
+    index: int  # position among all candidates of the turn, across rounds
+    round: int  # 0 = first sampling, 1.. = after the n-th intervention
+    message: dict[str, Any]  # the assistant message as the upstream returned it
+    finish_reason: str | None = None
+    verdict: str = "ok"  # "ok" or "veto"
+    veto_reason: str | None = None  # e.g. "unknown_tool", "schema", "bad_json", "empty", "truncated"
+    veto_detail: str | None = None  # the validator's message
+    score: float | None = None
+    upstream_latency_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass
+class ConversationHint:
+    """What the request says about the conversation it belongs to (the store threads turns by it)."""
+
+    header_id: str | None = None  # x-turngate-conversation-id
+    user: str | None = None  # the request's `user` field
+    metadata: dict[str, Any] | None = None  # the request's `metadata` field
+    key_id: str | None = None  # a short digest of the client's API key, never the key
+
+
+@dataclass
+class TurnRecord:
+    turn_id: str
+    route: str
+    mode: str
+    upstream_model: str
+    request_messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    decision: str = "error"  # see service.gate.decisions
+    chosen_index: int | None = None
+    rounds: int = 1
+    critic_name: str | None = None
+    critic_version: str | None = None
+    latency_total_ms: float | None = None
+    latency_upstream_ms: float | None = None
+    latency_critic_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    candidates_saved: int = 0  # against always sampling N (adaptive sampling)
+    feedback: list[str] = field(default_factory=list)  # intervention texts, one per round
+    error: str | None = None  # set when the turn failed (the client got an error)
+    conversation: ConversationHint = field(default_factory=ConversationHint)
+    candidates: list[CandidateRecord] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)  # unix seconds
+
+    @property
+    def chosen(self) -> CandidateRecord | None:
+        if self.chosen_index is None:
+            return None
+        return next((c for c in self.candidates if c.index == self.chosen_index), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TurnRecord":
+        d = dict(d)
+        d["conversation"] = ConversationHint(**(d.get("conversation") or {}))
+        d["candidates"] = [CandidateRecord(**c) for c in d.get("candidates") or []]
+        return cls(**d)

@@ -1,0 +1,80 @@
+"""Candidates of a turn: structural verdicts, critic scores, and picking the best.
+
+Selection is: structural veto first, then the highest critic score; ties go to the earlier
+candidate (the actor's own first choice).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from service.critic.base import Critic
+from service.gate import structural
+from service.gate.record import CandidateRecord
+from service.telemetry import metrics
+from service.upstream.client import Sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    record: CandidateRecord
+    sample: Sample | None  # None for a synthesized reply (block policy)
+
+    @property
+    def ok(self) -> bool:
+        return self.record.verdict == "ok"
+
+    @property
+    def score(self) -> float | None:
+        return self.record.score
+
+
+def from_samples(samples: list[Sample], first_index: int, round_no: int) -> list[Candidate]:
+    return [Candidate(CandidateRecord(
+        index=first_index + i, round=round_no, message=s.message, finish_reason=s.finish_reason,
+        upstream_latency_ms=s.latency_s * 1000, prompt_tokens=s.prompt_tokens,
+        completion_tokens=s.completion_tokens), s) for i, s in enumerate(samples)]
+
+
+def check_structure(cands: list[Candidate], tools: list[dict[str, Any]] | None, tool_choice: Any,
+                    route: str) -> None:
+    schemas = structural.tool_schemas(tools)
+    for c in cands:
+        verdict = structural.check(c.record.message, c.record.finish_reason, schemas, tool_choice)
+        if not verdict.ok:
+            c.record.verdict, c.record.veto_reason, c.record.veto_detail = "veto", verdict.reason, verdict.detail
+            metrics.VETOES.labels(route, verdict.reason).inc()
+
+
+async def score(critic: Critic, messages: list[dict[str, Any]], cands: list[Candidate],
+                tools: list[dict[str, Any]] | None, route: str) -> float:
+    """Scores the candidates that passed the structural checks; returns seconds spent.
+
+    A failing critic must not fail the turn: the structural verdicts still choose.
+    """
+    live = [c for c in cands if c.ok]
+    if not live:
+        return 0.0
+    started = time.perf_counter()
+    try:
+        scores = await critic.score(messages, [c.record.message for c in live], tools)
+    except Exception:  # noqa: BLE001 - degrade to structural selection, and say so in the log
+        log.exception("critic %s failed; selecting on structural checks only", critic.name)
+        return time.perf_counter() - started
+    for c, s in zip(live, scores, strict=True):
+        c.record.score = float(s)
+        metrics.SCORES.labels(route).observe(float(s))
+    return time.perf_counter() - started
+
+
+def best(cands: list[Candidate]) -> Candidate | None:
+    live = [c for c in cands if c.ok]
+    if not live:
+        return None
+    # max() keeps the first of equal keys, so ties go to the earlier candidate
+    return max(live, key=lambda c: -1.0 if c.score is None else c.score)

@@ -1,0 +1,35 @@
+"""The store interface the gate writes to, and the in-memory implementation used in tests.
+
+The request path calls `enqueue` only: it must return at once and never raise. Durability
+(batching, spooling, replay) is the implementation's job.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from service.gate.record import TurnRecord
+
+
+class TurnSink(Protocol):
+    def enqueue(self, record: TurnRecord) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class MemorySink:
+    """Keeps records in a list. For tests and benchmarks; not durable."""
+
+    def __init__(self) -> None:
+        self.records: list[TurnRecord] = []
+
+    def enqueue(self, record: TurnRecord) -> None:
+        self.records.append(record)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None

@@ -1,0 +1,45 @@
+"""Prometheus metrics, all named turngate_*, in base units, with bounded label sets.
+
+Labels take values from closed sets only (route aliases come from settings, reasons and decisions
+from the gate's own vocabulary), so cardinality stays bounded whatever clients send.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+TURNS = Counter("turngate_turns_total", "Turns served, by route, mode and decision",
+                ["route", "mode", "decision"])
+REQUEST_DURATION = Histogram("turngate_request_duration_seconds", "Whole turn latency seen by the client",
+                             ["route", "mode"], buckets=_LATENCY_BUCKETS)
+OVERHEAD = Histogram("turngate_overhead_seconds", "Turn latency minus upstream and critic time",
+                     ["route", "mode"], buckets=_OVERHEAD_BUCKETS)
+UPSTREAM_DURATION = Histogram("turngate_upstream_duration_seconds", "One upstream sampling call",
+                              ["route"], buckets=_LATENCY_BUCKETS)
+UPSTREAM_ERRORS = Counter("turngate_upstream_errors_total", "Failed upstream attempts by kind",
+                          ["route", "kind"])
+CANDIDATES = Histogram("turngate_candidates_per_turn", "Candidates sampled per turn", ["route"],
+                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64))
+CANDIDATES_SAVED = Counter("turngate_candidates_saved_total",
+                           "Candidates not sampled thanks to adaptive sampling", ["route"])
+TOKENS = Counter("turngate_tokens_total", "Upstream tokens over all candidates", ["route", "kind"])
+VETOES = Counter("turngate_structural_vetoes_total", "Candidates vetoed by the structural critic",
+                 ["route", "reason"])
+SCORES = Histogram("turngate_critic_score", "Critic scores of candidates", ["route"],
+                   buckets=tuple(i / 20 for i in range(1, 21)))
+INTERVENTIONS = Counter("turngate_interventions_total", "Intervention rounds (feedback to the actor)",
+                        ["route"])
+CRITIC_DURATION = Histogram("turngate_critic_inference_seconds", "One critic inference run (a batch)",
+                            buckets=_OVERHEAD_BUCKETS + (2.5, 5))
+CRITIC_BATCH = Histogram("turngate_critic_batch_size", "Sequences per critic inference run",
+                         buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+CRITIC_INFO = Info("turngate_critic", "The active critic: name, version and execution provider")
+LOG_QUEUE_DEPTH = Gauge("turngate_log_queue_depth", "Turn records waiting for the database writer",
+                        multiprocess_mode="livesum")
+SPOOL_BYTES = Gauge("turngate_spool_bytes", "Bytes in the local spool waiting for the database",
+                    multiprocess_mode="livesum")
+DB_WRITE_ERRORS = Counter("turngate_db_write_errors_total", "Failed database writes")
+REDIS_ERRORS = Counter("turngate_redis_errors_total", "Failed Redis calls", ["op"])
