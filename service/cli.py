@@ -28,5 +28,10 @@ def demo(turns: int = typer.Option(4, help="How many recorded turns to run throu
     run_demo(turns)
 
 
+from service import cli_critic, cli_store  # noqa: E402 - sub-commands, after the root app exists
+
+app.add_typer(cli_critic.app, name="critic")
+cli_store.register(app)
+
 if __name__ == "__main__":
     app()
