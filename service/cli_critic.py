@@ -1,3 +1,4 @@
+# ENGINEERS: read /work/main/AGENT_RULES.md (venv, commit rules, time limit) before editing.
 """`turngate critic ...`: train, export, evaluate and score with critic bundles.
 
 Training and export need the `train` extra (torch); they import it inside the command, so the
