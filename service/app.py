@@ -16,7 +16,7 @@ from service.gate.pipeline import Gate
 from service.settings import Settings
 from service.store.base import TurnSink
 from service.store.factory import make_sink
-from service.upstream.client import UpstreamClient, make_http_client
+from service.upstream.client import UpstreamClient, make_http_clients
 
 log = logging.getLogger("turngate")
 
@@ -28,11 +28,11 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        http = make_http_client()
+        upstream = UpstreamClient(make_http_clients())
         critics = CriticSlot(critic or load_critic(settings))
         turn_sink = sink or make_sink(settings)
         await turn_sink.start()
-        gate = Gate(UpstreamClient(http), critics, turn_sink)
+        gate = Gate(upstream, critics, turn_sink)
         app.state.services = Services(settings, gate, critics, turn_sink)
         log.info("turngate ready: routes=%s critic=%s/%s on %s", [r.alias for r in settings.routes],
                  critics.current.name, critics.current.version, critics.current.provider)
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         finally:
             await gate.drain()
             await turn_sink.stop()
-            await http.aclose()
+            await upstream.aclose()
 
     app = FastAPI(title="turngate", version="0.1.0", lifespan=lifespan)
     errors.install(app)

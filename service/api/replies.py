@@ -40,6 +40,9 @@ def decision_headers(result: TurnResult) -> dict[str, str]:
         "x-turngate-decision": record.decision,
         "x-turngate-candidates": str(sum(1 for c in record.candidates if c.upstream_latency_ms is not None)),
         "x-turngate-rounds": str(record.rounds),
+        # Standard Server-Timing: lets clients and benchmarks split the latency per request.
+        "server-timing": f"upstream;dur={record.latency_upstream_ms or 0:.3f}, "
+                         f"critic;dur={record.latency_critic_ms or 0:.3f}, total;dur={record.latency_total_ms or 0:.3f}",
     }
     if chosen.record.score is not None:
         headers["x-turngate-score"] = f"{chosen.record.score:.4f}"

@@ -7,6 +7,7 @@ server_error / connect / garbage -> 502.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -42,15 +43,26 @@ class Sample:
     response: dict[str, Any] = field(default_factory=dict)  # the whole upstream body, choices removed
 
 
-def make_http_client(max_connections: int = 512) -> httpx.AsyncClient:
+def make_http_clients(shards: int = 16, max_connections: int = 128) -> list[httpx.AsyncClient]:
+    """Pooled clients for the upstream, sharded.
+
+    httpcore scans every connection of a pool (a select() each) on every request and release, so
+    one big pool costs O(connections) per call and collapses near 64 concurrent calls (measured:
+    bench/overhead.py). Round-robin over small pools keeps each scan short.
+    """
     # Timeouts are enforced per attempt by the sampler; the pool itself never gives up first.
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None))
+    return [httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None)) for _ in range(shards)]
 
 
 class UpstreamClient:
-    def __init__(self, http: httpx.AsyncClient) -> None:
-        self.http = http
+    def __init__(self, clients: list[httpx.AsyncClient]) -> None:
+        self.clients = clients
+        self._next = itertools.cycle(clients)
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
 
     async def complete(self, route: RouteSettings, body: dict[str, Any], n: int,
                        client_key: str | None, timeout_s: float) -> list[Sample]:
@@ -66,7 +78,7 @@ class UpstreamClient:
         url = route.upstream_base_url.rstrip("/") + "/chat/completions"
         started = time.perf_counter()
         try:
-            resp = await self.http.post(url, json=payload, headers=headers,
+            resp = await next(self._next).post(url, json=payload, headers=headers,
                                         timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)))
         except httpx.TimeoutException as e:
             raise UpstreamError("timeout", f"upstream did not answer within {timeout_s:g}s") from e

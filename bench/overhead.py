@@ -1,0 +1,144 @@
+"""Added latency of the proxy, passthrough and rank (N=4), against the same fake upstream.
+
+Three processes: a fake actor with a fixed latency, turngate in front of it (critic stubbed to a
+constant time, turn records written by the embedded store), and this load generator. Per request:
+
+    overhead = client-observed latency - upstream time - critic time   (from the Server-Timing header)
+
+The baseline printed beside it is the same load sent straight to the fake actor. In rank mode the
+turn is compared with its limit, the slowest of its concurrent candidates plus scoring:
+ratio = turn latency / (upstream wall time + critic time); serial sampling would show ~N.
+
+    python bench/overhead.py [--latency 0.05] [--concurrency 1,16,64] [--seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.demo.fake_actor import free_port  # noqa: E402
+
+BODY = {"messages": [{"role": "user", "content": "Book the cheapest flight to Lisbon."}]}
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def timing(header: str) -> dict[str, float]:
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+async def load(url: str, model: str | None, concurrency: int, seconds: float) -> dict:
+    """Closed loop: `concurrency` clients, each sending the next request when its last returns."""
+    latencies, overheads, limits = [], [], []
+    stop = time.perf_counter() + seconds
+    body = {**BODY, "model": model or "fake"}
+
+    async def worker():
+        # One client (one connection) per worker: a shared httpx pool is itself the bottleneck at
+        # high concurrency (it scans every connection per request) and would be measured instead.
+        async with httpx.AsyncClient(timeout=30) as client:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                resp = await client.post(url, json=body)
+                elapsed = (time.perf_counter() - t0) * 1000
+                resp.raise_for_status()
+                latencies.append(elapsed)
+                if "server-timing" in resp.headers:
+                    t = timing(resp.headers["server-timing"])
+                    overheads.append(elapsed - t["upstream"] - t["critic"])
+                    limits.append(t["upstream"] + t["critic"])
+
+    started = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    wall = time.perf_counter() - started
+    return {"n": len(latencies), "rps": len(latencies) / wall, "latencies": latencies,
+            "overheads": overheads, "limits": limits}
+
+
+def wait_up(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latency", type=float, default=0.05, help="fake upstream latency, seconds")
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    ap.add_argument("--critic-ms", type=float, default=2.0, help="the stub critic's constant time")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="turngate-bench-"))
+    actor_port, proxy_port = free_port(), free_port()
+    actor_url = f"http://127.0.0.1:{actor_port}/v1"
+    config = {"routes": [
+        {"alias": "pass", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "passthrough"},
+        {"alias": "rank", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "rank",
+         "candidates": 4}]}
+    (tmp / "routes.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
+           "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
+           "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "service.demo.fake_actor", "--port", str(actor_port),
+                          "--latency", str(args.latency)], env=env),
+        subprocess.Popen([sys.executable, str(ROOT / "bench" / "_stub_proxy.py"), "--port", str(proxy_port),
+                          "--critic-ms", str(args.critic_ms)], env=env),
+    ]
+    try:
+        wait_up(actor_url + "/models")
+        wait_up(f"http://127.0.0.1:{proxy_port}/healthz")
+        proxy = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
+        asyncio.run(load(proxy, "rank", 4, 1.0))  # warm up connections and code paths
+        print(f"fake upstream latency {args.latency * 1000:.0f} ms, stub critic {args.critic_ms:.1f} ms, "
+              f"{args.seconds:.0f} s per row, {os.cpu_count()} cores\n")
+        print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+              f"{'ovh p50':>9}{'ovh p99':>9}{'lat/limit':>10}")
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            for name, url, model in (("direct upstream", actor_url + "/chat/completions", None),
+                                     ("turngate passthrough", proxy, "pass"),
+                                     ("turngate rank N=4", proxy, "rank")):
+                r = asyncio.run(load(url, model, c, args.seconds))
+                lat = r["latencies"]
+                row = f"{name:<22}{c:>5}{r['rps']:>9.0f}{pct(lat, .5):>9.2f}{pct(lat, .99):>9.2f}"
+                if r["overheads"]:
+                    ratio = statistics.median(a / b for a, b in zip(lat, r["limits"]))
+                    row += f"{pct(r['overheads'], .5):>9.2f}{pct(r['overheads'], .99):>9.2f}{ratio:>10.3f}"
+                print(row, flush=True)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
