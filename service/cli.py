@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from service.gate.replay import DEFAULT_THRESHOLDS
 
 app = typer.Typer(help="turngate: gate every turn of an LLM agent with a trained critic.",
                   no_args_is_help=True, add_completion=False)
@@ -26,6 +30,34 @@ def demo(turns: int = typer.Option(4, help="How many recorded turns to run throu
     from service.demo.run import run_demo
 
     run_demo(turns)
+
+
+@app.command()
+def replay(files: list[Path] = typer.Argument(..., help="Trajectory JSONL files."),
+           thresholds: str = typer.Option(",".join(map(str, DEFAULT_THRESHOLDS)), help="Comma-separated."),
+           critic: Path | None = typer.Option(None, help="Critic bundle; default: the configured one."),
+           out: Path = typer.Option(Path("replay-report"), help="Folder for report.json and curve.png.")) -> None:
+    """What the gate would have flagged on recorded conversations, per threshold."""
+    import asyncio
+    import json
+
+    from service.critic.registry import load_critic
+    from service.gate import replay as rp
+    from service.settings import Settings
+
+    settings = Settings(**({"critic": str(critic)} if critic else {}))
+    scorer = load_critic(settings)
+    rows = rp.load_rows(files)
+    turns = asyncio.run(rp.score_turns(rows, scorer))
+    table = rp.report(turns, [float(t) for t in thresholds.split(",")])
+    typer.echo(f"critic: {scorer.name} {scorer.version} on {scorer.provider}")
+    typer.echo(rp.format_table(table, turns))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({"critic": [scorer.name, scorer.version], "rows": table}, indent=2))
+    if rp.plot(table, out / "curve.png"):
+        typer.echo(f"wrote {out / 'report.json'} and {out / 'curve.png'}")
+    else:
+        typer.echo(f"wrote {out / 'report.json'} (no PNG: matplotlib comes with the `train` extra)")
 
 
 from service import cli_critic, cli_store  # noqa: E402 - sub-commands, after the root app exists

@@ -16,7 +16,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-READ_PREFIXES = ("get_", "search_", "list_", "calculate", "think", "transfer")
+from service.gate.actions import is_write, matches_gold as call_matches_gold
+
 TASKS = ("7", "11", "5", "1")
 OUT = Path(__file__).with_name("sample.jsonl")
 
@@ -24,18 +25,13 @@ OUT = Path(__file__).with_name("sample.jsonl")
 def first_write(messages: list[dict]) -> int | None:
     for i, m in enumerate(messages):
         calls = m.get("tool_calls") or []
-        if m["role"] == "assistant" and calls and not any(
-                c["function"]["name"].startswith(READ_PREFIXES) for c in calls):
+        if m["role"] == "assistant" and calls and all(is_write(c["function"]["name"]) for c in calls):
             return i
     return None
 
 
 def matches_gold(message: dict, gold: list[dict]) -> bool:
-    for call in message.get("tool_calls") or []:
-        args = json.loads(call["function"]["arguments"])
-        if any(g["name"] == call["function"]["name"] and g["arguments"] == args for g in gold):
-            return True
-    return False
+    return any(call_matches_gold(call, gold) for call in message.get("tool_calls") or [])
 
 
 def tool_defs(rows: list[dict]) -> list[dict]:
