@@ -13,6 +13,7 @@ from service.api.limits import BodySizeLimit
 from service.critic.base import Critic, CriticSlot
 from service.critic.registry import load_critic
 from service.gate.pipeline import Gate
+from service.limits.ratelimit import make_limiter
 from service.settings import Settings
 from service.store.base import TurnSink
 from service.store.factory import make_sink
@@ -33,7 +34,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         turn_sink = sink or make_sink(settings)
         await turn_sink.start()
         gate = Gate(upstream, critics, turn_sink)
-        app.state.services = Services(settings, gate, critics, turn_sink)
+        limiter = make_limiter(settings.redis_url, settings.rate_limit_per_minute)
+        app.state.services = Services(settings, gate, critics, turn_sink, limiter)
         log.info("turngate ready: routes=%s critic=%s/%s on %s", [r.alias for r in settings.routes],
                  critics.current.name, critics.current.version, critics.current.provider)
         try:
@@ -42,6 +44,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
             await gate.drain()
             await turn_sink.stop()
             await upstream.aclose()
+            if limiter is not None:
+                await limiter.close()
 
     app = FastAPI(title="turngate", version="0.1.0", lifespan=lifespan)
     errors.install(app)

@@ -99,6 +99,7 @@ class Settings(BaseSettings):
 
     admin_key: SecretStr | None = None
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any client key is accepted
+    rate_limit_per_minute: int | None = None  # per client key; shared through Redis when set
     max_request_bytes: int = 4 * 1024 * 1024
     keepalive_interval_s: float = 5.0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -22,6 +22,7 @@ class Services:
     gate: Gate
     critics: CriticSlot
     sink: TurnSink
+    limiter: Any = None  # service.limits.ratelimit.*Limiter, None when unlimited
 
 
 def get_services(request: Request) -> Services:
@@ -49,6 +50,18 @@ def client_key(request: Request, services: Annotated[Services, Depends(get_servi
     return ClientKey(key, hashlib.sha256(key.encode()).hexdigest()[:12] if key else None)
 
 
+async def rate_limited(key: Annotated[ClientKey, Depends(client_key)],
+                       services: Annotated[Services, Depends(get_services)]) -> ClientKey:
+    """The client key, once its request budget allows one more request (429 otherwise)."""
+    if services.limiter is not None:
+        verdict = await services.limiter.hit(key.key_id or "anonymous")
+        if not verdict.allowed:
+            raise APIError(429, "Rate limit reached for this API key; retry after the window resets.",
+                           "rate_limit_error", "rate_limit_exceeded",
+                           headers={"retry-after": str(verdict.retry_after_s)})
+    return key
+
+
 def admin_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> None:
     expected = services.settings.admin_key
     key = _bearer(request)
@@ -60,4 +73,5 @@ def admin_key(request: Request, services: Annotated[Services, Depends(get_servic
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 ClientKeyDep = Annotated[ClientKey, Depends(client_key)]
+LimitedKeyDep = Annotated[ClientKey, Depends(rate_limited)]
 AdminDep = Depends(admin_key)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from service.api import replies
-from service.api.deps import ClientKeyDep, ServicesDep
+from service.api.deps import ClientKeyDep, LimitedKeyDep, ServicesDep
 from service.api.errors import APIError, from_rejection, from_upstream, from_validation
 from service.api.protocol import ChatCompletionRequest
 from service.gate.pipeline import Gate, TurnRejected, TurnRequest
@@ -37,7 +37,7 @@ async def list_models(services: ServicesDep, _: ClientKeyDep) -> dict:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request, services: ServicesDep, key: ClientKeyDep) -> Response:
+async def chat_completions(request: Request, services: ServicesDep, key: LimitedKeyDep) -> Response:
     payload = _parse(await request.body())
     route = services.settings.route_for(payload["model"])
     if route is None:
