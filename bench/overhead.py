@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     ap.add_argument("--critic-ms", type=float, default=2.0, help="the stub critic's constant time")
+    ap.add_argument("--pool-shards", type=int, default=16, help="upstream httpx pools (1 = one shared pool)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="turngate-bench-"))
@@ -106,7 +107,7 @@ def main() -> None:
     (tmp / "routes.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
            "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
-           "PYTHONPATH": str(ROOT)}
+           "TURNGATE_UPSTREAM_POOL_SHARDS": str(args.pool_shards), "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen([sys.executable, "-m", "service.demo.fake_actor", "--port", str(actor_port),
                           "--latency", str(args.latency)], env=env),
@@ -119,7 +120,7 @@ def main() -> None:
         proxy = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
         asyncio.run(load(proxy, "rank", 4, 1.0))  # warm up connections and code paths
         print(f"fake upstream latency {args.latency * 1000:.0f} ms, stub critic {args.critic_ms:.1f} ms, "
-              f"{args.seconds:.0f} s per row, {os.cpu_count()} cores\n")
+              f"{args.pool_shards} upstream pool(s), {args.seconds:.0f} s per row, {os.cpu_count()} cores\n")
         print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
               f"{'ovh p50':>9}{'ovh p99':>9}{'lat/limit':>10}")
         for c in [int(x) for x in args.concurrency.split(",")]:

@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        upstream = UpstreamClient(make_http_clients())
+        upstream = UpstreamClient(make_http_clients(settings.upstream_pool_shards))
         critics = CriticSlot(critic or load_critic(settings))
         turn_sink = sink or make_sink(settings)
         await turn_sink.start()

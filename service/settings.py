@@ -102,6 +102,7 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int | None = None  # per client key; shared through Redis when set
     max_request_bytes: int = 4 * 1024 * 1024
     keepalive_interval_s: float = 5.0
+    upstream_pool_shards: int = Field(16, ge=1, le=256)  # see service.upstream.client.make_http_clients
 
     routes: list[RouteSettings] = Field(default_factory=list)
 
