@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import errors, health, openai
+from service.api import errors, health, metrics, openai
 from service.api.deps import Services
 from service.api.limits import BodySizeLimit
 from service.critic.base import Critic, CriticSlot
@@ -17,6 +17,7 @@ from service.limits.ratelimit import make_limiter
 from service.settings import Settings
 from service.store.base import TurnSink
 from service.store.factory import make_sink
+from service.telemetry import critic_info, exposition
 from service.upstream.client import UpstreamClient, make_http_clients
 
 log = logging.getLogger("turngate")
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         gate = Gate(upstream, critics, turn_sink)
         limiter = make_limiter(settings.redis_url, settings.rate_limit_per_minute)
         app.state.services = Services(settings, gate, critics, turn_sink, limiter)
+        app.state.critic_labels = critic_info.publish(critics.current)
         log.info("turngate ready: routes=%s critic=%s/%s on %s", [r.alias for r in settings.routes],
                  critics.current.name, critics.current.version, critics.current.provider)
         try:
@@ -46,10 +48,12 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
             await upstream.aclose()
             if limiter is not None:
                 await limiter.close()
+            exposition.process_exit()
 
     app = FastAPI(title="turngate", version="0.1.0", lifespan=lifespan)
     errors.install(app)
     app.include_router(openai.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app

@@ -20,8 +20,12 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     """Run the proxy on the settings from TURNGATE_* variables (embedded defaults otherwise)."""
     import uvicorn
 
-    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level)
+    from service.telemetry.multiproc import for_workers
+
+    # Several workers: metrics go through files in a shared directory, set up before they start.
+    with for_workers(workers):
+        uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level)
 
 
 @app.command()

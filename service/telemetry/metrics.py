@@ -6,7 +6,7 @@ from the gate's own vocabulary), so cardinality stays bounded whatever clients s
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -36,7 +36,13 @@ CRITIC_DURATION = Histogram("turngate_critic_inference_seconds", "One critic inf
                             buckets=_OVERHEAD_BUCKETS + (2.5, 5))
 CRITIC_BATCH = Histogram("turngate_critic_batch_size", "Sequences per critic inference run",
                          buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-CRITIC_INFO = Info("turngate_critic", "The active critic: name, version and execution provider")
+# A gauge = 1 per active {name, version, provider}, not an Info: Info does not work in multiprocess
+# mode. Set it through service.telemetry.critic_info.publish.
+CRITIC_INFO = Gauge("turngate_critic_info", "The active critic: name, version and execution provider (1 = active)",
+                    ["name", "version", "provider"], multiprocess_mode="livemax")
+CRITIC_CUDA_AVAILABLE = Gauge("turngate_critic_cuda_available",
+                              "1 when onnxruntime here has the CUDA provider (a GPU build)",
+                              multiprocess_mode="livemax")
 LOG_QUEUE_DEPTH = Gauge("turngate_log_queue_depth", "Turn records waiting for the database writer",
                         multiprocess_mode="livesum")
 SPOOL_BYTES = Gauge("turngate_spool_bytes", "Bytes in the local spool waiting for the database",

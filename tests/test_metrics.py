@@ -1,0 +1,89 @@
+"""/metrics through the proxy: the gate's metrics appear with the right labels under traffic."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from service.demo.fake_actor import Reply, assistant
+from tests.conftest import TableCritic
+from tests.test_metrics_serve import TOOLS, parse_metrics, total
+
+
+def scrape(base_url: str):
+    resp = httpx.get(base_url.removesuffix("/v1") + "/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    return parse_metrics(resp.text)
+
+
+def delta(before, after, metric: str, **labels: str) -> float:
+    return total(after, metric, **labels) - total(before, metric, **labels)
+
+
+def test_ranked_turns_show_decisions_candidates_vetoes_and_scores(gateway, scripted):
+    # Four candidates: a good call, an unknown tool, a schema break, a good call the critic prefers.
+    pool = [assistant(tool_calls=[("get_order", {"order_id": "A1"})]),
+            assistant(tool_calls=[("drop_tables", {})]),
+            assistant(tool_calls=[("get_order", {"order_id": 7})]),
+            assistant(tool_calls=[("get_order", {"order_id": "best"})])]
+    scripted.fn = lambda body, i: Reply([pool[i % 4]], usage={"prompt_tokens": 11, "completion_tokens": 3,
+                                                               "total_tokens": 14})
+    critic = TableCritic({"best": 0.9}, default=0.4)
+    with gateway(critic=critic) as (url, _):
+        before = scrape(url)
+        client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+        for _ in range(3):
+            client.chat.completions.create(model="gpt-test", tools=TOOLS,
+                                           messages=[{"role": "user", "content": "where is A1?"}])
+        after = scrape(url)
+    route = {"route": "gpt-test"}
+    assert delta(before, after, "turngate_turns_total", mode="rank", decision="ranked", **route) == 3
+    assert delta(before, after, "turngate_request_duration_seconds_count", mode="rank", **route) == 3
+    assert delta(before, after, "turngate_overhead_seconds_count", mode="rank", **route) == 3
+    assert delta(before, after, "turngate_upstream_duration_seconds_count", **route) == 12
+    assert delta(before, after, "turngate_candidates_per_turn_sum", **route) == 12
+    assert delta(before, after, "turngate_structural_vetoes_total", reason="unknown_tool", **route) == 3
+    assert delta(before, after, "turngate_structural_vetoes_total", reason="schema", **route) == 3
+    assert delta(before, after, "turngate_tokens_total", kind="prompt", **route) == 12 * 11
+    assert delta(before, after, "turngate_tokens_total", kind="completion", **route) == 12 * 3
+    # Every scored candidate lands in the histogram: the three 0.9s above the 0.85 bucket, the rest below.
+    scored = delta(before, after, "turngate_critic_score_count", **route)
+    assert scored >= 6
+    assert delta(before, after, "turngate_critic_score_bucket", le="0.85", **route) == scored - 3
+    assert delta(before, after, "turngate_critic_score_bucket", le="0.9", **route) == scored
+
+
+def test_interventions_and_upstream_errors_by_kind(gateway, scripted):
+    scripted.fn = lambda body, i: (Reply(status=429) if i % 4 == 3
+                                   else Reply([assistant("fixed" if len(body["messages"]) > 1 else "meh")]))
+    critic = TableCritic({"fixed": 0.8}, default=0.2)
+    with gateway(critic=critic, policy={"intervene_threshold": 0.5, "max_interventions": 1}) as (url, _):
+        before = scrape(url)
+        client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+        client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+        after = scrape(url)
+    route = {"route": "gpt-test"}
+    assert delta(before, after, "turngate_interventions_total", **route) == 1
+    assert delta(before, after, "turngate_turns_total", decision="intervened", **route) == 1
+    assert delta(before, after, "turngate_upstream_errors_total", kind="rate_limited", **route) == 2
+
+
+def test_critic_info_names_the_active_critic(gateway):
+    critic = TableCritic({})
+    critic.name, critic.version, critic.provider = "probe-critic", "7.1", "CPUExecutionProvider"
+    with gateway(critic=critic) as (url, _):
+        samples = scrape(url)
+    assert total(samples, "turngate_critic_info", name="probe-critic", version="7.1",
+                 provider="CPUExecutionProvider") == 1
+    assert total(samples, "turngate_critic_cuda_available") in (0, 1)
+
+
+def test_unknown_models_add_no_label_values(gateway):
+    with gateway() as (url, _):
+        client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(model="made-up-model-123", messages=[{"role": "user", "content": "x"}])
+        text = httpx.get(url.removesuffix("/v1") + "/metrics").text
+    assert "made-up-model-123" not in text
