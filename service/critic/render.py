@@ -1,0 +1,150 @@
+"""Turn a conversation and candidate replies into critic input: the one rendering shared by
+training (critic_models) and serving (service.critic). Imports no torch.
+
+Text form (``render_context`` / ``render_candidate``): one line group per message, the role as a
+tag (``[system]``, ``[user]``, ``[assistant]``, ``[tool]``), tool calls as ``name({compact json})``,
+tool results cut to ``TOOL_RESULT_CHARS``, the system prompt cut to its head
+(``SYSTEM_HEAD_CHARS``), the declared tools listed by name after it.
+
+Token form (``encode_batch``): ``[CLS] context [SEP] candidate [SEP]`` per candidate, padded to
+the longest pair of the batch (not to ``max_length``). Truncation rule, per candidate:
+
+- the candidate may use all the room the context does not need, and is guaranteed half of it:
+  ``cap = room - min(len(context), room // 2)`` with ``room = max_length - 3``; only a candidate
+  longer than ``cap`` is cut, from the right;
+- the context fills what is left and is cut from the LEFT, so the oldest turns (the system prompt
+  first) go and the newest turns stay.
+
+Bump ``FORMAT_VERSION`` whenever any of this changes: a bundle records the version it was trained
+on and must not be served with another.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import tokenizers
+
+FORMAT_VERSION = 1
+
+SYSTEM_HEAD_CHARS = 400
+TOOL_RESULT_CHARS = 300
+TEXT_CHARS = 4000  # any single message; the tokenizer then never sees megabytes
+
+Message = dict[str, Any]
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _content_text(content: Any) -> str:
+    """OpenAI content is a string, null, or a list of parts; keep the text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("text"))
+    return str(content)
+
+
+def _call_text(call: dict[str, Any]) -> str:
+    fn = call.get("function") or {}
+    raw = fn.get("arguments")
+    try:
+        args = json.loads(raw) if isinstance(raw, str) else raw
+        args = json.dumps(args, separators=(",", ":"), ensure_ascii=False)
+    except (json.JSONDecodeError, TypeError, ValueError):
+        args = str(raw)
+    return f"{fn.get('name', '')}({args})"
+
+
+def _render_message(message: Message) -> str:
+    role = message.get("role", "user")
+    text = _content_text(message.get("content"))
+    if role == "system" or role == "developer":
+        return "[system] " + _clip(text, SYSTEM_HEAD_CHARS)
+    if role == "tool":
+        return "[tool] " + _clip(text, TOOL_RESULT_CHARS)
+    parts = [_clip(text, TEXT_CHARS)] if text else []
+    parts += [_call_text(c) for c in message.get("tool_calls") or []]
+    return f"[{role}] " + " ".join(parts)
+
+
+def _tool_names(tools: list[dict[str, Any]] | None) -> list[str]:
+    """OpenAI tools are ``{"type": "function", "function": {"name": ...}}``; accept bare ``{"name"}``."""
+    names = []
+    for tool in tools or []:
+        spec = tool.get("function") or tool
+        if spec.get("name"):
+            names.append(str(spec["name"]))
+    return names
+
+
+def render_context(messages: list[Message], tools: list[dict[str, Any]] | None = None) -> str:
+    """The conversation so far, oldest first; the tools follow the system prompt."""
+    lines = [_render_message(m) for m in messages]
+    names = _tool_names(tools)
+    if names:
+        at = 1 if messages and messages[0].get("role") in ("system", "developer") else 0
+        lines.insert(at, "[tools] " + ", ".join(names))
+    return "\n".join(lines)
+
+
+def render_candidate(message: Message) -> str:
+    return _render_message({**message, "role": message.get("role") or "assistant"})
+
+
+def _special_id(tokenizer: tokenizers.Tokenizer, token: str) -> int:
+    i = tokenizer.token_to_id(token)
+    if i is None:
+        raise ValueError(f"tokenizer has no {token} token")
+    return i
+
+
+def _plain(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """We truncate and pad ourselves; a tokenizer.json may carry its own settings. Turning them
+    off is idempotent, so a tokenizer shared across threads is safe to fix in place."""
+    if tokenizer.truncation is not None:
+        tokenizer.no_truncation()
+    if tokenizer.padding is not None:
+        tokenizer.no_padding()
+    return tokenizer
+
+
+def encode_batch(tokenizer: tokenizers.Tokenizer, messages: list[Message], candidates: list[Message],
+                 tools: list[dict[str, Any]] | None, max_length: int) -> dict[str, np.ndarray]:
+    """int64 ``input_ids``, ``attention_mask``, ``token_type_ids`` of shape [len(candidates), L],
+    L the longest pair in the batch. The context is tokenized once for all candidates."""
+    if max_length < 8:
+        raise ValueError("max_length must be at least 8")
+    tok = _plain(tokenizer)
+    cls, sep, pad = _special_id(tok, "[CLS]"), _special_id(tok, "[SEP]"), tok.token_to_id("[PAD]") or 0
+    ctx = tok.encode(render_context(messages, tools), add_special_tokens=False).ids
+    cands = [e.ids for e in tok.encode_batch([render_candidate(c) for c in candidates],
+                                             add_special_tokens=False)]
+    room = max_length - 3
+    cap = room - min(len(ctx), room // 2)
+    rows = []
+    for cand in cands:
+        cand = cand[:cap]
+        keep = room - len(cand)
+        rows.append((ctx[len(ctx) - keep:] if keep < len(ctx) else ctx, cand))
+    width = max((len(c) + len(d) + 3 for c, d in rows), default=3)
+    n = len(rows)
+    ids = np.full((n, width), pad, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    types = np.zeros((n, width), dtype=np.int64)
+    for i, (c, d) in enumerate(rows):
+        a, b = len(c) + 2, len(c) + len(d) + 3
+        ids[i, 0] = cls
+        ids[i, 1:a - 1] = c
+        ids[i, a - 1] = sep
+        ids[i, a:b - 1] = d
+        ids[i, b - 1] = sep
+        mask[i, :b] = 1
+        types[i, a:b] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
