@@ -62,9 +62,9 @@ def gateway(actor) -> Callable:
 
     @contextmanager
     def start(critic=None, settings: dict[str, Any] | None = None, **route: Any):
-        route_cfg = RouteSettings(alias="gpt-test", upstream_base_url=actor_url, upstream_model="actor-model",
-                                  **{"candidates": 4, "mode": "rank", "attempt_timeout_s": 5,
-                                     "deadline_s": 10, **route})
+        route_cfg = RouteSettings(**{"alias": "gpt-test", "upstream_base_url": actor_url,
+                                     "upstream_model": "actor-model", "candidates": 4, "mode": "rank",
+                                     "attempt_timeout_s": 5, "deadline_s": 10, **route})
         cfg = Settings(routes=[route_cfg], **(settings or {}))
         sink = MemorySink()
         with serve_in_thread(create_app(cfg, critic=critic or TableCritic({}), sink=sink)) as url:

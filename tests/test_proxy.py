@@ -290,3 +290,10 @@ def test_models_and_health(gateway):
         assert httpx.get(root + "/healthz").json() == {"status": "ok"}
         ready = httpx.get(root + "/readyz").json()
         assert ready["status"] == "ready" and ready["critic"]["name"] == "table"
+
+
+def test_unreachable_upstream_is_502(gateway):
+    with gateway(upstream_base_url="http://127.0.0.1:1/v1") as (url, sink):
+        with pytest.raises(openai.InternalServerError) as info:
+            client(url).chat.completions.create(model="gpt-test", messages=USER)
+    assert info.value.status_code == 502 and info.value.code == "upstream_connect"

@@ -1,4 +1,4 @@
-"""The actor client: one pooled httpx client, one call = one chat completion request upstream.
+"""The actor client: pooled HTTP connections, one call = one chat completion request upstream.
 
 Failures become `UpstreamError` with a kind (a bounded metric label) that the API maps to a status:
 timeout -> 504, rate_limited -> 429 (Retry-After kept), client_error -> the upstream's own 4xx,
@@ -7,13 +7,14 @@ server_error / connect / garbage -> 502.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import httpcore
 
 from service.settings import RouteSettings
 
@@ -43,26 +44,26 @@ class Sample:
     response: dict[str, Any] = field(default_factory=dict)  # the whole upstream body, choices removed
 
 
-def make_http_clients(shards: int = 16, max_connections: int = 128) -> list[httpx.AsyncClient]:
-    """Pooled clients for the upstream, sharded.
+def make_http_clients(shards: int = 16, max_connections: int = 128) -> list[httpcore.AsyncConnectionPool]:
+    """Connection pools for the upstream: httpcore, httpx's own transport, used directly.
 
-    httpcore scans every connection of a pool (a select() each) on every request and release, so
-    one big pool costs O(connections) per call and collapses near 64 concurrent calls (measured:
-    bench/overhead.py). Round-robin over small pools keeps each scan short.
+    Two costs measured in bench/overhead.py shape this. httpcore scans every connection of a pool
+    (a select() each) on every request and release, so one big pool costs O(connections) per call
+    and collapses near 64 concurrent calls: round-robin over small pools keeps each scan short.
+    And httpx's Request/Response models cost about a third of each call's CPU on top of httpcore.
     """
-    # Timeouts are enforced per attempt by the sampler; the pool itself never gives up first.
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return [httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None)) for _ in range(shards)]
+    return [httpcore.AsyncConnectionPool(max_connections=max_connections, keepalive_expiry=60.0)
+            for _ in range(shards)]
 
 
 class UpstreamClient:
-    def __init__(self, clients: list[httpx.AsyncClient]) -> None:
-        self.clients = clients
-        self._next = itertools.cycle(clients)
+    def __init__(self, pools: list[httpcore.AsyncConnectionPool]) -> None:
+        self.pools = pools
+        self._next = itertools.cycle(pools)
 
     async def aclose(self) -> None:
-        for client in self.clients:
-            await client.aclose()
+        for pool in self.pools:
+            await pool.aclose()
 
     async def complete(self, route: RouteSettings, body: dict[str, Any], n: int,
                        client_key: str | None, timeout_s: float) -> list[Sample]:
@@ -73,41 +74,44 @@ class UpstreamClient:
             payload["n"] = n
         else:
             payload.pop("n", None)
+        content = json.dumps(payload, separators=(",", ":")).encode()
         key = route.upstream_api_key.get_secret_value() if route.upstream_api_key else client_key
-        headers = {"authorization": f"Bearer {key}"} if key else {}
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        if key:
+            headers.append((b"authorization", f"Bearer {key}".encode()))
         url = route.upstream_base_url.rstrip("/") + "/chat/completions"
         started = time.perf_counter()
         try:
-            resp = await next(self._next).post(url, json=payload, headers=headers,
-                                        timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)))
-        except httpx.TimeoutException as e:
+            async with asyncio.timeout(timeout_s):  # the whole attempt, not each read
+                resp = await next(self._next).request("POST", url, headers=headers, content=content)
+        except (TimeoutError, httpcore.TimeoutException) as e:
             raise UpstreamError("timeout", f"upstream did not answer within {timeout_s:g}s") from e
-        except httpx.HTTPError as e:
+        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol, OSError) as e:
             raise UpstreamError("connect", f"upstream unreachable: {type(e).__name__}") from e
         latency = time.perf_counter() - started
-        if resp.status_code >= 400:
+        if resp.status >= 400:
             raise _status_error(resp)
-        return _parse(resp, latency)
+        return _parse(resp.content, latency)
 
 
-def _status_error(resp: httpx.Response) -> UpstreamError:
+def _status_error(resp: httpcore.Response) -> UpstreamError:
     try:
-        body = resp.json()
+        body = json.loads(resp.content)
         message = body["error"]["message"]
     except (ValueError, KeyError, TypeError):
-        body, message = None, resp.text[:200] or resp.reason_phrase
-    status = resp.status_code
+        body, message = None, resp.content[:200].decode(errors="replace") or f"HTTP {resp.status}"
+    status = resp.status
     if status == 429:
-        return UpstreamError("rate_limited", f"upstream rate limit: {message}", status,
-                             resp.headers.get("retry-after"), body)
+        retry_after = next((v.decode() for k, v in resp.headers if k.lower() == b"retry-after"), None)
+        return UpstreamError("rate_limited", f"upstream rate limit: {message}", status, retry_after, body)
     if status < 500:
         return UpstreamError("client_error", f"upstream rejected the request: {message}", status, body=body)
     return UpstreamError("server_error", f"upstream error {status}: {message}", status)
 
 
-def _parse(resp: httpx.Response, latency: float) -> list[Sample]:
+def _parse(raw: bytes, latency: float) -> list[Sample]:
     try:
-        body = resp.json()
+        body = json.loads(raw)
         choices = body["choices"]
         if not isinstance(choices, list) or not choices:
             raise ValueError("no choices")
@@ -127,5 +131,5 @@ def _parse(resp: httpx.Response, latency: float) -> list[Sample]:
                 response={k: v for k, v in body.items() if k != "choices"},
             ))
         return samples
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise UpstreamError("garbage", f"upstream sent an unreadable reply ({e})") from e
