@@ -98,3 +98,16 @@ def test_same_input_same_output_and_empty_context(tokenizer):
     assert all((a[k] == b[k]).all() for k in a)
     empty = render.encode_batch(tokenizer, [], cands[:1], None, 96)
     assert _decode(tokenizer, empty["input_ids"][0]) == "[CLS] [SEP] [ assistant ] yes [SEP]"
+
+
+def test_tail_tokenization_equals_full_tokenization(tokenizer):
+    """encode_batch tokenizes only the end of a long context; the tokens must be the same as
+    cutting the fully tokenized context."""
+    msgs = _conversation(20)
+    cand = {"role": "assistant", "content": "ok"}
+    out = render.encode_batch(tokenizer, msgs, [cand], None, max_length=200)
+    full = tokenizer.encode(render.render_context(msgs), add_special_tokens=False).ids
+    ctx = [int(t) for t in out["input_ids"][0][out["token_type_ids"][0] == 0]][1:-1]
+    cand_len = len(tokenizer.encode(render.render_candidate(cand), add_special_tokens=False).ids)
+    assert len(full) > 600 and len(ctx) == 200 - 3 - cand_len
+    assert ctx == full[-len(ctx):]

@@ -22,6 +22,7 @@ on and must not be served with another.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,26 @@ def _plain(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     return tokenizer
 
 
+_SPACE = re.compile(r"\s")
+
+
+def _tail_ids(tok: tokenizers.Tokenizer, text: str, need: int) -> list[int]:
+    """The last tokens of ``text``, at least ``need`` of them when it has that many, without
+    tokenizing all of a long conversation. BERT's normalizer works per character and its
+    pre-tokenizer splits on whitespace, so the text after a whitespace tokenizes to exactly the
+    tail of the whole text's tokens."""
+    chars = need * 6
+    while chars < len(text):
+        space = _SPACE.search(text, len(text) - chars)
+        if space is None:
+            break
+        ids = tok.encode(text[space.start():], add_special_tokens=False).ids
+        if len(ids) >= need:
+            return ids
+        chars *= 4
+    return tok.encode(text, add_special_tokens=False).ids
+
+
 def encode_batch(tokenizer: tokenizers.Tokenizer, messages: list[Message], candidates: list[Message],
                  tools: list[dict[str, Any]] | None, max_length: int) -> dict[str, np.ndarray]:
     """int64 ``input_ids``, ``attention_mask``, ``token_type_ids`` of shape [len(candidates), L],
@@ -123,10 +144,10 @@ def encode_batch(tokenizer: tokenizers.Tokenizer, messages: list[Message], candi
         raise ValueError("max_length must be at least 8")
     tok = _plain(tokenizer)
     cls, sep, pad = _special_id(tok, "[CLS]"), _special_id(tok, "[SEP]"), tok.token_to_id("[PAD]") or 0
-    ctx = tok.encode(render_context(messages, tools), add_special_tokens=False).ids
+    room = max_length - 3
+    ctx = _tail_ids(tok, render_context(messages, tools), room)
     cands = [e.ids for e in tok.encode_batch([render_candidate(c) for c in candidates],
                                              add_special_tokens=False)]
-    room = max_length - 3
     cap = room - min(len(ctx), room // 2)
     rows = []
     for cand in cands:
