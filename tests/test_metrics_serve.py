@@ -47,13 +47,15 @@ def traffic_responder(body: dict, attempt: int) -> Reply:
 
 
 def route_config(actor_url: str) -> dict:
-    """Three routes, one per mode; the ranking route intervenes below 0.9, so every turn does with
-    the default critics (the constant critic scores 0.5)."""
+    """One route per mode, plus adaptive sampling that always stops early. The ranking route asks
+    for a score of 1.0 before it accepts a round, so its turns intervene whatever the critic."""
     common = {"upstream_base_url": actor_url, "upstream_model": "actor-model", "attempt_timeout_s": 5,
               "deadline_s": 10, "candidates": 3}
     return {"routes": [
         {"alias": "gated", "mode": "rank", **common,
-         "policy": {"intervene_threshold": 0.9, "max_interventions": 1}},
+         "policy": {"intervene_threshold": 1.0, "max_interventions": 1}},
+        {"alias": "adaptive", "mode": "rank", **common,
+         "policy": {"sampling": "adaptive", "accept_threshold": 0.0, "initial_candidates": 1}},
         {"alias": "watched", "mode": "shadow", **common},
         {"alias": "plain", "mode": "passthrough", **common},
     ]}
@@ -113,7 +115,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, workers: int, log: Path) -> No
 def drive_traffic(base_url: str, rounds: int = 1) -> dict[str, int]:
     """Send the traffic mix through the real openai client; returns turns sent per route."""
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="sk-test", max_retries=0, timeout=20)
-    sent = {"gated": 0, "watched": 0, "plain": 0}
+    sent = {"gated": 0, "adaptive": 0, "watched": 0, "plain": 0}
     for _ in range(rounds):
         for route in sent:
             client.chat.completions.create(model=route, messages=[{"role": "user", "content": "hello"}])
