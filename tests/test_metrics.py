@@ -6,7 +6,10 @@ import httpx
 import openai
 import pytest
 
-from service.demo.fake_actor import Reply, assistant
+from service.app import create_app
+from service.demo.fake_actor import Reply, assistant, serve_in_thread
+from service.settings import RouteSettings, Settings
+from service.store.base import MemorySink
 from tests.conftest import TableCritic
 from tests.test_metrics_serve import TOOLS, parse_metrics, total
 
@@ -87,3 +90,20 @@ def test_unknown_models_add_no_label_values(gateway):
             client.chat.completions.create(model="made-up-model-123", messages=[{"role": "user", "content": "x"}])
         text = httpx.get(url.removesuffix("/v1") + "/metrics").text
     assert "made-up-model-123" not in text
+
+
+def test_critic_info_follows_a_hot_swap(actor):
+    _, actor_url = actor
+    old, new = TableCritic({}), TableCritic({})
+    old.name, old.version, old.provider = "swap-critic", "1", "CPUExecutionProvider"
+    new.name, new.version, new.provider = "swap-critic", "2", "CUDAExecutionProvider"
+    settings = Settings(routes=[RouteSettings(alias="gpt-test", upstream_base_url=actor_url)])
+    app = create_app(settings, critic=old, sink=MemorySink())
+    with serve_in_thread(app) as url:
+        assert total(scrape(url), "turngate_critic_info", name="swap-critic", version="1") == 1
+        app.state.services.critics.swap(new)
+        samples = scrape(url)
+    assert total(samples, "turngate_critic_info", name="swap-critic", version="1",
+                 provider="CPUExecutionProvider") == 0
+    assert total(samples, "turngate_critic_info", name="swap-critic", version="2",
+                 provider="CUDAExecutionProvider") == 1
