@@ -146,6 +146,17 @@ def test_servicemonitor_selects_the_service_port():
         assert re.fullmatch(r"\d+[sm]", endpoint["interval"])
 
 
+def test_prometheusrule_wraps_the_alert_rules():
+    spec = importlib.util.spec_from_file_location("to_rule", DEPLOY / "prometheus/to_prometheusrule.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (K8S / "prometheusrule.yaml").read_text() == module.render(), \
+        "stale: run python deploy/prometheus/to_prometheusrule.py"
+    (rule,) = k8s_docs(K8S / "prometheusrule.yaml")
+    assert rule["kind"] == "PrometheusRule" and set(rule) == {"apiVersion", "kind", "metadata", "spec"}
+    assert rule["spec"]["groups"] == yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]
+
+
 def test_deployment_probes_resources_and_wiring():
     (deploy,) = k8s_docs(K8S / "base/deployment.yaml")
     spec = deploy["spec"]["template"]["spec"]

@@ -20,7 +20,7 @@ if ! k wait --for=condition=complete job/turngate-migrate --timeout=600s; then
   exit 1
 fi
 kubectl kustomize "$overlay" | sed -E "s#image: turngate(:[A-Za-z0-9._-]+)?\$#image: ${image}#" | k apply -f -
-if kubectl get crd servicemonitors.monitoring.coreos.com >/dev/null 2>&1; then
-  k apply -f "$here/servicemonitor.yaml"
+if kubectl get crd servicemonitors.monitoring.coreos.com >/dev/null 2>&1; then  # Prometheus Operator
+  k apply -f "$here/servicemonitor.yaml" -f "$here/prometheusrule.yaml"
 fi
 k rollout status deployment/turngate --timeout=600s
