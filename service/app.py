@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import errors, health, metrics, openai
+from service.api import admin, errors, health, metrics, openai
+from service.api import critic as critic_api
 from service.api.deps import Services
 from service.api.limits import BodySizeLimit
 from service.critic.base import Critic, CriticSlot
-from service.critic.registry import load_critic
+from service.critic.registry import CriticActivator, load_critic
 from service.gate.pipeline import Gate
 from service.limits.ratelimit import make_limiter
 from service.settings import Settings
@@ -31,13 +33,15 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         upstream = UpstreamClient(make_http_clients(settings.upstream_pool_shards))
-        critics = CriticSlot(critic or load_critic(settings))
+        critics = CriticSlot(critic or await asyncio.to_thread(load_critic, settings))
         turn_sink = sink or make_sink(settings)
         await turn_sink.start()
         gate = Gate(upstream, critics, turn_sink)
         limiter = make_limiter(settings.redis_url, settings.rate_limit_per_minute)
         app.state.services = Services(settings, gate, critics, turn_sink, limiter)
         app.state.critic_labels = critic_info.publish(critics.current)
+        app.state.critic_activator = CriticActivator(critics, settings, owns_current=critic is None,
+                                                     labels=app.state.critic_labels)
         log.info("turngate ready: routes=%s critic=%s/%s on %s", [r.alias for r in settings.routes],
                  critics.current.name, critics.current.version, critics.current.provider)
         try:
@@ -45,6 +49,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         finally:
             await gate.drain()
             await turn_sink.stop()
+            await app.state.critic_activator.aclose()
             await upstream.aclose()
             if limiter is not None:
                 await limiter.close()
@@ -53,6 +58,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
     app = FastAPI(title="turngate", version="0.1.0", lifespan=lifespan)
     errors.install(app)
     app.include_router(openai.router)
+    app.include_router(critic_api.router)
+    app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)

@@ -69,3 +69,39 @@ def evaluate(bundle: Path = typer.Argument(..., help="Critic bundle folder."),
     result = run(bundle, data, out, split, record)
     typer.echo(format_table(result))
     typer.echo(f"\nwrote {out / 'eval.json'} and {out / 'calibration.png'}")
+
+
+@app.command()
+def score(file: Path = typer.Argument(..., help="Score requests: one JSON object, a JSON list of them, or JSONL "
+                                                  "({\"messages\", \"candidates\", \"tools\"?} as POST /v1/critic/score)."),
+          bundle: Path | None = typer.Option(None, "--bundle", help="Critic bundle; default: the configured "
+                                                                     "(TURNGATE_CRITIC) or shipped one.")) -> None:
+    """Score candidate replies with a critic bundle; prints one JSON line of scores per request."""
+    import asyncio
+    import json
+
+    from service.critic.registry import close_critic, load_critic
+    from service.settings import Settings
+
+    text = file.read_text()
+    try:
+        parsed = json.loads(text)
+        requests = parsed if isinstance(parsed, list) else [parsed]
+    except json.JSONDecodeError:
+        requests = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for i, req in enumerate(requests):
+        if not isinstance(req, dict) or not req.get("messages") or not req.get("candidates"):
+            raise typer.BadParameter(f"request {i}: needs non-empty 'messages' and 'candidates'", param_hint="FILE")
+    critic = load_critic(Settings(**({"critic": str(bundle)} if bundle else {})))
+    typer.echo(f"critic: {critic.name} {critic.version} on {critic.provider}", err=True)
+
+    async def score_all() -> list[list[float]]:
+        # All at once: the micro-batcher merges them into as few inference runs as fit.
+        return await asyncio.gather(*(critic.score(r["messages"], r["candidates"], r.get("tools"))
+                                      for r in requests))
+
+    try:
+        for scores in asyncio.run(score_all()):
+            typer.echo(json.dumps({"scores": [round(s, 6) for s in scores]}))
+    finally:
+        close_critic(critic)

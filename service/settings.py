@@ -96,6 +96,9 @@ class Settings(BaseSettings):
 
     critic: str | None = None  # bundle folder; None = the shipped default
     critic_providers: str | None = None  # e.g. "CPUExecutionProvider"; None = CUDA then CPU
+    critic_max_batch: int = Field(64, ge=1, le=1024)  # sequences per merged inference run
+    critic_batch_wait_ms: float = Field(2.0, ge=0, le=50)  # longest a turn waits for others to batch with
+    critic_swap_grace_s: float | None = None  # old critic closes after this; None = longest route deadline + 5
 
     admin_key: SecretStr | None = None
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any client key is accepted

@@ -1,0 +1,56 @@
+"""POST /v1/critic/score: the active critic's scores for candidate replies, without the gate.
+
+For offline evaluation, shadow pipelines and agents that want to rank replies themselves. It
+scores with the same critic, micro-batched with live turns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field, field_validator
+
+from service.api.deps import ClientKeyDep, ServicesDep
+from service.api.protocol import ChatMessage, Tool
+
+router = APIRouter()
+
+MAX_CANDIDATES = 64
+
+
+class ScoreRequest(BaseModel):
+    messages: list[ChatMessage] = Field(min_length=1)
+    candidates: list[ChatMessage] = Field(min_length=1, max_length=MAX_CANDIDATES)
+    tools: list[Tool] | None = None
+
+    @field_validator("candidates")
+    @classmethod
+    def _assistant(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        for i, c in enumerate(v):
+            if c.role != "assistant":
+                raise ValueError(f"candidate {i} has role {c.role!r}; candidates are assistant messages")
+        return v
+
+
+class CriticInfo(BaseModel):
+    name: str
+    version: str
+    provider: str
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float]
+    critic: CriticInfo
+
+
+def _plain(models: list[BaseModel] | None) -> list[dict[str, Any]] | None:
+    return None if models is None else [m.model_dump(exclude_none=True) for m in models]
+
+
+@router.post("/v1/critic/score")
+async def score(body: ScoreRequest, services: ServicesDep, _: ClientKeyDep) -> ScoreResponse:
+    critic = services.critics.current  # one critic for the whole request, even across a swap
+    scores = await critic.score(_plain(body.messages), _plain(body.candidates), _plain(body.tools))
+    return ScoreResponse(scores=scores, critic=CriticInfo(name=critic.name, version=critic.version,
+                                                          provider=critic.provider))

@@ -1,0 +1,192 @@
+"""The learned critic: a validated bundle, one onnxruntime session, a micro-batcher in front.
+
+``OnnxCritic.load`` is blocking (it builds the session and warms it): call it at start-up or off
+the event loop. ``score`` tokenizes in a small thread pool and queues the turn's rows on the
+batcher, whose runs execute in the inference pool; the event loop only awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import tokenizers
+
+from service.critic import render
+from service.critic.batcher import Feed, MicroBatcher
+from service.critic.bundle import INPUT_NAMES, OUTPUT_NAME, Bundle, BundleError, check_model_io, read_bundle
+
+log = logging.getLogger(__name__)
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+_SMOKE_MESSAGES = [{"role": "system", "content": "You are a helpful agent."},
+                   {"role": "user", "content": "Please check the status of order 1234."}]
+_SMOKE_CANDIDATES = [{"role": "assistant", "content": "Order 1234 shipped yesterday."},
+                     {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                         "name": "get_order", "arguments": "{\"order_id\": \"1234\"}"}}]}]
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def requested(setting: str | None) -> list[str]:
+    """``settings.critic_providers`` ("CUDAExecutionProvider,CPUExecutionProvider", "cpu", ...)
+    as provider names; unset: CUDA then CPU."""
+    aliases = {"cuda": CUDA, "cpu": CPU}
+    if not setting:
+        return [CUDA, CPU]
+    return [aliases.get(p.strip().lower(), p.strip()) for p in setting.split(",") if p.strip()]
+
+
+def providers_for(setting: str | None) -> list[str]:
+    """The requested providers this onnxruntime build has, CPU always last as the fallback."""
+    wanted = requested(setting)
+    available = set(ort.get_available_providers())
+    unknown = [p for p in wanted if p not in available]
+    if unknown:
+        log.info("critic: %s not in this onnxruntime build (it has %s)", unknown, sorted(available))
+    chosen = [p for p in wanted if p in available and p != CPU]
+    return chosen + [CPU]
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Spinning threads burn the cores between runs that the event loop and tokenizer need.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+class OnnxCritic:
+    """Scores with one onnxruntime session; safe to share by all the turns of a process."""
+
+    def __init__(self, bundle: Bundle, session: ort.InferenceSession, tokenizer: tokenizers.Tokenizer, *,
+                 max_batch: int = 64, max_wait_s: float = 0.002, max_length: int | None = None,
+                 tokenizer_threads: int = 2) -> None:
+        self.bundle, self.session, self.tokenizer = bundle, session, tokenizer
+        self.name, self.version = bundle.name, bundle.version
+        self.provider = session.get_providers()[0]  # the one actually in use
+        self.max_length = max_length or bundle.max_length
+        self._use_binding = self.provider == CUDA
+        # A CPU session already spreads one run over all cores: more concurrent runs only fight.
+        # On a GPU a second worker prepares the next batch while the device runs this one.
+        workers = 1 if self.provider == CPU else 2
+        self._infer = ThreadPoolExecutor(workers, thread_name_prefix="critic-infer")
+        self._tokenize = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="critic-tok")
+        pad = tokenizer.token_to_id("[PAD]") or 0
+        self.batcher = MicroBatcher(self.run, self._infer, workers, pad_ids={"input_ids": pad},
+                                    max_batch=max_batch, max_wait_s=max_wait_s)
+        self._closed = threading.Event()
+
+    @classmethod
+    def load(cls, path: str | Path, providers: str | list[str] | None = None, *, threads: int | None = None,
+             **kwargs: Any) -> OnnxCritic:
+        """Reads, validates, opens and warms the bundle in ``path``. Blocking."""
+        bundle = read_bundle(path)
+        wanted = providers if isinstance(providers, list) else providers_for(providers)
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(bundle.tokenizer_path))
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            raise BundleError(f"critic bundle {bundle.path}: tokenizer.json does not load: {e}") from e
+        try:
+            session = ort.InferenceSession(str(bundle.model_path), session_options(threads or cores()),
+                                           providers=wanted)
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise BundleError(f"critic bundle {bundle.path}: model.onnx does not load: {e}") from e
+        check_model_io(bundle, session.get_inputs(), session.get_outputs())
+        critic = cls(bundle, session, tokenizer, **kwargs)
+        # Asked for: named in the setting, or by default on a build that has CUDA (the GPU image).
+        asked = CUDA in (providers if isinstance(providers, list) else requested(providers)) and (
+            bool(providers) or CUDA in ort.get_available_providers())
+        if asked and critic.provider != CUDA:
+            log.warning("critic %s/%s: CUDA was asked for but the session runs on %s (no GPU, or the "
+                        "onnxruntime-gpu build / CUDA libraries are missing)", critic.name, critic.version,
+                        critic.provider)
+        try:
+            critic.warm()
+        except BaseException:
+            critic.close()
+            raise
+        log.info("critic %s/%s loaded from %s on %s (%s, max_length %d)", critic.name, critic.version,
+                 bundle.path, critic.provider, bundle.precision, critic.max_length)
+        return critic
+
+    def warm(self) -> None:
+        """A smoke run on a real rendering, then a run at a larger shape: checks the scores are
+        usable and lets onnxruntime size its buffers before the first real turn."""
+        feed = render.encode_batch(self.tokenizer, _SMOKE_MESSAGES, _SMOKE_CANDIDATES, None, self.max_length)
+        try:
+            scores = self.run(feed)
+        except Exception as e:
+            raise BundleError(f"critic bundle {self.bundle.path}: smoke inference failed: {e}") from e
+        if scores.shape != (len(_SMOKE_CANDIDATES),) or not np.all(np.isfinite(scores)):
+            raise BundleError(f"critic bundle {self.bundle.path}: smoke inference gave {scores!r}, expected "
+                              f"{len(_SMOKE_CANDIDATES)} finite scores")
+        width = min(self.max_length, 256)
+        self.run({"input_ids": np.full((8, width), 1000, dtype=np.int64),
+                  "attention_mask": np.ones((8, width), dtype=np.int64),
+                  "token_type_ids": np.zeros((8, width), dtype=np.int64)})
+
+    def run(self, feed: Feed) -> np.ndarray:
+        """One blocking inference run: sigmoid scores, a float32 per row."""
+        if self._use_binding:
+            binding = self.session.io_binding()
+            for name in INPUT_NAMES:
+                binding.bind_cpu_input(name, np.ascontiguousarray(feed[name]))
+            binding.bind_output(OUTPUT_NAME)
+            self.session.run_with_iobinding(binding)
+            logits = binding.copy_outputs_to_cpu()[0]
+        else:
+            logits = self.session.run([OUTPUT_NAME], {n: feed[n] for n in INPUT_NAMES})[0]
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def encode(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
+               tools: list[dict[str, Any]] | None) -> Feed:
+        return render.encode_batch(self.tokenizer, messages, candidates, tools, self.max_length)
+
+    async def score(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> list[float]:
+        if not candidates:
+            return []
+        if self._closed.is_set():
+            raise RuntimeError(f"critic {self.name}/{self.version} is closed")
+        loop = asyncio.get_running_loop()
+        arrived = self.batcher.expect()  # a batch forming now waits for this turn's rows
+        try:
+            feed = await loop.run_in_executor(self._tokenize, self.encode, messages, candidates, tools)
+        finally:
+            arrived()
+        return [float(s) for s in await self.batcher.submit(feed)]
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "provider": self.provider,
+                "max_length": self.max_length, "bundle": self.bundle.describe()}
+
+    def close(self) -> None:
+        """Stops taking turns, waits for runs in flight, then lets the session go. Blocking."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self.batcher.close()
+        started = time.perf_counter()
+        self._tokenize.shutdown(wait=True)
+        self._infer.shutdown(wait=True)
+        self.session = None  # the last reference: onnxruntime frees the model and its arena
+        log.info("critic %s/%s closed (%.0f ms waiting for runs in flight)", self.name, self.version,
+                 1000 * (time.perf_counter() - started))
