@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from service.api import admin, errors, health, metrics, openai
 from service.api import critic as critic_api
+from service.api import feedback as feedback_api
 from service.api.deps import Services
 from service.api.limits import BodySizeLimit
 from service.critic.base import Critic, CriticSlot
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
     app = FastAPI(title="turngate", version="0.1.0", lifespan=lifespan)
     errors.install(app)
     app.include_router(openai.router)
+    app.include_router(feedback_api.router)
     app.include_router(critic_api.router)
     app.include_router(admin.router)
     app.include_router(health.router)

@@ -1,0 +1,36 @@
+"""Engines for the store: async (the writer, the feedback API) and sync (CLI, export)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from service.store.urls import async_url, is_sqlite, sync_url
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # Cascading deletes (prune) need foreign keys on; WAL lets the CLI read while the writer writes.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+def make_async_engine(url: str, *, connect_timeout_s: float = 2.0, command_timeout_s: float = 10.0,
+                      pool_size: int = 4) -> AsyncEngine:
+    if is_sqlite(url):
+        engine = create_async_engine(async_url(url))
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        async_url(url), pool_size=pool_size, max_overflow=4, pool_pre_ping=True,
+        connect_args={"timeout": connect_timeout_s, "command_timeout": command_timeout_s})
+
+
+def make_sync_engine(url: str) -> Engine:
+    if is_sqlite(url):
+        engine = create_engine(sync_url(url))
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(sync_url(url), pool_pre_ping=True, connect_args={"connect_timeout": 5})

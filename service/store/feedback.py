@@ -1,0 +1,109 @@
+"""Outcome feedback on a turn or a conversation: lookups and the idempotent insert."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.store.models import Conversation, Feedback, Turn
+
+
+class UnknownTarget(Exception):
+    """No such turn or conversation (after waiting for writers to catch up)."""
+
+
+class StoreUnavailable(Exception):
+    """The database did not answer."""
+
+
+@dataclass
+class FeedbackIn:
+    turn_id: str | None
+    conversation_id: str | None
+    reward: float | None
+    label: str | None
+    comment: str | None
+    source: str
+    client_id: str | None
+    key_id: str | None
+
+
+def _public(row: Any) -> dict[str, Any]:
+    return {"id": f"fb-{row.id}", "object": "feedback", "turn_id": row.turn_id,
+            "conversation_id": row.conversation_id, "reward": row.reward, "label": row.label,
+            "source": row.source, "comment": row.comment, "client_id": row.client_id,
+            "created_at": int(row.created_at.timestamp()) if row.created_at else None}
+
+
+async def _turn_conversation(conn, turn_id: str) -> str | None:
+    return (await conn.execute(select(Turn.conversation_id).where(Turn.id == turn_id))).scalar_one_or_none()
+
+
+async def _conversation(conn, cid: str) -> str | None:
+    q = (select(Conversation.id).where(or_(Conversation.id == cid, Conversation.external_id == cid))
+         .order_by(Conversation.last_seen.desc()).limit(1))
+    return (await conn.execute(q)).scalar_one_or_none()
+
+
+async def record_feedback(sink, fb: FeedbackIn, wait_s: float = 2.0) -> tuple[dict[str, Any], bool]:
+    """Stores feedback; returns (the row, whether it already existed under the client's id).
+
+    A turn this replica served but has not written yet (queue or spool) is accepted at once: the
+    row references it by id and needs no foreign key. A turn unknown here may sit in another
+    replica's queue, so the lookup is retried for `wait_s` (about two flush intervals) before 404.
+    """
+    engine = sink.engine
+    try:
+        async with engine.connect() as conn:
+            if fb.client_id:
+                row = (await conn.execute(select(Feedback).where(Feedback.client_id == fb.client_id))).first()
+                if row is not None:
+                    return _public(row), True
+            conv = await _resolve(sink, conn, fb, wait_s)
+        row = {"turn_id": fb.turn_id, "conversation_id": conv, "reward": fb.reward, "label": fb.label,
+               "comment": fb.comment, "source": fb.source, "client_id": fb.client_id, "key_id": fb.key_id,
+               "created_at": datetime.now(timezone.utc)}
+        async with engine.begin() as conn:
+            insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            stmt = insert(Feedback).values(**row).on_conflict_do_nothing().returning(*Feedback.__table__.c)
+            created = (await conn.execute(stmt)).first()
+            if created is not None:
+                return _public(created), False
+            existing = (await conn.execute(select(Feedback).where(Feedback.client_id == fb.client_id))).first()
+            return _public(existing), True
+    except SQLAlchemyError as e:
+        raise StoreUnavailable(str(e)) from e
+    except OSError as e:
+        raise StoreUnavailable(str(e)) from e
+
+
+async def _resolve(sink, conn, fb: FeedbackIn, wait_s: float) -> str | None:
+    """The conversation id the feedback belongs to (None for a turn not written yet)."""
+    deadline = time.monotonic() + wait_s
+    flushed = False
+    while True:
+        if fb.turn_id:
+            conv = await _turn_conversation(conn, fb.turn_id)
+            if conv is not None:
+                return conv
+            if fb.turn_id in getattr(sink, "pending_ids", ()):
+                return None
+        else:
+            conv = await _conversation(conn, fb.conversation_id)
+            if conv is not None:
+                return conv
+        if not flushed and hasattr(sink, "flush"):
+            flushed = True
+            await sink.flush(timeout_s=wait_s)
+            continue
+        if time.monotonic() >= deadline:
+            raise UnknownTarget(fb.turn_id or fb.conversation_id)
+        await asyncio.sleep(0.2)
+        await conn.rollback()  # a fresh snapshot for the next look

@@ -1,0 +1,131 @@
+"""The conversation store's tables (SQLAlchemy 2.0). Alembic's migrations/ must agree with these:
+tests/test_store_schema.py compares them on SQLite and PostgreSQL.
+
+JSON columns are JSONB on PostgreSQL. Times are timezone-aware UTC. Ids are text: turn ids come
+from the gate (`x-turngate-turn-id`), conversation ids are derived by service.store.threading.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, MetaData, String,
+                        Text, UniqueConstraint)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# BIGINT autoincrement on Postgres, INTEGER PRIMARY KEY (rowid) on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {"ix": "ix_%(table_name)s_%(column_0_N_name)s", "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+          "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s", "pk": "pk_%(table_name)s"}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSONType, list[Any]: JSONType, datetime: DateTime(timezone=True)}
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    first_seen: Mapped[datetime]
+    last_seen: Mapped[datetime] = mapped_column(index=True)
+    route: Mapped[str | None] = mapped_column(String(200))
+    key_id: Mapped[str | None] = mapped_column(String(64))
+    external_id: Mapped[str | None] = mapped_column(String(200), index=True)  # the client's own id
+    # What an import carried beside the messages (source, task_id, gold_actions, ...), for export.
+    attributes: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class Turn(Base):
+    __tablename__ = "turns"
+    __table_args__ = (Index("ix_turns_conversation_id_idx", "conversation_id", "idx"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("conversations.id", ondelete="CASCADE"))
+    idx: Mapped[int]  # position in the conversation: assistant messages before this turn
+    request_messages: Mapped[list[Any]] = mapped_column(JSONType)
+    tools: Mapped[list[Any] | None] = mapped_column(JSONType)
+    client_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    route: Mapped[str] = mapped_column(String(200))
+    mode: Mapped[str] = mapped_column(String(32))
+    upstream_model: Mapped[str | None] = mapped_column(String(200))
+    decision: Mapped[str] = mapped_column(String(32))
+    chosen_index: Mapped[int | None]
+    critic_name: Mapped[str | None] = mapped_column(String(200))
+    critic_version: Mapped[str | None] = mapped_column(String(200))
+    latency_total_ms: Mapped[float | None]
+    latency_upstream_ms: Mapped[float | None]
+    latency_critic_ms: Mapped[float | None]
+    prompt_tokens: Mapped[int | None]
+    completion_tokens: Mapped[int | None]
+    rounds: Mapped[int]
+    candidates_saved: Mapped[int]
+    feedback_texts: Mapped[list[Any] | None] = mapped_column(JSONType)  # intervention texts
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class Candidate(Base):
+    __tablename__ = "candidates"
+
+    turn_id: Mapped[str] = mapped_column(String(64), ForeignKey("turns.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    idx: Mapped[int] = mapped_column(primary_key=True)
+    round: Mapped[int]
+    message: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    verdict: Mapped[str] = mapped_column(String(16))
+    veto_reason: Mapped[str | None] = mapped_column(String(64))
+    veto_detail: Mapped[str | None] = mapped_column(Text)
+    score: Mapped[float | None]
+    upstream_latency_ms: Mapped[float | None]
+    prompt_tokens: Mapped[int | None]
+    completion_tokens: Mapped[int | None]
+
+
+class Feedback(Base):
+    """An outcome for a turn or a whole conversation. No foreign key on turn_id: feedback may
+    arrive while its turn is still in a replica's writer queue or spool."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    turn_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    conversation_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    reward: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[str | None] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(64))
+    comment: Mapped[str | None] = mapped_column(Text)
+    client_id: Mapped[str | None] = mapped_column(String(200), unique=True)  # idempotency key
+    key_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class ConversationLink(Base):
+    """prefix hash -> conversation: how the next turn of a resent history finds its conversation."""
+
+    __tablename__ = "conversation_links"
+
+    prefix_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime]
+
+
+class CriticVersion(Base):
+    __tablename__ = "critic_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(200))
+    digest: Mapped[str | None] = mapped_column(String(128))
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime]
+    activated_at: Mapped[datetime | None]

@@ -1,0 +1,131 @@
+"""Writing a batch of turn records in one transaction: thread them into conversations, then
+multi-row inserts. Idempotent by turn id (ON CONFLICT DO NOTHING), so a replayed batch is safe."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service.gate.record import TurnRecord
+from service.store.conversations import ThreadKeys, new_conversation_id, thread_keys
+from service.store.models import Candidate, Conversation, ConversationLink, CriticVersion, Turn
+
+
+class LinkCache:
+    """A small LRU of prefix hash -> conversation id in front of the conversation_links table."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self.size, self._d = size, OrderedDict()
+
+    def get(self, key: str) -> str | None:
+        v = self._d.get(key)
+        if v is not None:
+            self._d.move_to_end(key)
+        return v
+
+    def put(self, key: str, value: str) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        if len(self._d) > self.size:
+            self._d.popitem(last=False)
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def prepare(records: list[TurnRecord]) -> list[ThreadKeys]:
+    """CPU work (hashing); the sink runs it in a thread so the event loop stays free."""
+    return [thread_keys(r) for r in records]
+
+
+def turn_row(r: TurnRecord, conversation_id: str, index: int) -> dict[str, Any]:
+    return {
+        "id": r.turn_id, "conversation_id": conversation_id, "idx": index,
+        "request_messages": r.request_messages, "tools": r.tools,
+        "client_metadata": r.conversation.metadata if isinstance(r.conversation.metadata, dict) else None,
+        "route": r.route, "mode": r.mode, "upstream_model": r.upstream_model, "decision": r.decision,
+        "chosen_index": r.chosen_index, "critic_name": r.critic_name, "critic_version": r.critic_version,
+        "latency_total_ms": r.latency_total_ms, "latency_upstream_ms": r.latency_upstream_ms,
+        "latency_critic_ms": r.latency_critic_ms, "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens, "rounds": r.rounds, "candidates_saved": r.candidates_saved,
+        "feedback_texts": r.feedback or None, "error": r.error, "created_at": utc(r.created_at),
+    }
+
+
+def candidate_rows(r: TurnRecord) -> list[dict[str, Any]]:
+    return [{"turn_id": r.turn_id, "idx": c.index, "round": c.round, "message": c.message,
+             "finish_reason": c.finish_reason, "verdict": c.verdict, "veto_reason": c.veto_reason,
+             "veto_detail": c.veto_detail, "score": c.score, "upstream_latency_ms": c.upstream_latency_ms,
+             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
+            for c in r.candidates]
+
+
+def _insert(conn: AsyncConnection, table):
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+async def write_batch(conn: AsyncConnection, records: list[TurnRecord], keys: list[ThreadKeys],
+                      cache: LinkCache, seen_critics: set | None = None) -> None:
+    """Writes `records` (in served order) inside the caller's transaction."""
+    wanted = {k.lookup_hash for k in keys if k.explicit_id is None and k.lookup_hash}
+    found = {h: c for h in wanted if (c := cache.get(h))}
+    missing = sorted(wanted - found.keys())
+    for i in range(0, len(missing), 1000):
+        rows = await conn.execute(select(ConversationLink.prefix_hash, ConversationLink.conversation_id)
+                                  .where(ConversationLink.prefix_hash.in_(missing[i:i + 1000])))
+        found.update((h, c) for h, c in rows)
+
+    conversations: dict[str, dict[str, Any]] = {}
+    links: dict[str, str] = {}
+    turns, candidates = [], []
+    for r, k in zip(records, keys):
+        conv = k.explicit_id or (k.lookup_hash and found.get(k.lookup_hash)) or new_conversation_id(r.turn_id)
+        if k.link_hash:
+            found[k.link_hash] = links[k.link_hash] = conv  # a later turn of this batch may need it
+        at = utc(r.created_at)
+        c = conversations.get(conv)
+        if c is None:
+            conversations[conv] = {"id": conv, "first_seen": at, "last_seen": at, "route": r.route,
+                                   "key_id": r.conversation.key_id, "external_id": k.external_id}
+        else:
+            c["first_seen"], c["last_seen"] = min(c["first_seen"], at), max(c["last_seen"], at)
+        turns.append(turn_row(r, conv, k.index))
+        candidates.extend(candidate_rows(r))
+
+    # Sorted, so that replicas upserting the same conversations take row locks in one order.
+    stmt = _insert(conn, Conversation)
+    stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={
+        "last_seen": (func.greatest if conn.dialect.name == "postgresql" else func.max)(
+            Conversation.last_seen, stmt.excluded.last_seen)})
+    await conn.execute(stmt, [conversations[c] for c in sorted(conversations)])
+    await conn.execute(_insert(conn, Turn).on_conflict_do_nothing(index_elements=["id"]), turns)
+    if candidates:
+        await conn.execute(_insert(conn, Candidate).on_conflict_do_nothing(), candidates)
+    if links:
+        now = datetime.now(timezone.utc)
+        await conn.execute(_insert(conn, ConversationLink).on_conflict_do_nothing(),
+                           [{"prefix_hash": h, "conversation_id": c, "created_at": now}
+                            for h, c in sorted(links.items())])
+    await _note_critics(conn, records, seen_critics)
+    for h, c in links.items():
+        cache.put(h, c)
+
+
+async def _note_critics(conn: AsyncConnection, records: list[TurnRecord], seen: set | None) -> None:
+    """First sight of a critic name/version in this process -> a critic_versions row if none yet."""
+    new = {(r.critic_name, r.critic_version) for r in records if r.critic_name and r.critic_version}
+    if seen is not None:
+        new -= seen
+    if not new:
+        return
+    now = datetime.now(timezone.utc)
+    await conn.execute(_insert(conn, CriticVersion).on_conflict_do_nothing(),
+                       [{"name": n, "version": v, "created_at": now} for n, v in sorted(new)])
+    if seen is not None:
+        seen |= new

@@ -1,0 +1,76 @@
+"""Fixtures for the store tests: real PostgreSQL databases (created and dropped per session) and
+SQLite files, both migrated with Alembic; helpers to build turn records."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, new_turn_id
+from service.store.migrate import upgrade
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _admin(sql: str) -> None:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+@pytest.fixture(scope="session")
+def make_pg_db() -> Iterator:
+    """make_pg_db(migrate=True) -> URL of a fresh, uniquely named database (dropped at the end)."""
+    try:
+        _admin("SELECT 1")
+    except psycopg.OperationalError as e:  # pragma: no cover - CI always has it
+        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {e}")
+    created: list[str] = []
+
+    def make(migrate: bool = True) -> str:
+        name = f"turngate_test_{uuid.uuid4().hex[:12]}"
+        _admin(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+        if migrate:
+            upgrade(url)
+        return url
+
+    yield make
+    for name in created:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path, make_pg_db) -> str:
+    """A migrated, empty database of each kind."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/store.db"
+        upgrade(url)
+        return url
+    return make_pg_db()
+
+
+def pg_admin(sql: str) -> None:
+    _admin(sql)
+
+
+def db_name(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+def record(messages: list[dict], reply: str | dict, *, n: int = 4, header: str | None = None,
+           metadata: dict | None = None, key_id: str | None = "k1", user: str | None = None) -> TurnRecord:
+    """A ranked turn: n candidates, the one at index 1 chosen (its message is `reply`)."""
+    chosen = reply if isinstance(reply, dict) else {"role": "assistant", "content": reply}
+    cands = [CandidateRecord(index=i, round=0, finish_reason="stop", score=round(0.2 * i, 3),
+                             upstream_latency_ms=12.5, prompt_tokens=100, completion_tokens=20,
+                             message=chosen if i == 1 else {"role": "assistant", "content": f"alt {i}"})
+             for i in range(n)]
+    return TurnRecord(turn_id=new_turn_id(), route="gpt-test", mode="rank", upstream_model="actor-model",
+                      request_messages=messages, decision="ranked", chosen_index=1, critic_name="table",
+                      critic_version="test", latency_total_ms=30.0, candidates=cands,
+                      conversation=ConversationHint(header_id=header, user=user, metadata=metadata,
+                                                    key_id=key_id))

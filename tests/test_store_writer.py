@@ -1,0 +1,141 @@
+"""The store's writer: turns threaded into conversations, nothing lost when the queue is full or the
+database is unreachable, replay after a restart, exactly once by turn id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from sqlalchemy import text
+
+from service.demo.fake_actor import free_port
+from service.store.sink import StoreSink
+from tests.test_store_support import db_url, make_pg_db, record  # noqa: F401 - fixtures
+
+TRAJECTORIES = Path("/work/shared/data/trajectories")
+if not TRAJECTORIES.is_dir():  # CI checkouts sit beside shared/ rather than under /work
+    TRAJECTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "trajectories"
+
+
+def _first(name: str) -> dict:
+    with open(TRAJECTORIES / name) as f:
+        return json.loads(f.readline())
+
+
+def as_turns(traj: dict, **hint) -> list:
+    """The agent's view of a trajectory: one request per assistant message, whole history resent."""
+    msgs = traj["messages"]
+    return [record(msgs[:i], m, **hint) for i, m in enumerate(msgs) if m["role"] == "assistant"]
+
+
+async def _rows(sink: StoreSink, sql: str, **params) -> list:
+    async with sink.engine.connect() as conn:
+        return (await conn.execute(text(sql), params)).all()
+
+
+async def test_replayed_trajectories_land_in_one_conversation_each(db_url, tmp_path):
+    a = as_turns(_first("tau2-retail-toolorchestra.jsonl"))
+    b = as_turns(_first("tau-bench-airline-gpt-4o.jsonl"))
+    assert len(a) > 3 and len(b) > 3
+    sink = StoreSink(db_url, tmp_path / "spool", batch_max=7)
+    await sink.start()
+    # Interleaved, as two agents talking through one gateway would be.
+    for i in range(max(len(a), len(b))):
+        for turns in (a, b):
+            if i < len(turns):
+                sink.enqueue(turns[i])
+    assert await sink.flush()
+    rows = await _rows(sink, "SELECT id, conversation_id, idx FROM turns")
+    await sink.stop()
+    by_id = {r[0]: (r[1], r[2]) for r in rows}
+    assert len(by_id) == len(a) + len(b)
+    conv_a = {by_id[t.turn_id][0] for t in a}
+    conv_b = {by_id[t.turn_id][0] for t in b}
+    assert len(conv_a) == 1 and len(conv_b) == 1 and conv_a != conv_b
+    assert [by_id[t.turn_id][1] for t in a] == list(range(len(a)))
+
+
+async def test_resent_reply_with_cosmetic_differences_still_threads(db_url, tmp_path):
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_order", "arguments": '{"order_id": "#W1", "full": true}'}}
+    first = record([{"role": "user", "content": "where is my order"}],
+                   {"role": "assistant", "content": None, "tool_calls": [call]})
+    # The client echoes the reply back re-serialized: content missing, extra fields, compact JSON.
+    echoed = {"role": "assistant", "refusal": None, "tool_calls": [
+        {**call, "function": {"name": "get_order", "arguments": '{"full":true,"order_id":"#W1"}'}}]}
+    second = record([{"role": "user", "content": "where is my order"}, echoed,
+                     {"role": "tool", "tool_call_id": "call_1", "content": "shipped"}], "It shipped.")
+    other_key = record(second.request_messages, "It shipped.", key_id="k2")
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    for r in (first, second, other_key):
+        sink.enqueue(r)
+    assert await sink.flush()
+    conv = dict(await _rows(sink, "SELECT id, conversation_id FROM turns"))
+    await sink.stop()
+    assert conv[first.turn_id] == conv[second.turn_id]
+    assert conv[other_key.turn_id] != conv[first.turn_id]  # another client's key never joins it
+
+
+async def test_explicit_ids_win_over_message_prefix(db_url, tmp_path):
+    h1 = record([{"role": "user", "content": "a"}], "x", header="client-conv-1")
+    h2 = record([{"role": "user", "content": "something else"}], "y", header="client-conv-1")
+    m1 = record([{"role": "user", "content": "b"}], "x", metadata={"session_id": "s-9"})
+    m2 = record([{"role": "user", "content": "c"}], "y", metadata={"session_id": "s-9"})
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    for r in (h1, h2, m1, m2):
+        sink.enqueue(r)
+    assert await sink.flush()
+    conv = dict(await _rows(sink, "SELECT id, conversation_id FROM turns"))
+    ext = dict(await _rows(sink, "SELECT id, external_id FROM conversations"))
+    await sink.stop()
+    assert conv[h1.turn_id] == conv[h2.turn_id] != conv[m1.turn_id] == conv[m2.turn_id]
+    assert ext[conv[h1.turn_id]] == "client-conv-1" and ext[conv[m1.turn_id]] == "s-9"
+
+
+async def test_full_queue_spills_to_spool_and_loses_nothing(db_url, tmp_path):
+    sink = StoreSink(db_url, tmp_path / "spool", max_queue=5, batch_max=3)
+    await sink.start()
+    records = [record([{"role": "user", "content": f"q{i}"}], f"a{i}") for i in range(200)]
+    for r in records:  # no await in between: the writer cannot run, the queue overflows
+        sink.enqueue(r)
+    assert len(sink.queue) == 5 and sink.spool.bytes > 0
+    await sink.stop()
+    # Whatever stop() could not write is on disk; a new sink (a restart) replays it.
+    sink2 = StoreSink(db_url, tmp_path / "spool")
+    await sink2.start()
+    assert await sink2.flush()
+    ids = [r[0] for r in await _rows(sink2, "SELECT id FROM turns")]
+    n_cand = (await _rows(sink2, "SELECT count(*) FROM candidates"))[0][0]
+    await sink2.stop()
+    assert sorted(ids) == sorted(r.turn_id for r in records)
+    assert n_cand == 4 * len(records)
+    assert not list((tmp_path / "spool").glob("seg-*"))
+
+
+async def test_unreachable_database_spools_then_replays_exactly_once(make_pg_db, tmp_path):
+    url = make_pg_db()
+    spool = tmp_path / "spool"
+    dead = StoreSink(f"postgresql://postgres@127.0.0.1:{free_port()}/nothing", spool, flush_interval_s=0.05)
+    await dead.start()
+    records = [record([{"role": "user", "content": f"q{i}"}], f"a{i}") for i in range(50)]
+    for r in records[:30]:
+        dead.enqueue(r)
+    await asyncio.sleep(0.3)
+    assert dead.db_ok is False and dead.ready is True and dead.spool.bytes > 0
+    for r in records[30:]:
+        dead.enqueue(r)
+    await dead.stop()
+    # Some turns were also written before the outage: replay must not duplicate them.
+    live = StoreSink(url, spool)
+    await live.start()
+    for r in records[:10]:
+        live.enqueue(r)
+    assert await live.flush()
+    assert await live.flush()
+    ids = [r[0] for r in await _rows(live, "SELECT id FROM turns")]
+    await live.stop()
+    assert len(ids) == len(records) and set(ids) == {r.turn_id for r in records}
+    assert live.db_ok and live.spool.bytes == 0
