@@ -117,6 +117,18 @@ class MicroBatcher:
                 return job
 
     async def _collect(self, state: _LoopState) -> None:
+        try:
+            await self._gather_forever(state)
+        finally:  # closed (or the loop is ending): nobody will run what is still queued
+            stranded = [state.carry] if state.carry else []
+            state.carry = None
+            while not state.queue.empty():
+                stranded.append(state.queue.get_nowait())
+            for job in stranded:
+                if not job.future.done():
+                    job.future.set_exception(RuntimeError("critic is closed"))
+
+    async def _gather_forever(self, state: _LoopState) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await state.slots.acquire()

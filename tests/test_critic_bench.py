@@ -1,0 +1,38 @@
+"""bench/critic.py runs end to end on a tiny bundle and prints every cell it was asked for."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.test_critic_serving_bundles import build_bundle
+
+pytest.importorskip("torch")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "critic.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_critic", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_prints_latency_and_throughput_tables(tmp_path, capsys):
+    bundle = build_bundle(tmp_path / "tiny", max_length=512)
+    load_bench().main(["--bundle", str(bundle), "--sizes", "1,3", "--lengths", "32,48", "--seconds", "0",
+                       "--min-reps", "2", "--concurrency", "4", "--turns-each", "1", "--throughput-n", "2",
+                       "--throughput-lengths", "32"])
+    out = capsys.readouterr().out
+    assert "tiny-critic 1" in out and "provider in use: CPUExecutionProvider" in out
+    cells = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| ([\d.-]+) \|", out,
+                       re.MULTILINE)
+    assert {(n, t) for n, t, *_ in cells} == {("1", "32"), ("3", "32"), ("1", "48"), ("3", "48")}
+    assert all(int(reps) >= 2 and float(service) > 0 and float(raw) > 0 for _, _, reps, service, raw, _ in cells)
+    assert all(torch_p50 != "-" for *_, torch_p50 in cells)  # torch eager measured beside them
+    throughput = re.findall(r"^\| 2 \| 32 \| 4 \| 4 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", out, re.MULTILINE)
+    assert len(throughput) == 1 and all(float(v) > 0 for v in throughput[0])
