@@ -9,7 +9,7 @@ from sqlalchemy import inspect
 from service.store.engine import make_sync_engine
 from service.store.migrate import downgrade, upgrade
 from service.store.models import Base
-from tests.test_store_support import db_url, make_pg_db  # noqa: F401 - fixtures
+from tests.test_store_support import db_url, make_pg_db, shared_pg_db  # noqa: F401 - fixtures
 
 
 def _diff(url: str) -> list:

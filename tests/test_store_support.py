@@ -43,14 +43,27 @@ def make_pg_db() -> Iterator:
         _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session")
+def shared_pg_db(make_pg_db) -> str:
+    return make_pg_db()
+
+
+TABLES = "conversations, turns, candidates, feedback, conversation_links, critic_versions"
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path, make_pg_db) -> str:
-    """A migrated, empty database of each kind."""
+def db_url(request, tmp_path) -> str:
+    """A migrated, empty database of each kind. PostgreSQL: one per session, emptied per test
+    (creating and dropping a database per test costs seconds each)."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/store.db"
         upgrade(url)
         return url
-    return make_pg_db()
+    url = request.getfixturevalue("shared_pg_db")
+    upgrade(url)  # a test may have downgraded it
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {TABLES} CASCADE")
+    return url
 
 
 def pg_admin(sql: str) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from service.demo.fake_actor import free_port
 from service.store.sink import StoreSink
-from tests.test_store_support import db_url, make_pg_db, record  # noqa: F401 - fixtures
+from tests.test_store_support import db_url, make_pg_db, shared_pg_db, record  # noqa: F401 - fixtures
 
 TRAJECTORIES = Path("/work/shared/data/trajectories")
 if not TRAJECTORIES.is_dir():  # CI checkouts sit beside shared/ rather than under /work

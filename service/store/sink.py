@@ -52,6 +52,7 @@ class StoreSink:
         self._wake: asyncio.Event | None = None
         self._flushed: asyncio.Condition | None = None
         self._flushes = 0
+        self._busy = False
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._retry_at = 0.0
@@ -115,7 +116,8 @@ class StoreSink:
         """Asks the writer for a flush now and waits for it; True when the queue was written."""
         if self._task is None:
             return False
-        target = self._flushes + 2  # one full iteration that started after this call
+        # One whole iteration that starts after this call: the next one, or the one after if busy.
+        target = self._flushes + (2 if self._busy else 1)
         self._wake.set()
         async with self._flushed:
             try:
@@ -133,10 +135,13 @@ class StoreSink:
                 pass
             self._wake.clear()
             stopping = self._stopping
+            self._busy = True
             try:
                 await self._flush_once()
             except Exception:  # noqa: BLE001 - the writer must survive anything and keep spooling
                 log.exception("store writer iteration failed")
+            finally:
+                self._busy = False
             async with self._flushed:
                 self._flushes += 1
                 self._flushed.notify_all()

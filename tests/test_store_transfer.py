@@ -1,0 +1,107 @@
+"""Trajectory JSONL in and out: the shared trajectories survive import -> export unchanged; live
+turns export with their candidates, scores and the latest reward; retention prunes old ones."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime, timedelta, timezone
+
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.store.prune import prune
+from service.store.sink import StoreSink
+from service.store.transfer import export_trajectories, import_trajectories
+from tests.test_store_support import db_url, make_pg_db, shared_pg_db, record  # noqa: F401 - fixtures
+from tests.test_store_writer import TRAJECTORIES
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _export(url: str, **kw) -> list[dict]:
+    buf = io.StringIO()
+    n = export_trajectories(url, buf, kw.pop("since", EPOCH),
+                            kw.pop("until", datetime.now(timezone.utc) + timedelta(minutes=1)), **kw)
+    lines = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert n == len(lines)
+    return lines
+
+
+def test_shared_trajectories_round_trip_through_the_cli(db_url, tmp_path):
+    files = sorted(TRAJECTORIES.glob("*.jsonl"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["import", *map(str, files), "--url", db_url])
+    assert res.exit_code == 0, res.output
+    again = runner.invoke(app, ["import", str(files[0]), "--url", db_url])  # idempotent
+    assert again.exit_code == 0, again.output
+    out = tmp_path / "export.jsonl"
+    res = runner.invoke(app, ["export", "--out", str(out), "--url", db_url])
+    assert res.exit_code == 0, res.output
+
+    given = {}
+    for f in files:
+        for line in f.read_text().splitlines():
+            d = json.loads(line)
+            given[d["id"]] = d
+    exported = {d["id"]: d for d in map(json.loads, out.read_text().splitlines())}
+    assert exported.keys() == given.keys()
+    for key, traj in given.items():
+        got = exported[key]
+        assert {k: got[k] for k in traj} == traj  # messages, reward, task_id, gold_actions, ...
+        assert len(got["turns"]) == sum(m["role"] == "assistant" for m in traj["messages"])
+
+
+async def test_live_turns_export_with_candidates_scores_and_latest_reward(db_url, tmp_path):
+    first = record([{"role": "user", "content": "hello"}], "hi there")
+    second = record([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
+                     {"role": "user", "content": "bye"}], "goodbye")
+    other = record([{"role": "user", "content": "unrelated"}], "ok")
+    other.route = "other-route"
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    for r in (first, second, other):
+        sink.enqueue(r)
+    assert await sink.flush()
+    from service.store.feedback import FeedbackIn, record_feedback
+    for reward in (0.2, 0.9):  # the latest wins
+        await record_feedback(sink, FeedbackIn(second.turn_id, None, reward, "solved", None, "api", None, None))
+    await sink.stop()
+
+    lines = _export(db_url, route="gpt-test")
+    assert len(lines) == 1
+    (conv,) = lines
+    assert conv["messages"] == second.request_messages + [{"role": "assistant", "content": "goodbye"}]
+    assert conv["reward"] == 0.9 and conv["label"] == "solved"
+    assert [t["turn_id"] for t in conv["turns"]] == [first.turn_id, second.turn_id]
+    assert [c["score"] for c in conv["turns"][1]["candidates"]] == [c.score for c in second.candidates]
+    assert conv["turns"][1]["chosen_index"] == 1 and conv["turns"][1]["decision"] == "ranked"
+    assert len(_export(db_url)) == 2
+    assert _export(db_url, until=datetime.now(timezone.utc) - timedelta(hours=1)) == []
+
+
+async def test_prune_deletes_only_old_conversations(db_url, tmp_path):
+    old = [record([{"role": "user", "content": f"old {i}"}], "a") for i in range(7)]
+    for r in old:
+        r.created_at -= 40 * 86400
+    new = record([{"role": "user", "content": "new"}], "b")
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    for r in (*old, new):
+        sink.enqueue(r)
+    assert await sink.flush()
+    await sink.stop()
+    assert prune(db_url, timedelta(days=30), batch=3) == {"conversations": 7, "turns": 7}
+    res = CliRunner().invoke(app, ["db", "prune", "--older-than", "30d", "--url", db_url])
+    assert res.exit_code == 0 and "deleted 0 conversations" in res.output
+    left = _export(db_url)
+    assert [t["turn_id"] for c in left for t in c["turns"]] == [new.turn_id]
+    assert len(left[0]["turns"][0]["candidates"]) == 4
+
+
+async def test_import_api_counts(db_url):
+    with open(sorted(TRAJECTORIES.glob("*.jsonl"))[0]) as f:
+        lines = [next(f) for _ in range(3)]
+    counts = await import_trajectories(db_url, lines)
+    assert counts["conversations"] == 3 and counts["rewards"] == 3
+    assert counts["turns"] == sum(m["role"] == "assistant" for x in lines for m in json.loads(x)["messages"])
