@@ -12,18 +12,22 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
+import psycopg
 import pytest
 import yaml
 
 from service.demo.fake_actor import FakeActor, Reply, assistant, free_port, serve_in_thread
+from service.store import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 TOOLS = [{"type": "function", "function": {
     "name": "get_order", "description": "Look an order up",
     "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}},
@@ -68,13 +72,33 @@ def scripted_actor() -> Iterator[str]:
 
 
 @contextmanager
+def migrated_postgres() -> Iterator[str]:
+    """A fresh PostgreSQL database, migrated the way a deployment does before the proxy starts."""
+    name = f"turngate_metrics_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+        migrate.upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
 def served_turngate(actor_url: str, tmp: Path, workers: int = 2, env: dict | None = None) -> Iterator[str]:
-    """`turngate serve --workers N` in a subprocess, configured for the traffic mix; yields its URL."""
+    """`turngate serve --workers N` in a subprocess, configured for the traffic mix and logging to
+    its own PostgreSQL database, as in production; yields its URL."""
+    with migrated_postgres() as database_url:
+        yield from _serve(actor_url, database_url, tmp, workers, env)
+
+
+def _serve(actor_url: str, database_url: str, tmp: Path, workers: int, env: dict | None) -> Iterator[str]:
     config = tmp / "turngate.yaml"
     config.write_text(yaml.safe_dump(route_config(actor_url)))
     port = free_port()
-    full_env = {**os.environ, "TURNGATE_CONFIG": str(config),
-                "TURNGATE_DATABASE_URL": f"sqlite:///{tmp / 'turngate.db'}",
+    full_env = {**os.environ, "TURNGATE_CONFIG": str(config), "TURNGATE_DATABASE_URL": database_url,
                 "TURNGATE_SPOOL_DIR": str(tmp / "spool"), **(env or {})}
     full_env.pop("TURNGATE_REDIS_URL", None)
     if not (env or {}).get("PROMETHEUS_MULTIPROC_DIR"):

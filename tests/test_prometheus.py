@@ -76,15 +76,17 @@ def prometheus(tmp_path_factory) -> Iterator[tuple[str, str, dict]]:
                                  "--web.enable-lifecycle"], stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait(lambda: httpx.get(url + "/-/ready", timeout=2).status_code == 200, proc, tmp)
-            _wait(lambda: _value(url, 'up{job="turngate"}') == 1, proc, tmp)  # scraping before traffic
+            _wait(lambda: httpx.get(url + "/-/ready", timeout=2).status_code == 200, proc, tmp, "ready")
+            _wait(lambda: _value(url, 'up{job="turngate"}') == 1, proc, tmp, "a first scrape",
+                  lambda: f"{_targets(url)}\nturngate log:\n{(tmp / 'serve.log').read_text()[-2000:]}")
             sent = {}
             for _ in range(3):  # traffic over a few scrapes, so rates have two samples to work with
                 for route, n in drive_traffic(turngate_url).items():
                     sent[route] = sent.get(route, 0) + n
                 time.sleep(1.2)
             want = sum(sent.values())
-            _wait(lambda: _value(url, "sum(turngate_turns_total)") == want, proc, tmp)
+            _wait(lambda: _value(url, "sum(turngate_turns_total)") == want, proc, tmp, f"{want} turns scraped",
+                  lambda: f"turns: {_value(url, 'sum(turngate_turns_total)')}; {_targets(url)}")
             time.sleep(2.5)  # one more scrape and a rule evaluation after the last turn
             yield url, turngate_url, sent
         finally:
@@ -93,7 +95,7 @@ def prometheus(tmp_path_factory) -> Iterator[tuple[str, str, dict]]:
             log.close()
 
 
-def _wait(ok, proc: subprocess.Popen, tmp: Path, timeout: float = 60) -> None:
+def _wait(ok, proc: subprocess.Popen, tmp: Path, what: str, state=lambda: "", timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -104,7 +106,13 @@ def _wait(ok, proc: subprocess.Popen, tmp: Path, timeout: float = 60) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise TimeoutError(f"timed out; prometheus log:\n{(tmp / 'prometheus.log').read_text()[-3000:]}")
+    raise TimeoutError(f"timed out waiting for {what}; {state()}\n"
+                       f"prometheus log:\n{(tmp / 'prometheus.log').read_text()[-3000:]}")
+
+
+def _targets(url: str) -> str:
+    targets = httpx.get(url + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    return "; ".join(f"{t['scrapeUrl']}: {t['health']} {t['lastError']}" for t in targets)
 
 
 def query(url: str, expr: str) -> dict:
