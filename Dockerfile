@@ -61,4 +61,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
 ENTRYPOINT ["turngate"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
+# One worker by default, for the embedded SQLite database; compose and Kubernetes run two workers
+# against Postgres (migrated beforehand).
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "1"]
