@@ -54,17 +54,22 @@ def _args(arguments: Any) -> Any:
     return arguments
 
 
-def normalize(message: dict[str, Any]) -> list[Any]:
-    calls = [[(c.get("function") or {}).get("name"), _args((c.get("function") or {}).get("arguments"))]
-             for c in message.get("tool_calls") or []]
-    return [message.get("role"), _text(message.get("content")), calls, message.get("tool_call_id"),
-            message.get("name")]
+def normalize(message: dict[str, Any]) -> str:
+    """The parts of a message that identify it, as one string (cheap: this runs on every message
+    of every turn's history)."""
+    parts = [str(message.get("role")), _text(message.get("content")), str(message.get("tool_call_id") or ""),
+             str(message.get("name") or "")]
+    for c in message.get("tool_calls") or ():
+        fn = c.get("function") or {}
+        parts.append(str(fn.get("name")))
+        args = _args(fn.get("arguments"))
+        parts.append(args if isinstance(args, str) else json.dumps(args, sort_keys=True, separators=(",", ":")))
+    return "\x1f".join(parts)
 
 
 def _feed(h: "hashlib._Hash", message: dict[str, Any]) -> None:
-    h.update(json.dumps(normalize(message), sort_keys=True, separators=(",", ":"),
-                        ensure_ascii=False).encode())
-    h.update(b"\n")
+    h.update(normalize(message).encode("utf-8", "surrogatepass"))
+    h.update(b"\x1e")
 
 
 def _id(prefix: str, *parts: str | None) -> str:

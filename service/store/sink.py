@@ -41,6 +41,7 @@ class StoreSink:
         # Embedded SQLite upgrades itself; Postgres is migrated by `turngate db upgrade` (a deploy step).
         self.auto_migrate = is_sqlite(url) if auto_migrate is None else auto_migrate
         self.engine = engine or make_async_engine(url)
+        self._pg = not is_sqlite(url)
         self.queue: deque[TurnRecord] = deque()
         self.pending_ids: set[str] = set()  # served here, not yet known to be in the database
         self.db_ok = True
@@ -192,9 +193,9 @@ class StoreSink:
         if time.monotonic() < self._retry_at:
             return False
         try:
-            keys = await asyncio.to_thread(prepare, batch)
+            prepared = await asyncio.to_thread(prepare, batch, self._pg)
             async with self.engine.begin() as conn:
-                await write_batch(conn, batch, keys, self._cache, self._critics)
+                await write_batch(conn, batch, prepared, self._cache, self._critics)
         except Exception as e:  # noqa: BLE001 - any database failure means: spool and retry later
             metrics.DB_WRITE_ERRORS.inc()
             if self.db_ok:

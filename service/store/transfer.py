@@ -90,13 +90,13 @@ async def _import_chunk(engine, trajs: list[dict], cache: LinkCache, counts: dic
         if traj.get("reward") is not None:
             rewards.append({"conversation_id": conv, "reward": float(traj["reward"]), "source": "import",
                             "client_id": f"import:{conv}", "created_at": utc(now)})
-    keys = prepare(records)
+    prepared = prepare(records, engine.dialect.name == "postgresql")
     async with engine.begin() as conn:
         stmt = _insert(conn, Conversation)
         await conn.execute(stmt.on_conflict_do_update(index_elements=["id"],
                                                       set_={"attributes": stmt.excluded.attributes}), convs)
         if records:
-            await write_batch(conn, records, keys, cache)
+            await write_batch(conn, records, prepared, cache)
         if rewards:
             await conn.execute(_insert(conn, Feedback).on_conflict_do_nothing(), rewards)
     counts["conversations"] += len(convs)

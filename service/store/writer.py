@@ -3,11 +3,13 @@ multi-row inserts. Idempotent by turn id (ON CONFLICT DO NOTHING), so a replayed
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import JSON, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -39,9 +41,34 @@ def utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
-def prepare(records: list[TurnRecord]) -> list[ThreadKeys]:
-    """CPU work (hashing); the sink runs it in a thread so the event loop stays free."""
-    return [thread_keys(r) for r in records]
+@dataclass
+class Prepared:
+    """A batch made ready off the event loop: threading keys and rows (JSON already encoded for
+    PostgreSQL's bulk path; conversation ids are filled in by write_batch)."""
+
+    keys: list[ThreadKeys]
+    turns: list[dict[str, Any]]
+    candidates: list[dict[str, Any]]
+    encoded: bool
+
+
+def prepare(records: list[TurnRecord], encode_json: bool = False) -> Prepared:
+    """CPU work (hashing, row building, JSON encoding); the sink runs it in a thread."""
+    keys = [thread_keys(r) for r in records]
+    turns = [turn_row(r, "", k.index) for r, k in zip(records, keys)]
+    cands = [c for r in records for c in candidate_rows(r)]
+    if encode_json:
+        for rows, table in ((turns, Turn.__table__), (cands, Candidate.__table__)):
+            cols = [c.name for c in table.c if isinstance(c.type, JSON)]
+            for row in rows:
+                for col in cols:
+                    if row[col] is not None:
+                        row[col] = _dumps(row[col])
+    return Prepared(keys, turns, cands, encode_json)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def turn_row(r: TurnRecord, conversation_id: str, index: int) -> dict[str, Any]:
@@ -70,9 +97,10 @@ def _insert(conn: AsyncConnection, table):
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
-async def write_batch(conn: AsyncConnection, records: list[TurnRecord], keys: list[ThreadKeys],
+async def write_batch(conn: AsyncConnection, records: list[TurnRecord], prepared: Prepared,
                       cache: LinkCache, seen_critics: set | None = None) -> None:
     """Writes `records` (in served order) inside the caller's transaction."""
+    keys = prepared.keys
     wanted = {k.lookup_hash for k in keys if k.explicit_id is None and k.lookup_hash}
     found = {h: c for h in wanted if (c := cache.get(h))}
     missing = sorted(wanted - found.keys())
@@ -83,30 +111,34 @@ async def write_batch(conn: AsyncConnection, records: list[TurnRecord], keys: li
 
     conversations: dict[str, dict[str, Any]] = {}
     links: dict[str, str] = {}
-    turns, candidates = [], []
-    for r, k in zip(records, keys):
+    for r, k, row in zip(records, keys, prepared.turns):
         conv = k.explicit_id or (k.lookup_hash and found.get(k.lookup_hash)) or new_conversation_id(r.turn_id)
         if k.link_hash:
             found[k.link_hash] = links[k.link_hash] = conv  # a later turn of this batch may need it
-        at = utc(r.created_at)
+        row["conversation_id"] = conv
+        at = row["created_at"]
         c = conversations.get(conv)
         if c is None:
             conversations[conv] = {"id": conv, "first_seen": at, "last_seen": at, "route": r.route,
                                    "key_id": r.conversation.key_id, "external_id": k.external_id}
         else:
             c["first_seen"], c["last_seen"] = min(c["first_seen"], at), max(c["last_seen"], at)
-        turns.append(turn_row(r, conv, k.index))
-        candidates.extend(candidate_rows(r))
 
-    # Sorted, so that replicas upserting the same conversations take row locks in one order.
+    # Conversations first (this statement also opens the transaction the bulk path joins), sorted
+    # so that replicas upserting the same conversations take row locks in one order.
+    pg = conn.dialect.name == "postgresql"
     stmt = _insert(conn, Conversation)
     stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={
-        "last_seen": (func.greatest if conn.dialect.name == "postgresql" else func.max)(
-            Conversation.last_seen, stmt.excluded.last_seen)})
+        "last_seen": (func.greatest if pg else func.max)(Conversation.last_seen, stmt.excluded.last_seen)})
     await conn.execute(stmt, [conversations[c] for c in sorted(conversations)])
-    await conn.execute(_insert(conn, Turn).on_conflict_do_nothing(index_elements=["id"]), turns)
-    if candidates:
-        await conn.execute(_insert(conn, Candidate).on_conflict_do_nothing(), candidates)
+    if pg and prepared.encoded:
+        raw = (await conn.get_raw_connection()).driver_connection
+        await _pg_bulk(raw, Turn.__table__, prepared.turns)
+        await _pg_bulk(raw, Candidate.__table__, prepared.candidates)
+    else:
+        await conn.execute(_insert(conn, Turn).on_conflict_do_nothing(index_elements=["id"]), prepared.turns)
+        if prepared.candidates:
+            await conn.execute(_insert(conn, Candidate).on_conflict_do_nothing(), prepared.candidates)
     if links:
         now = datetime.now(timezone.utc)
         await conn.execute(_insert(conn, ConversationLink).on_conflict_do_nothing(),
@@ -115,6 +147,27 @@ async def write_batch(conn: AsyncConnection, records: list[TurnRecord], keys: li
     await _note_critics(conn, records, seen_critics)
     for h, c in links.items():
         cache.put(h, c)
+
+
+_PG_ARRAY = {"STRING": "text", "VARCHAR": "text", "TEXT": "text", "INTEGER": "int4", "BIGINT": "int8", "DOUBLE": "float8",
+             "FLOAT": "float8", "DATETIME": "timestamptz", "JSON": "jsonb"}
+
+
+def _pg_type(col) -> str:
+    name = type(col.type).__name__.upper()
+    return next(v for k, v in _PG_ARRAY.items() if name.startswith(k))
+
+
+async def _pg_bulk(raw, table, rows: list[dict[str, Any]]) -> None:
+    """One INSERT ... SELECT FROM unnest(column arrays) ON CONFLICT DO NOTHING: a single round trip
+    with a cached prepared statement, far cheaper than per-row parameter binding."""
+    if not rows:
+        return
+    cols = [c for c in table.c if c.name in rows[0]]
+    args = ", ".join(f"${i + 1}::{_pg_type(c)}[]" for i, c in enumerate(cols))
+    names = ", ".join(c.name for c in cols)
+    sql = f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({args}) ON CONFLICT DO NOTHING"
+    await raw.execute(sql, *([row[c.name] for row in rows] for c in cols))
 
 
 async def _note_critics(conn: AsyncConnection, records: list[TurnRecord], seen: set | None) -> None:
