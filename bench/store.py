@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -68,12 +69,12 @@ async def truncate(url: str) -> None:
     await conn.close()
 
 
-async def run_sink(url: str, turns: list[TurnRecord]) -> tuple[float, list[float]]:
+async def run_sink(url: str, turns: list[TurnRecord], batch_max: int = 500) -> tuple[float, list[float]]:
     """turns/s from the first enqueue until the last row is committed; per-call enqueue costs (s)."""
-    sink = StoreSink(url, tempfile.mkdtemp(prefix="tg-bench-spool-"))
+    sink = StoreSink(url, tempfile.mkdtemp(prefix="tg-bench-spool-"), batch_max=batch_max)
     await sink.start()
     costs = []
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(0, len(turns), 100):  # bursts of 100 turns, then let the loop run (as a server would)
         for r in turns[i:i + 100]:
             a = time.perf_counter()
@@ -83,6 +84,8 @@ async def run_sink(url: str, turns: list[TurnRecord]) -> tuple[float, list[float
     while sink.written < len(turns):
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - t0
+    print(f"  StoreSink: {(time.process_time() - cpu0) / len(turns) * 1e6:.0f} us of this process's CPU per turn "
+          "(hashing, rows, JSON, driver)")
     spooled = sink.spool.bytes
     await sink.stop()
     if spooled:
@@ -150,6 +153,7 @@ async def main() -> None:
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--naive-turns", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=500, help="StoreSink batch_max")
     args = ap.parse_args()
     name = f"turngate_bench_{uuid.uuid4().hex[:8]}"
     url = f"postgresql://postgres@127.0.0.1:5432/{name}"
@@ -157,10 +161,11 @@ async def main() -> None:
     try:
         await asyncio.to_thread(upgrade, url)
         sink_rates, naive_rates, copy_rates, p50s, p99s = [], [], [], [], []
+        load0 = os.getloadavg()[0]
         for rep in range(args.repeats):
             turns = make_turns(args.turns, args.candidates)
             await truncate(url)
-            rate, costs = await run_sink(url, turns)
+            rate, costs = await run_sink(url, turns, args.batch)
             costs.sort()
             sink_rates.append(rate)
             p50s.append(costs[len(costs) // 2])
@@ -172,8 +177,9 @@ async def main() -> None:
             print(f"run {rep + 1}: sink {rate:,.0f} turns/s, naive {naive_rates[-1]:,.0f}, "
                   f"COPY {copy_rates[-1]:,.0f}; enqueue p50 {p50s[-1] * 1e6:.1f} us")
         med = statistics.median
-        print(f"\n{args.turns} turns x {args.candidates} candidates, median of {args.repeats} runs "
-              "(shared machine: timings are noisy)")
+        print(f"\n{args.turns} turns x {args.candidates} candidates, median of {args.repeats} runs; "
+              f"{os.cpu_count()} cores, load average {load0:.1f} before / {os.getloadavg()[0]:.1f} after "
+              "(a shared machine: timings are noisy)")
         print(f"{'writer':<34}{'turns/s':>12}{'vs naive':>10}")
         for label, rates in (("StoreSink (batched, threaded)", sink_rates),
                              ("naive: 1 txn of INSERTs per turn", naive_rates),

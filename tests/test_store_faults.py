@@ -79,3 +79,31 @@ def test_turns_survive_killed_connections_and_an_unreachable_database(actor, mak
     assert count == len(served) and ids == set(served)  # exactly once: ids are the primary key
     assert cands == 4 * len(served)
     assert not list((tmp_path / "spool").glob("seg-*"))
+
+
+def test_embedded_sqlite_store_migrates_itself_and_records_turns(actor, tmp_path):
+    """No sink given: the app builds the store from settings (the default embedded SQLite mode)."""
+    import sqlite3
+
+    _, actor_url = actor
+    route = RouteSettings(alias="gpt-test", upstream_base_url=actor_url, upstream_model="actor-model",
+                          candidates=3, mode="rank", attempt_timeout_s=5, deadline_s=10)
+    db = tmp_path / "data" / "turngate.db"
+    settings = Settings(routes=[route], database_url=f"sqlite:///{db}", spool_dir=str(tmp_path / "spool"))
+    with serve_in_thread(create_app(settings, critic=TableCritic({}))) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hello"}],
+            extra_headers={"x-turngate-conversation-id": "embedded-1"})
+        turn_id = raw.headers["x-turngate-turn-id"]
+        fb = httpx.post(base + "/v1/feedback", json={"turn_id": turn_id, "reward": 1}, headers={"authorization": "Bearer k"})
+        assert fb.status_code == 200, fb.text
+    # The app has shut down: the queue was drained into the file.
+    with sqlite3.connect(db) as conn:
+        turn = conn.execute("SELECT t.decision, c.external_id FROM turns t JOIN conversations c "
+                            "ON c.id = t.conversation_id WHERE t.id = ?", (turn_id,)).fetchone()
+        n_cands = conn.execute("SELECT count(*) FROM candidates WHERE turn_id = ?", (turn_id,)).fetchone()[0]
+        critics = conn.execute("SELECT name, version FROM critic_versions").fetchall()
+        rewards = conn.execute("SELECT reward FROM feedback WHERE turn_id = ?", (turn_id,)).fetchall()
+    assert turn == ("ranked", "embedded-1") and n_cands == 3
+    assert critics == [("table", "test")] and rewards == [(1.0,)]

@@ -80,7 +80,7 @@ async def record_feedback(sink, fb: FeedbackIn, wait_s: float = 2.0) -> tuple[di
             return _public(existing), True
     except SQLAlchemyError as e:
         raise StoreUnavailable(str(e)) from e
-    except OSError as e:
+    except (OSError, asyncio.TimeoutError) as e:
         raise StoreUnavailable(str(e)) from e
 
 

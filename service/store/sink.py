@@ -11,7 +11,9 @@ newer once the database answers again. Nothing is dropped: shutdown drains the q
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -88,9 +90,7 @@ class StoreSink:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         if self.auto_migrate:
-            if is_sqlite(self.url):
-                _ensure_sqlite_dir(self.url)
-            await asyncio.to_thread(migrate.upgrade, self.url)
+            await asyncio.to_thread(_upgrade_locked, self.url)
         self._wake, self._flushed = asyncio.Event(), asyncio.Condition()
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="turngate-store-writer")
@@ -156,20 +156,35 @@ class StoreSink:
         if self.spool.pending() and not await self._replay():
             await self._spool_queue()  # the database is still away: keep the queue on disk
             return
-        while self.queue:
-            n = min(self.batch_max, len(self.queue))
-            batch = [self.queue.popleft() for _ in range(n)]
-            metrics.LOG_QUEUE_DEPTH.set(len(self.queue))
-            if not await self._write_or_spool(batch):
-                await self._spool_queue()
-                return
+        # Pipelined: the next batch is hashed and encoded in a thread while this one is written.
+        pending: deque[tuple[list[TurnRecord], asyncio.Future]] = deque()
+        try:
+            while self.queue or pending:
+                while len(pending) < 2 and self.queue:
+                    batch = self._pop(self.batch_max)
+                    pending.append((batch, asyncio.ensure_future(asyncio.to_thread(prepare, batch, self._pg))))
+                batch, prepared = pending[0]
+                ok = await self._write(batch, prepared)
+                pending.popleft()
+                if not ok:
+                    rest = batch + [r for b, _ in pending for r in b]
+                    pending.clear()
+                    await self._to_spool(rest)
+                    await self._spool_queue()
+                    return
+        except BaseException:
+            for b, _ in pending:  # popped but not written: never lose them (shutdown, cancellation)
+                self.spool.append(b)
+            raise
+
+    def _pop(self, n: int) -> list[TurnRecord]:
+        batch = [self.queue.popleft() for _ in range(min(n, len(self.queue)))]
+        metrics.LOG_QUEUE_DEPTH.set(len(self.queue))
+        return batch
 
     async def _spool_queue(self) -> None:
         while self.queue:
-            n = min(5000, len(self.queue))
-            batch = [self.queue.popleft() for _ in range(n)]
-            metrics.LOG_QUEUE_DEPTH.set(len(self.queue))
-            await self._to_spool(batch)
+            await self._to_spool(self._pop(5000))
 
     async def _to_spool(self, batch: list[TurnRecord]) -> None:
         try:
@@ -178,22 +193,12 @@ class StoreSink:
             self.spool.append(batch)  # cancelled mid-write (shutdown): finish it here, never lose it
             raise
 
-    async def _write_or_spool(self, batch: list[TurnRecord]) -> bool:
-        try:
-            ok = await self._write(batch)
-        except BaseException:
-            self.spool.append(batch)
-            raise
-        if not ok:
-            await self._to_spool(batch)
-        return ok
-
-    async def _write(self, batch: list[TurnRecord]) -> bool:
+    async def _write(self, batch: list[TurnRecord], prepared: asyncio.Future | None = None) -> bool:
         """One transaction; False (and the error counted) when the database did not take it."""
         if time.monotonic() < self._retry_at:
             return False
         try:
-            prepared = await asyncio.to_thread(prepare, batch, self._pg)
+            prepared = await (prepared or asyncio.to_thread(prepare, batch, self._pg))
             async with self.engine.begin() as conn:
                 await write_batch(conn, batch, prepared, self._cache, self._critics)
         except Exception as e:  # noqa: BLE001 - any database failure means: spool and retry later
@@ -236,9 +241,24 @@ class StoreSink:
         return True
 
 
-def _ensure_sqlite_dir(url: str) -> None:
+def _upgrade_locked(url: str) -> None:
+    """Migrations at start; on a SQLite file under a lock, since `serve --workers N` starts N
+    processes that would otherwise race to create the same tables."""
+    if not is_sqlite(url):
+        migrate.upgrade(url)
+        return
     from sqlalchemy.engine import make_url
 
     db = make_url(url).database
-    if db and db != ":memory:":
-        Path(db).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    if not db or db == ":memory:":
+        migrate.upgrade(url)
+        return
+    path = Path(db).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # flock on the database file itself: SQLite locks with fcntl(), which flock() does not touch.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        migrate.upgrade(url)
+    finally:
+        os.close(fd)
