@@ -5,7 +5,7 @@ Every command takes --url (default: TURNGATE_DATABASE_URL, else the embedded SQL
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
@@ -28,14 +28,14 @@ def _when(text: str | None, default: datetime) -> datetime:
     from service.store.prune import parse_age
 
     try:
-        return datetime.now(timezone.utc) - parse_age(text)
+        return datetime.now(UTC) - parse_age(text)
     except ValueError:
         pass
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:
         raise typer.BadParameter(f"expected an ISO date/time or an age like 7d, got {text!r}") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 @db_app.command("upgrade")
@@ -82,8 +82,8 @@ def export(out: Path = typer.Option(..., "--out", help="Trajectory JSONL file to
 
     from service.store.transfer import export_trajectories
 
-    lo = _when(since, datetime(1970, 1, 1, tzinfo=timezone.utc))
-    hi = _when(until, datetime.now(timezone.utc))
+    lo = _when(since, datetime(1970, 1, 1, tzinfo=UTC))
+    hi = _when(until, datetime.now(UTC))
     if str(out) == "-":
         n = export_trajectories(_url(url), sys.stdout, lo, hi, route)
     else:

@@ -1,6 +1,8 @@
 """Turns served through the real proxy while PostgreSQL connections are killed and while the
 database refuses connections: after recovery every served turn is in the database exactly once."""
 
+# ruff: noqa: F811 - the fixtures are imported from tests.test_store_support
+
 from __future__ import annotations
 
 import time

@@ -1,6 +1,8 @@
 """POST /v1/feedback through the real proxy and store: validation, 404, idempotency, turns that
 are not in the database yet (this replica's queue, another replica's late flush)."""
 
+# ruff: noqa: F811 - the fixtures are imported from tests.test_store_support
+
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +17,7 @@ from service.demo.fake_actor import serve_in_thread
 from service.settings import RouteSettings, Settings
 from service.store.sink import StoreSink
 from tests.conftest import TableCritic
-from tests.test_store_support import db_url, make_pg_db, shared_pg_db, record  # noqa: F401 - fixtures
+from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
 
 KEY = {"authorization": "Bearer sk-test"}
 
@@ -55,7 +57,7 @@ def test_feedback_on_a_turn_still_in_the_queue_is_accepted_and_idempotent(proxy)
 
 
 def test_feedback_on_a_conversation_by_the_clients_own_id(proxy):
-    base, sink, _ = proxy
+    base, _, _ = proxy
     _turn(base, {"x-turngate-conversation-id": "agent-session-42"})
     r = httpx.post(base + "/v1/feedback", json={"conversation_id": "agent-session-42", "reward": 0.5},
                    headers=KEY)

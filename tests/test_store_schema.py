@@ -1,5 +1,7 @@
 """The ORM models and the Alembic migrations describe the same schema, on both databases."""
 
+# ruff: noqa: F811 - the fixtures are imported from tests.test_store_support
+
 from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
@@ -36,3 +38,23 @@ def test_downgrade_then_upgrade_again(db_url):
     engine.dispose()
     upgrade(db_url)
     assert _diff(db_url) == []
+
+
+def test_cli_upgrades_and_downgrades_a_fresh_database(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    url = f"sqlite:///{tmp_path}/cli.db"
+    monkeypatch.setenv("TURNGATE_DATABASE_URL", url)  # the default for --url
+    runner = CliRunner()
+    res = runner.invoke(app, ["db", "upgrade"])
+    assert res.exit_code == 0, res.output
+    assert _diff(url) == []
+    res = runner.invoke(app, ["db", "downgrade", "base", "--url", url])
+    assert res.exit_code == 0, res.output
+    engine = make_sync_engine(url)
+    assert "turns" not in inspect(engine).get_table_names()
+    engine.dispose()
+    res = runner.invoke(app, ["db", "prune", "--older-than", "thirty days", "--url", url])
+    assert res.exit_code != 0 and "30d" in res.output

@@ -1,11 +1,13 @@
 """Trajectory JSONL in and out: the shared trajectories survive import -> export unchanged; live
 turns export with their candidates, scores and the latest reward; retention prunes old ones."""
 
+# ruff: noqa: F811 - the fixtures are imported from tests.test_store_support
+
 from __future__ import annotations
 
 import io
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from typer.testing import CliRunner
 
@@ -13,16 +15,16 @@ from service.cli import app
 from service.store.prune import prune
 from service.store.sink import StoreSink
 from service.store.transfer import export_trajectories, import_trajectories
-from tests.test_store_support import db_url, make_pg_db, shared_pg_db, record  # noqa: F401 - fixtures
+from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
 from tests.test_store_writer import TRAJECTORIES
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _export(url: str, **kw) -> list[dict]:
     buf = io.StringIO()
     n = export_trajectories(url, buf, kw.pop("since", EPOCH),
-                            kw.pop("until", datetime.now(timezone.utc) + timedelta(minutes=1)), **kw)
+                            kw.pop("until", datetime.now(UTC) + timedelta(minutes=1)), **kw)
     lines = [json.loads(x) for x in buf.getvalue().splitlines()]
     assert n == len(lines)
     return lines
@@ -77,7 +79,7 @@ async def test_live_turns_export_with_candidates_scores_and_latest_reward(db_url
     assert [c["score"] for c in conv["turns"][1]["candidates"]] == [c.score for c in second.candidates]
     assert conv["turns"][1]["chosen_index"] == 1 and conv["turns"][1]["decision"] == "ranked"
     assert len(_export(db_url)) == 2
-    assert _export(db_url, until=datetime.now(timezone.utc) - timedelta(hours=1)) == []
+    assert _export(db_url, until=datetime.now(UTC) - timedelta(hours=1)) == []
 
 
 async def test_prune_deletes_only_old_conversations(db_url, tmp_path):
@@ -100,8 +102,7 @@ async def test_prune_deletes_only_old_conversations(db_url, tmp_path):
 
 
 async def test_import_api_counts(db_url):
-    with open(sorted(TRAJECTORIES.glob("*.jsonl"))[0]) as f:
-        lines = [next(f) for _ in range(3)]
+    lines = min(TRAJECTORIES.glob("*.jsonl")).read_text().splitlines()[:3]
     counts = await import_trajectories(db_url, lines)
     assert counts["conversations"] == 3 and counts["rewards"] == 3
     assert counts["turns"] == sum(m["role"] == "assistant" for x in lines for m in json.loads(x)["messages"])

@@ -1,6 +1,8 @@
 """The store's writer: turns threaded into conversations, nothing lost when the queue is full or the
 database is unreachable, replay after a restart, exactly once by turn id."""
 
+# ruff: noqa: F811 - the fixtures are imported from tests.test_store_support
+
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +13,7 @@ from sqlalchemy import text
 
 from service.demo.fake_actor import free_port
 from service.store.sink import StoreSink
-from tests.test_store_support import db_url, make_pg_db, shared_pg_db, record  # noqa: F401 - fixtures
+from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
 
 TRAJECTORIES = Path("/work/shared/data/trajectories")
 if not TRAJECTORIES.is_dir():  # CI checkouts sit beside shared/ rather than under /work

@@ -26,7 +26,7 @@ class FeedbackRequest(BaseModel):
     id: str | None = Field(None, min_length=1, max_length=200)  # the client's idempotency id
 
     @model_validator(mode="after")
-    def _target_and_outcome(self) -> "FeedbackRequest":
+    def _target_and_outcome(self) -> FeedbackRequest:
         if (self.turn_id is None) == (self.conversation_id is None):
             raise ValueError("give exactly one of turn_id or conversation_id")
         if self.reward is None and self.label is None:

@@ -67,7 +67,7 @@ def normalize(message: dict[str, Any]) -> str:
     return "\x1f".join(parts)
 
 
-def _feed(h: "hashlib._Hash", message: dict[str, Any]) -> None:
+def _feed(h: hashlib._Hash, message: dict[str, Any]) -> None:
     h.update(normalize(message).encode("utf-8", "surrogatepass"))
     h.update(b"\x1e")
 

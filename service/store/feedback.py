@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import or_, select
@@ -69,7 +69,7 @@ async def record_feedback(sink, fb: FeedbackIn, wait_s: float = 2.0) -> tuple[di
             conv = await _resolve(sink, conn, fb, wait_s)
         row = {"turn_id": fb.turn_id, "conversation_id": conv, "reward": fb.reward, "label": fb.label,
                "comment": fb.comment, "source": fb.source, "client_id": fb.client_id, "key_id": fb.key_id,
-               "created_at": datetime.now(timezone.utc)}
+               "created_at": datetime.now(UTC)}
         async with engine.begin() as conn:
             insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
             stmt = insert(Feedback).values(**row).on_conflict_do_nothing().returning(*Feedback.__table__.c)
@@ -80,7 +80,7 @@ async def record_feedback(sink, fb: FeedbackIn, wait_s: float = 2.0) -> tuple[di
             return _public(existing), True
     except SQLAlchemyError as e:
         raise StoreUnavailable(str(e)) from e
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         raise StoreUnavailable(str(e)) from e
 
 

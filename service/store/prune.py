@@ -3,7 +3,7 @@ short transaction each, so the writer is never blocked for long)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, or_, select
 
@@ -12,7 +12,7 @@ from service.store.models import Candidate, Conversation, ConversationLink, Feed
 
 
 def prune(url: str, older_than: timedelta, batch: int = 1000) -> dict[str, int]:
-    cutoff = datetime.now(timezone.utc) - older_than
+    cutoff = datetime.now(UTC) - older_than
     engine = make_sync_engine(url)
     counts = {"conversations": 0, "turns": 0}
     try:

@@ -18,7 +18,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.gate.record import TurnRecord
@@ -84,7 +83,7 @@ class StoreSink:
             # Full (or not running): straight to the spool file; the writer fsyncs it within a tick.
             self.spool.append([record], fsync=self._task is None)
             self._spool_dirty = True
-        except Exception:  # noqa: BLE001 - the request path must never fail because of logging
+        except Exception:
             log.exception("could not enqueue turn %s", record.turn_id)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -102,7 +101,7 @@ class StoreSink:
         self._wake.set()
         try:
             await asyncio.wait_for(self._task, self.drain_timeout_s)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - whatever is left goes to the spool
+        except (TimeoutError, Exception):  # noqa: BLE001 - whatever is left goes to the spool
             log.warning("store writer did not drain in %.0fs; spooling the rest", self.drain_timeout_s)
         self._task = None
         if self.queue:
@@ -123,7 +122,7 @@ class StoreSink:
         async with self._flushed:
             try:
                 await asyncio.wait_for(self._flushed.wait_for(lambda: self._flushes >= target), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
         return self.db_ok and not self.queue
 
@@ -132,14 +131,14 @@ class StoreSink:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             stopping = self._stopping
             self._busy = True
             try:
                 await self._flush_once()
-            except Exception:  # noqa: BLE001 - the writer must survive anything and keep spooling
+            except Exception:
                 log.exception("store writer iteration failed")
             finally:
                 self._busy = False
@@ -201,7 +200,7 @@ class StoreSink:
             prepared = await (prepared or asyncio.to_thread(prepare, batch, self._pg))
             async with self.engine.begin() as conn:
                 await write_batch(conn, batch, prepared, self._cache, self._critics)
-        except Exception as e:  # noqa: BLE001 - any database failure means: spool and retry later
+        except Exception as e:
             metrics.DB_WRITE_ERRORS.inc()
             if self.db_ok:
                 log.warning("database write failed, spooling turns: %s", e, exc_info=log.isEnabledFor(logging.DEBUG))

@@ -103,7 +103,7 @@ class Spool:
     def pending(self) -> bool:
         return any(self.dir.glob("seg-*.jsonl"))
 
-    def claim(self, path: Path) -> "Claim | None":
+    def claim(self, path: Path) -> Claim | None:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:

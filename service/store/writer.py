@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, func, select
@@ -38,7 +38,7 @@ class LinkCache:
 
 
 def utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
+    return datetime.fromtimestamp(ts, tz=UTC)
 
 
 @dataclass
@@ -140,7 +140,7 @@ async def write_batch(conn: AsyncConnection, records: list[TurnRecord], prepared
         if prepared.candidates:
             await conn.execute(_insert(conn, Candidate).on_conflict_do_nothing(), prepared.candidates)
     if links:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         await conn.execute(_insert(conn, ConversationLink).on_conflict_do_nothing(),
                            [{"prefix_hash": h, "conversation_id": c, "created_at": now}
                             for h, c in sorted(links.items())])
@@ -177,7 +177,7 @@ async def _note_critics(conn: AsyncConnection, records: list[TurnRecord], seen: 
         new -= seen
     if not new:
         return
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     await conn.execute(_insert(conn, CriticVersion).on_conflict_do_nothing(),
                        [{"name": n, "version": v, "created_at": now} for n, v in sorted(new)])
     if seen is not None:
