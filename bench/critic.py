@@ -12,7 +12,8 @@ rep by rep so that a noisy neighbour hits all three alike:
   the same), fp32, ``torch.set_num_threads(cores)``. Skipped when torch is not importable.
 
 Then throughput with 16 concurrent turns of 8 candidates: service turns/s against raw runs of
-the same turns back to back (one run per turn), and raw runs of the turns merged 8 at a time.
+the same turns back to back (one run per turn), and raw runs of the turns merged 8 at a time
+(what the batcher does), interleaved round by round.
 
     python bench/critic.py [--bundle DIR] [--provider cpu|cuda] [--sizes 1,4,8,16]
                            [--lengths 128,256,512] [--seconds 3] [--concurrency 16]
@@ -151,37 +152,35 @@ async def latency_cell(critic: OnnxCritic, torch_run, n: int, length: int, secon
                for stat, fn in (("p50", statistics.median), ("p99", lambda s: pct(s, 0.99)))}}
 
 
-async def throughput(critic: OnnxCritic, n: int, length: int, concurrency: int, turns_each: int) -> dict:
+async def throughput(critic: OnnxCritic, n: int, length: int, concurrency: int, rounds: int) -> dict:
+    """``rounds`` rounds, each: ``concurrency`` turns at once through the service, the same turns
+    through raw onnxruntime one run per turn, then merged into runs of up to ``max_batch`` rows.
+    Interleaved round by round, so that load from elsewhere hits all three alike."""
     critic.max_length = length
     cases = [turn(n, seed) for seed in range(concurrency)]
     feeds = [critic.encode(m, c, None) for m, c in cases]
     sess = critic.session
-
-    async def client(k: int) -> None:
-        for _ in range(turns_each):
-            await critic.score(*cases[k])
-
-    await asyncio.gather(*(client(k) for k in range(concurrency)))  # warm: merged shapes
-    total = concurrency * turns_each
-    t = time.perf_counter()
-    await asyncio.gather(*(client(k) for k in range(concurrency)))
-    service = total / (time.perf_counter() - t)
-    t = time.perf_counter()
-    for i in range(total):
-        sess.run(["logits"], feeds[i % concurrency])
-    raw = total / (time.perf_counter() - t)
     group = max(1, critic.batcher.max_batch // n)
     merged_feeds = [{k: np.concatenate([f[k] for f in feeds[j:j + group]]) for k in feeds[0]}
                     for j in range(0, concurrency, group)]
-    t = time.perf_counter()
-    done = 0
-    while done < total:
+    spent = {"service": 0.0, "raw": 0.0, "merged": 0.0}
+    await asyncio.gather(*(critic.score(*c) for c in cases))  # warm: the merged shapes
+    for _ in range(rounds):
+        t = time.perf_counter()
+        await asyncio.gather(*(critic.score(*c) for c in cases))
+        spent["service"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for f in feeds:
+            sess.run(["logits"], f)
+        spent["raw"] += time.perf_counter() - t
+        t = time.perf_counter()
         for f in merged_feeds:
             sess.run(["logits"], f)
-            done += len(f["input_ids"]) // n
-    merged = done / (time.perf_counter() - t)
-    return {"n": n, "length": length, "concurrency": concurrency, "turns": total, "service_tps": service,
-            "raw_tps": raw, "raw_merged_tps": merged, "merged_turns_per_run": group}
+        spent["merged"] += time.perf_counter() - t
+    total = concurrency * rounds
+    return {"n": n, "length": length, "concurrency": concurrency, "turns": total,
+            "service_tps": total / spent["service"], "raw_tps": total / spent["raw"],
+            "raw_merged_tps": total / spent["merged"], "merged_turns_per_run": group}
 
 
 def machine() -> str:
@@ -237,7 +236,7 @@ async def main_async(args) -> None:
               "| service/raw | raw ORT turns/s (merged runs) | service/raw merged |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for length in args.throughput_lengths:
-            r = await throughput(critic, args.throughput_n, length, args.concurrency, args.turns_each)
+            r = await throughput(critic, args.throughput_n, length, args.concurrency, args.rounds)
             print(f"| {r['n']} | {length} | {r['concurrency']} | {r['turns']} | {r['service_tps']:.1f} "
                   f"| {r['raw_tps']:.1f} | {ratio(r['service_tps'], r['raw_tps'])} "
                   f"| {r['raw_merged_tps']:.1f} ({r['merged_turns_per_run']} turns/run) "
@@ -256,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-reps", type=int, default=8)
     ap.add_argument("--wait-ms", type=float, default=2.0, help="the batcher's bounded wait")
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--turns-each", type=int, default=4, help="turns per concurrent client")
+    ap.add_argument("--rounds", type=int, default=4, help="throughput: bursts of --concurrency turns")
     ap.add_argument("--throughput-n", type=int, default=8)
     ap.add_argument("--throughput-lengths", type=ints, default=[128, 256])
     ap.add_argument("--no-torch", action="store_true")

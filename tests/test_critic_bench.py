@@ -25,7 +25,7 @@ def load_bench():
 def test_bench_prints_latency_and_throughput_tables(tmp_path, capsys):
     bundle = build_bundle(tmp_path / "tiny", max_length=512)
     load_bench().main(["--bundle", str(bundle), "--sizes", "1,3", "--lengths", "32,48", "--seconds", "0",
-                       "--min-reps", "2", "--concurrency", "4", "--turns-each", "1", "--throughput-n", "2",
+                       "--min-reps", "2", "--concurrency", "4", "--rounds", "1", "--throughput-n", "2",
                        "--throughput-lengths", "32"])
     out = capsys.readouterr().out
     assert "tiny-critic 1" in out and "provider in use: CPUExecutionProvider" in out

@@ -352,3 +352,12 @@ def test_cli_rejects_a_request_without_candidates(bundles, tmp_path):
     result = CliRunner().invoke(cli_app, ["critic", "score", str(path), "--bundle", str(bundles["v1"])])
     assert result.exit_code != 0
     assert "candidates" in result.output
+
+
+def test_identical_candidates_are_scored_once(critic):
+    rows_before = metrics.CRITIC_BATCH._sum.get()
+    scores = asyncio.run(critic.score(MESSAGES, [CANDIDATES[0], CANDIDATES[2], CANDIDATES[0], dict(CANDIDATES[0])]))
+    assert metrics.CRITIC_BATCH._sum.get() - rows_before == 2  # two distinct candidates, two rows
+    assert scores[0] == scores[2] == scores[3] != scores[1]
+    assert scores == pytest.approx(list(direct_scores(critic.bundle.path, MESSAGES,
+                                                      [CANDIDATES[0], CANDIDATES[2]] * 2)[[0, 1, 0, 0]]), rel=1e-5)

@@ -8,6 +8,7 @@ batcher, whose runs execute in the inference pool; the event loop only awaits.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -166,13 +167,21 @@ class OnnxCritic:
             return []
         if self._closed.is_set():
             raise RuntimeError(f"critic {self.name}/{self.version} is closed")
+        # Samples of one turn are often identical (low temperature, one obvious tool call):
+        # each distinct candidate is scored once.
+        keys = [json.dumps(c, sort_keys=True, default=str) for c in candidates]
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        unique = sorted(first.values())
         loop = asyncio.get_running_loop()
         arrived = self.batcher.expect()  # a batch forming now waits for this turn's rows
         try:
-            feed = await loop.run_in_executor(self._tokenize, self.encode, messages, candidates, tools)
+            feed = await loop.run_in_executor(self._tokenize, self.encode, messages,
+                                              [candidates[i] for i in unique], tools)
         finally:
             arrived()
-        return [float(s) for s in await self.batcher.submit(feed)]
+        scores = await self.batcher.submit(feed)
+        by_key = {keys[i]: float(s) for i, s in zip(unique, scores, strict=True)}
+        return [by_key[k] for k in keys]
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "provider": self.provider,
