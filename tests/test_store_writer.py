@@ -138,6 +138,20 @@ async def test_unreachable_database_spools_then_replays_exactly_once(make_pg_db,
     assert await live.flush()
     assert await live.flush()
     ids = [r[0] for r in await _rows(live, "SELECT id FROM turns")]
+    n_cand = (await _rows(live, "SELECT count(*) FROM candidates"))[0][0]
     await live.stop()
     assert len(ids) == len(records) and set(ids) == {r.turn_id for r in records}
+    assert n_cand == 4 * len(records)
     assert live.db_ok and live.spool.bytes == 0
+
+
+async def test_a_turn_twice_in_one_batch_is_written_once(db_url, tmp_path):
+    r = record([{"role": "user", "content": "dup"}], "a")
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    sink.enqueue(r)
+    sink.enqueue(r)
+    assert await sink.flush()
+    rows = await _rows(sink, "SELECT count(*) FROM candidates WHERE turn_id = :t", t=r.turn_id)
+    await sink.stop()
+    assert rows[0][0] == 4 and sink.db_ok

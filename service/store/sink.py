@@ -199,7 +199,7 @@ class StoreSink:
         try:
             prepared = await (prepared or asyncio.to_thread(prepare, batch, self._pg))
             async with self.engine.begin() as conn:
-                await write_batch(conn, batch, prepared, self._cache, self._critics)
+                await write_batch(conn, prepared, self._cache, self._critics)
         except Exception as e:
             metrics.DB_WRITE_ERRORS.inc()
             if self.db_ok:

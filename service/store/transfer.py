@@ -96,7 +96,7 @@ async def _import_chunk(engine, trajs: list[dict], cache: LinkCache, counts: dic
         await conn.execute(stmt.on_conflict_do_update(index_elements=["id"],
                                                       set_={"attributes": stmt.excluded.attributes}), convs)
         if records:
-            await write_batch(conn, records, prepared, cache)
+            await write_batch(conn, prepared, cache)
         if rewards:
             await conn.execute(_insert(conn, Feedback).on_conflict_do_nothing(), rewards)
     counts["conversations"] += len(convs)

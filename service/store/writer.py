@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, func, select
+import asyncpg
+from sqlalchemy import JSON, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -46,6 +47,7 @@ class Prepared:
     """A batch made ready off the event loop: threading keys and rows (JSON already encoded for
     PostgreSQL's bulk path; conversation ids are filled in by write_batch)."""
 
+    records: list[TurnRecord]  # the batch, each turn id once
     keys: list[ThreadKeys]
     turns: list[dict[str, Any]]
     candidates: list[dict[str, Any]]
@@ -54,6 +56,8 @@ class Prepared:
 
 def prepare(records: list[TurnRecord], encode_json: bool = False) -> Prepared:
     """CPU work (hashing, row building, JSON encoding); the sink runs it in a thread."""
+    seen: set[str] = set()
+    records = [r for r in records if not (r.turn_id in seen or seen.add(r.turn_id))]
     keys = [thread_keys(r) for r in records]
     turns = [turn_row(r, "", k.index) for r, k in zip(records, keys)]
     cands = [c for r in records for c in candidate_rows(r)]
@@ -64,7 +68,7 @@ def prepare(records: list[TurnRecord], encode_json: bool = False) -> Prepared:
                 for col in cols:
                     if row[col] is not None:
                         row[col] = _dumps(row[col])
-    return Prepared(keys, turns, cands, encode_json)
+    return Prepared(records, keys, turns, cands, encode_json)
 
 
 def _dumps(value: Any) -> str:
@@ -97,10 +101,10 @@ def _insert(conn: AsyncConnection, table):
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
-async def write_batch(conn: AsyncConnection, records: list[TurnRecord], prepared: Prepared,
-                      cache: LinkCache, seen_critics: set | None = None) -> None:
-    """Writes `records` (in served order) inside the caller's transaction."""
-    keys = prepared.keys
+async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCache,
+                      seen_critics: set | None = None) -> None:
+    """Writes a prepared batch (in served order) inside the caller's transaction."""
+    records, keys = prepared.records, prepared.keys
     wanted = {k.lookup_hash for k in keys if k.explicit_id is None and k.lookup_hash}
     found = {h: c for h in wanted if (c := cache.get(h))}
     missing = sorted(wanted - found.keys())
@@ -124,33 +128,42 @@ async def write_batch(conn: AsyncConnection, records: list[TurnRecord], prepared
         else:
             c["first_seen"], c["last_seen"] = min(c["first_seen"], at), max(c["last_seen"], at)
 
-    # Conversations first (this statement also opens the transaction the bulk path joins), sorted
-    # so that replicas upserting the same conversations take row locks in one order.
-    pg = conn.dialect.name == "postgresql"
-    stmt = _insert(conn, Conversation)
-    stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={
-        "last_seen": (func.greatest if pg else func.max)(Conversation.last_seen, stmt.excluded.last_seen)})
-    await conn.execute(stmt, [conversations[c] for c in sorted(conversations)])
-    if pg and prepared.encoded:
+    # Conversations first, sorted, so that replicas upserting the same conversations take row locks
+    # in one order. PostgreSQL: unnest/COPY through asyncpg (SQLAlchemy's per-row parameter
+    # handling costs more than the database's own work); SQLite: multi-row INSERTs.
+    conv_rows = [conversations[c] for c in sorted(conversations)]
+    if conn.dialect.name == "postgresql" and prepared.encoded:
+        # The bulk path talks to asyncpg directly, inside the transaction this statement opens.
+        await conn.execute(text("SET LOCAL lock_timeout = '5s'"))
         raw = (await conn.get_raw_connection()).driver_connection
-        await _pg_bulk(raw, Turn.__table__, prepared.turns)
-        await _pg_bulk(raw, Candidate.__table__, prepared.candidates)
+        await _pg_bulk(raw, Conversation.__table__, conv_rows, conflict="ON CONFLICT (id) DO UPDATE SET "
+                       "last_seen = greatest(conversations.last_seen, excluded.last_seen)")
+        new_turns = await _pg_insert_new(raw, Turn.__table__, prepared.turns)
+        cands = prepared.candidates if len(new_turns) == len(prepared.turns) else \
+            [c for c in prepared.candidates if c["turn_id"] in new_turns]
+        # Candidates of turns inserted just now cannot exist yet (foreign key): plain COPY.
+        await _pg_copy(raw, Candidate.__table__, cands)
     else:
+        stmt = _insert(conn, Conversation)
+        await conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={
+            "last_seen": func.max(Conversation.last_seen, stmt.excluded.last_seen)}), conv_rows)
         await conn.execute(_insert(conn, Turn).on_conflict_do_nothing(index_elements=["id"]), prepared.turns)
         if prepared.candidates:
             await conn.execute(_insert(conn, Candidate).on_conflict_do_nothing(), prepared.candidates)
     if links:
         now = datetime.now(UTC)
-        await conn.execute(_insert(conn, ConversationLink).on_conflict_do_nothing(),
-                           [{"prefix_hash": h, "conversation_id": c, "created_at": now}
-                            for h, c in sorted(links.items())])
+        rows = [{"prefix_hash": h, "conversation_id": c, "created_at": now} for h, c in sorted(links.items())]
+        if conn.dialect.name == "postgresql" and prepared.encoded:
+            await _pg_bulk(raw, ConversationLink.__table__, rows)
+        else:
+            await conn.execute(_insert(conn, ConversationLink).on_conflict_do_nothing(), rows)
     await _note_critics(conn, records, seen_critics)
     for h, c in links.items():
         cache.put(h, c)
 
 
-_PG_ARRAY = {"STRING": "text", "VARCHAR": "text", "TEXT": "text", "INTEGER": "int4", "BIGINT": "int8", "DOUBLE": "float8",
-             "FLOAT": "float8", "DATETIME": "timestamptz", "JSON": "jsonb"}
+_PG_ARRAY = {"STRING": "text", "VARCHAR": "text", "TEXT": "text", "INTEGER": "int4", "BIGINT": "int8",
+             "DOUBLE": "float8", "FLOAT": "float8", "DATETIME": "timestamptz", "JSON": "jsonb"}
 
 
 def _pg_type(col) -> str:
@@ -158,16 +171,42 @@ def _pg_type(col) -> str:
     return next(v for k, v in _PG_ARRAY.items() if name.startswith(k))
 
 
-async def _pg_bulk(raw, table, rows: list[dict[str, Any]]) -> None:
+async def _pg_copy(raw, table, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        cols = list(rows[0])
+        await raw.copy_records_to_table(table.name, records=[tuple(r[c] for c in cols) for r in rows],
+                                        columns=cols)
+
+
+async def _pg_insert_new(raw, table, rows: list[dict[str, Any]]) -> set[str]:
+    """Inserts the rows whose id is new; returns those ids. Usually none exists (only a replayed
+    batch meets its own earlier rows), so COPY is tried first, inside a savepoint; on a duplicate
+    it falls back to INSERT ... ON CONFLICT DO NOTHING RETURNING id."""
+    if not rows:
+        return set()
+    try:
+        async with raw.transaction():  # a savepoint inside the writer's transaction
+            await _pg_copy(raw, table, rows)
+        return {r["id"] for r in rows}
+    except asyncpg.UniqueViolationError:
+        return set(await _pg_bulk(raw, table, rows, returning="id"))
+
+
+async def _pg_bulk(raw, table, rows: list[dict[str, Any]], returning: str | None = None,
+                   conflict: str = "ON CONFLICT DO NOTHING") -> list:
     """One INSERT ... SELECT FROM unnest(column arrays) ON CONFLICT DO NOTHING: a single round trip
     with a cached prepared statement, far cheaper than per-row parameter binding."""
     if not rows:
-        return
+        return []
     cols = [c for c in table.c if c.name in rows[0]]
     args = ", ".join(f"${i + 1}::{_pg_type(c)}[]" for i, c in enumerate(cols))
     names = ", ".join(c.name for c in cols)
-    sql = f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({args}) ON CONFLICT DO NOTHING"
-    await raw.execute(sql, *([row[c.name] for row in rows] for c in cols))
+    sql = f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({args}) {conflict}"
+    arrays = [[row[c.name] for row in rows] for c in cols]
+    if returning:
+        return [r[0] for r in await raw.fetch(f"{sql} RETURNING {returning}", *arrays)]
+    await raw.execute(sql, *arrays)
+    return []
 
 
 async def _note_critics(conn: AsyncConnection, records: list[TurnRecord], seen: set | None) -> None:
