@@ -16,7 +16,7 @@ from service.store.prune import prune
 from service.store.sink import StoreSink
 from service.store.transfer import export_trajectories, import_trajectories
 from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
-from tests.test_store_writer import TRAJECTORIES
+from tests.test_store_writer import TRAJECTORIES, needs_trajectories
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -30,6 +30,7 @@ def _export(url: str, **kw) -> list[dict]:
     return lines
 
 
+@needs_trajectories
 def test_shared_trajectories_round_trip_through_the_cli(db_url, tmp_path):
     files = sorted(TRAJECTORIES.glob("*.jsonl"))
     runner = CliRunner()
@@ -101,6 +102,7 @@ async def test_prune_deletes_only_old_conversations(db_url, tmp_path):
     assert len(left[0]["turns"][0]["candidates"]) == 4
 
 
+@needs_trajectories
 async def test_import_api_counts(db_url):
     lines = min(TRAJECTORIES.glob("*.jsonl")).read_text().splitlines()[:3]
     counts = await import_trajectories(db_url, lines)

@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from service.demo.fake_actor import free_port
 from service.store.sink import StoreSink
 from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
 
-TRAJECTORIES = Path("/work/shared/data/trajectories")
-if not TRAJECTORIES.is_dir():  # CI checkouts sit beside shared/ rather than under /work
-    TRAJECTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "trajectories"
+# The shared trajectories (never copied into the repo): $TURNGATE_TRAJECTORIES, else shared/ beside
+# the checkout (/work/shared next to /work/main).
+TRAJECTORIES = Path(os.environ.get("TURNGATE_TRAJECTORIES")
+                    or Path(__file__).resolve().parents[2] / "shared" / "data" / "trajectories")
+needs_trajectories = pytest.mark.skipif(not TRAJECTORIES.is_dir(),
+                                        reason=f"shared trajectories not found at {TRAJECTORIES}")
 
 
 def _first(name: str) -> dict:
@@ -36,6 +41,7 @@ async def _rows(sink: StoreSink, sql: str, **params) -> list:
         return (await conn.execute(text(sql), params)).all()
 
 
+@needs_trajectories
 async def test_replayed_trajectories_land_in_one_conversation_each(db_url, tmp_path):
     a = as_turns(_first("tau2-retail-toolorchestra.jsonl"))
     b = as_turns(_first("tau-bench-airline-gpt-4o.jsonl"))
