@@ -202,6 +202,8 @@ class StoreSink:
                 await write_batch(conn, prepared, self._cache, self._critics)
         except Exception as e:
             metrics.DB_WRITE_ERRORS.inc()
+            if "does not exist" in str(e) and "relation" in str(e):
+                e = RuntimeError(f"the store's tables are missing: run `turngate db upgrade` ({e})")
             if self.db_ok:
                 log.warning("database write failed, spooling turns: %s", e, exc_info=log.isEnabledFor(logging.DEBUG))
             self.db_ok, self.last_error = False, f"{type(e).__name__}: {e}"[:500]
