@@ -161,3 +161,35 @@ async def test_a_turn_twice_in_one_batch_is_written_once(db_url, tmp_path):
     rows = await _rows(sink, "SELECT count(*) FROM candidates WHERE turn_id = :t", t=r.turn_id)
     await sink.stop()
     assert rows[0][0] == 4 and sink.db_ok
+
+
+async def test_slow_database_never_slows_enqueue_and_loses_nothing(make_pg_db, tmp_path):
+    """The writer's insert hangs on a table lock: the queue fills, turns spill to the spool, and
+    enqueue stays instant; after the lock goes, every turn is written once."""
+    import time
+
+    import psycopg
+
+    url = make_pg_db()
+    sink = StoreSink(url, tmp_path / "spool", max_queue=50, batch_max=20, flush_interval_s=0.05)
+    await sink.start()
+    blocker = await psycopg.AsyncConnection.connect(url)
+    await blocker.execute("LOCK TABLE turns IN ACCESS EXCLUSIVE MODE")  # held until rollback
+    records = [record([{"role": "user", "content": f"slow {i}"}], "a") for i in range(300)]
+    worst = 0.0
+    for r in records:
+        t0 = time.perf_counter()
+        sink.enqueue(r)
+        worst = max(worst, time.perf_counter() - t0)
+        await asyncio.sleep(0.002)  # a steady stream of turns while the write hangs
+    assert sink.spool.bytes > 0  # the queue overflowed into the spool
+    await blocker.rollback()
+    await blocker.close()
+    for _ in range(100):
+        if sink.written >= len(records):
+            break
+        await sink.flush()
+    ids = [r[0] for r in await _rows(sink, "SELECT id FROM turns")]
+    await sink.stop()
+    assert sorted(ids) == sorted(r.turn_id for r in records)
+    assert worst < 0.05  # no enqueue waited on the database (a spool append is a buffered write)
