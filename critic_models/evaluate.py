@@ -43,7 +43,7 @@ class Bundle:
         if card.get("format") != render.FORMAT_VERSION:
             raise ValueError(f"{path}: input format {card.get('format')}, this code renders {render.FORMAT_VERSION}")
         avail = ort.get_available_providers()
-        providers = [p for p in (providers or avail) if p in avail]
+        providers = [p for p in (providers or ("CUDAExecutionProvider", "CPUExecutionProvider")) if p in avail]
         sess = ort.InferenceSession(str(path / "model.onnx"), providers=providers)
         return cls(path, card, tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), sess)
 
@@ -230,7 +230,7 @@ def plot_calibration(cal: list[dict[str, Any]], path: Path, title: str) -> bool:
 
 
 def run(bundle_path: Path, paths: list[Path], out: Path, split: str = "val", record: bool = False) -> dict[str, Any]:
-    bundle = Bundle.load(bundle_path, ["CPUExecutionProvider"] if not record else None)
+    bundle = Bundle.load(bundle_path)
     result = evaluate(bundle, data.data_files(paths), split)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,69 @@
+"""The shipped default critic bundle (critic_models/default): it validates against the bundle
+contract, fits the size budget, and scores the way its REPORT.md says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tokenizers
+
+from service.critic import render
+
+DEFAULT = Path(__file__).resolve().parents[1] / "critic_models" / "default"
+TRIP = [{"role": "system", "content": "# Airline Agent Policy\\nConfirm before any booking change."},
+        {"role": "user", "content": "Hi, I want to cancel my reservation ABC123, user id mia_li_3668."}]
+CANDIDATES = [
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {
+        "name": "get_reservation_details", "arguments": '{"reservation_id": "ABC123"}'}}]},
+    {"role": "assistant", "content": "Sure. Could you tell me the reason for the cancellation?"},
+    {"role": "assistant", "content": "ok"},
+]
+
+
+@pytest.fixture(scope="module")
+def card() -> dict:
+    return json.loads((DEFAULT / "critic.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def session() -> ort.InferenceSession:
+    return ort.InferenceSession(str(DEFAULT / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def _scores(session, feed) -> np.ndarray:
+    logits = np.asarray(session.run(["logits"], feed)[0], dtype=np.float64).reshape(-1)
+    return 1 / (1 + np.exp(-logits))
+
+
+def test_bundle_files_manifest_and_size(card):
+    for name in ("model.onnx", "tokenizer.json", "critic.json", "NOTICE", "REPORT.md"):
+        assert (DEFAULT / name).is_file(), name
+    assert (DEFAULT / "model.onnx").stat().st_size <= 25 * 1024 * 1024
+    assert card["format"] == render.FORMAT_VERSION
+    assert card["precision"] == "int8" and 8 <= card["max_length"] <= 512
+    assert len(card["training_data"]["sha256"]) == 64
+    assert card["evaluation"]["split"] == "val"  # figures are held-out figures
+    assert {"Attention", "SkipLayerNormalization"} <= set(card["export"]["fused_operators"])
+    assert "Apache" in (DEFAULT / "NOTICE").read_text()
+
+
+def test_bundle_passes_the_serving_validation(card, session):
+    bundle_mod = pytest.importorskip("service.critic.bundle")
+    bundle = bundle_mod.read_bundle(DEFAULT)
+    bundle_mod.check_model_io(bundle, session.get_inputs(), session.get_outputs())
+
+
+def test_scores_are_probabilities_and_independent_of_batch_padding(card, session):
+    tok = tokenizers.Tokenizer.from_file(str(DEFAULT / "tokenizer.json"))
+    together = _scores(session, render.encode_batch(tok, TRIP, CANDIDATES, None, card["max_length"]))
+    alone = np.concatenate([_scores(session, render.encode_batch(tok, TRIP, [c], None, card["max_length"]))
+                            for c in CANDIDATES])
+    assert together.shape == (3,) and ((together > 0) & (together < 1)).all()
+    # int8 activations are quantized per batch, so a score moves a little with its batch mates
+    # and padding; the ranking and the value to two decimals must not.
+    assert np.abs(together - alone).max() < 0.01
+    assert list(np.argsort(together)) == list(np.argsort(alone))
