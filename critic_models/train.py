@@ -9,7 +9,6 @@ export checks the ONNX model on).
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -234,6 +233,3 @@ def load_run(run: Path) -> tuple[CrossEncoder, dict[str, Any]]:
     model.load_state_dict(torch.load(run / "model.pt", map_location="cpu"))
     return model.eval(), json.loads((run / "train.json").read_text())
 
-
-def fmt_minutes(seconds: float) -> str:
-    return f"{math.floor(seconds / 60)}m{seconds % 60:02.0f}s"
