@@ -290,6 +290,7 @@ def test_models_and_health(gateway):
         assert httpx.get(root + "/healthz").json() == {"status": "ok"}
         ready = httpx.get(root + "/readyz").json()
         assert ready["status"] == "ready" and ready["critic"]["name"] == "table"
+        assert ready["routes"] == [{"alias": "gpt-test", "mode": "rank", "candidates": 4}]
 
 
 def test_unreachable_upstream_is_502(gateway):

@@ -68,6 +68,7 @@ def test_turns_survive_killed_connections_and_an_unreachable_database(actor, mak
         assert sink.db_ok is False and sink.spool.bytes > 0
         ready = httpx.get(base + "/readyz")
         assert ready.status_code == 200  # still taking turns: the spool holds them
+        assert ready.json()["store"]["db_ok"] is False and ready.json()["store"]["spool_bytes"] > 0
         metrics = httpx.get(base + "/metrics").text
         assert "turngate_db_write_errors_total" in metrics
         pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')

@@ -24,4 +24,9 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         "critic": {"name": critic.name, "version": critic.version, "provider": critic.provider},
         "routes": [{"alias": r.alias, "mode": r.mode, "candidates": r.n} for r in services.settings.routes],
     }
+    health = getattr(services.sink, "health", None)
+    if callable(health):
+        # A database outage does not make the replica unready: turns spool to disk meanwhile, and
+        # taking every replica out of the load balancer would turn a logging outage into a full one.
+        body["store"] = health()
     return JSONResponse(body, status_code=200 if ready else 503)
