@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.gate.actions import matches_gold, write_calls
+from service.gate.actions import gold_of, matches_gold, write_calls
 
 OUTCOME_WEIGHT = 0.5
 Message = dict[str, Any]
@@ -89,13 +89,6 @@ def split_keys(keys: list[str], seed: int, val_fraction: float) -> set[str]:
     """The held-out keys: the first val_fraction of the keys ordered by a seeded hash."""
     uniq = sorted(set(keys), key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
     return set(uniq[: round(len(uniq) * val_fraction)])
-
-
-def gold_of(row: dict[str, Any]) -> list[dict[str, Any]]:
-    checks = row.get("action_checks")
-    if checks:
-        return [{"name": c["name"], "arguments": c.get("arguments")} for c in checks]
-    return row.get("gold_actions") or []
 
 
 def turn_groups(row: dict[str, Any], source: str) -> list[Group]:

@@ -17,6 +17,7 @@ from critic_models import data
 from critic_models.evaluate import Bundle, auc
 from critic_models.evaluate import run as run_eval
 from critic_models.export import export_bundle
+from service.gate.actions import gold_of
 from critic_models.train import TrainConfig, train
 from service.critic import render
 
@@ -86,8 +87,8 @@ def test_labels_and_split(dataset):
 def test_action_checks_are_the_gold_when_present():
     row = {"gold_actions": [{"name": "cancel_reservation", "arguments": {"reservation_id": "OTHER"}}],
            "action_checks": [{"name": "cancel_reservation", "arguments": {"reservation_id": "R1"}, "matched": True}]}
-    assert data.gold_of(row) == [{"name": "cancel_reservation", "arguments": {"reservation_id": "R1"}}]
-    assert data.gold_of({"gold_actions": row["gold_actions"]}) == row["gold_actions"]
+    assert gold_of(row) == [{"name": "cancel_reservation", "arguments": {"reservation_id": "R1"}}]
+    assert gold_of({"gold_actions": row["gold_actions"]}) == row["gold_actions"]
 
 
 def test_tiny_model_end_to_end(dataset, tmp_path):

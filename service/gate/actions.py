@@ -32,5 +32,18 @@ def matches_gold(call: dict[str, Any], gold_actions: list[dict[str, Any]]) -> bo
     return any(g.get("name") == name and g.get("arguments") == args for g in gold_actions)
 
 
+def gold_of(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The gold actions of a trajectory row's own task.
+
+    In the τ²-bench files a row's `gold_actions` belong to another task than its conversation,
+    while `action_checks` (each gold action of the conversation's task and whether the agent made
+    it) match it; so `action_checks` win when a row has them.
+    """
+    checks = row.get("action_checks")
+    if checks:
+        return [{"name": c["name"], "arguments": c.get("arguments")} for c in checks]
+    return row.get("gold_actions") or []
+
+
 def write_calls(message: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in message.get("tool_calls") or [] if is_write((c.get("function") or {}).get("name", ""))]

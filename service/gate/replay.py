@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.critic.base import Critic
-from service.gate.actions import matches_gold, write_calls
+from service.gate.actions import gold_of, matches_gold, write_calls
 
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -38,7 +38,7 @@ async def score_turns(rows: list[dict[str, Any]], critic: Critic, concurrency: i
         async with gate:
             [score] = await critic.score(row["messages"][:i], [message], row.get("tools"))
         writes = write_calls(message)
-        gold = row.get("gold_actions") or []
+        gold = gold_of(row)
         bad = (not all(matches_gold(c, gold) for c in writes)) if writes and gold else None
         return ScoredTurn(row["id"], float(row.get("reward") or 0.0), score, bool(writes), bad)
 
