@@ -122,6 +122,7 @@ def pct(samples: list[float], q: float) -> float:
 
 async def latency_cell(critic: OnnxCritic, torch_run, n: int, length: int, seconds: float,
                        min_reps: int) -> dict:
+    """``length``: tokens per pair; the conversations are longer and cut to fit."""
     critic.max_length = length
     cases = [turn(n, seed) for seed in range(8)]
     feeds = [critic.encode(m, c, None) for m, c in cases]
@@ -224,10 +225,14 @@ async def main_async(args) -> None:
         print("| N | tokens | reps | service p50 | service p99 | raw ORT p50 | raw ORT p99 | torch p50 | torch p99 "
               "| service/raw (p50) | torch/raw (p50) |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for length in args.lengths:
+        # The service cuts every pair to the bundle's max_length, so the row at that length is
+        # what any longer turn costs in production; it is added when --lengths lacks it.
+        lengths = args.lengths + ([b.max_length] if b.max_length not in args.lengths else [])
+        for length in lengths:
+            label = f"{length} (bundle max_length)" if length == b.max_length else str(length)
             for n in args.sizes:
                 r = await latency_cell(critic, torch_run, n, length, args.seconds, args.min_reps)
-                print(f"| {n} | {length} | {r['reps']} | {fmt(r['service_p50'])} | {fmt(r['service_p99'])} "
+                print(f"| {n} | {label} | {r['reps']} | {fmt(r['service_p50'])} | {fmt(r['service_p99'])} "
                       f"| {fmt(r['raw_p50'])} | {fmt(r['raw_p99'])} | {fmt(r['torch_p50'])} | {fmt(r['torch_p99'])} "
                       f"| {ratio(r['service_p50'], r['raw_p50'])} | {ratio(r['torch_p50'], r['raw_p50'])} |",
                       flush=True)

@@ -23,15 +23,16 @@ def load_bench():
 
 
 def test_bench_prints_latency_and_throughput_tables(tmp_path, capsys):
-    bundle = build_bundle(tmp_path / "tiny", max_length=512)
+    bundle = build_bundle(tmp_path / "tiny", max_length=40)
     load_bench().main(["--bundle", str(bundle), "--sizes", "1,3", "--lengths", "32,48", "--seconds", "0",
                        "--min-reps", "2", "--concurrency", "4", "--rounds", "1", "--throughput-n", "2",
                        "--throughput-lengths", "32"])
     out = capsys.readouterr().out
     assert "tiny-critic 1" in out and "provider in use: CPUExecutionProvider" in out
-    cells = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| ([\d.-]+) \|", out,
+    cells = re.findall(r"^\| (\d+) \| (\d+)(?: \(bundle max_length\))? \| (\d+) \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| ([\d.-]+) \|", out,
                        re.MULTILINE)
-    assert {(n, t) for n, t, *_ in cells} == {("1", "32"), ("3", "32"), ("1", "48"), ("3", "48")}
+    assert {(n, t) for n, t, *_ in cells} == {("1", "32"), ("3", "32"), ("1", "48"), ("3", "48"),
+                                               ("1", "40"), ("3", "40")}  # + the bundle's own max_length
     assert all(int(reps) >= 2 and float(service) > 0 and float(raw) > 0 for _, _, reps, service, raw, _ in cells)
     assert all(torch_p50 != "-" for *_, torch_p50 in cells)  # torch eager measured beside them
     throughput = re.findall(r"^\| 2 \| 32 \| 4 \| 4 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", out, re.MULTILINE)
