@@ -18,8 +18,8 @@ from critic_models.evaluate import Bundle, auc
 from critic_models.evaluate import run as run_eval
 from critic_models.export import export_bundle
 from critic_models.train import TrainConfig, train
-from service.gate.actions import gold_of
 from service.critic import render
+from service.gate.actions import gold_of
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 

@@ -16,7 +16,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from service.gate.actions import is_write, matches_gold as call_matches_gold
+from service.gate.actions import is_write
+from service.gate.actions import matches_gold as call_matches_gold
 
 TASKS = ("7", "11", "5", "1")
 OUT = Path(__file__).with_name("sample.jsonl")

@@ -29,7 +29,7 @@ from service.gate.selection import Candidate
 from service.settings import RouteSettings
 from service.store.base import TurnSink
 from service.telemetry import metrics
-from service.upstream.client import Sample, UpstreamClient, UpstreamError
+from service.upstream.client import UpstreamClient, UpstreamError
 
 log = logging.getLogger(__name__)
 

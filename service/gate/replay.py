@@ -53,9 +53,6 @@ def report(turns: list[ScoredTurn], thresholds=DEFAULT_THRESHOLDS) -> list[dict[
     judged = [t for t in turns if t.bad_write is not None]
     rows = []
     for th in thresholds:
-        def rate(ts: list[ScoredTurn]) -> float | None:
-            return sum(t.score < th for t in ts) / len(ts) if ts else None
-
         flagged_bad = sum(t.score < th and t.bad_write for t in judged)
         flagged = sum(t.score < th for t in judged)
         bad = sum(bool(t.bad_write) for t in judged)
@@ -65,8 +62,8 @@ def report(turns: list[ScoredTurn], thresholds=DEFAULT_THRESHOLDS) -> list[dict[
         rows.append({
             "threshold": th,
             "turns_flagged": sum(t.score < th for t in turns),
-            "flag_rate_failed": rate(failed),
-            "flag_rate_solved": rate(solved),
+            "flag_rate_failed": _share([t.score < th for t in failed]),
+            "flag_rate_solved": _share([t.score < th for t in solved]),
             "conversations_flagged_failed": _share([f for f, r in convs.values() if r < 1]),
             "conversations_flagged_solved": _share([f for f, r in convs.values() if r >= 1]),
             "write_precision": flagged_bad / flagged if flagged else None,

@@ -16,8 +16,6 @@ from typing import Any
 from jsonschema import validators
 from jsonschema.exceptions import SchemaError
 
-VETO_REASONS = ("empty", "truncated", "unknown_tool", "bad_json", "schema", "tool_choice")
-
 
 @dataclass(frozen=True)
 class Verdict:

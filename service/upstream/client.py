@@ -18,8 +18,6 @@ import httpcore
 
 from service.settings import RouteSettings
 
-ERROR_KINDS = ("timeout", "connect", "rate_limited", "client_error", "server_error", "garbage")
-
 
 class UpstreamError(Exception):
     def __init__(self, kind: str, message: str, status: int | None = None,
