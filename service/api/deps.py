@@ -25,7 +25,9 @@ class Services:
     limiter: Any = None  # service.limits.ratelimit.*Limiter, None when unlimited
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency on
+# its thread pool, two thread hops per request for nothing.
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
@@ -41,7 +43,7 @@ class ClientKey:
     key_id: str | None  # a digest prefix: enough to group traffic, useless to an attacker
 
 
-def client_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> ClientKey:
+async def client_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> ClientKey:
     key = _bearer(request)
     allowed = services.settings.api_keys
     if allowed and not (key and any(hmac.compare_digest(key, k) for k in allowed)):
@@ -62,7 +64,7 @@ async def rate_limited(key: Annotated[ClientKey, Depends(client_key)],
     return key
 
 
-def admin_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> None:
+async def admin_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> None:
     expected = services.settings.admin_key
     key = _bearer(request)
     if expected is None:
