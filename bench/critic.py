@@ -197,7 +197,9 @@ def machine() -> str:
 
 
 def fmt(v: float | None, spec: str = ".1f") -> str:
-    return "-" if v is None else format(v, spec)
+    if v is None:
+        return "-"
+    return format(v, ".3f") if 0 < v < 0.1 else format(v, spec)  # a tiny model's runs are sub-0.1 ms
 
 
 def ratio(a: float | None, b: float | None) -> str:

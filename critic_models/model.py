@@ -31,6 +31,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
+    pooling: str = "mean"  # "mean" over real tokens (all-MiniLM-L6-v2 was trained so) or "cls"
 
     @classmethod
     def from_file(cls, path: Path) -> BertConfig:
@@ -112,7 +113,11 @@ class Layer(nn.Module):
 
 
 class CrossEncoder(nn.Module):
-    """[CLS] context [SEP] candidate [SEP] -> one logit; sigmoid(logit) is the critic score."""
+    """[CLS] context [SEP] candidate [SEP] -> one logit; sigmoid(logit) is the critic score.
+
+    The head reads the mean of the last layer over real tokens by default: the base model was
+    trained with that pooling, so its pooled vector is already a good feature before any
+    fine-tuning (its [CLS] vector is not)."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -129,15 +134,23 @@ class CrossEncoder(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor) -> torch.Tensor:
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               token_type_ids: torch.Tensor) -> torch.Tensor:
+        """The [batch, hidden] vector the head reads."""
         # Additive mask bias [batch, 1, 1, seq], as Hugging Face's BertModel builds it.
         bias = attention_mask[:, None, None, :].to(torch.float32)
         bias = (1.0 - bias) * torch.finfo(torch.float32).min
         x = self.embeddings(input_ids, token_type_ids)
         for layer in self.encoder:
             x = layer(x, bias)
-        return self.head(self.dropout(x[:, 0])).squeeze(-1)
+        if self.config.pooling == "cls":
+            return x[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(x.dtype)
+        return (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.pooled(input_ids, attention_mask, token_type_ids))).squeeze(-1)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -158,10 +171,16 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_pretrained(folder: Path) -> CrossEncoder:
-    """A cross-encoder whose encoder holds the base model's weights (head freshly initialised)."""
+def load_pretrained(folder: Path, layers: int | None = None) -> CrossEncoder:
+    """A cross-encoder whose encoder holds the base model's weights (head freshly initialised),
+    optionally only its first `layers` layers: a shallower critic costs proportionally less."""
     folder = Path(folder)
-    model = CrossEncoder(BertConfig.from_file(folder / "config.json"))
+    config = BertConfig.from_file(folder / "config.json")
+    if layers is not None:
+        if not 1 <= layers <= config.num_hidden_layers:
+            raise ValueError(f"layers must be 1..{config.num_hidden_layers}, got {layers}")
+        config.num_hidden_layers = layers
+    model = CrossEncoder(config)
     weights = {k.removeprefix("bert.").replace("encoder.layer.", "encoder."): v
                for k, v in read_safetensors(folder / "model.safetensors").items()}
     own = model.state_dict()

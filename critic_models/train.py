@@ -1,6 +1,13 @@
 """Train a critic: cross-encoder, pointwise BCE on every candidate plus pairwise Bradley-Terry
 between candidates of the same context.
 
+Two modes. ``freeze_encoder`` (the default, the CPU budget): the base model stays as it is, every
+training sequence goes through it once, and only the linear head is fitted, full batch, for
+``head_epochs`` passes over the cached pooled vectors: minutes on 2 cores for all the shared data.
+Otherwise the whole network is fine-tuned for ``epochs`` (a GPU's job: on 2 CPU cores one epoch
+of a subsample is all that fits, and it learned less than the frozen head, see
+critic_models/default/REPORT.md).
+
 A run folder holds ``model.pt`` (state dict), ``config.json`` (the BERT shape), ``tokenizer.json``,
 ``train.json`` (arguments, split, data digest, losses) and ``parity.jsonl`` (held-out groups the
 export checks the ONNX model on).
@@ -8,6 +15,7 @@ export checks the ONNX model on).
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -33,18 +41,23 @@ class TrainConfig:
     out: str
     base: str | None = None  # model folder (config.json, model.safetensors, tokenizer.json)
     epochs: int = 1
-    max_length: int = 192
+    max_length: int = 256
     batch_size: int = 16  # sequences per step (whole groups, so a little more)
     lr: float = 4e-5
-    head_lr: float = 1e-3
+    head_lr: float = 3e-3
     warmup: float = 0.1
     pair_weight: float = 1.0
     seed: int = 0
     val_fraction: float = 0.2
-    turns_per_conversation: int | None = 6
-    candidates_per_prompt: int | None = 4
+    turns_per_conversation: int | None = None  # None = all
+    candidates_per_prompt: int | None = None
     max_minutes: float | None = None
     max_groups: int | None = None  # cap on training groups (tests)
+    freeze_encoder: bool = True
+    layers: int | None = None  # keep only the base model's first N layers (None = all)
+    head_epochs: int = 300  # full-batch passes when the encoder is frozen
+    head_weight_decay: float = 1e-2
+    int8_noise_weight: float = 300.0  # head fit: penalty on the logit variance int8 noise would cause
     tiny: dict[str, Any] | None = field(default=None)  # a randomly initialised BertConfig (tests)
 
 
@@ -100,15 +113,32 @@ def collate(groups: list[Encoded], device: torch.device) -> dict[str, torch.Tens
             "group": torch.repeat_interleave(torch.arange(len(groups)), sizes).to(device)}
 
 
-def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor], pair_weight: float) -> torch.Tensor:
-    """Weighted BCE on (soft) targets + Bradley-Terry on ordered pairs within each group."""
+def ordered_pairs(targets: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i, j) index pairs with i better than j by more than PAIR_MARGIN, within one group."""
+    sizes = torch.bincount(group).tolist()
+    out_i, out_j, start = [], [], 0
+    for n in sizes:  # per group, so memory stays O(sum of n^2), not O(batch^2)
+        if n > 1:
+            t = targets[start:start + n]
+            i, j = ((t[:, None] - t[None, :]) > PAIR_MARGIN).nonzero(as_tuple=True)
+            out_i.append(i + start)
+            out_j.append(j + start)
+        start += n
+    if not out_i:
+        empty = torch.zeros(0, dtype=torch.long, device=targets.device)
+        return empty, empty
+    return torch.cat(out_i), torch.cat(out_j)
+
+
+def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor], pair_weight: float,
+            pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Weighted BCE on (soft) targets + Bradley-Terry on ordered pairs within each group (rows of
+    a group are contiguous)."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="none")
     loss = (bce * batch["weights"]).sum() / batch["weights"].sum()
-    t, g = batch["targets"], batch["group"]
-    better = (g[:, None] == g[None, :]) & (t[:, None] - t[None, :] > PAIR_MARGIN)
-    if pair_weight and better.any():
-        diff = logits[:, None] - logits[None, :]
-        loss = loss + pair_weight * -torch.nn.functional.logsigmoid(diff[better]).mean()
+    i, j = pairs if pairs is not None else ordered_pairs(batch["targets"], batch["group"])
+    if pair_weight and len(i):
+        loss = loss + pair_weight * -torch.nn.functional.logsigmoid(logits[i] - logits[j]).mean()
     return loss
 
 
@@ -148,7 +178,114 @@ def parity_groups(val: list[data.Group], seed: int, limit: int = 64) -> list[dic
 def build_model(cfg: TrainConfig, base: Path) -> CrossEncoder:
     if cfg.tiny is not None:
         return CrossEncoder(BertConfig(**cfg.tiny))
-    return load_pretrained(base)
+    return load_pretrained(base, cfg.layers)
+
+
+def fine_tune(model: CrossEncoder, encoded: list[Encoded], cfg: TrainConfig, device: torch.device,
+              rng: random.Random) -> tuple[list[float], int, int, bool]:
+    """All weights, mini-batches of whole groups; returns (losses, steps, planned steps, stopped)."""
+    head = [p for n, p in model.named_parameters() if n.startswith("head.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
+                            weight_decay=0.01)
+    steps_per_epoch = len(batches(encoded, cfg.batch_size, random.Random(0)))
+    total = max(1, steps_per_epoch * cfg.epochs)
+    warm = max(1, int(total * cfg.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    start, losses, step = time.monotonic(), [], 0
+    model.train()
+    bar = tqdm(total=total, desc="train", unit="step")
+    try:
+        for _ in range(cfg.epochs):
+            for chunk in batches(encoded, cfg.batch_size, rng):
+                batch = collate(chunk, device)
+                logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+                loss = loss_fn(logits, batch, cfg.pair_weight)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                step += 1
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+                if cfg.max_minutes is not None and time.monotonic() - start > cfg.max_minutes * 60:
+                    return losses, step, total, True
+    finally:
+        bar.close()
+    return losses, step, total, False
+
+
+@torch.inference_mode()
+def pooled_features(model: CrossEncoder, encoded: list[Encoded], device: torch.device,
+                    batch_size: int = 32) -> torch.Tensor:
+    """The pooled vector of every training sequence, in the order of ``encoded``; batched by
+    length so that little padding is computed."""
+    model.eval()
+    rows = [(r, t) for g in encoded for r, t in zip(g.rows, g.types)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    out = torch.zeros(len(rows), model.config.hidden_size)
+    for at in tqdm(range(0, len(order), batch_size), desc="encode", unit="batch"):
+        idx = order[at:at + batch_size]
+        batch = collate([Encoded([rows[i][0] for i in idx], [rows[i][1] for i in idx], [0.0] * len(idx),
+                                 [1.0] * len(idx))], device)
+        out[idx] = model.pooled(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float().cpu()
+    return out
+
+
+def int8_noise(model: CrossEncoder, encoded: list[Encoded], device: torch.device, rows: int = 512) -> torch.Tensor:
+    """Covariance of (int8 - fp32) pooled vectors over a sample of the training sequences.
+
+    The exported int8 model quantizes weights and, per run, activations; the resulting error on
+    the pooled vector has a few large directions. A head that leans on them flips rankings once
+    quantized (the export's parity gate fails). torch's dynamic int8 Linear stands in for
+    onnxruntime's here: the same scheme (int8 weights, activations quantized on the fly)."""
+    sample, n = [], 0
+    for g in random.Random(0).sample(encoded, len(encoded)):
+        if n >= rows:
+            break
+        sample.append(g)
+        n += len(g.rows)
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu(), {torch.nn.Linear},
+                                                       dtype=torch.qint8)
+    err = pooled_features(quantized, sample, torch.device("cpu")) - pooled_features(model, sample, device)
+    return torch.cov(err.T)
+
+
+def fit_head(model: CrossEncoder, encoded: list[Encoded], cfg: TrainConfig, device: torch.device) -> list[float]:
+    """Fits ``model.head`` on the frozen encoder's pooled vectors, full batch; returns the losses.
+
+    The fit runs on standardised features (one learning rate suits every dimension); the scaling
+    is then folded into the head's weights, so the exported graph is the plain network."""
+    x = pooled_features(model, encoded, device)
+    # A floor under the scale: a near-constant dimension would otherwise get a huge folded weight,
+    # and int8 noise on that dimension would swamp the logit.
+    mu, sd = x.mean(0), x.std(0)
+    sd = sd.clamp(min=float(sd.median()) * 0.1)
+    z = (x - mu) / sd
+    targets = torch.tensor([t for g in encoded for t in g.targets])
+    batch = {"targets": targets, "weights": torch.tensor([w for g in encoded for w in g.weights]),
+             "group": torch.repeat_interleave(torch.arange(len(encoded)), torch.tensor([len(g.rows) for g in encoded]))}
+    pairs = ordered_pairs(batch["targets"], batch["group"])
+    noise = int8_noise(model, encoded, device) / (sd[:, None] * sd[None, :]) if cfg.int8_noise_weight else None
+    head = torch.nn.Linear(z.shape[1], 1)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)
+    losses = []
+    for _ in tqdm(range(cfg.head_epochs), desc="fit head", unit="epoch"):
+        loss = loss_fn(head(z).squeeze(-1), batch, cfg.pair_weight, pairs)
+        if noise is not None:  # E[(w . e)^2] = w' Cov(e) w: the logit error int8 would add
+            loss = loss + cfg.int8_noise_weight * (head.weight[0] @ noise @ head.weight[0])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        w, b = head.weight[0], head.bias[0]
+        model.head.weight.copy_((w / sd).unsqueeze(0).to(model.head.weight.device))
+        model.head.bias.fill_(float(b - (w * mu / sd).sum()))
+    return losses
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -167,38 +304,11 @@ def train(cfg: TrainConfig) -> Path:
     encoded = [encode_group(tok, g, cfg.max_length) for g in tqdm(train_groups, desc="tokenize", leave=False)]
 
     model = build_model(cfg, base).to(device)
-    head = [p for n, p in model.named_parameters() if n.startswith("head.")]
-    body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
-    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
-                            weight_decay=0.01)
-    steps_per_epoch = len(batches(encoded, cfg.batch_size, random.Random(0)))
-    total = max(1, steps_per_epoch * cfg.epochs)
-    warm = max(1, int(total * cfg.warmup))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    start, losses, step, stopped = time.monotonic(), [], 0, False
-    model.train()
-    bar = tqdm(total=total, desc="train", unit="step")
-    for _ in range(cfg.epochs):
-        for chunk in batches(encoded, cfg.batch_size, rng):
-            batch = collate(chunk, device)
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            loss = loss_fn(logits, batch, cfg.pair_weight)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            if cfg.max_minutes is not None and time.monotonic() - start > cfg.max_minutes * 60:
-                stopped = True
-                break
-        if stopped:
-            break
-    bar.close()
+    start = time.monotonic()
+    if cfg.freeze_encoder:
+        losses, step, total, stopped = fit_head(model, encoded, cfg, device), cfg.head_epochs, cfg.head_epochs, False
+    else:
+        losses, step, total, stopped = fine_tune(model, encoded, cfg, device, rng)
 
     model = model.cpu().eval()
     torch.save(model.state_dict(), out / "model.pt")
@@ -212,6 +322,7 @@ def train(cfg: TrainConfig) -> Path:
         "base_model": "sentence-transformers/all-MiniLM-L6-v2" if cfg.tiny is None else "random-init",
         "format": render.FORMAT_VERSION,
         "device": str(device),
+        "mode": "frozen encoder, linear head" if cfg.freeze_encoder else "fine-tuned",
         "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "by": "source file + task_id / prompt id"},
         "data": data.digest(files),
         "train_groups": len(encoded),

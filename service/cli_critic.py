@@ -1,4 +1,3 @@
-# ENGINEERS: read /work/main/AGENT_RULES.md (venv, commit rules, time limit) before editing.
 """`turngate critic ...`: train, export, evaluate and score with critic bundles.
 
 Training and export need the `train` extra (torch); they import it inside the command, so the
@@ -20,23 +19,32 @@ DATA_HELP = "Trajectory / best-of-N JSONL files or folders holding them."
 @app.command()
 def train(data: list[Path] = typer.Option(..., "--data", help=DATA_HELP),
           out: Path = typer.Option(..., "--out", help="Run folder (model.pt, train.json, ...)."),
-          epochs: int = typer.Option(1),
-          max_length: int = typer.Option(192, help="Tokens per (context, candidate) pair."),
+          freeze_encoder: bool = typer.Option(True, "--freeze-encoder/--fine-tune",
+                                              help="Fit only the head on the frozen base model (minutes "
+                                                   "on CPU), or fine-tune every weight (a GPU's job)."),
+          head_epochs: int = typer.Option(300, help="Full-batch passes of the head fit (frozen encoder)."),
+          layers: int = typer.Option(0, help="Keep only the base model's first N layers (0 = all 6)."),
+          int8_noise_weight: float = typer.Option(300.0, help="Head fit: weight of the penalty on the logit "
+                                                              "error int8 quantization would add (0 = off)."),
+          epochs: int = typer.Option(1, help="Passes over the data when fine-tuning."),
+          max_length: int = typer.Option(256, help="Tokens per (context, candidate) pair."),
           seed: int = typer.Option(0, help="Seeds the split, the subsampling and the model."),
-          max_minutes: float | None = typer.Option(None, help="Stop training after this long."),
+          max_minutes: float | None = typer.Option(None, help="Stop fine-tuning after this long."),
           batch_size: int = typer.Option(16),
-          lr: float = typer.Option(4e-5),
+          lr: float = typer.Option(4e-5, help="Encoder learning rate when fine-tuning."),
+          head_lr: float = typer.Option(3e-3),
           val_fraction: float = typer.Option(0.2, help="Tasks / prompts held out for evaluation."),
-          turns_per_conversation: int = typer.Option(6, help="0 = all turns."),
-          candidates_per_prompt: int = typer.Option(4, help="Ranking-set answers per prompt; 0 = all.")) -> None:
+          turns_per_conversation: int = typer.Option(0, help="0 = all turns."),
+          candidates_per_prompt: int = typer.Option(0, help="Ranking-set answers per prompt; 0 = all.")) -> None:
     """Train a cross-encoder critic (needs the `train` extra)."""
     from critic_models.train import TrainConfig
     from critic_models.train import train as run_training
 
     cfg = TrainConfig(data=[str(p) for p in data], out=str(out), epochs=epochs, max_length=max_length,
-                      seed=seed, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
+                      seed=seed, max_minutes=max_minutes, batch_size=batch_size, lr=lr, head_lr=head_lr,
                       val_fraction=val_fraction, turns_per_conversation=turns_per_conversation or None,
-                      candidates_per_prompt=candidates_per_prompt or None)
+                      candidates_per_prompt=candidates_per_prompt or None, freeze_encoder=freeze_encoder,
+                      head_epochs=head_epochs, layers=layers or None, int8_noise_weight=int8_noise_weight)
     run = run_training(cfg)
     typer.echo(f"wrote {run}")
 

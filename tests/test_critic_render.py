@@ -56,7 +56,11 @@ def test_left_truncation_keeps_newest_turn_and_whole_candidate(tokenizer):
     assert out["input_ids"].shape == (1, 128)  # the long context fills the window exactly
     text = _decode(tokenizer, out["input_ids"][0])
     assert "newest question zebra please" in text
-    assert "question number 0 " not in text and "airline agent" not in text  # oldest turns went first
+    assert "question number 0 " not in text and "question number 9 " not in text  # oldest turns went first
+    # ...but the system prompt's head stayed, SYSTEM_HEAD_TOKENS of it
+    system_ids = tokenizer.encode(render.render_context(msgs[:1]), add_special_tokens=False).ids
+    assert list(out["input_ids"][0][1:1 + render.SYSTEM_HEAD_TOKENS]) == system_ids[:render.SYSTEM_HEAD_TOKENS]
+    assert text.startswith("[CLS] [ system ] you are an airline agent.")
     assert "i will cancel reservation r7 for you now, confirmed." in text
     assert text.startswith("[CLS]") and text.endswith("[SEP]")
     # the candidate is segment B, whole
@@ -102,7 +106,7 @@ def test_same_input_same_output_and_empty_context(tokenizer):
 
 def test_tail_tokenization_equals_full_tokenization(tokenizer):
     """encode_batch tokenizes only the end of a long context; the tokens must be the same as
-    cutting the fully tokenized context."""
+    cutting the fully tokenized context (after the kept head of the system prompt)."""
     msgs = _conversation(20)
     cand = {"role": "assistant", "content": "ok"}
     out = render.encode_batch(tokenizer, msgs, [cand], None, max_length=200)
@@ -110,4 +114,5 @@ def test_tail_tokenization_equals_full_tokenization(tokenizer):
     ctx = [int(t) for t in out["input_ids"][0][out["token_type_ids"][0] == 0]][1:-1]
     cand_len = len(tokenizer.encode(render.render_candidate(cand), add_special_tokens=False).ids)
     assert len(full) > 600 and len(ctx) == 200 - 3 - cand_len
-    assert ctx == full[-len(ctx):]
+    h = render.SYSTEM_HEAD_TOKENS
+    assert ctx[:h] == full[:h] and ctx[h:] == full[-(len(ctx) - h):]

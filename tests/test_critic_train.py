@@ -17,6 +17,7 @@ from critic_models import data
 from critic_models.evaluate import Bundle, auc
 from critic_models.evaluate import run as run_eval
 from critic_models.export import export_bundle
+from critic_models.model import BertConfig, CrossEncoder
 from critic_models.train import TrainConfig, train
 from service.critic import render
 from service.gate.actions import gold_of
@@ -94,9 +95,10 @@ def test_action_checks_are_the_gold_when_present():
 def test_tiny_model_end_to_end(dataset, tmp_path):
     cfg = TrainConfig(data=[str(dataset)], out=str(tmp_path / "run"), epochs=6, max_length=64, batch_size=16,
                       lr=2e-3, head_lr=2e-3, seed=0, val_fraction=0.25, turns_per_conversation=None,
-                      candidates_per_prompt=None, tiny=TINY)
+                      candidates_per_prompt=None, tiny=TINY, freeze_encoder=False)
     run = train(cfg)
     meta = json.loads((run / "train.json").read_text())
+    assert meta["mode"] == "fine-tuned"
     assert meta["steps"] > 0 and meta["loss_last"] < meta["loss_first"]
     assert meta["data"]["sha256"] == data.digest(data.data_files([dataset]))["sha256"]
 
@@ -122,6 +124,29 @@ def test_tiny_model_end_to_end(dataset, tmp_path):
     assert result["ranking"]["prompts"] > 0 and result["ranking"]["critic_pick"] >= result["ranking"]["random_pick"]
     assert (tmp_path / "eval" / "calibration.png").stat().st_size > 0
     assert json.loads((tmp_path / "int8" / "critic.json").read_text())["evaluation"]["split"] == "val"
+
+
+def test_frozen_encoder_fits_only_the_head(dataset, tmp_path):
+    """The default mode: the encoder's weights stay as built, the head is fitted on its pooled
+    vectors with the feature scaling folded in, so the exported plain network scores the same."""
+    cfg = TrainConfig(data=[str(dataset)], out=str(tmp_path / "run"), max_length=64, seed=0, val_fraction=0.25,
+                      head_epochs=200, tiny=TINY)
+    run = train(cfg)
+    meta = json.loads((run / "train.json").read_text())
+    assert meta["mode"] == "frozen encoder, linear head" and meta["loss_last"] < meta["loss_first"]
+    torch.manual_seed(0)  # train() seeds with cfg.seed before building the model
+    fresh = CrossEncoder(BertConfig(**TINY)).state_dict()
+    trained = torch.load(run / "model.pt")
+    assert all(torch.equal(trained[k], v) for k, v in fresh.items() if not k.startswith("head."))
+    assert not torch.equal(trained["head.weight"], fresh["head.weight"])
+
+    card = export_bundle(run, tmp_path / "fp32", "fp32")
+    assert card["export"]["parity"]["fp32_vs_torch_max_abs_diff"] <= 1e-4
+    bundle = Bundle.load(tmp_path / "fp32")
+    ctx = [{"role": "user", "content": "Explain topic number 77."}]
+    [scores] = bundle.score([(ctx, [{"role": "assistant", "content": t}
+                                    for t in ("no", _ranking(77)["candidates"][1]["text"], "idk lol")], None)])
+    assert np.argmax(scores) == 1
 
 
 def test_auc():

@@ -12,8 +12,9 @@ the longest pair of the batch (not to ``max_length``). Truncation rule, per cand
 - the candidate may use all the room the context does not need, and is guaranteed half of it:
   ``cap = room - min(len(context), room // 2)`` with ``room = max_length - 3``; only a candidate
   longer than ``cap`` is cut, from the right;
-- the context fills what is left and is cut from the LEFT, so the oldest turns (the system prompt
-  first) go and the newest turns stay.
+- the context fills what is left. When it must be cut, its head (the system prompt and the tools
+  line) keeps up to ``SYSTEM_HEAD_TOKENS`` tokens (at most half of the room left), and the rest of
+  the conversation is cut from the LEFT: the oldest turns go, the newest stay.
 
 Bump ``FORMAT_VERSION`` whenever any of this changes: a bundle records the version it was trained
 on and must not be served with another.
@@ -28,9 +29,10 @@ from typing import Any
 import numpy as np
 import tokenizers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the system prompt's head survives a cut context
 
 SYSTEM_HEAD_CHARS = 400
+SYSTEM_HEAD_TOKENS = 48  # what a cut context keeps of the head (system prompt, tools)
 TOOL_RESULT_CHARS = 300
 TEXT_CHARS = 4000  # any single message; the tokenizer then never sees megabytes
 
@@ -85,14 +87,19 @@ def _tool_names(tools: list[dict[str, Any]] | None) -> list[str]:
     return names
 
 
-def render_context(messages: list[Message], tools: list[dict[str, Any]] | None = None) -> str:
-    """The conversation so far, oldest first; the tools follow the system prompt."""
-    lines = [_render_message(m) for m in messages]
+def _context_parts(messages: list[Message], tools: list[dict[str, Any]] | None) -> tuple[str, str]:
+    """(head, body): the system prompt and the tools line, then the rest of the conversation."""
+    at = 1 if messages and messages[0].get("role") in ("system", "developer") else 0
+    head = [_render_message(m) for m in messages[:at]]
     names = _tool_names(tools)
     if names:
-        at = 1 if messages and messages[0].get("role") in ("system", "developer") else 0
-        lines.insert(at, "[tools] " + ", ".join(names))
-    return "\n".join(lines)
+        head.append("[tools] " + ", ".join(names))
+    return "\n".join(head), "\n".join(_render_message(m) for m in messages[at:])
+
+
+def render_context(messages: list[Message], tools: list[dict[str, Any]] | None = None) -> str:
+    """The conversation so far, oldest first; the tools follow the system prompt."""
+    return "\n".join(part for part in _context_parts(messages, tools) if part)
 
 
 def render_candidate(message: Message) -> str:
@@ -145,15 +152,23 @@ def encode_batch(tokenizer: tokenizers.Tokenizer, messages: list[Message], candi
     tok = _plain(tokenizer)
     cls, sep, pad = _special_id(tok, "[CLS]"), _special_id(tok, "[SEP]"), tok.token_to_id("[PAD]") or 0
     room = max_length - 3
-    ctx = _tail_ids(tok, render_context(messages, tools), room)
+    head_text, body_text = _context_parts(messages, tools)
+    # BERT splits on whitespace first, so the parts tokenize to exactly the whole text's tokens.
+    head = tok.encode(head_text, add_special_tokens=False).ids[:room] if head_text else []
+    body = _tail_ids(tok, body_text, room) if body_text else []
     cands = [e.ids for e in tok.encode_batch([render_candidate(c) for c in candidates],
                                              add_special_tokens=False)]
-    cap = room - min(len(ctx), room // 2)
+    cap = room - min(len(head) + len(body), room // 2)
     rows = []
     for cand in cands:
         cand = cand[:cap]
         keep = room - len(cand)
-        rows.append((ctx[len(ctx) - keep:] if keep < len(ctx) else ctx, cand))
+        if len(head) + len(body) <= keep:
+            ctx = head + body
+        else:
+            h = min(len(head), SYSTEM_HEAD_TOKENS, keep // 2)
+            ctx = head[:h] + body[len(body) - (keep - h):] if keep > h else head[:h]
+        rows.append((ctx, cand))
     width = max((len(c) + len(d) + 3 for c, d in rows), default=3)
     n = len(rows)
     ids = np.full((n, width), pad, dtype=np.int64)
