@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     ap.add_argument("--critic-ms", type=float, default=2.0, help="the stub critic's constant time")
     ap.add_argument("--pool-shards", type=int, default=16, help="upstream httpx pools (1 = one shared pool)")
+    ap.add_argument("--gc-unfrozen", action="store_true",
+                    help="undo the proxy's start-up gc.freeze() (to compare its full-GC pauses)")
     ap.add_argument("--apparatus", choices=("lean", "standard"), default="lean",
                     help="lean: raw-asyncio load generator and upstream (bench/_lean_http.py); "
                          "standard: httpx client and the Starlette fake actor (each ~1 ms CPU/request)")
@@ -156,7 +158,8 @@ def main() -> None:
         subprocess.Popen([sys.executable, *upstream, "--port", str(actor_port), "--latency", str(args.latency),
                           *(["--jitter", str(args.jitter)] if lean else [])], env=env),
         subprocess.Popen([sys.executable, str(ROOT / "bench" / "_stub_proxy.py"), "--port", str(proxy_port),
-                          "--critic-ms", str(args.critic_ms)], env=env),
+                          "--critic-ms", str(args.critic_ms), "--gc-report", str(tmp / "gc.json"),
+                          *(["--gc-unfrozen"] if args.gc_unfrozen else [])], env=env),
     ]
     try:
         wait_up(actor_url + "/models")
@@ -187,6 +190,11 @@ def main() -> None:
             p.terminate()
         for p in procs:
             p.wait(timeout=10)
+    if (tmp / "gc.json").exists():
+        pauses = json.loads((tmp / "gc.json").read_text())
+        if pauses:
+            print(f"\nproxy full-GC passes: {len(pauses)}, median {statistics.median(pauses):.1f} ms, "
+                  f"max {max(pauses):.1f} ms" + (" (start-up gc.freeze() undone)" if args.gc_unfrozen else ""))
 
 
 if __name__ == "__main__":

@@ -235,7 +235,8 @@ def pooled_features(model: CrossEncoder, encoded: list[Encoded], device: torch.d
     return out
 
 
-def int8_noise(model: CrossEncoder, encoded: list[Encoded], device: torch.device, rows: int = 512) -> torch.Tensor:
+def int8_noise(model: CrossEncoder, encoded: list[Encoded], device: torch.device, seed: int,
+               rows: int = 512) -> torch.Tensor:
     """Covariance of (int8 - fp32) pooled vectors over a sample of the training sequences.
 
     The exported int8 model quantizes weights and, per run, activations; the resulting error on
@@ -243,7 +244,7 @@ def int8_noise(model: CrossEncoder, encoded: list[Encoded], device: torch.device
     quantized (the export's parity gate fails). torch's dynamic int8 Linear stands in for
     onnxruntime's here: the same scheme (int8 weights, activations quantized on the fly)."""
     sample, n = [], 0
-    for g in random.Random(0).sample(encoded, len(encoded)):
+    for g in random.Random(seed).sample(encoded, len(encoded)):
         if n >= rows:
             break
         sample.append(g)
@@ -269,7 +270,7 @@ def fit_head(model: CrossEncoder, encoded: list[Encoded], cfg: TrainConfig, devi
     batch = {"targets": targets, "weights": torch.tensor([w for g in encoded for w in g.weights]),
              "group": torch.repeat_interleave(torch.arange(len(encoded)), torch.tensor([len(g.rows) for g in encoded]))}
     pairs = ordered_pairs(batch["targets"], batch["group"])
-    noise = int8_noise(model, encoded, device) / (sd[:, None] * sd[None, :]) if cfg.int8_noise_weight else None
+    noise = int8_noise(model, encoded, device, cfg.seed) / (sd[:, None] * sd[None, :]) if cfg.int8_noise_weight else None
     head = torch.nn.Linear(z.shape[1], 1)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)
     losses = []
