@@ -9,8 +9,12 @@ Labels (one rule, documented in docs/critic.md):
   search_/calculate/think/transfer_to_human), the label is sharpened: 1 if every write call of the
   turn matches a gold action by name and arguments, 0 otherwise, weight 1.
 - Ranking sets: the instruction is the context, each sampled answer a candidate, the target its
-  ``win_prob_vs_reference`` (a soft label); the candidates of one instruction form a group for the
-  pairwise (Bradley-Terry) loss.
+  ``win_prob_vs_reference``; the candidates of one instruction form a group for the pairwise
+  (Bradley-Terry) loss, and that is all they teach (pointwise weight ``RANKING_BCE_WEIGHT`` = 0).
+  A win probability against one fixed reference answer mostly measures how hard the prompt is,
+  so a pointwise loss across prompts taught the head prompt difficulty: prompts that need long
+  answers are hard, and the head learned that long answers are bad, the opposite of what holds
+  within a prompt (measured with ``turngate critic train --folds 5``, docs/critic.md).
 
 Gold actions: in the tau2 files the row's ``gold_actions`` belong to another task than its
 conversation (only ~8% of their argument values occur in the conversation), while
@@ -20,7 +24,8 @@ them, else ``gold_actions``.
 
 Splits are by task (trajectories: source file + task_id, so all trials of a task fall on one side)
 and by prompt (ranking sets), never by row: per file the keys are ordered by a seeded hash and the
-first ``val_fraction`` of them are held out. Same seed, same split, on any machine.
+first ``val_fraction`` of them are held out. Same seed, same split, on any machine. Cross-validation
+deals the same order into ``k`` folds (``fold_of``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 from service.gate.actions import gold_of, matches_gold, write_calls
 
 OUTCOME_WEIGHT = 0.5
+RANKING_BCE_WEIGHT = 0.0  # ranking sets teach through pairs only (see above)
 Message = dict[str, Any]
 
 
@@ -85,10 +91,24 @@ def is_ranking_set(row: dict[str, Any]) -> bool:
     return "candidates" in row and "instruction" in row
 
 
+def _hash_order(keys: list[str], seed: int) -> list[str]:
+    return sorted(set(keys), key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
+
+
 def split_keys(keys: list[str], seed: int, val_fraction: float) -> set[str]:
     """The held-out keys: the first val_fraction of the keys ordered by a seeded hash."""
-    uniq = sorted(set(keys), key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
+    uniq = _hash_order(keys, seed)
     return set(uniq[: round(len(uniq) * val_fraction)])
+
+
+def fold_of(groups: list[Group], folds: int, seed: int) -> list[int]:
+    """Each group's cross-validation fold: per file, the keys in seeded-hash order dealt into
+    ``folds`` contiguous blocks, so all trials of a task / answers of a prompt share a fold."""
+    fold: dict[str, int] = {}
+    for source in sorted({g.source for g in groups}):
+        keys = _hash_order([g.key for g in groups if g.source == source], seed)
+        fold.update({k: i * folds // len(keys) for i, k in enumerate(keys)})
+    return [fold[g.key] for g in groups]
 
 
 def turn_groups(row: dict[str, Any], source: str) -> list[Group]:
@@ -114,7 +134,7 @@ def ranking_group(row: dict[str, Any], source: str) -> Group:
     g = Group(f"{source}:{row['id']}", source, row["id"], [{"role": "user", "content": row["instruction"]}], None)
     for c in row["candidates"]:
         p = float(c["win_prob_vs_reference"])
-        g.examples.append(Example({"role": "assistant", "content": c["text"]}, p, 1.0, win_prob=p))
+        g.examples.append(Example({"role": "assistant", "content": c["text"]}, p, RANKING_BCE_WEIGHT, win_prob=p))
     return g
 
 
@@ -146,6 +166,9 @@ def subsample(groups: list[Group], seed: int, turns_per_conversation: int | None
         if len(gs) == 1 and len(gs[0].examples) > 1:
             g = gs[0]
             n = candidates_per_prompt or len(g.examples)
+            if n >= len(g.examples):  # all kept, in their order (the first-sample baseline needs it)
+                out.append(g)
+                continue
             order = sorted(g.examples, key=lambda e: e.target)
             keep = [order[-1], order[0]][:n] + rng.sample(order[1:-1], max(0, min(n - 2, len(order) - 2)))
             out.append(Group(g.key, g.source, g.row_id, g.context, g.tools, keep, g.trial))

@@ -117,11 +117,15 @@ def evaluate(bundle: Bundle, paths: list[Path], split: str = "val", seed: int = 
     train, val = data.load_groups(paths, sp["seed"], sp["val_fraction"])
     groups = {"val": val, "train": train, "all": train + val}[split]
     scores = bundle.score([(g.context, [e.candidate for e in g.examples], g.tools) for g in groups])
-    turns = [(g, e, float(s[0])) for g, s in zip(groups, scores) for e in g.examples if e.reward is not None]
-    ranking = [(g, s) for g, s in zip(groups, scores) if g.examples[0].win_prob is not None]
     result: dict[str, Any] = {"split": split, "split_rule": sp, "bundle": {k: bundle.card.get(k) for k in (
         "name", "version", "precision", "max_length")}, "provider": bundle.session.get_providers()[0]}
+    return {**result, **figures(groups, scores, seed)}
 
+
+def figures(groups: list[data.Group], scores: list[np.ndarray], seed: int = 0) -> dict[str, Any]:
+    """Every figure of the module docstring, from each group's candidate scores in [0, 1]."""
+    turns = [(g, e, float(s[0])) for g, s in zip(groups, scores) for e in g.examples if e.reward is not None]
+    ranking = [(g, s) for g, s in zip(groups, scores) if g.examples[0].win_prob is not None]
     per_file: dict[str, Any] = {}
     for source in sorted({g.source for g, _, _ in turns}) + ["all"]:
         sub = [(g, e, s) for g, e, s in turns if source in ("all", g.source)]
@@ -132,13 +136,10 @@ def evaluate(bundle: Bundle, paths: list[Path], split: str = "val", seed: int = 
             "write_turns_judged": len(judged),
             "write_auc_vs_gold": auc([s for _, s in judged], [bool(e.gold_match) for e, _ in judged]),
         }
-    result["trajectories"] = per_file
-    result["best_of_k"] = best_of_k(turns, seed)
-    result["ranking"] = ranking_figures(ranking, seed)
     labels = [e.target >= 0.5 for _, e, _ in turns]
-    result["calibration"] = calibration([s for *_, s in turns], labels) if turns else []
-    result["threshold_hints"] = threshold_hints([s for *_, s in turns], labels) if turns else {}
-    return result
+    return {"trajectories": per_file, "best_of_k": best_of_k(turns, seed), "ranking": ranking_figures(ranking, seed),
+            "calibration": calibration([s for *_, s in turns], labels) if turns else [],
+            "threshold_hints": threshold_hints([s for *_, s in turns], labels) if turns else {}}
 
 
 def best_of_k(turns, seed: int) -> dict[str, Any]:
@@ -164,23 +165,30 @@ def ranking_figures(ranking, seed: int) -> dict[str, Any]:
         return {"prompts": 0}
     win = [np.array([e.win_prob for e in g.examples]) for g, _ in ranking]
     lengths = [np.array([len(e.candidate["content"]) for e in g.examples]) for g, _ in ranking]
-    pairs = [(w[i] > w[j]) == (s[i] > s[j]) for (g, s), w in zip(ranking, win)
-             for i in range(len(w)) for j in range(i + 1, len(w)) if abs(w[i] - w[j]) > 0.05 and s[i] != s[j]]
+
+    def pairwise(keys) -> float | None:  # pairs whose win probs differ by > 0.05, ties in the key skipped
+        hits = [(w[i] > w[j]) == (k[i] > k[j]) for w, k in zip(win, keys) for i in range(len(w))
+                for j in range(i + 1, len(w)) if abs(w[i] - w[j]) > 0.05 and k[i] != k[j]]
+        return float(np.mean(hits)) if hits else None
+
     return {"prompts": len(ranking),
             "critic_pick": float(np.mean([w[int(np.argmax(s))] for (_, s), w in zip(ranking, win)])),
             "random_pick": float(np.mean([w.mean() for w in win])),
             "first_sample": float(np.mean([w[0] for w in win])),
             "longest_answer": float(np.mean([w[int(np.argmax(n))] for w, n in zip(win, lengths)])),
             "best_possible": float(np.mean([w.max() for w in win])),
-            "pairwise_accuracy": float(np.mean(pairs)) if pairs else None}
+            "pairwise_accuracy": pairwise([s for _, s in ranking]),
+            "length_pairwise_accuracy": pairwise(lengths)}
 
 
 def format_table(r: dict[str, Any]) -> str:
     def f(x):
         return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
-    head = (f"split: {r['split']} (held-out tasks/prompts: seed {r['split_rule']['seed']}, "
-            f"val_fraction {r['split_rule']['val_fraction']}); bundle {r['bundle']['name']} "
+    rule = r["split_rule"]
+    held = (f"every task/prompt scored by a head fitted on the other folds: seed {rule['seed']}" if "folds" in rule
+            else f"held-out tasks/prompts: seed {rule['seed']}, val_fraction {rule['val_fraction']}")
+    head = (f"split: {r['split']} ({held}); {r['bundle']['name']} "
             f"{r['bundle']['version']} {r['bundle']['precision']} on {r['provider']}")
     lines = [head, "",
              f"{'trajectories':<36} {'convs':>6} {'turns':>6} {'AUC outcome':>12} {'writes':>7} {'AUC gold':>9}"]
@@ -198,7 +206,8 @@ def format_table(r: dict[str, Any]) -> str:
                   *(f"  {name:<16} {f(k[key])}" for name, key in (
                       ("critic", "critic_pick"), ("random", "random_pick"), ("first sample", "first_sample"),
                       ("longest answer", "longest_answer"), ("best possible", "best_possible"))),
-                  f"  pairwise accuracy (pairs differing by > 0.05): {f(k['pairwise_accuracy'])}"]
+                  (f"  pairwise accuracy (pairs differing by > 0.05): {f(k['pairwise_accuracy'])}, "
+                   f"longer answer: {f(k.get('length_pairwise_accuracy'))}")]
     h = r.get("threshold_hints") or {}
     lines += ["", f"threshold hints: accept {f(h.get('accept_threshold'))}, intervene {f(h.get('intervene_threshold'))}"]
     return "\n".join(lines)

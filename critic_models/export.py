@@ -170,6 +170,7 @@ def export_bundle(run: Path, out: Path, precision: str = "int8", name: str = NAM
                                           "train_sequences", "loss_first", "loss_last")},
         "export": {"fused_operators": fused, "parity": checks, "size_bytes": (out / "model.onnx").stat().st_size},
         "evaluation": None,
+        "crossval": meta.get("crossval"),  # the recipe's k-fold figures, when trained with --folds
     }
     if card["format"] != meta["format"]:
         raise RuntimeError(f"run was trained on input format {meta['format']}, render is {render.FORMAT_VERSION}")

@@ -1,12 +1,13 @@
-"""Train a critic: cross-encoder, pointwise BCE on every candidate plus pairwise Bradley-Terry
-between candidates of the same context.
+"""Train a critic: cross-encoder, pointwise BCE on trajectory turns plus pairwise Bradley-Terry
+between candidates of the same context (ranking sets teach through the pairs only).
 
 Two modes. ``freeze_encoder`` (the default, the CPU budget): the base model stays as it is, every
 training sequence goes through it once, and only the linear head is fitted, full batch, for
 ``head_epochs`` passes over the cached pooled vectors: minutes on 2 cores for all the shared data.
 Otherwise the whole network is fine-tuned for ``epochs`` (a GPU's job: on 2 CPU cores one epoch
 of a subsample is all that fits, and it learned less than the frozen head, see
-critic_models/default/REPORT.md).
+critic_models/default/REPORT.md). With ``folds`` the frozen mode also cross-validates the head
+recipe over all the data from the same encoder pass (``crossval``).
 
 A run folder holds ``model.pt`` (state dict), ``config.json`` (the BERT shape), ``tokenizer.json``,
 ``train.json`` (arguments, split, data digest, losses) and ``parity.jsonl`` (held-out groups the
@@ -57,7 +58,9 @@ class TrainConfig:
     layers: int | None = None  # keep only the base model's first N layers (None = all)
     head_epochs: int = 300  # full-batch passes when the encoder is frozen
     head_weight_decay: float = 1e-2
-    int8_noise_weight: float = 300.0  # head fit: penalty on the logit variance int8 noise would cause
+    int8_noise_weight: float = 100.0  # head fit: penalty on the logit variance int8 noise would cause
+    ranking_pointwise_weight: float = data.RANKING_BCE_WEIGHT  # > 0 only to measure why it is 0
+    folds: int = 0  # frozen encoder: also cross-validate the head recipe over all the data (0 = off)
     tiny: dict[str, Any] | None = field(default=None)  # a randomly initialised BertConfig (tests)
 
 
@@ -135,7 +138,8 @@ def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor], pair_weight: f
     """Weighted BCE on (soft) targets + Bradley-Terry on ordered pairs within each group (rows of
     a group are contiguous)."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="none")
-    loss = (bce * batch["weights"]).sum() / batch["weights"].sum()
+    # A batch of ranking sets alone has no pointwise weight (they teach through pairs only).
+    loss = (bce * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-6)
     i, j = pairs if pairs is not None else ordered_pairs(batch["targets"], batch["group"])
     if pair_weight and len(i):
         loss = loss + pair_weight * -torch.nn.functional.logsigmoid(logits[i] - logits[j]).mean()
@@ -255,12 +259,14 @@ def int8_noise(model: CrossEncoder, encoded: list[Encoded], device: torch.device
     return torch.cov(err.T)
 
 
-def fit_head(model: CrossEncoder, encoded: list[Encoded], cfg: TrainConfig, device: torch.device) -> list[float]:
-    """Fits ``model.head`` on the frozen encoder's pooled vectors, full batch; returns the losses.
+def fit_linear(x: torch.Tensor, encoded: list[Encoded], cfg: TrainConfig,
+               noise: torch.Tensor | None) -> tuple[torch.Tensor, float, list[float]]:
+    """A linear head on features ``x`` (one row per sequence of ``encoded``), full batch; returns
+    (weight, bias) on the raw features, and the losses.
 
     The fit runs on standardised features (one learning rate suits every dimension); the scaling
-    is then folded into the head's weights, so the exported graph is the plain network."""
-    x = pooled_features(model, encoded, device)
+    is then folded into the returned weights, so the exported graph is the plain network.
+    ``noise``: Cov of the int8 error on x (see ``int8_noise``), or None."""
     # A floor under the scale: a near-constant dimension would otherwise get a huge folded weight,
     # and int8 noise on that dimension would swamp the logit.
     mu, sd = x.mean(0), x.std(0)
@@ -270,11 +276,12 @@ def fit_head(model: CrossEncoder, encoded: list[Encoded], cfg: TrainConfig, devi
     batch = {"targets": targets, "weights": torch.tensor([w for g in encoded for w in g.weights]),
              "group": torch.repeat_interleave(torch.arange(len(encoded)), torch.tensor([len(g.rows) for g in encoded]))}
     pairs = ordered_pairs(batch["targets"], batch["group"])
-    noise = int8_noise(model, encoded, device, cfg.seed) / (sd[:, None] * sd[None, :]) if cfg.int8_noise_weight else None
+    noise = noise / (sd[:, None] * sd[None, :]) if noise is not None else None
+    torch.manual_seed(cfg.seed)
     head = torch.nn.Linear(z.shape[1], 1)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)
     losses = []
-    for _ in tqdm(range(cfg.head_epochs), desc="fit head", unit="epoch"):
+    for _ in tqdm(range(cfg.head_epochs), desc="fit head", unit="epoch", leave=False):
         loss = loss_fn(head(z).squeeze(-1), batch, cfg.pair_weight, pairs)
         if noise is not None:  # E[(w . e)^2] = w' Cov(e) w: the logit error int8 would add
             loss = loss + cfg.int8_noise_weight * (head.weight[0] @ noise @ head.weight[0])
@@ -284,9 +291,55 @@ def fit_head(model: CrossEncoder, encoded: list[Encoded], cfg: TrainConfig, devi
         losses.append(loss.item())
     with torch.no_grad():
         w, b = head.weight[0], head.bias[0]
-        model.head.weight.copy_((w / sd).unsqueeze(0).to(model.head.weight.device))
-        model.head.bias.fill_(float(b - (w * mu / sd).sum()))
-    return losses
+        return w / sd, float(b - (w * mu / sd).sum()), losses
+
+
+def set_head(model: CrossEncoder, w: torch.Tensor, b: float) -> None:
+    with torch.no_grad():
+        model.head.weight.copy_(w.unsqueeze(0).to(model.head.weight.device))
+        model.head.bias.fill_(b)
+
+
+def crossval(encoded: list[Encoded], groups: list[data.Group], x: torch.Tensor, noise: torch.Tensor | None,
+             cfg: TrainConfig) -> dict[str, Any]:
+    """The head recipe, k-fold: each fold's groups scored by a head fitted on the other folds.
+
+    The encoder is frozen, so one pass over all the data serves every fold. Every task and prompt
+    is scored once, by a head that never saw it: five times the held-out data of one split, which
+    the small trajectory files need (6 to 24 held-out conversations each)."""
+    from critic_models import evaluate  # imports onnxruntime, which training alone does not need
+
+    fold = data.fold_of(groups, cfg.folds, cfg.seed)
+    starts = np.cumsum([0] + [len(e.rows) for e in encoded])
+
+    def rows(f: int, inside: bool) -> torch.Tensor:
+        """The sequences of fold f (inside) or of every other fold."""
+        return torch.tensor([r for i, k in enumerate(fold) if (k == f) == inside for r in range(starts[i], starts[i + 1])])
+
+    logits = torch.zeros(len(x))
+    for f in tqdm(range(cfg.folds), desc="cross-validate", unit="fold"):
+        w, b, _ = fit_linear(x[rows(f, False)], [e for e, k in zip(encoded, fold) if k != f], cfg, noise)
+        held = rows(f, True)
+        logits[held] = x[held] @ w + b
+    scores = torch.sigmoid(logits).numpy()
+    figures = evaluate.figures(groups, [scores[starts[i]:starts[i + 1]] for i in range(len(groups))], cfg.seed)
+    return {"split": f"crossval, {cfg.folds} folds", "split_rule": {"seed": cfg.seed, "folds": cfg.folds},
+            "bundle": {"name": "head recipe", "version": "-", "precision": "fp32 (torch)"},
+            "provider": "torch", **figures}
+
+
+def frozen_fit(model: CrossEncoder, encoded: list[Encoded], held: list[Encoded], groups: list[data.Group],
+               cfg: TrainConfig, device: torch.device) -> tuple[list[float], dict[str, Any] | None]:
+    """Fits ``model.head`` on the frozen encoder's pooled vectors of ``encoded``; with ``cfg.folds``
+    also cross-validates the recipe over ``encoded + held`` (``groups``, same order), from the same
+    single encoder pass. Returns (losses, cross-validation figures or None)."""
+    x = pooled_features(model, encoded + held if cfg.folds else encoded, device)
+    noise = int8_noise(model, encoded, device, cfg.seed) if cfg.int8_noise_weight else None
+    cv = crossval(encoded + held, groups, x, noise, cfg) if cfg.folds else None
+    n = sum(len(e.rows) for e in encoded)
+    w, b, losses = fit_linear(x[:n], encoded, cfg, noise)
+    set_head(model, w, b)
+    return losses, cv
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -297,17 +350,23 @@ def train(cfg: TrainConfig) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     files = data.data_files([Path(p) for p in cfg.data])
     train_groups, val_groups = data.load_groups(files, cfg.seed, cfg.val_fraction)
+    for e in (e for g in train_groups + val_groups for e in g.examples if e.win_prob is not None):
+        e.weight = cfg.ranking_pointwise_weight
     train_groups = data.subsample(train_groups, cfg.seed, cfg.turns_per_conversation, cfg.candidates_per_prompt)
     rng = random.Random(cfg.seed)
     if cfg.max_groups is not None:
         train_groups = rng.sample(train_groups, min(cfg.max_groups, len(train_groups)))
     tok = plain_tokenizer(base / "tokenizer.json")
     encoded = [encode_group(tok, g, cfg.max_length) for g in tqdm(train_groups, desc="tokenize", leave=False)]
+    held = [encode_group(tok, g, cfg.max_length) for g in val_groups] if cfg.folds and cfg.freeze_encoder else []
 
     model = build_model(cfg, base).to(device)
     start = time.monotonic()
+    cv = None
     if cfg.freeze_encoder:
-        losses, step, total, stopped = fit_head(model, encoded, cfg, device), cfg.head_epochs, cfg.head_epochs, False
+        losses, cv = frozen_fit(model, encoded, held, train_groups + val_groups, cfg, device)
+        step = total = cfg.head_epochs
+        stopped = False
     else:
         losses, step, total, stopped = fine_tune(model, encoded, cfg, device, rng)
 
@@ -334,6 +393,7 @@ def train(cfg: TrainConfig) -> Path:
         "minutes": round((time.monotonic() - start) / 60, 2),
         "loss_first": float(np.mean(losses[:20])) if losses else None,
         "loss_last": float(np.mean(losses[-20:])) if losses else None,
+        "crossval": cv,
     }
     (out / "train.json").write_text(json.dumps(report, indent=2))
     return out

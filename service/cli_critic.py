@@ -6,6 +6,7 @@ rest of the CLI and the service never load torch.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -24,8 +25,12 @@ def train(data: list[Path] = typer.Option(..., "--data", help=DATA_HELP),
                                                    "on CPU), or fine-tune every weight (a GPU's job)."),
           head_epochs: int = typer.Option(300, help="Full-batch passes of the head fit (frozen encoder)."),
           layers: int = typer.Option(0, help="Keep only the base model's first N layers (0 = all 6)."),
-          int8_noise_weight: float = typer.Option(300.0, help="Head fit: weight of the penalty on the logit "
+          int8_noise_weight: float = typer.Option(100.0, help="Head fit: weight of the penalty on the logit "
                                                               "error int8 quantization would add (0 = off)."),
+          ranking_pointwise_weight: float = typer.Option(0.0, help="Pointwise (BCE) weight of ranking-set answers; "
+                                                                   "0 = they teach through pairs only."),
+          folds: int = typer.Option(0, help="Frozen encoder: also cross-validate the head recipe in K folds "
+                                            "over all the data, from the same encoder pass (0 = off)."),
           epochs: int = typer.Option(1, help="Passes over the data when fine-tuning."),
           max_length: int = typer.Option(256, help="Tokens per (context, candidate) pair."),
           seed: int = typer.Option(0, help="Seeds the split, the subsampling and the model."),
@@ -44,8 +49,14 @@ def train(data: list[Path] = typer.Option(..., "--data", help=DATA_HELP),
                       seed=seed, max_minutes=max_minutes, batch_size=batch_size, lr=lr, head_lr=head_lr,
                       val_fraction=val_fraction, turns_per_conversation=turns_per_conversation or None,
                       candidates_per_prompt=candidates_per_prompt or None, freeze_encoder=freeze_encoder,
-                      head_epochs=head_epochs, layers=layers or None, int8_noise_weight=int8_noise_weight)
+                      head_epochs=head_epochs, layers=layers or None, int8_noise_weight=int8_noise_weight,
+                      folds=folds, ranking_pointwise_weight=ranking_pointwise_weight)
     run = run_training(cfg)
+    cv = json.loads((run / "train.json").read_text())["crossval"]
+    if cv:
+        from critic_models.evaluate import format_table
+
+        typer.echo(format_table(cv))
     typer.echo(f"wrote {run}")
 
 
@@ -86,7 +97,6 @@ def score(file: Path = typer.Argument(..., help="Score requests: one JSON object
                                                                      "(TURNGATE_CRITIC) or shipped one.")) -> None:
     """Score candidate replies with a critic bundle; prints one JSON line of scores per request."""
     import asyncio
-    import json
 
     from service.critic.registry import close_critic, load_critic
     from service.settings import Settings

@@ -83,6 +83,21 @@ def test_labels_and_split(dataset):
     g = next(g for g in ranking if g.row_id == "p7")
     assert g.context == [{"role": "user", "content": "Explain topic number 7."}]
     assert [e.target for e in g.examples] == [0.02, 0.95, 0.05, 0.7]
+    assert all(e.weight == data.RANKING_BCE_WEIGHT == 0.0 for e in g.examples)  # pairs only
+
+
+def test_folds_keep_tasks_whole_and_balance_each_file(dataset):
+    train_g, val_g = data.load_groups([dataset], seed=0, val_fraction=0.2)
+    groups = train_g + val_g
+    fold = data.fold_of(groups, 5, seed=0)
+    assert fold == data.fold_of(groups, 5, seed=0)
+    by_key: dict[str, set[int]] = {}
+    for g, f in zip(groups, fold):
+        by_key.setdefault(g.key, set()).add(f)
+    assert all(len(fs) == 1 for fs in by_key.values())  # every turn of every trial of a task: one fold
+    for source, n_keys in (("traj.jsonl", 20), ("bon.jsonl", 30)):
+        sizes = np.bincount([next(iter(fs)) for k, fs in by_key.items() if k.startswith(source)], minlength=5)
+        assert sizes.sum() == n_keys and sizes.max() - sizes.min() <= 1
 
 
 def test_action_checks_are_the_gold_when_present():
@@ -130,10 +145,13 @@ def test_frozen_encoder_fits_only_the_head(dataset, tmp_path):
     """The default mode: the encoder's weights stay as built, the head is fitted on its pooled
     vectors with the feature scaling folded in, so the exported plain network scores the same."""
     cfg = TrainConfig(data=[str(dataset)], out=str(tmp_path / "run"), max_length=64, seed=0, val_fraction=0.25,
-                      head_epochs=200, tiny=TINY)
+                      head_epochs=200, tiny=TINY, folds=3)
     run = train(cfg)
     meta = json.loads((run / "train.json").read_text())
     assert meta["mode"] == "frozen encoder, linear head" and meta["loss_last"] < meta["loss_first"]
+    cv = meta["crossval"]  # every prompt and conversation scored once, by a head that never saw it
+    assert cv["ranking"]["prompts"] == 30 and cv["trajectories"]["all"]["conversations"] == 40
+    assert cv["ranking"]["critic_pick"] > cv["ranking"]["random_pick"]
     torch.manual_seed(0)  # train() seeds with cfg.seed before building the model
     fresh = CrossEncoder(BertConfig(**TINY)).state_dict()
     trained = torch.load(run / "model.pt")
@@ -142,6 +160,7 @@ def test_frozen_encoder_fits_only_the_head(dataset, tmp_path):
 
     card = export_bundle(run, tmp_path / "fp32", "fp32")
     assert card["export"]["parity"]["fp32_vs_torch_max_abs_diff"] <= 1e-4
+    assert card["crossval"] == cv
     bundle = Bundle.load(tmp_path / "fp32")
     ctx = [{"role": "user", "content": "Explain topic number 77."}]
     [scores] = bundle.score([(ctx, [{"role": "assistant", "content": t}
