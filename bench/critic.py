@@ -16,7 +16,7 @@ the same turns back to back (one run per turn), and raw runs of the turns merged
 (what the batcher does), interleaved round by round.
 
     python bench/critic.py [--bundle DIR] [--provider cpu|cuda] [--sizes 1,4,8,16]
-                           [--lengths 128,256,512] [--seconds 3] [--concurrency 16]
+                           [--lengths 128,256,512] [--seconds 3] [--concurrency 16] [--max-batch 64]
 
 --bundle defaults to the shipped critic_models/default/ when it exists, else a stand-in bundle
 is built: all-MiniLM-L6-v2 exported with critic_models/export.py (BERT fusions, int8), an
@@ -43,7 +43,7 @@ import onnxruntime as ort
 
 from service.critic import render
 from service.critic.bundle import is_bundle
-from service.critic.onnx_critic import CPU, CUDA, OnnxCritic, cores
+from service.critic.onnx_critic import CPU, CUDA, OnnxCritic, cores, cpu_description
 from service.critic.registry import shipped_bundle
 
 WORDS = ["the", "order", "was", "shipped", "to", "customer", "yesterday", "and", "refund", "will", "arrive",
@@ -185,15 +185,7 @@ async def throughput(critic: OnnxCritic, n: int, length: int, concurrency: int, 
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {cores()} cores available, onnxruntime {ort.__version__}, Python {platform.python_version()}"
+    return f"{cpu_description()}, onnxruntime {ort.__version__}, Python {platform.python_version()}"
 
 
 def fmt(v: float | None, spec: str = ".1f") -> str:
@@ -216,7 +208,7 @@ async def main_async(args) -> None:
             bundle = build_standin(Path(tmp) / "standin")
         elif not is_bundle(bundle):
             sys.exit(f"{bundle}: not a critic bundle")
-        critic = OnnxCritic.load(bundle, providers, max_wait_s=args.wait_ms / 1000)
+        critic = OnnxCritic.load(bundle, providers, max_wait_s=args.wait_ms / 1000, max_batch=args.max_batch)
         torch_run, torch_device = torch_model(args.provider) if not args.no_torch else (None, None)
         b = critic.bundle
         print(f"# bench/critic.py — {' '.join(sys.argv[1:]) or '(defaults)'}")
@@ -261,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="per cell, after --min-reps")
     ap.add_argument("--min-reps", type=int, default=8)
     ap.add_argument("--wait-ms", type=float, default=2.0, help="the batcher's bounded wait")
+    ap.add_argument("--max-batch", type=int, default=64, help="the batcher's cap, sequences per run")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=4, help="throughput: bursts of --concurrency turns")
     ap.add_argument("--throughput-n", type=int, default=8)

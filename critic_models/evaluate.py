@@ -6,7 +6,9 @@ Figures (each on the validation tasks / prompts of the split recorded in the bun
 - turn AUC: every assistant turn's score against its conversation's outcome;
 - write AUC: turns making write calls, where gold actions exist, against "all calls match gold";
 - best-of-k: among the trials of one task (tau-bench airline has 4), the trial whose lowest turn
-  score is highest, vs a random trial (mean reward) and the oracle (best reward);
+  score is highest, vs a random trial (mean reward) and the oracle (best reward); also up to
+  ties: trials within ``TIE_MARGIN`` logits of the top count as one pick among them (their mean
+  reward), so that int8 noise, which differs between CPUs, cannot decide the figure;
 - ranking sets: mean win probability of the critic's pick vs random pick, first sample, longest
   answer and best possible;
 - calibration: predicted score vs observed good-turn rate (the training label: gold match where
@@ -16,6 +18,7 @@ Figures (each on the validation tasks / prompts of the split recorded in the bun
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ import tokenizers
 
 from critic_models import data
 from service.critic import render
+from service.critic.onnx_critic import cpu_description
 
 
 @dataclass
@@ -98,18 +102,20 @@ def calibration(scores: list[float], labels: list[bool], bins: int = 10) -> list
 
 
 def threshold_hints(scores: list[float], labels: list[bool]) -> dict[str, Any]:
-    """intervene: the cut that best separates bad from good turns (Youden's J); accept: the
-    lowest score above which at least 90% of turns are good (None when no cut reaches it)."""
+    """accept: the lowest score above which at least 90% of turns are good (None when no cut
+    reaches it); intervene: the cut that best separates bad from good turns (Youden's J) among
+    those not above accept, since the gate refuses an intervene threshold above the accept one."""
     s, y = np.asarray(scores), np.asarray(labels, dtype=bool)
     if not y.any() or y.all():
         return {"accept_threshold": None, "intervene_threshold": None}
     cuts = np.unique(np.round(s, 3))
-    j = [((s[y] >= c).mean() - (s[~y] >= c).mean(), c) for c in cuts]
-    intervene = float(max(j)[1])
     accept = next((float(c) for c in cuts if (s >= c).sum() >= 10 and y[s >= c].mean() >= 0.9), None)
+    allowed = cuts if accept is None else cuts[cuts <= accept]
+    j = [((s[y] >= c).mean() - (s[~y] >= c).mean(), c) for c in allowed]
+    intervene = float(max(j)[1])
     return {"accept_threshold": accept, "intervene_threshold": intervene,
-            "note": "from held-out trajectory turns: intervene maximises TPR-FPR for bad turns; "
-                    "accept is the lowest score above which >= 90% of turns were good"}
+            "note": "from held-out trajectory turns: accept is the lowest score above which >= 90% of "
+                    "turns were good; intervene maximises TPR-FPR for bad turns, at most accept"}
 
 
 def evaluate(bundle: Bundle, paths: list[Path], split: str = "val", seed: int = 0) -> dict[str, Any]:
@@ -118,7 +124,8 @@ def evaluate(bundle: Bundle, paths: list[Path], split: str = "val", seed: int = 
     groups = {"val": val, "train": train, "all": train + val}[split]
     scores = bundle.score([(g.context, [e.candidate for e in g.examples], g.tools) for g in groups])
     result: dict[str, Any] = {"split": split, "split_rule": sp, "bundle": {k: bundle.card.get(k) for k in (
-        "name", "version", "precision", "max_length")}, "provider": bundle.session.get_providers()[0]}
+        "name", "version", "precision", "max_length")}, "provider": bundle.session.get_providers()[0],
+        "machine": cpu_description()}
     return {**result, **figures(groups, scores, seed)}
 
 
@@ -142,6 +149,16 @@ def figures(groups: list[data.Group], scores: list[np.ndarray], seed: int = 0) -
             "threshold_hints": threshold_hints([s for *_, s in turns], labels) if turns else {}}
 
 
+# A score this close to the top (in logits) is a tie: int8 noise is of that order (about 0.0125 in
+# score). The export's parity gate and best-of-k share it.
+TIE_MARGIN = 0.05
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return math.log(p / (1 - p))
+
+
 def best_of_k(turns, seed: int) -> dict[str, Any]:
     trials: dict[str, dict[str, tuple[float, float]]] = {}
     for g, e, s in turns:
@@ -153,8 +170,12 @@ def best_of_k(turns, seed: int) -> dict[str, Any]:
         return {"tasks": 0}
     rng = random.Random(seed)
     pick = [max(t, key=lambda x: x[0])[1] for t in tasks]
+    tops = [max(_logit(s) for s, _ in t) for t in tasks]
+    tied = [np.mean([r for s, r in t if top - _logit(s) <= TIE_MARGIN]) for t, top in zip(tasks, tops)]
     return {"tasks": len(tasks), "trials_per_task": float(np.mean([len(t) for t in tasks])),
             "critic_pick_min_turn_score": float(np.mean(pick)),
+            "critic_pick_up_to_ties": float(np.mean(tied)),
+            "tasks_with_mixed_outcomes": sum(len({r for _, r in t}) > 1 for t in tasks),
             "random_trial": float(np.mean([np.mean([r for _, r in t]) for t in tasks])),
             "random_trial_one_draw": float(np.mean([rng.choice(t)[1] for t in tasks])),
             "oracle": float(np.mean([max(r for _, r in t) for t in tasks]))}
@@ -189,7 +210,8 @@ def format_table(r: dict[str, Any]) -> str:
     held = (f"every task/prompt scored by a head fitted on the other folds: seed {rule['seed']}" if "folds" in rule
             else f"held-out tasks/prompts: seed {rule['seed']}, val_fraction {rule['val_fraction']}")
     head = (f"split: {r['split']} ({held}); {r['bundle']['name']} "
-            f"{r['bundle']['version']} {r['bundle']['precision']} on {r['provider']}")
+            f"{r['bundle']['version']} {r['bundle']['precision']} on {r['provider']}"
+            + (f" ({r['machine']})" if r.get("machine") else ""))
     lines = [head, "",
              f"{'trajectories':<36} {'convs':>6} {'turns':>6} {'AUC outcome':>12} {'writes':>7} {'AUC gold':>9}"]
     for name, t in r["trajectories"].items():
@@ -198,8 +220,10 @@ def format_table(r: dict[str, Any]) -> str:
     b = r["best_of_k"]
     if b.get("tasks"):
         lines += ["", (f"best-of-k trial selection ({b['tasks']} tasks, {b['trials_per_task']:.1f} trials "
-                       f"each), mean reward: critic (max of min turn score) {f(b['critic_pick_min_turn_score'])}, "
-                       f"random trial {f(b['random_trial'])}, oracle {f(b['oracle'])}")]
+                       f"each, {b.get('tasks_with_mixed_outcomes', '?')} with mixed outcomes), mean reward: critic "
+                       f"(max of min turn score) {f(b['critic_pick_min_turn_score'])}, up to ties "
+                       f"{f(b.get('critic_pick_up_to_ties'))}, random trial {f(b['random_trial'])}, "
+                       f"oracle {f(b['oracle'])}")]
     k = r["ranking"]
     if k.get("prompts"):
         lines += ["", f"ranking sets ({k['prompts']} prompts), mean win prob of the pick:",
@@ -246,7 +270,8 @@ def run(bundle_path: Path, paths: list[Path], out: Path, split: str = "val", rec
     plot_calibration(result["calibration"], out / "calibration.png", f"critic calibration ({split} turns)")
     if record:
         card = bundle.card
-        card["evaluation"] = {k: result[k] for k in ("split", "split_rule", "trajectories", "best_of_k", "ranking")}
+        card["evaluation"] = {k: result[k] for k in ("split", "split_rule", "machine", "provider", "trajectories",
+                                                     "best_of_k", "ranking")}
         card["threshold_hints"] = result["threshold_hints"]
         (Path(bundle_path) / "critic.json").write_text(json.dumps(card, indent=2) + "\n")
     return result

@@ -21,6 +21,7 @@ import onnxruntime as ort
 import tokenizers
 import torch
 
+from critic_models.evaluate import TIE_MARGIN  # a pick this close to the fp32 top is a tie
 from critic_models.train import load_run
 from service.critic import render
 
@@ -28,9 +29,6 @@ NAME = "turngate-minilm-critic"
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 FP32_TOLERANCE = 1e-4
 TOP1_AGREEMENT = 0.98
-# A pick whose fp32 logit is this close to the fp32 top is a tie, not a changed decision: the
-# fp32 model itself cannot tell the two apart (0.05 logits is about 0.0125 in score).
-TIE_MARGIN = 0.05
 NOTICE = """turngate critic bundle
 
 model.onnx is fine-tuned from sentence-transformers/all-MiniLM-L6-v2

@@ -246,7 +246,10 @@ def int8_noise(model: CrossEncoder, encoded: list[Encoded], device: torch.device
     The exported int8 model quantizes weights and, per run, activations; the resulting error on
     the pooled vector has a few large directions. A head that leans on them flips rankings once
     quantized (the export's parity gate fails). torch's dynamic int8 Linear stands in for
-    onnxruntime's here: the same scheme (int8 weights, activations quantized on the fly)."""
+    onnxruntime's here: int8 weights, activations quantized on the fly, but per-tensor weight
+    scales where the export uses per-channel ones, so it overstates the served noise (about 8x in
+    trace on the default's data), and its result depends on the CPU, so the estimate and the
+    fitted head differ between training machines (critic_models/default/REPORT.md)."""
     sample, n = [], 0
     for g in random.Random(seed).sample(encoded, len(encoded)):
         if n >= rows:

@@ -38,6 +38,15 @@ class GatePolicy(BaseModel):
     sampling: Sampling = "fixed"
     initial_candidates: int = Field(1, ge=1, le=64)
 
+    @model_validator(mode="after")
+    def _thresholds_agree(self) -> GatePolicy:
+        # Below intervene, above accept: adaptive sampling would stop at a candidate the gate then rejects.
+        if None not in (self.accept_threshold, self.intervene_threshold) and \
+                self.accept_threshold < self.intervene_threshold:
+            raise ValueError(f"accept_threshold ({self.accept_threshold}) must not be below "
+                             f"intervene_threshold ({self.intervene_threshold})")
+        return self
+
 
 class RouteSettings(BaseModel):
     """One model alias a client can ask for, and the upstream actor behind it."""

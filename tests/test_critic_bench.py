@@ -37,3 +37,18 @@ def test_bench_prints_latency_and_throughput_tables(tmp_path, capsys):
     assert all(torch_p50 != "-" for *_, torch_p50 in cells)  # torch eager measured beside them
     throughput = re.findall(r"^\| 2 \| 32 \| 4 \| 4 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", out, re.MULTILINE)
     assert len(throughput) == 1 and all(float(v) > 0 for v in throughput[0])
+
+
+def test_profile_prints_operator_shares_and_cost_per_batch(tmp_path, capsys):
+    bundle = build_bundle(tmp_path / "tiny", max_length=40)
+    spec = importlib.util.spec_from_file_location("bench_critic_profile", BENCH.with_name("critic_profile.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--bundle", str(bundle), "--n", "3", "--tokens", "16", "--lengths", "8,16", "--batches", "1,4",
+                 "--reps", "2"])
+    out = capsys.readouterr().out
+    shares = [float(s) for s in re.findall(r"^\| \w+ \| ([\d.]+)% \| [\d.e-]+ \|$", out, re.MULTILINE)]
+    assert shares and 99.0 <= sum(shares) <= 101.0  # every operator of the run, rounding aside
+    cells = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.e-]+) \| ([\d.e-]+) \|$", out, re.MULTILINE)
+    assert [(t, b) for t, b, *_ in cells] == [("8", "1"), ("8", "4"), ("16", "1"), ("16", "4")]
+    assert all(float(run) > 0 and abs(float(run) / int(b) / float(seq) - 1) < 0.01 for _, b, run, seq in cells)

