@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 
-from critic_models import data
+from critic_models import data, evaluate
 from service.critic import render
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data" / "best-of-n"
-PAIR_MARGIN = 0.05
+PAIR_MARGIN = 0.05  # as the trainer (critic_models/sequences.py), which imports torch
 
 LIST_LINE = re.compile(r"^\s*(\d+[.)]|[-*\u2022])\s", re.MULTILINE)
 REFUSAL = re.compile(r"as an ai|i'm sorry|i cannot|i apologi[sz]e", re.IGNORECASE)
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     wins = [np.array([e.win_prob for e in g.examples]) for g in groups]
     names = list(FEATURES)
 
-    rows = [("random pick", float(np.mean([w.mean() for w in wins]))),
-            ("longest answer", float(np.mean([w[int(np.argmax(x[:, 0]))] for x, w in zip(xs, wins)])))]
+    # The evaluator's own baselines (the critic's column is unused here).
+    base = evaluate.ranking_figures([(g, np.zeros(len(g.examples))) for g in groups], args.seed)
+    rows = [("random pick", base["random_pick"]), ("longest answer", base["longest_answer"])]
     rows.append(("fitted: log_chars", crossval_pick(xs, wins, fold, args.folds, [0])))
     rows += [(f"fitted: log_chars + {n}", crossval_pick(xs, wins, fold, args.folds, [0, i]))
              for i, n in enumerate(names) if i]
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         cv = json.loads(manifest.read_text()).get("crossval", {}).get("ranking", {})
         if cv.get("critic_pick") is not None:
             rows.append((f"critic {args.bundle.name} (its --folds figure)", cv["critic_pick"]))
-    rows.append(("best possible", float(np.mean([w.max() for w in wins]))))
+    rows.append(("best possible", base["best_possible"]))
 
     print(f"{len(groups)} prompts, {args.folds}-fold cross-validation, seed {args.seed}")
     print("| ranker | mean win prob of the pick |\n|---|---|")

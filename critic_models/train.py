@@ -3,7 +3,8 @@ between candidates of the same context (ranking sets teach through the pairs onl
 
 Two modes. ``freeze_encoder`` (the default, the CPU budget): the base model stays as it is, every
 training sequence goes through it once, and only the linear head is fitted, full batch, for
-``head_epochs`` passes over the cached pooled vectors: minutes on 2 cores for all the shared data.
+``head_epochs`` passes over the cached pooled vectors: minutes on 2 cores for all the shared data
+(critic_models/frozen.py).
 Otherwise the whole network is fine-tuned for ``epochs`` (a GPU's job: on 2 CPU cores one epoch
 of a subsample is all that fits, and it learned less than the frozen head, see
 critic_models/default/REPORT.md). With ``folds`` the frozen mode also cross-validates the head
@@ -16,7 +17,6 @@ export checks the ONNX model on).
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import time
@@ -30,10 +30,10 @@ import torch
 from tqdm import tqdm
 
 from critic_models import data
+from critic_models.frozen import frozen_fit
 from critic_models.model import BertConfig, CrossEncoder, load_pretrained
+from critic_models.sequences import Encoded, collate, encode_group, loss_fn
 from service.critic import render
-
-PAIR_MARGIN = 0.05  # targets closer than this make no pair
 
 
 @dataclass
@@ -81,69 +81,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@dataclass
-class Encoded:
-    rows: list[list[int]]  # per candidate: input ids (unpadded)
-    types: list[list[int]]
-    targets: list[float]
-    weights: list[float]
-
-
-def encode_group(tok: tokenizers.Tokenizer, g: data.Group, max_length: int) -> Encoded:
-    enc = render.encode_batch(tok, g.context, [e.candidate for e in g.examples], g.tools, max_length)
-    lengths = enc["attention_mask"].sum(axis=1)
-    return Encoded([enc["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)],
-                   [enc["token_type_ids"][i, :n].tolist() for i, n in enumerate(lengths)],
-                   [e.target for e in g.examples], [e.weight for e in g.examples])
-
-
-def collate(groups: list[Encoded], device: torch.device) -> dict[str, torch.Tensor]:
-    rows = [r for g in groups for r in g.rows]
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    types = torch.zeros_like(ids)
-    mask = torch.zeros_like(ids)
-    for i, (r, t) in enumerate(zip(rows, (t for g in groups for t in g.types))):
-        ids[i, : len(r)] = torch.tensor(r)
-        types[i, : len(t)] = torch.tensor(t)
-        mask[i, : len(r)] = 1
-    sizes = torch.tensor([len(g.rows) for g in groups])
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "token_type_ids": types.to(device),
-            "targets": torch.tensor([t for g in groups for t in g.targets]).to(device),
-            "weights": torch.tensor([w for g in groups for w in g.weights]).to(device),
-            "group": torch.repeat_interleave(torch.arange(len(groups)), sizes).to(device)}
-
-
-def ordered_pairs(targets: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(i, j) index pairs with i better than j by more than PAIR_MARGIN, within one group."""
-    sizes = torch.bincount(group).tolist()
-    out_i, out_j, start = [], [], 0
-    for n in sizes:  # per group, so memory stays O(sum of n^2), not O(batch^2)
-        if n > 1:
-            t = targets[start:start + n]
-            i, j = ((t[:, None] - t[None, :]) > PAIR_MARGIN).nonzero(as_tuple=True)
-            out_i.append(i + start)
-            out_j.append(j + start)
-        start += n
-    if not out_i:
-        empty = torch.zeros(0, dtype=torch.long, device=targets.device)
-        return empty, empty
-    return torch.cat(out_i), torch.cat(out_j)
-
-
-def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor], pair_weight: float,
-            pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Weighted BCE on (soft) targets + Bradley-Terry on ordered pairs within each group (rows of
-    a group are contiguous)."""
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="none")
-    # A batch of ranking sets alone has no pointwise weight (they teach through pairs only).
-    loss = (bce * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-6)
-    i, j = pairs if pairs is not None else ordered_pairs(batch["targets"], batch["group"])
-    if pair_weight and len(i):
-        loss = loss + pair_weight * -torch.nn.functional.logsigmoid(logits[i] - logits[j]).mean()
-    return loss
 
 
 def batches(encoded: list[Encoded], batch_size: int, rng: random.Random) -> list[list[Encoded]]:
@@ -220,129 +157,6 @@ def fine_tune(model: CrossEncoder, encoded: list[Encoded], cfg: TrainConfig, dev
     finally:
         bar.close()
     return losses, step, total, False
-
-
-@torch.inference_mode()
-def pooled_features(model: CrossEncoder, encoded: list[Encoded], device: torch.device,
-                    batch_size: int = 32) -> torch.Tensor:
-    """The pooled vector of every training sequence, in the order of ``encoded``; batched by
-    length so that little padding is computed."""
-    model.eval()
-    rows = [(r, t) for g in encoded for r, t in zip(g.rows, g.types)]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    out = torch.zeros(len(rows), model.config.hidden_size)
-    for at in tqdm(range(0, len(order), batch_size), desc="encode", unit="batch"):
-        idx = order[at:at + batch_size]
-        batch = collate([Encoded([rows[i][0] for i in idx], [rows[i][1] for i in idx], [0.0] * len(idx),
-                                 [1.0] * len(idx))], device)
-        out[idx] = model.pooled(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float().cpu()
-    return out
-
-
-def int8_noise(model: CrossEncoder, encoded: list[Encoded], device: torch.device, seed: int,
-               rows: int = 512) -> torch.Tensor:
-    """Covariance of (int8 - fp32) pooled vectors over a sample of the training sequences.
-
-    The exported int8 model quantizes weights and, per run, activations; the resulting error on
-    the pooled vector has a few large directions. A head that leans on them flips rankings once
-    quantized (the export's parity gate fails). torch's dynamic int8 Linear stands in for
-    onnxruntime's here: int8 weights, activations quantized on the fly, but per-tensor weight
-    scales where the export uses per-channel ones, so it overstates the served noise (about 8x in
-    trace on the default's data), and its result depends on the CPU, so the estimate and the
-    fitted head differ between training machines (critic_models/default/REPORT.md)."""
-    sample, n = [], 0
-    for g in random.Random(seed).sample(encoded, len(encoded)):
-        if n >= rows:
-            break
-        sample.append(g)
-        n += len(g.rows)
-    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu(), {torch.nn.Linear},
-                                                       dtype=torch.qint8)
-    err = pooled_features(quantized, sample, torch.device("cpu")) - pooled_features(model, sample, device)
-    return torch.cov(err.T)
-
-
-def fit_linear(x: torch.Tensor, encoded: list[Encoded], cfg: TrainConfig,
-               noise: torch.Tensor | None) -> tuple[torch.Tensor, float, list[float]]:
-    """A linear head on features ``x`` (one row per sequence of ``encoded``), full batch; returns
-    (weight, bias) on the raw features, and the losses.
-
-    The fit runs on standardised features (one learning rate suits every dimension); the scaling
-    is then folded into the returned weights, so the exported graph is the plain network.
-    ``noise``: Cov of the int8 error on x (see ``int8_noise``), or None."""
-    # A floor under the scale: a near-constant dimension would otherwise get a huge folded weight,
-    # and int8 noise on that dimension would swamp the logit.
-    mu, sd = x.mean(0), x.std(0)
-    sd = sd.clamp(min=float(sd.median()) * 0.1)
-    z = (x - mu) / sd
-    targets = torch.tensor([t for g in encoded for t in g.targets])
-    batch = {"targets": targets, "weights": torch.tensor([w for g in encoded for w in g.weights]),
-             "group": torch.repeat_interleave(torch.arange(len(encoded)), torch.tensor([len(g.rows) for g in encoded]))}
-    pairs = ordered_pairs(batch["targets"], batch["group"])
-    noise = noise / (sd[:, None] * sd[None, :]) if noise is not None else None
-    torch.manual_seed(cfg.seed)
-    head = torch.nn.Linear(z.shape[1], 1)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)
-    losses = []
-    for _ in tqdm(range(cfg.head_epochs), desc="fit head", unit="epoch", leave=False):
-        loss = loss_fn(head(z).squeeze(-1), batch, cfg.pair_weight, pairs)
-        if noise is not None:  # E[(w . e)^2] = w' Cov(e) w: the logit error int8 would add
-            loss = loss + cfg.int8_noise_weight * (head.weight[0] @ noise @ head.weight[0])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    with torch.no_grad():
-        w, b = head.weight[0], head.bias[0]
-        return w / sd, float(b - (w * mu / sd).sum()), losses
-
-
-def set_head(model: CrossEncoder, w: torch.Tensor, b: float) -> None:
-    with torch.no_grad():
-        model.head.weight.copy_(w.unsqueeze(0).to(model.head.weight.device))
-        model.head.bias.fill_(b)
-
-
-def crossval(encoded: list[Encoded], groups: list[data.Group], x: torch.Tensor, noise: torch.Tensor | None,
-             cfg: TrainConfig) -> dict[str, Any]:
-    """The head recipe, k-fold: each fold's groups scored by a head fitted on the other folds.
-
-    The encoder is frozen, so one pass over all the data serves every fold. Every task and prompt
-    is scored once, by a head that never saw it: five times the held-out data of one split, which
-    the small trajectory files need (6 to 24 held-out conversations each)."""
-    from critic_models import evaluate  # imports onnxruntime, which training alone does not need
-
-    fold = data.fold_of(groups, cfg.folds, cfg.seed)
-    starts = np.cumsum([0] + [len(e.rows) for e in encoded])
-
-    def rows(f: int, inside: bool) -> torch.Tensor:
-        """The sequences of fold f (inside) or of every other fold."""
-        return torch.tensor([r for i, k in enumerate(fold) if (k == f) == inside for r in range(starts[i], starts[i + 1])])
-
-    logits = torch.zeros(len(x))
-    for f in tqdm(range(cfg.folds), desc="cross-validate", unit="fold"):
-        w, b, _ = fit_linear(x[rows(f, False)], [e for e, k in zip(encoded, fold) if k != f], cfg, noise)
-        held = rows(f, True)
-        logits[held] = x[held] @ w + b
-    scores = torch.sigmoid(logits).numpy()
-    figures = evaluate.figures(groups, [scores[starts[i]:starts[i + 1]] for i in range(len(groups))], cfg.seed)
-    return {"split": f"crossval, {cfg.folds} folds", "split_rule": {"seed": cfg.seed, "folds": cfg.folds},
-            "bundle": {"name": "head recipe", "version": "-", "precision": "fp32 (torch)"},
-            "provider": "torch", **figures}
-
-
-def frozen_fit(model: CrossEncoder, encoded: list[Encoded], held: list[Encoded], groups: list[data.Group],
-               cfg: TrainConfig, device: torch.device) -> tuple[list[float], dict[str, Any] | None]:
-    """Fits ``model.head`` on the frozen encoder's pooled vectors of ``encoded``; with ``cfg.folds``
-    also cross-validates the recipe over ``encoded + held`` (``groups``, same order), from the same
-    single encoder pass. Returns (losses, cross-validation figures or None)."""
-    x = pooled_features(model, encoded + held if cfg.folds else encoded, device)
-    noise = int8_noise(model, encoded, device, cfg.seed) if cfg.int8_noise_weight else None
-    cv = crossval(encoded + held, groups, x, noise, cfg) if cfg.folds else None
-    n = sum(len(e.rows) for e in encoded)
-    w, b, losses = fit_linear(x[:n], encoded, cfg, noise)
-    set_head(model, w, b)
-    return losses, cv
 
 
 def train(cfg: TrainConfig) -> Path:
