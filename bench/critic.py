@@ -17,6 +17,7 @@ the same turns back to back (one run per turn), and raw runs of the turns merged
 
     python bench/critic.py [--bundle DIR] [--provider cpu|cuda] [--sizes 1,4,8,16]
                            [--lengths 128,256,512] [--seconds 3] [--concurrency 16] [--max-batch 64]
+                           [--max-tokens N]
 
 --bundle defaults to the shipped critic_models/default/ when it exists, else a stand-in bundle
 is built: all-MiniLM-L6-v2 exported with critic_models/export.py (BERT fusions, int8), an
@@ -155,13 +156,13 @@ async def latency_cell(critic: OnnxCritic, torch_run, n: int, length: int, secon
 
 async def throughput(critic: OnnxCritic, n: int, length: int, concurrency: int, rounds: int) -> dict:
     """``rounds`` rounds, each: ``concurrency`` turns at once through the service, the same turns
-    through raw onnxruntime one run per turn, then merged into runs of up to ``max_batch`` rows.
+    through raw onnxruntime one run per turn, then merged into runs as large as the batcher's caps allow.
     Interleaved round by round, so that load from elsewhere hits all three alike."""
     critic.max_length = length
     cases = [turn(n, seed) for seed in range(concurrency)]
     feeds = [critic.encode(m, c, None) for m, c in cases]
     sess = critic.session
-    group = max(1, critic.batcher.max_batch // n)
+    group = next((k for k in range(concurrency, 0, -1) if critic.batcher.fits(k * n, length)), 1)
     merged_feeds = [{k: np.concatenate([f[k] for f in feeds[j:j + group]]) for k in feeds[0]}
                     for j in range(0, concurrency, group)]
     spent = {"service": 0.0, "raw": 0.0, "merged": 0.0}
@@ -208,13 +209,15 @@ async def main_async(args) -> None:
             bundle = build_standin(Path(tmp) / "standin")
         elif not is_bundle(bundle):
             sys.exit(f"{bundle}: not a critic bundle")
-        critic = OnnxCritic.load(bundle, providers, max_wait_s=args.wait_ms / 1000, max_batch=args.max_batch)
+        critic = OnnxCritic.load(bundle, providers, max_wait_s=args.wait_ms / 1000, max_batch=args.max_batch,
+                                 max_tokens=args.max_tokens)
         torch_run, torch_device = torch_model(args.provider) if not args.no_torch else (None, None)
         b = critic.bundle
         print(f"# bench/critic.py — {' '.join(sys.argv[1:]) or '(defaults)'}")
         print(f"machine: {machine()}")
         print(f"bundle: {b.path} ({b.name} {b.version}, {b.precision}); provider in use: {critic.provider}; "
-              f"batcher wait {args.wait_ms} ms, cap {critic.batcher.max_batch}; torch: {torch_device or 'skipped'}")
+              f"batcher wait {args.wait_ms} ms, cap {critic.batcher.max_batch} rows / "
+              f"{critic.batcher.max_tokens or 'no'} tokens; torch: {torch_device or 'skipped'}")
         print()
         print("| N | tokens | reps | service p50 | service p99 | raw ORT p50 | raw ORT p99 | torch p50 | torch p99 "
               "| service/raw (p50) | torch/raw (p50) |")
@@ -254,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-reps", type=int, default=8)
     ap.add_argument("--wait-ms", type=float, default=2.0, help="the batcher's bounded wait")
     ap.add_argument("--max-batch", type=int, default=64, help="the batcher's cap, sequences per run")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="the batcher's cap, padded tokens per run (default: the service's, 2048 on CPU)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=4, help="throughput: bursts of --concurrency turns")
     ap.add_argument("--throughput-n", type=int, default=8)

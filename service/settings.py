@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     critic: str | None = None  # bundle folder; None = the shipped default
     critic_providers: str | None = None  # e.g. "CPUExecutionProvider"; None = CUDA then CPU
     critic_max_batch: int = Field(64, ge=1, le=1024)  # sequences per merged inference run
+    critic_max_batch_tokens: int | None = Field(None, ge=1)  # padded tokens per run; None = 2048 on CPU, no cap on GPU
     critic_batch_wait_ms: float = Field(2.0, ge=0, le=50)  # longest a turn waits for others to batch with
     critic_swap_grace_s: float | None = None  # old critic closes after this; None = longest route deadline + 5
 

@@ -9,6 +9,7 @@ import logging
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -21,8 +22,9 @@ from service.app import create_app
 from service.cli import app as cli_app
 from service.critic import render
 from service.critic.base import ConstantCritic
+from service.critic.batcher import MicroBatcher
 from service.critic.bundle import BundleError
-from service.critic.onnx_critic import OnnxCritic
+from service.critic.onnx_critic import CPU_RUN_TOKENS, OnnxCritic
 from service.critic.registry import load_critic, shipped_bundle
 from service.demo.fake_actor import Reply, assistant, serve_in_thread
 from service.settings import RouteSettings, Settings
@@ -115,6 +117,46 @@ def test_a_turn_larger_than_the_batch_cap_is_split(bundles):
     finally:
         c.close()
     np.testing.assert_allclose(scores, direct_scores(bundles["v1"], MESSAGES, many), rtol=1e-5)
+
+
+def test_runs_stay_within_the_token_cap_and_keep_each_turns_scores(critic):
+    """A CPU critic caps the padded tokens of a run: small turns still merge, a turn over the cap
+    is split, and no turn's scores change."""
+    seen: list[tuple[int, int]] = []
+
+    def run(feed):
+        seen.append(feed["input_ids"].shape)
+        return critic.run(feed)
+
+    long_turn = [{"role": "assistant", "content": f"reply number {i} " + "words " * 30} for i in range(9)]
+    turns = [(MESSAGES, CANDIDATES[:1]), (MESSAGES, CANDIDATES[:2]), (MESSAGES, CANDIDATES), (MESSAGES, long_turn)]
+    feeds = [critic.encode(m, c, None) for m, c in turns]
+    cap = 4 * max(f["input_ids"].shape[1] for f in feeds[:3])  # 4 rows of the small turns; fewer of the long one
+    pool = ThreadPoolExecutor(1)
+    batcher = MicroBatcher(run, pool, 1, pad_ids={"input_ids": 0}, max_tokens=cap, max_wait_s=0.05)
+
+    async def together():
+        return await asyncio.gather(*(batcher.submit(f) for f in feeds))
+
+    try:
+        merged = asyncio.run(together())
+    finally:
+        batcher.close()
+        pool.shutdown()
+    for feed, scores in zip(feeds, merged, strict=True):
+        np.testing.assert_allclose(scores, critic.run(feed), rtol=1e-5, atol=1e-6)
+    assert all(rows * width <= cap for rows, width in seen)
+    assert sum(rows for rows, _ in seen) == sum(len(f["input_ids"]) for f in feeds)
+    assert any(rows > 1 and width < feeds[3]["input_ids"].shape[1] for rows, width in seen)  # small turns merged
+    long_rows = [rows for rows, width in seen if width == feeds[3]["input_ids"].shape[1]]
+    assert sum(long_rows) == 9 and len(long_rows) > 1  # the long turn ran in slices
+
+
+def test_a_cpu_critic_caps_run_tokens_by_default(critic, bundles):
+    assert critic.batcher.max_tokens == CPU_RUN_TOKENS
+    c = OnnxCritic.load(bundles["v1"], "CPUExecutionProvider", max_tokens=100_000)
+    c.close()
+    assert c.batcher.max_tokens == 100_000
 
 
 def test_a_closed_critic_refuses_turns(bundles):

@@ -1,16 +1,19 @@
 """Merges the critic inputs of concurrent turns into one inference run, and splits the results.
 
-One run over 24 sequences costs far less than three runs over 8 on a CPU (fewer, larger matrix
-products, one dispatch), and on a GPU the difference is larger still. A turn's rows are padded to
-the widest row of the merged batch; attention ignores the padding, so a turn's scores do not
-depend on what it was batched with.
+Small runs waste the device: on 2 CPU cores 8 sequences of 64 tokens cost 2.5 ms each in one run
+and 4.2 ms one at a time (a GPU, not measured here, needs large runs to be filled at all). A turn's rows are padded to the widest row
+of the merged batch; attention ignores the padding, so a turn's scores do not depend on what it
+was batched with. A run holds at most ``max_batch`` rows and, when ``max_tokens`` is set, at most
+that many padded tokens (rows x widest row): on a CPU, runs of 4,096 tokens and more cost up to
+35% more per sequence than runs of 512-2,048 (``bench/critic_profile.py``), so a larger turn is
+split.
 
 Waiting is bounded from the OLDEST waiting turn: a turn on an idle critic waits at most
 ``max_wait_s`` for company, and a turn that queued behind a busy run has already waited longer
-than that, so backlogged turns are dispatched at once, up to ``max_batch`` sequences. It waits
-only for turns announced with ``expect()`` (the caller is tokenizing them): with none on the way
-a lone turn runs at once instead of paying the wait. One dispatch per free inference worker:
-while all workers are busy, turns accumulate into the next batch.
+than that, so backlogged turns are dispatched at once, up to the caps. It waits only for turns
+announced with ``expect()`` (the caller is tokenizing them): with none on the way a lone turn
+runs at once instead of paying the wait. One dispatch per free inference worker: while all
+workers are busy, turns accumulate into the next batch.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ RunFn = Callable[[Feed], np.ndarray]  # blocking: one inference run, a float per
 class _Job:
     feed: Feed
     rows: int
+    width: int
     future: asyncio.Future
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -52,10 +56,10 @@ class _LoopState:
 
 class MicroBatcher:
     def __init__(self, run: RunFn, executor: Executor, workers: int, *, pad_ids: dict[str, int],
-                 max_batch: int = 64, max_wait_s: float = 0.002) -> None:
+                 max_batch: int = 64, max_tokens: int | None = None, max_wait_s: float = 0.002) -> None:
         self._run, self._executor, self._workers = run, executor, workers
         self._pad = pad_ids
-        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.max_batch, self.max_tokens, self.max_wait_s = max_batch, max_tokens, max_wait_s
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
         self._closed = False
 
@@ -73,20 +77,25 @@ class MicroBatcher:
                 done, state.expected = True, state.expected - 1
         return withdraw
 
+    def fits(self, rows: int, width: int) -> bool:
+        """Whether ``rows`` rows padded to ``width`` tokens stay within the caps of one run."""
+        return rows <= self.max_batch and (self.max_tokens is None or rows * width <= self.max_tokens)
+
     async def submit(self, feed: Feed) -> np.ndarray:
-        """Scores for the rows of ``feed``; a feed larger than ``max_batch`` is run in slices."""
+        """Scores for the rows of ``feed``; a feed over the caps is run in slices that fit (one
+        row at least, however wide)."""
         if self._closed:
             raise RuntimeError("critic is closed")
-        rows = len(feed["input_ids"])
+        rows, width = feed["input_ids"].shape
         if rows == 0:
             return np.zeros(0, dtype=np.float32)
-        if rows > self.max_batch:
-            parts = [self.submit({k: v[i:i + self.max_batch] for k, v in feed.items()})
-                     for i in range(0, rows, self.max_batch)]
+        if not self.fits(rows, width):
+            step = max(1, min(self.max_batch, (self.max_tokens or rows * width) // width))
+            parts = [self.submit({k: v[i:i + step] for k, v in feed.items()}) for i in range(0, rows, step)]
             return np.concatenate(await asyncio.gather(*parts))
         loop = asyncio.get_running_loop()
         state = self._state(loop)
-        job = _Job(feed, rows, loop.create_future())
+        job = _Job(feed, rows, width, loop.create_future())
         state.queue.put_nowait(job)
         return await job.future
 
@@ -137,17 +146,17 @@ class MicroBatcher:
             except BaseException:
                 state.slots.release()
                 raise
-            batch, rows = [first], first.rows
+            batch, rows, width = [first], first.rows, first.width
             deadline = first.queued_at + self.max_wait_s
-            while rows < self.max_batch:
+            while self.fits(rows + 1, width):
                 job = await self._next(state, deadline - time.perf_counter())
                 if job is None:
                     break
-                if rows + job.rows > self.max_batch:
+                if not self.fits(rows + job.rows, max(width, job.width)):
                     state.carry = job
                     break
                 batch.append(job)
-                rows += job.rows
+                rows, width = rows + job.rows, max(width, job.width)
             task = loop.create_task(self._dispatch(state, batch))
             state.runs.add(task)
             task.add_done_callback(state.runs.discard)

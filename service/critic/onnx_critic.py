@@ -29,6 +29,10 @@ from service.critic.bundle import INPUT_NAMES, OUTPUT_NAME, Bundle, BundleError,
 log = logging.getLogger(__name__)
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+# Padded tokens per run on a CPU. Per sequence, runs of 512-2,048 tokens cost least; runs of 4,096
+# and more cost up to 35% more (docs/critic-serving.md, "The token cap"). A GPU is filled only by
+# large runs, so it has no token cap.
+CPU_RUN_TOKENS = 2048
 _SMOKE_MESSAGES = [{"role": "system", "content": "You are a helpful agent."},
                    {"role": "user", "content": "Please check the status of order 1234."}]
 _SMOKE_CANDIDATES = [{"role": "assistant", "content": "Order 1234 shipped yesterday."},
@@ -96,8 +100,8 @@ class OnnxCritic:
     """Scores with one onnxruntime session; safe to share by all the turns of a process."""
 
     def __init__(self, bundle: Bundle, session: ort.InferenceSession, tokenizer: tokenizers.Tokenizer, *,
-                 max_batch: int = 64, max_wait_s: float = 0.002, max_length: int | None = None,
-                 tokenizer_threads: int = 2) -> None:
+                 max_batch: int = 64, max_tokens: int | None = None, max_wait_s: float = 0.002,
+                 max_length: int | None = None, tokenizer_threads: int = 2) -> None:
         self.bundle, self.session, self.tokenizer = bundle, session, tokenizer
         self.name, self.version = bundle.name, bundle.version
         self.provider = session.get_providers()[0]  # the one actually in use
@@ -109,8 +113,9 @@ class OnnxCritic:
         self._infer = ThreadPoolExecutor(workers, thread_name_prefix="critic-infer")
         self._tokenize = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="critic-tok")
         pad = tokenizer.token_to_id("[PAD]") or 0
+        max_tokens = max_tokens or (CPU_RUN_TOKENS if self.provider == CPU else None)
         self.batcher = MicroBatcher(self.run, self._infer, workers, pad_ids={"input_ids": pad},
-                                    max_batch=max_batch, max_wait_s=max_wait_s)
+                                    max_batch=max_batch, max_tokens=max_tokens, max_wait_s=max_wait_s)
         self._closed = threading.Event()
 
     @classmethod
