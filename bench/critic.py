@@ -156,7 +156,8 @@ async def latency_cell(critic: OnnxCritic, torch_run, n: int, length: int, secon
 
 async def throughput(critic: OnnxCritic, n: int, length: int, concurrency: int, rounds: int) -> dict:
     """``rounds`` rounds, each: ``concurrency`` turns at once through the service, the same turns
-    through raw onnxruntime one run per turn, then merged into runs as large as the batcher's caps allow.
+    through raw onnxruntime one run per turn, then merged into runs as large as the batcher's caps
+    allow.
     Interleaved round by round, so that load from elsewhere hits all three alike."""
     critic.max_length = length
     cases = [turn(n, seed) for seed in range(concurrency)]

@@ -1,12 +1,11 @@
 """Merges the critic inputs of concurrent turns into one inference run, and splits the results.
 
 Small runs waste the device: on 2 CPU cores 8 sequences of 64 tokens cost 2.5 ms each in one run
-and 4.2 ms one at a time (a GPU, not measured here, needs large runs to be filled at all). A turn's rows are padded to the widest row
-of the merged batch; attention ignores the padding, so a turn's scores do not depend on what it
-was batched with. A run holds at most ``max_batch`` rows and, when ``max_tokens`` is set, at most
-that many padded tokens (rows x widest row): on a CPU, runs of 4,096 tokens and more cost up to
-35% more per sequence than runs of 512-2,048 (``bench/critic_profile.py``), so a larger turn is
-split.
+and 4.2 ms one at a time. A turn's rows are padded to the widest row of the merged batch;
+attention ignores the padding, so a turn's scores do not depend on what it was batched with.
+A run holds at most ``max_batch`` rows and, when ``max_tokens`` is set, at most that many padded
+tokens (rows x widest row): on a CPU, runs of 4,096 tokens and more cost up to 35% more per
+sequence than runs of 512-2,048 (``bench/critic_profile.py``), so a larger turn is split.
 
 Waiting is bounded from the OLDEST waiting turn: a turn on an idle critic waits at most
 ``max_wait_s`` for company, and a turn that queued behind a busy run has already waited longer

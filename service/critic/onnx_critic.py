@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # Padded tokens per run on a CPU. Per sequence, runs of 512-2,048 tokens cost least; runs of 4,096
-# and more cost up to 35% more (docs/critic-serving.md, "The token cap"). A GPU is filled only by
-# large runs, so it has no token cap.
+# and more cost up to 35% more (docs/critic-serving.md, "The token cap"). CUDA gets no token cap:
+# a GPU is fed best by large runs (not measured here, no GPU was lent).
 CPU_RUN_TOKENS = 2048
 _SMOKE_MESSAGES = [{"role": "system", "content": "You are a helpful agent."},
                    {"role": "user", "content": "Please check the status of order 1234."}]

@@ -28,7 +28,8 @@ def shipped_bundle() -> Path | None:
 def open_bundle(path: str | Path, settings: Settings) -> OnnxCritic:
     """Blocking: validate, open and warm the bundle in ``path`` with the configured providers."""
     return OnnxCritic.load(path, settings.critic_providers, max_batch=settings.critic_max_batch,
-                           max_tokens=settings.critic_max_batch_tokens, max_wait_s=settings.critic_batch_wait_ms / 1000)
+                           max_tokens=settings.critic_max_batch_tokens,
+                           max_wait_s=settings.critic_batch_wait_ms / 1000)
 
 
 def load_critic(settings: Settings) -> Critic:
