@@ -1,5 +1,6 @@
-"""Serving the learned critic: bundle validation, real onnxruntime sessions, micro-batching,
-the score API, hot swap through the admin API, and the `turngate critic score` command."""
+"""Serving the learned critic: bundle validation, real onnxruntime sessions, the score API, hot
+swap through the admin API, and the `turngate critic score` command (micro-batching:
+test_critic_batching.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import logging
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,26 +22,16 @@ from service.app import create_app
 from service.cli import app as cli_app
 from service.critic import render
 from service.critic.base import ConstantCritic
-from service.critic.batcher import MicroBatcher
 from service.critic.bundle import BundleError
-from service.critic.onnx_critic import CPU_RUN_TOKENS, OnnxCritic
+from service.critic.onnx_critic import OnnxCritic
 from service.critic.registry import load_critic, shipped_bundle
 from service.demo.fake_actor import Reply, assistant, serve_in_thread
 from service.settings import RouteSettings, Settings
 from service.store.base import MemorySink
-from service.telemetry import metrics
-from tests.test_critic_serving_bundles import build_bundle
+from tests.test_critic_serving_bundles import CANDIDATES, MESSAGES, TOOLS, build_bundle, direct_scores
 
 pytest.importorskip("torch")  # the fixture bundles are exported from a tiny torch model
 
-MESSAGES = [{"role": "system", "content": "You are an airline agent."},
-            {"role": "user", "content": "Please cancel reservation ABC123, I cannot travel."}]
-CANDIDATES = [{"role": "assistant", "content": "Sure, I have cancelled it."},
-              {"role": "assistant", "content": "Let me look that reservation up first.", "tool_calls": [
-                  {"id": "c1", "type": "function",
-                   "function": {"name": "get_reservation", "arguments": "{\"id\": \"ABC123\"}"}}]},
-              {"role": "assistant", "content": "No."}]
-TOOLS = [{"type": "function", "function": {"name": "get_reservation", "parameters": {"type": "object"}}}]
 ADMIN = {"authorization": "Bearer admin-secret"}
 
 
@@ -58,17 +48,6 @@ def critic(bundles):
     yield c
     c.close()
 
-
-def direct_scores(bundle: Path, messages, candidates, tools=None) -> np.ndarray:
-    """What the bundle's model says through plain onnxruntime: the reference for the service."""
-    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    import tokenizers
-
-    tok = tokenizers.Tokenizer.from_file(str(bundle / "tokenizer.json"))
-    max_length = json.loads((bundle / "critic.json").read_text())["max_length"]
-    feed = render.encode_batch(tok, messages, candidates, tools, max_length)
-    logits = np.asarray(sess.run(["logits"], feed)[0]).reshape(-1)
-    return 1 / (1 + np.exp(-logits))
 
 
 # --- bundles and sessions ------------------------------------------------------------------------
@@ -89,74 +68,6 @@ def test_a_logits_column_bundle_scores_the_same_way(bundles):
     finally:
         c.close()
     np.testing.assert_allclose(scores, direct_scores(bundles["v2"], MESSAGES, CANDIDATES), rtol=1e-5)
-
-
-def test_concurrent_turns_share_runs_and_keep_their_own_scores(critic):
-    turns = [(MESSAGES + [{"role": "user", "content": "more context " * i}], CANDIDATES[: 1 + i % 3])
-             for i in range(12)]
-    alone = [asyncio.run(critic.score(m, c)) for m, c in turns]
-    runs_before = metrics.CRITIC_BATCH._sum.get(), sum(b.get() for b in metrics.CRITIC_BATCH._buckets)
-
-    async def together():
-        return await asyncio.gather(*(critic.score(m, c) for m, c in turns))
-
-    merged = asyncio.run(together())
-    rows = metrics.CRITIC_BATCH._sum.get() - runs_before[0]
-    runs = sum(b.get() for b in metrics.CRITIC_BATCH._buckets) - runs_before[1]
-    for a, b in zip(alone, merged, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # padding to a wider batch changes nothing
-    assert rows == sum(len(c) for _, c in turns)
-    assert runs < len(turns)  # merged into fewer inference runs than turns
-
-
-def test_a_turn_larger_than_the_batch_cap_is_split(bundles):
-    c = OnnxCritic.load(bundles["v1"], max_batch=4)
-    many = [{"role": "assistant", "content": f"reply number {i}"} for i in range(11)]
-    try:
-        scores = asyncio.run(c.score(MESSAGES, many))
-    finally:
-        c.close()
-    np.testing.assert_allclose(scores, direct_scores(bundles["v1"], MESSAGES, many), rtol=1e-5)
-
-
-def test_runs_stay_within_the_token_cap_and_keep_each_turns_scores(critic):
-    """A CPU critic caps the padded tokens of a run: small turns still merge, a turn over the cap
-    is split, and no turn's scores change."""
-    seen: list[tuple[int, int]] = []
-
-    def run(feed):
-        seen.append(feed["input_ids"].shape)
-        return critic.run(feed)
-
-    long_turn = [{"role": "assistant", "content": f"reply number {i} " + "words " * 30} for i in range(9)]
-    turns = [(MESSAGES, CANDIDATES[:1]), (MESSAGES, CANDIDATES[:2]), (MESSAGES, CANDIDATES), (MESSAGES, long_turn)]
-    feeds = [critic.encode(m, c, None) for m, c in turns]
-    cap = 4 * max(f["input_ids"].shape[1] for f in feeds[:3])  # 4 rows of the small turns; fewer of the long one
-    pool = ThreadPoolExecutor(1)
-    batcher = MicroBatcher(run, pool, 1, pad_ids={"input_ids": 0}, max_tokens=cap, max_wait_s=0.05)
-
-    async def together():
-        return await asyncio.gather(*(batcher.submit(f) for f in feeds))
-
-    try:
-        merged = asyncio.run(together())
-    finally:
-        batcher.close()
-        pool.shutdown()
-    for feed, scores in zip(feeds, merged, strict=True):
-        np.testing.assert_allclose(scores, critic.run(feed), rtol=1e-5, atol=1e-6)
-    assert all(rows * width <= cap for rows, width in seen)
-    assert sum(rows for rows, _ in seen) == sum(len(f["input_ids"]) for f in feeds)
-    assert any(rows > 1 and width < feeds[3]["input_ids"].shape[1] for rows, width in seen)  # small turns merged
-    long_rows = [rows for rows, width in seen if width == feeds[3]["input_ids"].shape[1]]
-    assert sum(long_rows) == 9 and len(long_rows) > 1  # the long turn ran in slices
-
-
-def test_a_cpu_critic_caps_run_tokens_by_default(critic, bundles):
-    assert critic.batcher.max_tokens == CPU_RUN_TOKENS
-    c = OnnxCritic.load(bundles["v1"], "CPUExecutionProvider", max_tokens=100_000)
-    c.close()
-    assert c.batcher.max_tokens == 100_000
 
 
 def test_a_closed_critic_refuses_turns(bundles):
@@ -394,12 +305,3 @@ def test_cli_rejects_a_request_without_candidates(bundles, tmp_path):
     result = CliRunner().invoke(cli_app, ["critic", "score", str(path), "--bundle", str(bundles["v1"])])
     assert result.exit_code != 0
     assert "candidates" in result.output
-
-
-def test_identical_candidates_are_scored_once(critic):
-    rows_before = metrics.CRITIC_BATCH._sum.get()
-    scores = asyncio.run(critic.score(MESSAGES, [CANDIDATES[0], CANDIDATES[2], CANDIDATES[0], dict(CANDIDATES[0])]))
-    assert metrics.CRITIC_BATCH._sum.get() - rows_before == 2  # two distinct candidates, two rows
-    assert scores[0] == scores[2] == scores[3] != scores[1]
-    assert scores == pytest.approx(list(direct_scores(critic.bundle.path, MESSAGES,
-                                                      [CANDIDATES[0], CANDIDATES[2]] * 2)[[0, 1, 0, 0]]), rel=1e-5)

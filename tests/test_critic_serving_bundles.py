@@ -1,12 +1,17 @@
-"""Small critic bundles for the serving tests and the bench smoke test (a helper module, no tests): a tiny torch model
-(embeddings, masked mean pooling, a linear head) exported to ONNX the way the real exporter does
-it, with the real all-MiniLM-L6-v2 tokenizer. Builds in about a second."""
+"""Helpers for the serving tests and the bench smoke test (no tests here): small critic bundles, a
+tiny torch model (embeddings, masked mean pooling, a linear head) exported to ONNX the way the
+real exporter does it, with the real all-MiniLM-L6-v2 tokenizer, built in about a second; a
+sample turn; and the bundle's scores through plain onnxruntime, the reference for the service."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import tokenizers
 
 from service.critic import render
 
@@ -51,3 +56,24 @@ def build_bundle(out: Path, *, version: str = "1", seed: int = 0, logits_2d: boo
         "threshold_hints": {"accept_threshold": 0.5}, "training_data": {"digest": "none"},
         "evaluation": None}))
     return out
+
+
+MESSAGES = [{"role": "system", "content": "You are an airline agent."},
+            {"role": "user", "content": "Please cancel reservation ABC123, I cannot travel."}]
+CANDIDATES = [{"role": "assistant", "content": "Sure, I have cancelled it."},
+              {"role": "assistant", "content": "Let me look that reservation up first.", "tool_calls": [
+                  {"id": "c1", "type": "function",
+                   "function": {"name": "get_reservation", "arguments": "{\"id\": \"ABC123\"}"}}]},
+              {"role": "assistant", "content": "No."}]
+TOOLS = [{"type": "function", "function": {"name": "get_reservation", "parameters": {"type": "object"}}}]
+
+
+def direct_scores(bundle: Path, messages, candidates, tools=None) -> np.ndarray:
+    """What the bundle's model says through plain onnxruntime: the reference for the service."""
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    tok = tokenizers.Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    max_length = json.loads((bundle / "critic.json").read_text())["max_length"]
+    feed = render.encode_batch(tok, messages, candidates, tools, max_length)
+    logits = np.asarray(sess.run(["logits"], feed)[0]).reshape(-1)
+    return 1 / (1 + np.exp(-logits))
+

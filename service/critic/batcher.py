@@ -89,7 +89,7 @@ class MicroBatcher:
         if rows == 0:
             return np.zeros(0, dtype=np.float32)
         if not self.fits(rows, width):
-            step = max(1, min(self.max_batch, (self.max_tokens or rows * width) // width))
+            step = min(self.max_batch, max(1, self.max_tokens // width)) if self.max_tokens else self.max_batch
             parts = [self.submit({k: v[i:i + step] for k, v in feed.items()}) for i in range(0, rows, step)]
             return np.concatenate(await asyncio.gather(*parts))
         loop = asyncio.get_running_loop()
