@@ -6,6 +6,7 @@ scores with the same critic, micro-batched with live turns.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter
@@ -13,6 +14,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from service.api.deps import ClientKeyDep, ServicesDep
 from service.api.protocol import ChatMessage, Tool
+from service.critic.base import assess
+from service.critic.reasons import explain
 
 router = APIRouter()
 
@@ -39,9 +42,16 @@ class CriticInfo(BaseModel):
     provider: str
 
 
+class Explanation(BaseModel):
+    features: dict[str, float] | None = None  # the turn features of service.critic.features
+    contributions: dict[str, float] | None = None  # each feature's share of the score's logit
+    reason: str | None = None  # what the critic has against the candidate, in the turn's words
+
+
 class ScoreResponse(BaseModel):
     scores: list[float]
     critic: CriticInfo
+    explanations: list[Explanation]
 
 
 def _plain(models: list[BaseModel] | None) -> list[dict[str, Any]] | None:
@@ -50,7 +60,13 @@ def _plain(models: list[BaseModel] | None) -> list[dict[str, Any]] | None:
 
 @router.post("/v1/critic/score")
 async def score(body: ScoreRequest, services: ServicesDep, _: ClientKeyDep) -> ScoreResponse:
+    """The candidates of one call are one group: agreement features see them all."""
     critic = services.critics.current  # one critic for the whole request, even across a swap
-    scores = await critic.score(_plain(body.messages), _plain(body.candidates), _plain(body.tools))
-    return ScoreResponse(scores=scores, critic=CriticInfo(name=critic.name, version=critic.version,
-                                                          provider=critic.provider))
+    messages, candidates, tools = _plain(body.messages), _plain(body.candidates), _plain(body.tools)
+    found = await assess(critic, messages, candidates, tools)
+    reasons = await asyncio.to_thread(explain, messages, candidates, tools)
+    return ScoreResponse(
+        scores=[a.score for a in found],
+        critic=CriticInfo(name=critic.name, version=critic.version, provider=critic.provider),
+        explanations=[Explanation(features=a.features, contributions=a.contributions, reason=r)
+                      for a, r in zip(found, reasons)])
