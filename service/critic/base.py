@@ -32,11 +32,13 @@ class Critic(Protocol):
 
 
 async def assess(critic: Critic, messages: list[Message], candidates: list[Message],
-                 tools: list[dict[str, Any]] | None = None) -> list[Assessment]:
-    """The critic's assessments; a critic that only scores gets bare ones."""
+                 tools: list[dict[str, Any]] | None = None, verdicts: list[bool] | None = None
+                 ) -> list[Assessment]:
+    """The critic's assessments; a critic that only scores gets bare ones. ``verdicts``: the
+    structural checks, where the caller already ran them."""
     explain = getattr(critic, "assess", None)
     if callable(explain):
-        return await explain(messages, candidates, tools)
+        return await explain(messages, candidates, tools, verdicts)
     return [Assessment(float(s)) for s in await critic.score(messages, candidates, tools)]
 
 

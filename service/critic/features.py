@@ -57,10 +57,10 @@ TEXT_FEATURES = (
     "encoder",
 )
 
-_WORD = re.compile(r"\w+")
 _STRUCTURE = re.compile(r"^\s*(?:[-*+] |\d+[.)] |#{1,6} |```)", re.M)
 _ERROR = re.compile(r"\berror\b|\bfailed\b|\binvalid\b|\bnot found\b|\bexception\b", re.I)
 _TEXT_CAP = 20_000  # characters of a message searched or tokenized: bounded work per turn
+_CONSENSUS_CHARS = 3_000
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,12 @@ def kind_of(messages: list[Message], candidates: list[Message], tools: list[dict
 
 
 def compute(messages: list[Message], candidates: list[Message], tools: list[dict[str, Any]] | None,
-            encoder_logits: list[float] | None = None) -> TurnFeatures:
-    """Every candidate's features; ``encoder_logits`` in candidate order (0 when absent)."""
+            encoder_logits: list[float] | None = None, verdicts: list[bool] | None = None) -> TurnFeatures:
+    """Every candidate's features; ``encoder_logits`` in candidate order (0 when absent);
+    ``verdicts``: the structural checks where the caller already ran them (the gate), else run here."""
     enc = list(encoder_logits) if encoder_logits is not None else [0.0] * len(candidates)
     if kind_of(messages, candidates, tools) == "tool":
-        return TurnFeatures("tool", TOOL_FEATURES, _tool_rows(messages, candidates, tools, enc))
+        return TurnFeatures("tool", TOOL_FEATURES, _tool_rows(messages, candidates, tools, enc, verdicts))
     return TurnFeatures("text", TEXT_FEATURES, _text_rows(candidates, enc))
 
 
@@ -172,17 +173,27 @@ def conversation_text(messages: list[Message]) -> str:
     return "\n".join(parts).lower()
 
 
+def _scalars(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _scalars(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _scalars(v)]
+    return [value]
+
+
 def value_strings(calls: list[Call]) -> list[str]:
+    """The argument values a call passes, as they would be written in the conversation."""
     out = []
     for c in calls:
-        for _, v in _leaves(c.args):
-            for x in (v if isinstance(v, tuple) else (v,)):
-                if isinstance(x, bool) or x is None:
-                    continue
-                if isinstance(x, float):
-                    out.append(str(int(x)) if x.is_integer() else repr(x))
-                elif isinstance(x, str) and x:
-                    out.append(x)
+        for x in _scalars(c.args):
+            if isinstance(x, bool) or x is None:
+                continue
+            if isinstance(x, int):
+                out.append(str(x))
+            elif isinstance(x, float):  # 5.0 is written 5
+                out.append(str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x))
+            elif isinstance(x, str) and x.strip():
+                out.append(x.strip())
     return out
 
 
@@ -216,34 +227,52 @@ def history(messages: list[Message]) -> History:
 
 
 def _tool_rows(messages: list[Message], candidates: list[Message], tools: list[dict[str, Any]] | None,
-               enc: list[float]) -> list[list[float]]:
+               enc: list[float], verdicts: list[bool] | None) -> list[list[float]]:
+    """Per candidate; the work that does not depend on the group is done once per distinct reply
+    (samples of one turn often repeat each other), the agreement counts over all of them."""
     n = len(candidates)
     calls = [parse_calls(c) for c in candidates]
-    sigs = [signature(c) for c in calls]
-    names = [tuple(sorted(c.name for c in cs)) for cs in calls]
-    counts = Counter(len(cs) for cs in calls)
-    items = [_arg_items(cs) for cs in calls]
-    sig_count, name_count = Counter(sigs), Counter(names)
-    item_count = Counter(i for its in items for i in its)
-    consensus = {i for i, k in item_count.items() if k * 2 > n}
+    sigs = [signature(cs) for cs in calls]
+    keys = [(sig, content_text(c), bool(c.get("refusal"))) for sig, c in zip(sigs, candidates)]
+    distinct = list(dict.fromkeys(keys))
+    where = {k: i for i, k in enumerate(distinct)}
+    first = {k: keys.index(k) for k in distinct}
+    mult = Counter(keys)
+    d_calls = [calls[first[k]] for k in distinct]
+    d_items = [_arg_items(cs) for cs in d_calls]
+    d_names = [tuple(sorted(c.name for c in cs)) for cs in d_calls]
+    sig_count = Counter(sigs)
+    name_count: Counter = Counter()
+    count_count: Counter = Counter()
+    item_count: Counter = Counter()
+    for k, cs, nm, its in zip(distinct, d_calls, d_names, d_items):
+        name_count[nm] += mult[k]
+        count_count[len(cs)] += mult[k]
+        for it in its:
+            item_count[it] += mult[k]
+    consensus = {it for it, c in item_count.items() if c * 2 > n}
     schemas = structural.tool_schemas(tools)
     text = conversation_text(messages)
     hist = history(messages)
-    rows = []
-    for i, (cand, cs, sig, nm, its, e) in enumerate(zip(candidates, calls, sigs, names, items, enc)):
+    base = []
+    for k, cs, nm, its in zip(distinct, d_calls, d_names, d_items):
         values = value_strings(cs)
-        found = [v in text for v in values]
+        found = [v.lower() in text for v in values]
         singles = [signature([c]) for c in cs]
         write = any(is_write(c.name) for c in cs)
-        rows.append([
-            sig_count[sig] / n,
+        if verdicts is not None:
+            ok = verdicts[first[k]]
+        else:  # nothing declared: nothing to check the calls against
+            ok = structural.check(candidates[first[k]], None, schemas).ok if tools else True
+        base.append([
+            sig_count[k[0]] / n,
             name_count[nm] / n,
-            counts[len(cs)] / n,
-            _soft_support(i, items, sigs),
-            (sum(item_count[i] for i in its) / (n * len(its))) if its else name_count[nm] / n,
+            count_count[len(cs)] / n,
+            _soft_support(where[k], d_items, distinct, mult, n),
+            (sum(item_count[it] for it in its) / (n * len(its))) if its else name_count[nm] / n,
             len(consensus - its) / max(1, len(consensus)),
             float(not cs),
-            float(structural.check(cand, None, schemas).ok) if tools else 1.0,  # nothing to check against
+            float(ok),
             sum(found) / len(found) if found else 1.0,
             math.log1p(sum(1 for v, f in zip(values, found) if not f and len(v) >= 3)),
             math.log1p(len(cs)),
@@ -251,20 +280,22 @@ def _tool_rows(messages: list[Message], candidates: list[Message], tools: list[d
             float(write and not hist.since_write_user),
             float(any(s in hist.made for s in singles)),
             float(any(s in hist.failed for s in singles)),
-            float(e),
         ])
-    return rows
+    return [base[where[k]] + [float(e)] for k, e in zip(keys, enc)]
 
 
-def _soft_support(i: int, items: list[set[tuple]], sigs: list[tuple]) -> float:
-    """Partial agreement: two calls that share most argument values mostly agree."""
-    sims = []
-    for j, other in enumerate(items):
-        if j == i:
-            continue
-        union = items[i] | other
-        sims.append(len(items[i] & other) / len(union) if union else float(sigs[i] == sigs[j]))
-    return sum(sims) / len(sims) if sims else 1.0
+def _soft_support(d: int, items: list[set[tuple]], distinct: list[tuple], mult: Counter, n: int) -> float:
+    """Partial agreement: the mean overlap (Jaccard) of argument values with every other
+    candidate; two calls that share most argument values mostly agree."""
+    if n < 2:
+        return 1.0
+    total = float(mult[distinct[d]] - 1)  # its duplicates agree fully
+    for e, other in enumerate(items):
+        if e != d:
+            union = items[d] | other
+            same = len(items[d] & other) / len(union) if union else float(distinct[d][0] == distinct[e][0])
+            total += mult[distinct[e]] * same
+    return total / (n - 1)
 
 
 def _optional_args(calls: list[Call], schemas: dict[str, dict[str, Any] | None]) -> int:
@@ -282,13 +313,18 @@ def _optional_args(calls: list[Call], schemas: dict[str, dict[str, Any] | None])
 
 def _text_rows(candidates: list[Message], enc: list[float]) -> list[list[float]]:
     texts = [content_text(c) for c in candidates]
-    words = [set(_WORD.findall(t.lower())) for t in texts]
-    logs = [math.log1p(len(t)) for t in texts]
-    mean = sum(logs) / len(logs)
     n = len(texts)
-    rows = []
-    for i, (t, w, lg, e) in enumerate(zip(texts, words, logs, enc)):
-        sims = [len(w & o) / len(w | o) if (w or o) else 1.0 for j, o in enumerate(words) if j != i]
-        rows.append([lg, lg - mean, sum(sims) / len(sims) if sims else 1.0,
-                     math.log1p(len(_STRUCTURE.findall(t))), float(e)])
-    return rows if n else []
+    if not n:
+        return []
+    # Word sets of the head of each answer: enough to tell what it says, bounded work.
+    words = [set(t[:_CONSENSUS_CHARS].lower().split()) for t in texts]
+    sims = [[1.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            union = len(words[i] | words[j])
+            sims[i][j] = sims[j][i] = len(words[i] & words[j]) / union if union else 1.0
+    logs = [math.log1p(len(t)) for t in texts]
+    mean = sum(logs) / n
+    return [[lg, lg - mean, (sum(sims[i]) - 1.0) / (n - 1) if n > 1 else 1.0,
+             math.log1p(len(_STRUCTURE.findall(t))), float(e)]
+            for i, (t, lg, e) in enumerate(zip(texts, logs, enc))]

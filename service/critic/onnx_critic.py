@@ -192,15 +192,19 @@ class OnnxCritic:
                tools: list[dict[str, Any]] | None) -> Feed:
         return render.encode_batch(self.tokenizer, messages, candidates, tools, self.max_length)
 
-    def prepare(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
-                unique: list[int], tools: list[dict[str, Any]] | None) -> tuple[Feed, features.TurnFeatures]:
+    def prepare(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]], unique: list[int],
+                tools: list[dict[str, Any]] | None, verdicts: list[bool] | None
+                ) -> tuple[Feed, features.TurnFeatures]:
         """Tokenizer pool: the encoder's feed for the distinct candidates, and the turn features of
         all of them (agreement counts the duplicates)."""
         feed = self.encode(messages, [candidates[i] for i in unique], tools)
-        return feed, features.compute(messages, candidates, tools)
+        return feed, features.compute(messages, candidates, tools, verdicts=verdicts)
 
     async def assess(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
-                     tools: list[dict[str, Any]] | None = None) -> list[Assessment]:
+                     tools: list[dict[str, Any]] | None = None, verdicts: list[bool] | None = None
+                     ) -> list[Assessment]:
+        """Scores with their features and contributions. ``verdicts``: the structural checks where
+        the caller ran them already (the gate does), so that they are not run twice."""
         if not candidates:
             return []
         if self._closed.is_set():
@@ -214,7 +218,7 @@ class OnnxCritic:
         arrived = self.batcher.expect()  # a batch forming now waits for this turn's rows
         try:
             feed, turn = await loop.run_in_executor(self._tokenize, self.prepare, messages, candidates,
-                                                    unique, tools)
+                                                    unique, tools, verdicts)
         finally:
             arrived()
         probs = await self.batcher.submit(feed)

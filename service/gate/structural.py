@@ -76,7 +76,9 @@ def _forced_function(tool_choice: Any) -> str | None:
 
 def _check_call(call: dict[str, Any], schemas: dict[str, dict[str, Any] | None],
                 forced: str | None) -> Verdict:
-    fn = call.get("function") or {}
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        return Verdict(False, "bad_json", "a tool call is not an object with a function")
     name = fn.get("name")
     if name not in schemas:
         return Verdict(False, "unknown_tool", f"the tool {name!r} is not among the declared tools")
