@@ -307,6 +307,8 @@ def describe_invalid(error: ValidationError) -> str:
             path = f"{env_name(str(loc[1]))} ({path})"
         elif len(loc) == 1:
             path = f"{env_name(str(loc[0]))} ({path})"
+        elif loc[0] == "routes" and os.environ.get("TURNGATE_CONFIG"):
+            path = f"{path} in {os.environ['TURNGATE_CONFIG']}"
         value = err.get("input")
         shown = not (_SECRET_FIELDS & {p for p in loc if isinstance(p, str)}) and not isinstance(value, dict | list)
         parts.append(f"{path}: {msg}" + (f", got {str(value)[:60]!r}" if shown else ""))

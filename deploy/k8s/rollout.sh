@@ -29,6 +29,6 @@ if kubectl get crd servicemonitors.monitoring.coreos.com >/dev/null 2>&1; then  
   k apply -f "$here/servicemonitor.yaml" -f "$here/prometheusrule.yaml"
 fi
 k rollout status statefulset/turngate --timeout=900s
-# Releases before 0.2 ran the proxy as a Deployment of the same name: retire it once the StatefulSet's
+# Earlier releases ran the proxy as a Deployment of the same name: retire it once the StatefulSet's
 # pods are ready (its pods drain on SIGTERM like any other).
 k delete deployment turngate --ignore-not-found
