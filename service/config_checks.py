@@ -111,7 +111,8 @@ def secrets_in(values: Mapping[str, Any], name: Callable[[str, str], str]) -> li
     found: list[tuple[str, str, bool]] = []
 
     def add(where: str, value: Any, ours: bool) -> None:
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
+        # An empty value is no secret: the setting is off (admin API disabled, client keys forwarded).
+        if isinstance(value, str | int | float) and not isinstance(value, bool) and str(value) != "":
             found.append((where, str(value), ours))
 
     add(name("admin_key", ""), values.get("admin_key"), True)

@@ -179,6 +179,13 @@ def test_real_secrets_are_accepted(env):
     assert settings.routes[0].upstream_api_key.get_secret_value() == upstream
 
 
+def test_an_empty_secret_is_unset_not_weak(env):
+    """An empty admin key turns the admin API off and an empty upstream key forwards the client's."""
+    env(TURNGATE_ADMIN_KEY="", TURNGATE_UPSTREAM_API_KEY="")
+    settings = Settings()
+    assert not settings.admin_key and not settings.routes[0].upstream_api_key
+
+
 def test_development_flag_accepts_weak_secrets_with_a_warning(env, caplog):
     env(TURNGATE_ADMIN_KEY="change-me", TURNGATE_DEV="1")
     with caplog.at_level(logging.WARNING, logger="turngate.settings"):
