@@ -48,4 +48,9 @@ LOG_QUEUE_DEPTH = Gauge("turngate_log_queue_depth", "Turn records waiting for th
 SPOOL_BYTES = Gauge("turngate_spool_bytes", "Bytes in the local spool waiting for the database",
                     multiprocess_mode="livesum")
 DB_WRITE_ERRORS = Counter("turngate_db_write_errors_total", "Failed database writes")
+STORE_QUARANTINED = Counter("turngate_store_quarantined_total",
+                            "Turn records (or spool lines) the database refused, set aside in the quarantine file")
+SPOOL_SYNC_LAG = Histogram("turngate_spool_sync_lag_seconds",
+                           "Age of the oldest journaled turn not yet fsynced, at each journal fsync: "
+                           "what a machine crash could lose", buckets=_OVERHEAD_BUCKETS + (2.5, 5, 10))
 REDIS_ERRORS = Counter("turngate_redis_errors_total", "Failed Redis calls", ["op"])
