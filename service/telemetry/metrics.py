@@ -52,5 +52,6 @@ STORE_QUARANTINED = Counter("turngate_store_quarantined_total",
                             "Turn records (or spool lines) the database refused, set aside in the quarantine file")
 SPOOL_SYNC_LAG = Histogram("turngate_spool_sync_lag_seconds",
                            "Age of the oldest journaled turn not yet fsynced, at each journal fsync: "
-                           "what a machine crash could lose", buckets=_OVERHEAD_BUCKETS + (2.5, 5, 10))
+                           "what a machine crash could lose",
+                           buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1, 1.5, 2, 5, 10))
 REDIS_ERRORS = Counter("turngate_redis_errors_total", "Failed Redis calls", ["op"])
