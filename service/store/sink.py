@@ -2,8 +2,9 @@
 
 Request path (`enqueue`): the record is serialized and written to the current spool segment with
 one os.write before the call returns, so a turn answered 200 survives the process being killed
-(the page cache has it; a background task fsyncs the journal every `sync_interval_s`, which bounds
-what a machine crash can lose); then it joins the queue. Nothing there waits on the database.
+(the page cache has it); then it joins the queue. Nothing there waits on the database or the disk.
+Every `sync_interval_s` a background task closes the segment being written and fsyncs it, which
+bounds what a machine crash can lose.
 
 Writer: every `flush_interval_s`, or as soon as `batch_max` turns wait, one transaction per batch.
 - A batch refused for a reason that lies in its records (service.store.blame) is split until the
@@ -41,9 +42,6 @@ from service.store.writer import LinkCache, prepare, write_batch
 from service.telemetry import metrics
 
 log = logging.getLogger("turngate.store")
-
-ROTATE_AFTER_S = 1.0  # a journal segment takes new turns this long, then waits to be retired
-
 
 class _Entry(NamedTuple):
     record: TurnRecord
@@ -293,10 +291,8 @@ class StoreSink:
             self._backlog_since = at
 
     def _housekeep(self) -> None:
-        """(thread) Rotates the journal segment now and then, deletes segments fully written."""
-        cur = self.spool.current
-        if cur is not None and cur.size and time.time() - cur.created >= ROTATE_AFTER_S:
-            self.spool.rotate()
+        """(thread) Deletes the journal segments whose turns are all written (the sync task rotates
+        them)."""
         self._retire()
         self.spool.publish()
 

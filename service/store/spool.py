@@ -98,8 +98,7 @@ class Spool:
     def append_detached(self, data: bytes) -> None:
         """Writes lines to a segment of their own, on disk and released at once (the sink is not
         running: before start, after stop). Blocking; rare."""
-        with self._lock:
-            seg = self._create_locked()
+        seg = self._create()
         try:
             os.write(seg.fd, data)
             os.fsync(seg.fd)
@@ -110,41 +109,63 @@ class Spool:
         self.publish()
 
     # -- the writer ------------------------------------------------------------------------------
-    def _create_locked(self) -> Segment:
-        self._seq += 1
-        path = self.dir / f"seg-{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.jsonl"
+    def _create(self) -> Segment:
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        path = self.dir / f"seg-{time.time_ns():020d}-{os.getpid()}-{seq:06d}.jsonl"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         self._new_entries = True
         return Segment(path, fd)
 
-    def _open_locked(self) -> Segment:
-        if self.current is not None:
-            self.current.closed = True
-        seg = self.current = self._create_locked()
+    def _install_locked(self, seg: Segment) -> Segment | None:
+        old = self.current
+        if old is not None:
+            old.closed = True
+        self.current = seg
         self.held[seg.path] = seg
+        return old
+
+    def _open_locked(self) -> Segment:
+        """Only when no segment is open (the writer opens them, off the request path)."""
+        self._seq += 1
+        path = self.dir / f"seg-{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._new_entries = True
+        seg = Segment(path, fd)
+        self._install_locked(seg)
         return seg
 
     def rotate(self, reopen: bool = True) -> Segment | None:
-        """Closes the current segment for appends (a new one takes them); returns it."""
+        """Closes the current segment for appends (a new one, created outside the lock that appends
+        take, takes them); returns the closed one."""
+        new = self._create() if reopen else None
         with self._lock:
-            old = self.current
-            if old is not None:
-                old.closed = True
-            self.current = None
-            if reopen:
-                self._open_locked()
-        return old
+            if new is None:
+                old = self.current
+                if old is not None:
+                    old.closed = True
+                self.current = None
+                return old
+            return self._install_locked(new)
 
     def sync(self) -> float | None:
-        """fsyncs the segments written since the last call (and the folder when segments came or
-        went). Returns how long the oldest line it covered had been in the page cache only, in
-        seconds: what a machine crash at that moment would have lost (None: nothing new)."""
+        """Makes what was journaled since the last call durable: rotates the current segment (so
+        that no append ever waits on an fsync of its file), fsyncs the closed segments written
+        since, and the folder when segments came or went. Returns how long the oldest line it
+        covered had been in the page cache only, in seconds: what a machine crash at that moment
+        would have lost (None: nothing new)."""
+        with self._lock:
+            busy = self.current is not None and self.current.dirty
+        if busy:
+            self.rotate()
         with self._lock:
             since, self._unsynced_since = self._unsynced_since, None
             fds = []
             for seg in self.held.values():
-                if seg.dirty:
+                if seg.dirty and seg.closed:
                     seg.dirty = False
                     fds.append(os.dup(seg.fd))
             new_entries, self._new_entries = self._new_entries, False
