@@ -49,27 +49,27 @@ def _call(fn) -> dict:
 
 
 HOSTILE = {
-    "header id over 200 characters": dict(messages=[{"role": "user", "content": "h"}],
-                                          extra_headers={"x-turngate-conversation-id": "h" * 300}),
-    "metadata conversation id over 200 characters": dict(messages=[{"role": "user", "content": "m"}],
-                                                         metadata={"conversation_id": "m" * 300}),
-    "NUL in content": dict(messages=[{"role": "user", "content": "a\x00b"}]),
-    "NUL in a tool name": dict(
-        messages=[{"role": "user", "content": "q"}, _call({"name": "get\x00order", "arguments": "{}"}),
-                  {"role": "tool", "tool_call_id": "call_1", "content": "x"}],
-        tools=[{"type": "function", "function": {"name": "get\x00order", "parameters": {"type": "object"}}}]),
+    "header id over 200 characters": {"messages": [{"role": "user", "content": "h"}],
+                                      "extra_headers": {"x-turngate-conversation-id": "h" * 300}},
+    "metadata conversation id over 200 characters": {"messages": [{"role": "user", "content": "m"}],
+                                                     "metadata": {"conversation_id": "m" * 300}},
+    "NUL in content": {"messages": [{"role": "user", "content": "a\x00b"}]},
+    "NUL in a tool name": {
+        "messages": [{"role": "user", "content": "q"}, _call({"name": "get\x00order", "arguments": "{}"}),
+                     {"role": "tool", "tool_call_id": "call_1", "content": "x"}],
+        "tools": [{"type": "function", "function": {"name": "get\x00order", "parameters": {"type": "object"}}}]},
     # The openai client cannot encode a lone surrogate; a raw client sends the JSON escape.
     "lone surrogate in content": b'{"model": "gpt-test", "messages": [{"role": "user", "content": "bad \\ud800"}]}',
-    "function given as a string": dict(messages=[{"role": "user", "content": "q"}, _call("get_order"),
-                                                 {"role": "tool", "tool_call_id": "call_1", "content": "x"}]),
-    "content part text not a string": dict(messages=[{"role": "user", "content": [
-        {"type": "text", "text": {"nested": 1}}]}]),
+    "function given as a string": {"messages": [{"role": "user", "content": "q"}, _call("get_order"),
+                                                {"role": "tool", "tool_call_id": "call_1", "content": "x"}]},
+    "content part text not a string": {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": {"nested": 1}}]}]},
 }
 
 
 def test_hostile_requests_never_stop_turn_logging(actor, db_url, tmp_path):
     _, actor_url = actor
-    sink, server = _serve(db_url, tmp_path / "spool", actor_url)
+    _, server = _serve(db_url, tmp_path / "spool", actor_url)
     answered: list[str] = []
     refused: list[str] = []
     with server as base:

@@ -162,7 +162,7 @@ class StoreSink:
             await asyncio.to_thread(_upgrade_locked, self.url)
         self._wake, self._flushed = asyncio.Event(), asyncio.Condition()
         self._stopping = False
-        await asyncio.to_thread(self.spool.rotate)  # the first segment, opened off the request path
+        await asyncio.to_thread(self.spool.open)
         self._task = asyncio.create_task(self._run(), name="turngate-store-writer")
         self._syncer = asyncio.create_task(self._sync_loop(), name="turngate-spool-sync")
 

@@ -61,6 +61,7 @@ class Spool:
         self._seq = 0
         self._unsynced_since: float | None = None  # monotonic time of the first append since the last fsync
         self._new_entries = False  # a segment was created or removed since the directory's last fsync
+        self._closed = True  # until open(); after release_all() no segment is opened any more
         self._foreign_bytes = sum(p.stat().st_size for p in self.dir.glob("seg-*.jsonl"))
         self.publish()
 
@@ -138,11 +139,21 @@ class Spool:
         self._install_locked(seg)
         return seg
 
+    def open(self) -> None:
+        """Start: the first segment, opened off the request path."""
+        with self._lock:
+            self._closed = False
+        self.rotate()
+
     def rotate(self, reopen: bool = True) -> Segment | None:
         """Closes the current segment for appends (a new one, created outside the lock that appends
         take, takes them); returns the closed one."""
         new = self._create() if reopen else None
         with self._lock:
+            if new is not None and self._closed:  # released meanwhile (a sync racing stop)
+                new.path.unlink(missing_ok=True)
+                os.close(new.fd)
+                return None
             if new is None:
                 old = self.current
                 if old is not None:
@@ -201,6 +212,7 @@ class Spool:
     def release_all(self) -> None:
         """Stop: segments not retired stay on disk, fsynced and unlocked, for the next start."""
         with self._lock:
+            self._closed = True
             segs = list(self.held.values())
             self.current = None
         for seg in segs:
