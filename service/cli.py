@@ -1,4 +1,4 @@
-"""The `turngate` command line."""
+"""The `turngate` command line. A failing command prints one line (service/cli_errors.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,12 @@ app = typer.Typer(help="turngate: gate every turn of an LLM agent with a trained
                   no_args_is_help=True, add_completion=False)
 
 
+@app.callback()
+def options(debug: bool = typer.Option(False, "--debug", help="On failure, show the traceback instead of one "
+                                                               "line (also TURNGATE_DEBUG=1).")) -> None:
+    """Options for every command (read by cli_errors.run)."""
+
+
 @app.command()
 def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
           port: int = typer.Option(8000, help="Port to listen on."),
@@ -20,7 +26,13 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     """Run the proxy on the settings from TURNGATE_* variables (embedded defaults otherwise)."""
     import uvicorn
 
+    from service.preflight import check_before_serving
+    from service.settings import Settings
     from service.telemetry.multiproc import for_workers
+
+    # Settings, database, critic bundle and spool checked once here, before any worker starts.
+    for warning in check_before_serving(Settings()):
+        typer.echo(f"turngate: warning: {warning}", err=True)
 
     # Several workers: metrics go through files in a shared directory, set up before they start.
     with for_workers(workers):
@@ -64,10 +76,16 @@ def replay(files: list[Path] = typer.Argument(..., help="Trajectory JSONL files.
         typer.echo(f"wrote {out / 'report.json'} (no PNG: matplotlib comes with the `train` extra)")
 
 
-from service import cli_critic, cli_store  # noqa: E402 - sub-commands, after the root app exists
+from service import cli_critic, cli_errors, cli_store  # sub-commands, after the root app exists
 
 app.add_typer(cli_critic.app, name="critic")
 cli_store.register(app)
 
+
+def main() -> None:
+    """The `turngate` entry point."""
+    cli_errors.run(app)
+
+
 if __name__ == "__main__":
-    app()
+    main()

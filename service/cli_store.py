@@ -16,9 +16,16 @@ _URL = typer.Option(None, "--url", help="Database URL; default TURNGATE_DATABASE
 
 
 def _url(url: str | None) -> str:
-    from service.settings import Settings
+    from service.settings import Settings, SettingsError
+    from service.store.urls import is_sqlite
 
-    return url or Settings().database_url
+    if not url:
+        return Settings().database_url
+    try:
+        is_sqlite(url)
+    except ValueError as e:
+        raise SettingsError(f"--url: {e}") from None
+    return url
 
 
 def _when(text: str | None, default: datetime) -> datetime:

@@ -1,20 +1,39 @@
 """All configuration in one place: environment variables (TURNGATE_*) and an optional YAML file.
 
 The YAML file named by TURNGATE_CONFIG may hold any setting below plus a `routes:` list. Without
-routes, one route is built from the TURNGATE_UPSTREAM_* variables. Environment variables win over
-the YAML file for the top-level settings.
+routes, one route is built from the TURNGATE_UPSTREAM_* variables and the policy variables
+(TURNGATE_INTERVENE_THRESHOLD, ...: one per GatePolicy field; `policy:` in the YAML file).
+Environment variables win over the YAML file for the top-level settings.
+
+Strict: an unknown YAML key (at any depth) is refused, an unknown TURNGATE_* variable is warned
+about, and a secret from outside that is an example value (or, for turngate's own keys, short)
+is refused unless TURNGATE_DEV is set. See service/config_checks.py.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from service import config_checks
+
+log = logging.getLogger("turngate.settings")
 
 Mode = Literal["passthrough", "rank", "shadow"]
 Sampling = Literal["fixed", "adaptive"]
@@ -25,8 +44,14 @@ DEFAULT_BLOCK_MESSAGE = (
 )
 
 
+class SettingsError(Exception):
+    """Configuration that cannot be served as given; the message names the setting and the fix."""
+
+
 class GatePolicy(BaseModel):
     """What the gate does with the critic's scores on one route."""
+
+    model_config = ConfigDict(extra="forbid")
 
     accept_threshold: float | None = Field(None, ge=0, le=1)
     intervene_threshold: float | None = Field(None, ge=0, le=1)
@@ -51,6 +76,8 @@ class GatePolicy(BaseModel):
 class RouteSettings(BaseModel):
     """One model alias a client can ask for, and the upstream actor behind it."""
 
+    model_config = ConfigDict(extra="forbid")
+
     alias: str
     upstream_base_url: str = "https://api.openai.com/v1"
     upstream_api_key: SecretStr | None = None  # None: forward the client's own bearer token
@@ -71,24 +98,126 @@ class RouteSettings(BaseModel):
         return 1 if self.mode == "passthrough" else self.candidates
 
 
-class _YamlSource(PydanticBaseSettingsSource):
-    """Reads the YAML file named by TURNGATE_CONFIG (lowest priority after init kwargs and env)."""
+def env_name(field: str) -> str:
+    """The environment variable of a top-level setting or of a default-route policy field."""
+    return f"TURNGATE_{field.upper()}"
+
+
+# Read by turngate but not settings: the config file's path, and the CLI's traceback switch.
+OTHER_VARIABLES = {"TURNGATE_CONFIG", "TURNGATE_DEBUG"}
+
+
+def known_variables() -> set[str]:
+    """Every TURNGATE_* variable turngate reads."""
+    return {env_name(f) for f in [*Settings.model_fields, *GatePolicy.model_fields]} | OTHER_VARIABLES
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The YAML file named by TURNGATE_CONFIG; every problem with it is one SettingsError line."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise SettingsError(f"TURNGATE_CONFIG={path}: no such file; fix the path or unset TURNGATE_CONFIG") from None
+    except OSError as e:
+        raise SettingsError(f"TURNGATE_CONFIG={path}: cannot read it ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SettingsError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of settings at the top level, got a {type(data).__name__}")
+    problems = config_checks.unknown_keys(data, Settings)
+    if problems:
+        raise SettingsError(f"{path}: " + "; ".join(problems))
+    return data
+
+
+def _policy_from_env() -> dict[str, str]:
+    """TURNGATE_<FIELD> for each GatePolicy field: the default route's policy (case-insensitive,
+    as pydantic-settings reads the others)."""
+    environ = {k.upper(): v for k, v in os.environ.items()}
+    return {f: environ[env_name(f)] for f in GatePolicy.model_fields if env_name(f) in environ}
+
+
+def _merged(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    out = dict(low)
+    for key, value in high.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _flag(value: Any) -> bool:
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        return False
+
+
+def _refuse_weak_secrets(from_env: dict[str, Any], from_file: dict[str, Any], path: str | None) -> None:
+    """Secrets left at an example value (or, for turngate's own keys, guessable) stop the start,
+    unless TURNGATE_DEV says this is a development machine."""
+    found = config_checks.secrets_in(
+        from_env, lambda key, note: (env_name(key) if key.isidentifier() else f"{key} in TURNGATE_ROUTES") + note)
+    if from_file:
+        found += config_checks.secrets_in(from_file, lambda key, note: f"{key}{note} in {path}")
+    weak = [f"{where} {why}" for where, value, ours in found if (why := config_checks.weak_secret(value, ours=ours))]
+    if not weak:
+        return
+    if _flag(from_env.get("dev", from_file.get("dev"))):
+        log.warning("TURNGATE_DEV is set, so weak secrets are accepted: %s", "; ".join(weak))
+        return
+    raise SettingsError("; ".join(weak) + f": replace {'it' if len(weak) == 1 else 'them'} with real secrets "
+                        f"(turngate's own keys: at least {config_checks.MIN_SECRET_CHARS} random characters, "
+                        "e.g. `openssl rand -hex 24`), or set TURNGATE_DEV=1 on a development machine")
+
+
+def _refuse_ignored_defaults(values: dict[str, Any], path: str | None) -> None:
+    """With routes declared, the default route's settings (TURNGATE_CANDIDATES, the policy
+    variables, ...) would be ignored; an operator who set them expects otherwise."""
+    if not values.get("routes"):
+        return
+    names = []
+    for field in RouteSettings.model_fields:
+        if field in values and field in Settings.model_fields:
+            nested = values[field] if field == "policy" and isinstance(values[field], dict) else {}
+            names += [f"{env_name(k)} (policy.{k})" for k in nested] or [f"{env_name(field)} ({field})"]
+    if names:
+        raise SettingsError(f"{path or 'TURNGATE_ROUTES'} declares routes, so {', '.join(names)} would be ignored: "
+                            "they only shape the default route, built when there are no routes; set them on "
+                            "each route instead, or unset them")
+
+
+class _OutsideSource(PydanticBaseSettingsSource):
+    """The environment over the YAML file, checked here while each value still says where it came
+    from: unknown keys and placeholder secrets refused, unknown variables warned about."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.env = env
 
     def get_field_value(self, field, field_name):  # pragma: no cover - unused, __call__ does it all
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        path = os.environ.get("TURNGATE_CONFIG")
-        if not path:
-            return {}
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        return data
+        path = os.environ.get("TURNGATE_CONFIG") or None
+        from_file = read_config_file(path) if path else {}
+        from_env = dict(self.env())
+        if policy := _policy_from_env():
+            from_env["policy"] = _merged(from_env.get("policy") or {}, policy)
+        for problem in config_checks.unknown_variables(os.environ, known_variables()):
+            log.warning(problem)
+        _refuse_weak_secrets(from_env, from_file, path)
+        values = _merged(from_file, from_env)
+        _refuse_ignored_defaults(values, path)
+        return values
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TURNGATE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TURNGATE_", extra="forbid")
 
     database_url: str = "sqlite:///./turngate.db"
     redis_url: str | None = None
@@ -102,6 +231,7 @@ class Settings(BaseSettings):
     mode: Mode = "rank"
     attempt_timeout_s: float = 60.0
     deadline_s: float = 120.0
+    policy: GatePolicy = Field(default_factory=GatePolicy)  # env: TURNGATE_<FIELD>, e.g. TURNGATE_INTERVENE_THRESHOLD
 
     critic: str | None = None  # bundle folder; None = the shipped default
     critic_providers: str | None = None  # e.g. "CPUExecutionProvider"; None = CUDA then CPU
@@ -111,6 +241,7 @@ class Settings(BaseSettings):
     critic_swap_grace_s: float | None = None  # old critic closes after this; None = longest route deadline + 5
 
     admin_key: SecretStr | None = None
+    dev: bool = False  # a development machine: weak and placeholder secrets accepted, with a warning
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any client key is accepted
     rate_limit_per_minute: int | None = None  # per client key; shared through Redis when set
     max_request_bytes: int = 4 * 1024 * 1024
@@ -122,7 +253,15 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings):
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+        return (init_settings, _OutsideSource(settings_cls, env_settings))
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, v: str) -> str:
+        from service.store.urls import is_sqlite
+
+        is_sqlite(v)  # raises, naming the schemes turngate takes
+        return v
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -132,19 +271,11 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _default_route(self) -> "Settings":
+    def _default_route(self) -> Settings:
         if not self.routes:
-            self.routes = [RouteSettings(
-                alias=self.upstream_model,
-                upstream_base_url=self.upstream_base_url,
-                upstream_api_key=self.upstream_api_key,
-                upstream_model=self.upstream_model,
-                candidates=self.candidates,
-                mode=self.mode,
-                upstream_supports_n=self.upstream_supports_n,
-                attempt_timeout_s=self.attempt_timeout_s,
-                deadline_s=self.deadline_s,
-            )]
+            # The settings a route has too (upstream_*, candidates, mode, timeouts, policy) make it.
+            shared = [f for f in RouteSettings.model_fields if f in type(self).model_fields]
+            self.routes = [RouteSettings(alias=self.upstream_model, **{f: getattr(self, f) for f in shared})]
         aliases = [r.alias for r in self.routes]
         if len(set(aliases)) != len(aliases):
             raise ValueError(f"route aliases must be unique, got {aliases}")
@@ -157,3 +288,28 @@ class Settings(BaseSettings):
     def route_for(self, model: str) -> RouteSettings | None:
         """The route for a requested model name; a route aliased '*' catches every other name."""
         return self.routes_by_alias.get(model) or self.routes_by_alias.get("*")
+
+
+_SECRET_FIELDS = {"admin_key", "api_keys", "upstream_api_key", "database_url", "redis_url"}
+
+
+def describe_invalid(error: ValidationError) -> str:
+    """A ValidationError of Settings as one line: each bad value by its variable (or key path),
+    the input shown unless it may be a secret."""
+    parts = []
+    for err in error.errors(include_url=False):
+        loc, msg = err["loc"], err["msg"].removeprefix("Value error, ")
+        if not loc:
+            parts.append(msg)
+            continue
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        if loc[0] == "policy" and len(loc) == 2:
+            path = f"{env_name(str(loc[1]))} ({path})"
+        elif len(loc) == 1:
+            path = f"{env_name(str(loc[0]))} ({path})"
+        elif loc[0] == "routes" and os.environ.get("TURNGATE_CONFIG"):
+            path = f"{path} in {os.environ['TURNGATE_CONFIG']}"
+        value = err.get("input")
+        shown = not (_SECRET_FIELDS & {p for p in loc if isinstance(p, str)}) and not isinstance(value, dict | list)
+        parts.append(f"{path}: {msg}" + (f", got {str(value)[:60]!r}" if shown else ""))
+    return "invalid settings: " + "; ".join(parts)

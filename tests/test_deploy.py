@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import inspect
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -157,8 +159,13 @@ def test_prometheusrule_wraps_the_alert_rules():
     assert rule["spec"]["groups"] == yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]
 
 
+def workload() -> dict:
+    (doc,) = k8s_docs(K8S / "base/statefulset.yaml")
+    return doc
+
+
 def test_deployment_probes_resources_and_wiring():
-    (deploy,) = k8s_docs(K8S / "base/deployment.yaml")
+    deploy = workload()
     spec = deploy["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -166,19 +173,22 @@ def test_deployment_probes_resources_and_wiring():
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert deploy["spec"]["selector"]["matchLabels"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
-    # The ConfigMap and Secret it reads exist, and nothing it reads is missing from them.
+    # The ConfigMap it reads, and the Secret it reads (created by the operator, shaped like the example).
     refs = {(k, e[k]["name"]) for e in container["envFrom"] for k in e}
     assert refs == {("configMapRef", "turngate"), ("secretRef", "turngate")}
+    (secret,) = k8s_docs(K8S / "secret.example.yaml")
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "turngate"
     (hpa,) = k8s_docs(K8S / "base/hpa.yaml")
     (pdb,) = k8s_docs(K8S / "base/pdb.yaml")
     assert hpa["spec"]["scaleTargetRef"]["name"] == deploy["metadata"]["name"]
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == deploy["kind"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
     assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]  # a drain can always proceed
 
 
 def test_migration_job_uses_the_deployment_image_and_settings():
     (job,) = k8s_docs(K8S / "migrate-job.yaml")
-    (deploy,) = k8s_docs(K8S / "base/deployment.yaml")
+    deploy = workload()
     (jc,) = job["spec"]["template"]["spec"]["containers"]
     (dc,) = deploy["spec"]["template"]["spec"]["containers"]
     assert jc["args"] == ["db", "upgrade"] and jc["image"] == dc["image"] and jc["envFrom"] == dc["envFrom"]
@@ -204,13 +214,129 @@ def test_kustomize_renders_valid_manifests(overlay):
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-    (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
+    (deploy,) = [d for d in docs if d["kind"] == "StatefulSet"]
     limits = deploy["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert ("nvidia.com/gpu" in limits) == (overlay == "gpu")
 
 
 def test_rollout_script_parses():
     assert subprocess.run(["bash", "-n", str(K8S / "rollout.sh")], check=False).returncode == 0
+
+
+# -- Shutdown, spool, secrets --------------------------------------------------------------------
+
+
+def settings_from(env: dict[str, str], monkeypatch):
+    """The Settings turngate would build from exactly these environment variables."""
+    from service.settings import Settings
+
+    for name in [n for n in os.environ if n.upper().startswith("TURNGATE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings()
+
+
+def shutdown_drain_s() -> float:
+    """What turngate spends after the last turn on SIGTERM: the gate's background work, then the store."""
+    from service.gate.pipeline import Gate
+    from service.store.sink import StoreSink
+
+    return (inspect.signature(Gate.drain).parameters["timeout"].default
+            + inspect.signature(StoreSink).parameters["drain_timeout_s"].default)
+
+
+def compose_env(service: str) -> dict[str, str]:
+    """A compose service's environment as the container gets it with nothing set on the host."""
+    env = compose()["services"][service]["environment"]
+    return {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items() if v is not None}
+
+
+def test_pods_outlive_their_longest_turn_and_the_drain(monkeypatch):
+    """Kubernetes kills a pod terminationGracePeriodSeconds after it starts stopping it, preStop
+    included: that must cover the endpoint removal, a turn that just started, and the drain."""
+    spec = workload()["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = float(command[1])
+    assert pre_stop >= 5  # endpoint removal reaches kube-proxy and ingress in a few seconds
+    (configmap,) = k8s_docs(K8S / "base/configmap.yaml")
+    settings = settings_from(configmap["data"], monkeypatch)
+    longest_turn = max(route.deadline_s for route in settings.routes)
+    assert longest_turn >= 120  # the default deadline_s
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + longest_turn + shutdown_drain_s()
+
+
+def test_compose_stops_after_the_longest_turn_and_the_drain(monkeypatch):
+    proxy = compose()["services"]["turngate"]
+    grace = re.fullmatch(r"(\d+)s", proxy["stop_grace_period"])
+    settings = settings_from(compose_env("turngate"), monkeypatch)
+    assert int(grace.group(1)) >= max(r.deadline_s for r in settings.routes) + shutdown_drain_s()
+
+
+def test_spool_is_on_a_volume_that_outlives_the_pod():
+    """An emptyDir is deleted with its pod; the spool's claim comes from volumeClaimTemplates."""
+    deploy = workload()
+    assert deploy["kind"] == "StatefulSet"
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    (configmap,) = k8s_docs(K8S / "base/configmap.yaml")
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == configmap["data"]["TURNGATE_SPOOL_DIR"]]
+    pod_volumes = {v["name"] for v in deploy["spec"]["template"]["spec"]["volumes"]}
+    assert mount["name"] not in pod_volumes
+    (claim,) = [c for c in deploy["spec"]["volumeClaimTemplates"] if c["metadata"]["name"] == mount["name"]]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    # A scale-down keeps the claim, so turns spooled on it are written when that ordinal returns.
+    assert deploy["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    # The compose stack keeps it on a named volume, which outlives the container.
+    volumes = compose()["services"]["turngate"]["volumes"]
+    assert any(v.split(":")[0] in compose()["volumes"] and v.split(":")[1] == "/var/lib/turngate/spool"
+               for v in volumes)
+
+
+def test_statefulset_governing_service_is_headless_and_not_scraped_twice():
+    deploy = workload()
+    services = [d for p in (K8S / "base").glob("service*.yaml") for d in k8s_docs(p)]
+    (governing,) = [s for s in services if s["metadata"]["name"] == deploy["spec"]["serviceName"]]
+    assert governing["spec"]["clusterIP"] == "None"
+    (monitor,) = k8s_docs(K8S / "servicemonitor.yaml")
+    scraped = [s for s in services if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in scraped] == ["turngate"]
+    resources = yaml.safe_load((K8S / "base/kustomization.yaml").read_text())["resources"]
+    assert {"service.yaml", "service-headless.yaml", "statefulset.yaml"} <= set(resources)
+    # No TURNGATE_SERVICE_HOST & co. injected into the pods by the Service named turngate.
+    assert deploy["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
+def test_no_deploy_file_holds_a_secret_that_works(monkeypatch):
+    """The example Secret's placeholders are refused at start, it is never applied for the
+    operator, and the compose stack sets no secret and no development flag."""
+    from service.settings import SettingsError
+
+    (secret,) = k8s_docs(K8S / "secret.example.yaml")
+    with pytest.raises(SettingsError) as refused:
+        settings_from(secret["stringData"], monkeypatch)
+    for name in ("TURNGATE_ADMIN_KEY", "TURNGATE_UPSTREAM_API_KEY", "the password in TURNGATE_DATABASE_URL"):
+        assert name in str(refused.value)
+    resources = yaml.safe_load((K8S / "base/kustomization.yaml").read_text())["resources"]
+    assert not any(k8s_docs(K8S / "base" / r)[0]["kind"] == "Secret" for r in resources)
+    assert not re.search(r"apply[^\n]*secret", (K8S / "rollout.sh").read_text())
+    for service in ("turngate", "migrate"):
+        env = compose()["services"][service]["environment"]
+        assert not {"TURNGATE_ADMIN_KEY", "TURNGATE_API_KEYS", "TURNGATE_UPSTREAM_API_KEY", "TURNGATE_DEV"} & set(env)
+        settings_from(compose_env(service), monkeypatch)  # starts as shipped
+
+
+def test_deploy_files_set_only_turngate_settings():
+    """A misspelt variable in a manifest would be ignored with only a warning: none may be."""
+    from service.config_checks import unknown_variables
+    from service.settings import known_variables
+
+    known = known_variables()
+    (configmap,) = k8s_docs(K8S / "base/configmap.yaml")
+    (secret,) = k8s_docs(K8S / "secret.example.yaml")
+    for env in (configmap["data"], secret["stringData"], compose_env("turngate"), compose_env("migrate")):
+        assert unknown_variables(env, known) == []
 
 
 # -- Docker -------------------------------------------------------------------------------------

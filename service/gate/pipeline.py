@@ -111,7 +111,9 @@ class Gate:
             raise
         finally:
             self._finish(record, clock)
-            if not deferred:
+            if deferred:
+                self._hold(record)  # durable before the reply leaves; the scored record follows
+            else:
                 self._enqueue(record)
 
     # -- modes ------------------------------------------------------------------------------
@@ -289,6 +291,12 @@ class Gate:
             self.sink.enqueue(record)
         except Exception:  # noqa: BLE001 - logging must never fail a turn
             log.exception("could not enqueue turn %s", record.turn_id)
+
+    def _hold(self, record: TurnRecord) -> None:
+        try:
+            self.sink.hold(record)
+        except Exception:  # logging must never fail a turn
+            log.exception("could not journal turn %s", record.turn_id)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

@@ -79,8 +79,15 @@ class TurnRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TurnRecord":
-        d = dict(d)
-        d["conversation"] = ConversationHint(**(d.get("conversation") or {}))
-        d["candidates"] = [CandidateRecord(**c) for c in d.get("candidates") or []]
+    def from_dict(cls, d: dict[str, Any]) -> TurnRecord:
+        """The inverse of to_dict. Fields this release does not know (a record written by a newer
+        one) are ignored; missing ones take their defaults."""
+        d = _known(cls, d)
+        d["conversation"] = ConversationHint(**_known(ConversationHint, d.get("conversation") or {}))
+        d["candidates"] = [CandidateRecord(**_known(CandidateRecord, c)) for c in d.get("candidates") or []]
         return cls(**d)
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}

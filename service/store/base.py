@@ -1,6 +1,6 @@
 """The store interface the gate writes to, and the in-memory implementation used in tests.
 
-The request path calls `enqueue` only: it must return at once and never raise. Durability
+The request path calls `enqueue` (and `hold`) only: they must return at once and never raise. Durability
 (batching, spooling, replay) is the implementation's job.
 """
 
@@ -13,6 +13,10 @@ from service.gate.record import TurnRecord
 
 class TurnSink(Protocol):
     def enqueue(self, record: TurnRecord) -> None: ...
+
+    def hold(self, record: TurnRecord) -> None:
+        """Shadow mode: the reply is leaving before the record is complete (scored in the
+        background, then enqueued); a durable sink keeps this version until then."""
 
     async def start(self) -> None: ...
 
@@ -27,6 +31,9 @@ class MemorySink:
 
     def enqueue(self, record: TurnRecord) -> None:
         self.records.append(record)
+
+    def hold(self, record: TurnRecord) -> None:
+        return None
 
     async def start(self) -> None:
         return None

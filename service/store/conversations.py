@@ -37,33 +37,57 @@ class ThreadKeys:
     index: int  # assistant messages before this turn = its position in the conversation
 
 
+# Histories are client data: any shape must hash (deterministically) rather than raise, since a
+# record the writer cannot thread would never be written. Well-formed messages hash as before.
 def _text(content: Any) -> str:
     if content is None:
         return ""
     if isinstance(content, list):  # content parts: keep the text ones
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+        return "".join(_part_text(p) for p in content)
     return str(content)
+
+
+def _part_text(part: Any) -> str:
+    if isinstance(part, dict):
+        text = part.get("text", "")
+        return text if isinstance(text, str) else str(text)
+    return str(part)
 
 
 def _args(arguments: Any) -> Any:
     if isinstance(arguments, str):
         try:
             return json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return arguments
     return arguments
 
 
-def normalize(message: dict[str, Any]) -> str:
+def _canonical(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):  # mixed key types, odd objects, deep nesting
+        return repr(value)
+
+
+def normalize(message: Any) -> str:
     """The parts of a message that identify it, as one string (cheap: this runs on every message
     of every turn's history)."""
+    if not isinstance(message, dict):
+        return "\x1f" + _canonical(message)
     parts = [str(message.get("role")), _text(message.get("content")), str(message.get("tool_call_id") or ""),
              str(message.get("name") or "")]
-    for c in message.get("tool_calls") or ():
-        fn = c.get("function") or {}
-        parts.append(str(fn.get("name")))
-        args = _args(fn.get("arguments"))
-        parts.append(args if isinstance(args, str) else json.dumps(args, sort_keys=True, separators=(",", ":")))
+    calls = message.get("tool_calls")
+    for c in calls if isinstance(calls, list) else ():
+        fn = (c.get("function") or {}) if isinstance(c, dict) else c
+        if isinstance(fn, dict):
+            parts.append(str(fn.get("name")))
+            parts.append(_canonical(_args(fn.get("arguments"))))
+        else:  # a function given as a bare value (a name) instead of {name, arguments}
+            parts.append(_canonical(fn))
+            parts.append("")
     return "\x1f".join(parts)
 
 
@@ -73,7 +97,8 @@ def _feed(h: hashlib._Hash, message: dict[str, Any]) -> None:
 
 
 def _id(prefix: str, *parts: str | None) -> str:
-    return prefix + hashlib.sha256("\x1f".join(p or "" for p in parts).encode()).hexdigest()[:32]
+    joined = "\x1f".join("" if p is None else str(p) for p in parts)
+    return prefix + hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def explicit_id(record: TurnRecord) -> str | None:
@@ -94,10 +119,11 @@ def new_conversation_id(turn_id: str) -> str:
 
 def thread_keys(record: TurnRecord) -> ThreadKeys:
     hint = record.conversation
-    messages = record.request_messages or []
-    last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1)
+    messages = record.request_messages if isinstance(record.request_messages, list) else []
+    last_assistant = max((i for i, m in enumerate(messages) if _role(m) == "assistant"), default=-1)
     h = hashlib.sha256()
-    h.update(json.dumps([hint.key_id, hint.user if isinstance(hint.user, str) else None]).encode())
+    h.update(json.dumps([hint.key_id, hint.user if isinstance(hint.user, str) else None],
+                        default=str).encode("utf-8", "surrogatepass"))
     lookup = None
     for i, m in enumerate(messages):
         _feed(h, m)
@@ -110,4 +136,8 @@ def thread_keys(record: TurnRecord) -> ThreadKeys:
         link = h.hexdigest()
     external = explicit_id(record)
     return ThreadKeys(conversation_id_for_external(external, hint.key_id) if external else None,
-                      external, lookup, link, sum(1 for m in messages if m.get("role") == "assistant"))
+                      external, lookup, link, sum(1 for m in messages if _role(m) == "assistant"))
+
+
+def _role(message: Any) -> Any:
+    return message.get("role") if isinstance(message, dict) else None

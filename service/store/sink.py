@@ -1,11 +1,22 @@
-"""The database turn sink: a bounded in-memory queue, a background batched writer, a durable spool.
+"""The database turn sink: a journal on local disk, a bounded in-memory queue, a batched writer.
 
-The request path calls `enqueue` only: a deque append (or, when the queue is full, one buffered
-write to the spool file, fsync'ed by the writer within a tick). The writer task flushes every
-`flush_interval_s` or as soon as `batch_max` turns are waiting, one transaction per batch. When a
-write fails (database down, connection killed, too slow) the batch goes to the spool, fsync'ed,
-and the writer replays the spool (oldest first, idempotently by turn id) before writing anything
-newer once the database answers again. Nothing is dropped: shutdown drains the queue or spools it.
+Request path (`enqueue`): the record is serialized and written to the current spool segment with
+one os.write before the call returns, so a turn answered 200 survives the process being killed
+(the page cache has it); then it joins the queue. Nothing there waits on the database or the disk.
+Every `sync_interval_s` a background task closes the segment being written and fsyncs it, which
+bounds what a machine crash can lose.
+
+Writer: every `flush_interval_s`, or as soon as `batch_max` turns wait, one transaction per batch.
+- A batch refused for a reason that lies in its records (service.store.blame) is split until the
+  refusing record is found; that record goes to the quarantine file beside the spool with the
+  error, and every other turn lands.
+- A database that is away (refused or killed connections, timeouts, locks) is never blamed on a
+  record: the queue is dropped from memory (the journal holds it), retries back off, and the
+  journal's segments are replayed, oldest first, idempotently by turn id and with the same
+  isolation, before anything newer is written.
+- A journal segment is deleted once every turn in it is in the database (or quarantined).
+Shutdown writes what it can in `drain_timeout_s`; what is left stays in the journal for the next
+start (or another worker) to replay.
 """
 
 from __future__ import annotations
@@ -17,33 +28,46 @@ import os
 import time
 from collections import deque
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.gate.record import TurnRecord
-from service.store import migrate
+from service.store import lines, migrate
+from service.store.blame import RECORD, blame
 from service.store.engine import make_async_engine
-from service.store.spool import Spool
+from service.store.spool import Quarantine, Reader, Segment, Spool
 from service.store.urls import is_sqlite
 from service.store.writer import LinkCache, prepare, write_batch
 from service.telemetry import metrics
 
 log = logging.getLogger("turngate.store")
 
+class _Entry(NamedTuple):
+    record: TurnRecord
+    segment: Segment | None  # None: the journal could not take it (disk full); memory only
+    at: float  # wall time it was enqueued
+
+
+class _Backoff(Exception):
+    """The writer is waiting before it tries the database again."""
+
 
 class StoreSink:
     def __init__(self, url: str, spool_dir: str | Path, *, max_queue: int = 20_000, batch_max: int = 500,
-                 flush_interval_s: float = 0.5, drain_timeout_s: float = 10.0,
+                 flush_interval_s: float = 0.5, sync_interval_s: float = 0.5, drain_timeout_s: float = 10.0,
                  auto_migrate: bool | None = None, engine: AsyncEngine | None = None) -> None:
         self.url = url
         self.spool = Spool(spool_dir)
+        self.quarantine = Quarantine(spool_dir)
         self.max_queue, self.batch_max = max_queue, batch_max
-        self.flush_interval_s, self.drain_timeout_s = flush_interval_s, drain_timeout_s
+        self.flush_interval_s, self.sync_interval_s = flush_interval_s, sync_interval_s
+        self.drain_timeout_s = drain_timeout_s
         # Embedded SQLite upgrades itself; Postgres is migrated by `turngate db upgrade` (a deploy step).
         self.auto_migrate = is_sqlite(url) if auto_migrate is None else auto_migrate
         self.engine = engine or make_async_engine(url)
         self._pg = not is_sqlite(url)
-        self.queue: deque[TurnRecord] = deque()
+        self.queue: deque[_Entry] = deque()
         self.pending_ids: set[str] = set()  # served here, not yet known to be in the database
         self.db_ok = True
         self.last_error: str | None = None
@@ -51,40 +75,86 @@ class StoreSink:
         self.feedback_wait_s = 2.0  # how long POST /v1/feedback waits for an unknown turn to appear
         self._cache = LinkCache()
         self._critics: set = set()
+        self._holds: dict[str, Segment] = {}  # shadow turns answered, their final record still to come
+        self._superseded: set[str] = set()  # turns whose final record followed a provisional one
+        self._backlog_since: float | None = None  # wall time of the oldest turn only the disk holds
         self._wake: asyncio.Event | None = None
         self._flushed: asyncio.Condition | None = None
         self._flushes = 0
         self._busy = False
         self._task: asyncio.Task | None = None
+        self._syncer: asyncio.Task | None = None
         self._stopping = False
         self._retry_at = 0.0
         self._backoff = 0.0
-        self._spool_dirty = False
 
     # -- the request path ------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        """Always able to accept turns: the spool takes them while the database is away."""
+        """Always able to accept turns: the journal takes them while the database is away."""
         return True
 
     def health(self) -> dict:
+        """What /readyz shows. `behind_s`: age of the oldest turn not yet in the database (grows
+        while the database is away, or if the writer ever stopped making progress)."""
+        now = time.time()
+        ages = [now - self.queue[0].at] if self.queue else []
+        if self._backlog_since is not None:
+            ages.append(now - self._backlog_since)
         return {"db_ok": self.db_ok, "queue": len(self.queue), "spool_bytes": self.spool.bytes,
-                "last_error": self.last_error}
+                "behind_s": round(max(ages, default=0.0), 3), "last_error": self.last_error,
+                "quarantined": self.quarantine.count, "quarantine_last_error": self.quarantine.last_error}
 
     def enqueue(self, record: TurnRecord) -> None:
+        """Journals the turn (one os.write), then queues it. Never raises, never waits."""
+        try:
+            data = lines.encode_turn(record)
+        except Exception as e:  # noqa: BLE001 - a record nothing can serialize (e.g. nested past recursion)
+            self._set_aside(record, e)
+            return
         try:
             self.pending_ids.add(record.turn_id)
-            if len(self.queue) < self.max_queue and not self._stopping and self._task is not None:
-                self.queue.append(record)
+            if self._task is None:  # not started, or stopped: straight to disk, for the next start
+                self.spool.append_detached(data)
+                return
+            keep = len(self.queue) < self.max_queue and not self._stopping
+            try:
+                seg: Segment | None = self.spool.append(data, keep=keep)
+            except OSError as e:
+                log.error("the spool could not journal turn %s (%s): it is held in memory only",
+                          record.turn_id, e)
+                seg, keep = None, True
+            held = self._holds.pop(record.turn_id, None)
+            if held is not None:  # its provisional line is superseded by the one just written
+                self._superseded.add(record.turn_id)
+                held.refs -= 1
+            if keep:
+                self.queue.append(_Entry(record, seg, time.time()))
                 metrics.LOG_QUEUE_DEPTH.set(len(self.queue))
                 if len(self.queue) >= self.batch_max and self._wake is not None:
                     self._wake.set()
-                return
-            # Full (or not running): straight to the spool file; the writer fsyncs it within a tick.
-            self.spool.append([record], fsync=self._task is None)
-            self._spool_dirty = True
         except Exception:
             log.exception("could not enqueue turn %s", record.turn_id)
+
+    def hold(self, record: TurnRecord) -> None:
+        """Shadow mode: journals a turn whose reply is leaving now but whose record is completed
+        (scored) later and then enqueued. If the process dies meanwhile, this version is replayed."""
+        if self._task is None or self._stopping:
+            return
+        try:
+            seg = self.spool.append(lines.encode_turn(record, provisional=True), keep=True)
+            self._holds[record.turn_id] = seg
+            self.pending_ids.add(record.turn_id)
+        except Exception:
+            log.exception("could not journal shadow turn %s", record.turn_id)
+
+    def _set_aside(self, record: TurnRecord, error: BaseException) -> None:
+        log.error("turn %s cannot be serialized, quarantined: %s", record.turn_id, error)
+        msg = f"unserializable record: {type(error).__name__}: {error}"[:2000]
+        try:
+            asyncio.get_running_loop().run_in_executor(None, lambda: self.quarantine.add(msg, record=record))
+        except RuntimeError:
+            self.quarantine.add(msg, record=record)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -92,7 +162,9 @@ class StoreSink:
             await asyncio.to_thread(_upgrade_locked, self.url)
         self._wake, self._flushed = asyncio.Event(), asyncio.Condition()
         self._stopping = False
+        await asyncio.to_thread(self.spool.open)
         self._task = asyncio.create_task(self._run(), name="turngate-store-writer")
+        self._syncer = asyncio.create_task(self._sync_loop(), name="turngate-spool-sync")
 
     async def stop(self) -> None:
         if self._task is None:
@@ -101,16 +173,20 @@ class StoreSink:
         self._wake.set()
         try:
             await asyncio.wait_for(self._task, self.drain_timeout_s)
-        except (TimeoutError, Exception):  # noqa: BLE001 - whatever is left goes to the spool
-            log.warning("store writer did not drain in %.0fs; spooling the rest", self.drain_timeout_s)
+        except (TimeoutError, Exception):  # noqa: BLE001 - what is left stays in the journal
+            log.warning("store writer did not drain in %.0fs; the rest stays in the spool", self.drain_timeout_s)
         self._task = None
-        if self.queue:
-            rest = list(self.queue)
-            self.queue.clear()
-            self.spool.append(rest)
-        self.spool.close()
+        self._syncer.cancel()
+        await asyncio.gather(self._syncer, return_exceptions=True)
+        await asyncio.to_thread(self._close_journal)
+        self.queue.clear()
         metrics.LOG_QUEUE_DEPTH.set(0)
         await self.engine.dispose()
+
+    def _close_journal(self) -> None:
+        self.spool.rotate(reopen=False)
+        self._retire()
+        self.spool.release_all()  # what is not retired is replayed by the next start
 
     async def flush(self, timeout_s: float = 5.0) -> bool:
         """Asks the writer for a flush now and waits for it; True when the queue was written."""
@@ -125,6 +201,14 @@ class StoreSink:
             except TimeoutError:
                 return False
         return self.db_ok and not self.queue
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sync_interval_s)
+            try:
+                await asyncio.to_thread(self.spool.sync)
+            except OSError as e:
+                log.warning("spool fsync failed: %s", e)
 
     # -- the writer ------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -149,97 +233,230 @@ class StoreSink:
                 return
 
     async def _flush_once(self) -> None:
-        if self._spool_dirty:
-            self._spool_dirty = False
-            await asyncio.to_thread(self.spool.sync)
-        if self.spool.pending() and not await self._replay():
-            await self._spool_queue()  # the database is still away: keep the queue on disk
-            return
-        # Pipelined: the next batch is hashed and encoded in a thread while this one is written.
-        pending: deque[tuple[list[TurnRecord], asyncio.Future]] = deque()
-        try:
-            while self.queue or pending:
-                while len(pending) < 2 and self.queue:
-                    batch = self._pop(self.batch_max)
-                    pending.append((batch, asyncio.ensure_future(asyncio.to_thread(prepare, batch, self._pg))))
-                batch, prepared = pending[0]
-                ok = await self._write(batch, prepared)
-                pending.popleft()
-                if not ok:
-                    rest = batch + [r for b, _ in pending for r in b]
-                    pending.clear()
-                    await self._to_spool(rest)
-                    await self._spool_queue()
-                    return
-        except BaseException:
-            for b, _ in pending:  # popped but not written: never lose them (shutdown, cancellation)
-                self.spool.append(b)
-            raise
+        if not await self._replay() or not await self._write_queue():
+            self._drop_queue()  # the database is away: the journal holds the queue
+        await asyncio.to_thread(self._housekeep)
 
-    def _pop(self, n: int) -> list[TurnRecord]:
-        batch = [self.queue.popleft() for _ in range(min(n, len(self.queue)))]
+    def _pop(self, n: int) -> list[_Entry]:
+        batch: list[_Entry] = []
+        while self.queue and len(batch) < n:
+            e = self.queue.popleft()
+            if e.segment is not None and e.segment.flagged:
+                e.segment.refs -= 1  # its segment is replayed from disk, this turn with it
+                continue
+            batch.append(e)
         metrics.LOG_QUEUE_DEPTH.set(len(self.queue))
         return batch
 
-    async def _spool_queue(self) -> None:
-        while self.queue:
-            await self._to_spool(self._pop(5000))
+    async def _write_queue(self) -> bool:
+        # Pipelined: the next batch is hashed, fitted and encoded in a thread while this one is written.
+        pending: deque[tuple[list[_Entry], asyncio.Future]] = deque()
+        while self.queue or pending:
+            while len(pending) < 2 and self.queue:
+                batch = self._pop(self.batch_max)
+                if batch:
+                    fut = asyncio.ensure_future(asyncio.to_thread(prepare, [e.record for e in batch], self._pg))
+                    pending.append((batch, fut))
+            if not pending:
+                break
+            batch, prepared = pending[0]
+            ok = await self._write_isolated([e.record for e in batch], prepared)
+            pending.popleft()
+            if not ok:
+                for b, fut in reversed(pending):  # back in front of the queue, in order
+                    fut.add_done_callback(_ignore)
+                    self.queue.extendleft(reversed(b))
+                self.queue.extendleft(reversed(batch))
+                return False
+            for e in batch:
+                if e.segment is not None:
+                    e.segment.refs -= 1
+        return True
 
-    async def _to_spool(self, batch: list[TurnRecord]) -> None:
-        try:
-            await asyncio.to_thread(self.spool.append, batch)
-        except BaseException:
-            self.spool.append(batch)  # cancelled mid-write (shutdown): finish it here, never lose it
-            raise
+    def _drop_queue(self) -> None:
+        """The database is away: let go of the queue; the journal segments holding it get replayed."""
+        kept: deque[_Entry] = deque()
+        for e in self.queue:
+            if e.segment is None:
+                kept.append(e)  # not on disk: stays in memory
+                continue
+            e.segment.flagged = True  # before refs drops, so that it is never retired unreplayed
+            e.segment.refs -= 1
+            self._note_backlog(e.at)
+        self.queue = kept
+        metrics.LOG_QUEUE_DEPTH.set(len(self.queue))
 
-    async def _write(self, batch: list[TurnRecord], prepared: asyncio.Future | None = None) -> bool:
-        """One transaction; False (and the error counted) when the database did not take it."""
+    def _note_backlog(self, at: float) -> None:
+        if self._backlog_since is None or at < self._backlog_since:
+            self._backlog_since = at
+
+    def _housekeep(self) -> None:
+        """(thread) Deletes the journal segments whose turns are all written (the sync task rotates
+        them)."""
+        self._retire()
+        self.spool.publish()
+
+    def _retire(self) -> None:
+        for seg in self.spool.retirable():
+            self.spool.retire(seg)
+
+    # -- writing with isolation ------------------------------------------------------------------
+    async def _write_isolated(self, records: list[TurnRecord], prepared: asyncio.Future | None = None) -> bool:
+        """Writes the records; a record the database refuses is quarantined and the rest written.
+        False when the database is away (nothing is quarantined then)."""
+        err = await self._attempt(records, prepared)
+        if err is None:
+            return True
+        if blame(err) != RECORD:
+            self._outage(err)
+            return False
+        return await self._split(records)
+
+    async def _split(self, records: list[TurnRecord]) -> bool:
+        if len(records) == 1:
+            err = await self._attempt(records)  # once more: a refusal that goes away was not the record's
+            if err is None:
+                return True
+            if blame(err) != RECORD:
+                self._outage(err)
+                return False
+            await self._quarantine(records[0], err)
+            return True
+        mid = len(records) // 2
+        for half in (records[:mid], records[mid:]):  # in order: a turn's predecessor first
+            err = await self._attempt(half)
+            if err is None:
+                continue
+            if blame(err) != RECORD:
+                self._outage(err)
+                return False
+            if not await self._split(half):
+                return False
+        return True
+
+    async def _attempt(self, records: list[TurnRecord], prepared: asyncio.Future | None = None
+                       ) -> BaseException | None:
+        """One transaction; the error, or None when it committed."""
         if time.monotonic() < self._retry_at:
-            return False
+            if prepared is not None:
+                prepared.add_done_callback(_ignore)
+            return _Backoff("waiting before the next try")
+        critics = set(self._critics)
         try:
-            prepared = await (prepared or asyncio.to_thread(prepare, batch, self._pg))
+            batch = await (prepared or asyncio.to_thread(prepare, records, self._pg))
             async with self.engine.begin() as conn:
-                await write_batch(conn, prepared, self._cache, self._critics)
-        except Exception as e:
+                await write_batch(conn, batch, self._cache, critics)
+        except Exception as e:  # noqa: BLE001 - blamed by the caller (service.store.blame)
             metrics.DB_WRITE_ERRORS.inc()
-            if "does not exist" in str(e) and "relation" in str(e):
-                e = RuntimeError(f"the store's tables are missing: run `turngate db upgrade` ({e})")
-            if self.db_ok:
-                log.warning("database write failed, spooling turns: %s", e, exc_info=log.isEnabledFor(logging.DEBUG))
-            self.db_ok, self.last_error = False, f"{type(e).__name__}: {e}"[:500]
-            self._backoff = min(5.0, max(0.25, self._backoff * 2))
-            self._retry_at = time.monotonic() + self._backoff
-            return False
+            self._cache.clear()  # links it put may name conversations that were rolled back
+            return e
+        self._critics = critics
         if not self.db_ok:
             log.info("database is back")
         self.db_ok, self._backoff, self.last_error = True, 0.0, None
-        self.written += len(batch)
-        for r in batch:
+        self.written += len(batch.records)
+        for r in batch.records:
             self.pending_ids.discard(r.turn_id)
+            self._superseded.discard(r.turn_id)
+        return None
+
+    def _outage(self, e: BaseException) -> None:
+        if isinstance(e, _Backoff):
+            return
+        if "does not exist" in str(e) and "relation" in str(e):
+            e = RuntimeError(f"the store's tables are missing: run `turngate db upgrade` ({e})")
+        if self.db_ok:
+            log.warning("database write failed, turns stay in the spool: %s", e,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+        self.db_ok, self.last_error = False, f"{type(e).__name__}: {e}"[:500]
+        self._backoff = min(5.0, max(0.25, self._backoff * 2))
+        self._retry_at = time.monotonic() + self._backoff
+
+    async def _quarantine(self, record: TurnRecord, e: BaseException) -> None:
+        error = f"{type(e).__name__}: {e}"[:2000]
+        log.warning("the database refused turn %s; quarantined in %s: %s", record.turn_id,
+                    self.quarantine.path, error)
+        await asyncio.to_thread(self.quarantine.add, error, record=record)
+        self.pending_ids.discard(record.turn_id)
+
+    # -- replay ----------------------------------------------------------------------------------
+    async def _replay(self) -> bool:
+        """Writes every segment only the disk holds (this process's flagged ones, and foreign ones:
+        left by a process that stopped or died), oldest first. False when the database is away."""
+        cur = self.spool.current
+        if cur is not None and cur.flagged:
+            await asyncio.to_thread(self.spool.rotate)
+        readers = [self.spool.read(s) for s in self.spool.backlog()]
+        readers += await asyncio.to_thread(self.spool.claim_foreign)
+        if not readers:
+            self._backlog_since = None
+            return True
+        readers.sort(key=lambda r: r.path.name)
+        self._note_backlog(min(_created(r.path) for r in readers))
+        try:
+            while readers:
+                reader = readers[0]
+                if time.monotonic() < self._retry_at or not await self._replay_segment(reader):
+                    return False
+                readers.pop(0)
+                seg = reader.segment
+                if seg is not None:
+                    seg.replayed = True
+                    reader.release()
+                else:
+                    await asyncio.to_thread(reader.done)
+                log.info("replayed spool segment %s", reader.path.name)
+        finally:
+            for reader in readers:  # not replayed (database away, or cancelled): let go of them
+                reader.release()
+            self.spool.publish()
+        self._backlog_since = None
         return True
 
-    async def _replay(self) -> bool:
-        """Writes every closed spool segment, oldest first. False when the database failed."""
-        if time.monotonic() < self._retry_at:
-            return False
-        if self.spool.has_open_segment:
-            await asyncio.to_thread(self.spool.rotate)
-        for path in await asyncio.to_thread(self.spool.segments):
-            claim = await asyncio.to_thread(self.spool.claim, path)
-            if claim is None:
-                continue  # being written or replayed by another process
-            try:
-                chunks = claim.chunks(self.batch_max)
-                while (batch := await asyncio.to_thread(next, chunks, None)) is not None:
-                    if not await self._write(batch):
-                        claim.release()
-                        return False
-                await asyncio.to_thread(claim.done)
-                log.info("replayed spool segment %s", path.name)
-            except BaseException:
-                claim.release()
-                raise
+    async def _replay_segment(self, reader: Reader) -> bool:
+        chunks = reader.chunks(self.batch_max)
+        while (chunk := await asyncio.to_thread(self._decode, reader, chunks)) is not None:
+            if chunk and not await self._write_isolated(chunk):
+                return False
         return True
+
+    def _decode(self, reader: Reader, chunks) -> list[TurnRecord] | None:
+        """(thread) The next batch of records; unreadable lines go to the quarantine as they are."""
+        raw = next(chunks, None)
+        if raw is None:
+            return None
+        records = []
+        for lineno, line in raw:
+            try:
+                record, provisional = lines.decode_turn(line)
+            except Exception as e:  # noqa: BLE001 - any malformed line, from any release
+                log.warning("spool %s line %d unreadable, quarantined: %s", reader.path.name, lineno, e)
+                self.quarantine.add(f"unreadable spool line: {type(e).__name__}: {e}"[:2000], raw=line,
+                                    source=f"{reader.path.name}:{lineno}")
+                continue
+            tid = record.turn_id
+            if tid in self.quarantine.ids:
+                continue  # refused before: tried once, set aside once
+            if provisional and (tid in self._holds or tid in self._superseded):
+                continue  # its final record is on its way (or written): that one wins
+            records.append(record)
+        return records
+
+
+def _ignore(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: a batch whose write was abandoned needs no report
+
+
+def _created(path: Path) -> float:
+    """A segment's creation time, from its name (seg-<time_ns>-...); its mtime otherwise."""
+    try:
+        return int(path.name.split("-")[1]) / 1e9
+    except (IndexError, ValueError):
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return time.time()
 
 
 def _upgrade_locked(url: str) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.gate.record import CandidateRecord, ConversationHint, TurnRecord
+from service.store.boundary import fit_json, fit_row
 from service.store.conversations import conversation_id_for_external
 from service.store.engine import make_async_engine, make_sync_engine
 from service.store.models import Candidate, Conversation, Feedback, Turn
@@ -84,8 +85,9 @@ async def _import_chunk(engine, trajs: list[dict], cache: LinkCache, counts: dic
     for traj in trajs:
         conv, recs, tail = trajectory_records(traj, now)
         attrs = {"trajectory": {k: v for k, v in traj.items() if k not in _OWN}, "tail_messages": tail}
-        convs.append({"id": conv, "first_seen": utc(now), "last_seen": utc(now), "route": "import",
-                      "key_id": None, "external_id": str(traj["id"]), "attributes": attrs})
+        convs.append(fit_row(Conversation.__table__, {
+            "id": conv, "first_seen": utc(now), "last_seen": utc(now), "route": "import", "key_id": None,
+            "external_id": str(traj["id"]), "attributes": attrs}))
         records.extend(recs)
         if traj.get("reward") is not None:
             rewards.append({"conversation_id": conv, "reward": float(traj["reward"]), "source": "import",
@@ -125,7 +127,8 @@ def export_trajectories(url: str, out: IO[str], since: datetime, until: datetime
                 q.order_by(Conversation.id))
             for part in result.partitions():
                 for line in _lines(conn, part):
-                    out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    # fit_json: rows written before the record boundary may hold lone surrogates.
+                    out.write(json.dumps(fit_json(line), ensure_ascii=False) + "\n")
                     n += 1
     finally:
         engine.dispose()

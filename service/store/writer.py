@@ -1,20 +1,22 @@
 """Writing a batch of turn records in one transaction: thread them into conversations, then
-multi-row inserts. Idempotent by turn id (ON CONFLICT DO NOTHING), so a replayed batch is safe."""
+multi-row inserts. Idempotent by turn id (ON CONFLICT DO NOTHING), so a replayed batch is safe.
+Every row passes the record boundary (service.store.boundary) on its way: whatever a record holds,
+its rows fit the tables."""
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy import JSON, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.gate.record import TurnRecord
+from service.store.boundary import fit_row, fit_time
 from service.store.conversations import ThreadKeys, new_conversation_id, thread_keys
 from service.store.models import Candidate, Conversation, ConversationLink, CriticVersion, Turn
 
@@ -37,9 +39,13 @@ class LinkCache:
         if len(self._d) > self.size:
             self._d.popitem(last=False)
 
+    def clear(self) -> None:
+        """After a failed write: entries put by it may name conversations that were never committed."""
+        self._d.clear()
+
 
 def utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=UTC)
+    return fit_time(ts)
 
 
 @dataclass
@@ -51,28 +57,21 @@ class Prepared:
     keys: list[ThreadKeys]
     turns: list[dict[str, Any]]
     candidates: list[dict[str, Any]]
+    conversations: list[dict[str, Any]]  # per record: its conversation row's fitted key_id and external_id
     encoded: bool
 
 
 def prepare(records: list[TurnRecord], encode_json: bool = False) -> Prepared:
-    """CPU work (hashing, row building, JSON encoding); the sink runs it in a thread."""
-    seen: set[str] = set()
-    records = [r for r in records if not (r.turn_id in seen or seen.add(r.turn_id))]
+    """CPU work (hashing, row building, fitting, JSON encoding); the sink runs it in a thread."""
+    last = {r.turn_id: i for i, r in enumerate(records)}  # a turn twice: the later record wins
+    records = [r for i, r in enumerate(records) if last[r.turn_id] == i]
     keys = [thread_keys(r) for r in records]
-    turns = [turn_row(r, "", k.index) for r, k in zip(records, keys)]
-    cands = [c for r in records for c in candidate_rows(r)]
-    if encode_json:
-        for rows, table in ((turns, Turn.__table__), (cands, Candidate.__table__)):
-            cols = [c.name for c in table.c if isinstance(c.type, JSON)]
-            for row in rows:
-                for col in cols:
-                    if row[col] is not None:
-                        row[col] = _dumps(row[col])
-    return Prepared(records, keys, turns, cands, encode_json)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    turn_t, cand_t, conv_t = Turn.__table__, Candidate.__table__, Conversation.__table__
+    turns = [fit_row(turn_t, turn_row(r, "", k.index), encode_json) for r, k in zip(records, keys)]
+    cands = [fit_row(cand_t, c, encode_json) for r in records for c in candidate_rows(r)]
+    convs = [fit_row(conv_t, {"key_id": r.conversation.key_id, "external_id": k.external_id})
+             for r, k in zip(records, keys)]
+    return Prepared(records, keys, turns, cands, convs, encode_json)
 
 
 def turn_row(r: TurnRecord, conversation_id: str, index: int) -> dict[str, Any]:
@@ -115,7 +114,7 @@ async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCach
 
     conversations: dict[str, dict[str, Any]] = {}
     links: dict[str, str] = {}
-    for r, k, row in zip(records, keys, prepared.turns):
+    for r, k, row, cf in zip(records, keys, prepared.turns, prepared.conversations):
         conv = k.explicit_id or (k.lookup_hash and found.get(k.lookup_hash)) or new_conversation_id(r.turn_id)
         if k.link_hash:
             found[k.link_hash] = links[k.link_hash] = conv  # a later turn of this batch may need it
@@ -123,8 +122,8 @@ async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCach
         at = row["created_at"]
         c = conversations.get(conv)
         if c is None:
-            conversations[conv] = {"id": conv, "first_seen": at, "last_seen": at, "route": r.route,
-                                   "key_id": r.conversation.key_id, "external_id": k.external_id}
+            conversations[conv] = {"id": conv, "first_seen": at, "last_seen": at, "route": row["route"],
+                                   "key_id": cf["key_id"], "external_id": cf["external_id"]}
         else:
             c["first_seen"], c["last_seen"] = min(c["first_seen"], at), max(c["last_seen"], at)
 
@@ -157,7 +156,7 @@ async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCach
             await _pg_bulk(raw, ConversationLink.__table__, rows)
         else:
             await conn.execute(_insert(conn, ConversationLink).on_conflict_do_nothing(), rows)
-    await _note_critics(conn, records, seen_critics)
+    await _note_critics(conn, prepared.turns, seen_critics)
     for h, c in links.items():
         cache.put(h, c)
 
@@ -209,9 +208,9 @@ async def _pg_bulk(raw, table, rows: list[dict[str, Any]], returning: str | None
     return []
 
 
-async def _note_critics(conn: AsyncConnection, records: list[TurnRecord], seen: set | None) -> None:
+async def _note_critics(conn: AsyncConnection, turns: list[dict[str, Any]], seen: set | None) -> None:
     """First sight of a critic name/version in this process -> a critic_versions row if none yet."""
-    new = {(r.critic_name, r.critic_version) for r in records if r.critic_name and r.critic_version}
+    new = {(t["critic_name"], t["critic_version"]) for t in turns if t["critic_name"] and t["critic_version"]}
     if seen is not None:
         new -= seen
     if not new:

@@ -48,4 +48,10 @@ LOG_QUEUE_DEPTH = Gauge("turngate_log_queue_depth", "Turn records waiting for th
 SPOOL_BYTES = Gauge("turngate_spool_bytes", "Bytes in the local spool waiting for the database",
                     multiprocess_mode="livesum")
 DB_WRITE_ERRORS = Counter("turngate_db_write_errors_total", "Failed database writes")
+STORE_QUARANTINED = Counter("turngate_store_quarantined_total",
+                            "Turn records (or spool lines) the database refused, set aside in the quarantine file")
+SPOOL_SYNC_LAG = Histogram("turngate_spool_sync_lag_seconds",
+                           "Age of the oldest journaled turn not yet fsynced, at each journal fsync: "
+                           "what a machine crash could lose",
+                           buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1, 1.5, 2, 5, 10))
 REDIS_ERRORS = Counter("turngate_redis_errors_total", "Failed Redis calls", ["op"])

@@ -1,0 +1,105 @@
+"""The journal: a turn is on disk (page cache) when enqueue returns, a process that dies leaves its
+journal to the next start, a live process's journal is never replayed by another, and a shadow
+turn is durable before its background scoring ends."""
+
+# ruff: noqa: F811 - the fixtures are imported from tests.test_store_support
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import text
+
+from service.gate.record import CandidateRecord
+from service.store.sink import StoreSink
+from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
+
+
+async def _rows(sink: StoreSink, sql: str, **params) -> list:
+    async with sink.engine.connect() as conn:
+        return (await conn.execute(text(sql), params)).all()
+
+
+def _journaled(spool) -> list[dict]:
+    return [json.loads(line) for p in sorted(spool.glob("seg-*.jsonl")) for line in p.read_text().splitlines()]
+
+
+def _die(sink: StoreSink) -> None:
+    """What the kernel does to a killed process's files: closed (locks released), nothing retired."""
+    sink._task.cancel()
+    sink._syncer.cancel()
+    sink.spool.release_all()
+
+
+async def test_a_turn_is_in_the_journal_when_enqueue_returns(db_url, tmp_path):
+    sink = StoreSink(db_url, tmp_path / "spool", flush_interval_s=60)  # the writer will not run
+    await sink.start()
+    r = record([{"role": "user", "content": "durable"}], "a")
+    sink.enqueue(r)
+    lines = _journaled(tmp_path / "spool")
+    await sink.stop()
+    assert [(x["v"], x["turn"]["turn_id"]) for x in lines] == [(2, r.turn_id)]
+
+
+async def test_a_process_that_dies_leaves_its_journal_to_the_next_start(db_url, tmp_path):
+    spool = tmp_path / "spool"
+    first = StoreSink(db_url, spool, flush_interval_s=60)
+    await first.start()
+    records = [record([{"role": "user", "content": f"q{i}"}], "a") for i in range(20)]
+    for r in records:
+        first.enqueue(r)
+    _die(first)
+    await first.engine.dispose()
+    second = StoreSink(db_url, spool)
+    await second.start()
+    assert await second.flush()
+    ids = {r[0] for r in await _rows(second, "SELECT id FROM turns")}
+    n_cand = (await _rows(second, "SELECT count(*) FROM candidates"))[0][0]
+    await second.stop()
+    assert ids == {r.turn_id for r in records} and n_cand == 4 * len(records)
+    assert not list(spool.glob("seg-*"))
+
+
+async def test_a_live_workers_journal_is_not_replayed_by_another(db_url, tmp_path):
+    spool = tmp_path / "spool"
+    a = StoreSink(db_url, spool, flush_interval_s=60)
+    b = StoreSink(db_url, spool, flush_interval_s=60)
+    await a.start()
+    await b.start()
+    records = [record([{"role": "user", "content": f"w{i}"}], "a") for i in range(10)]
+    for r in records:
+        a.enqueue(r)
+    assert await b.flush()
+    written_by_b, backlog_seen_by_b = b.written, b.spool.bytes
+    assert await a.flush()
+    ids = {r[0] for r in await _rows(a, "SELECT id FROM turns")}
+    await a.stop()
+    await b.stop()
+    assert written_by_b == 0 and backlog_seen_by_b == 0  # a's segment is locked by a: not b's backlog
+    assert ids == {r.turn_id for r in records}
+
+
+async def test_a_shadow_turn_is_durable_before_its_scoring_ends(db_url, tmp_path):
+    spool = tmp_path / "spool"
+    sink = StoreSink(db_url, spool, flush_interval_s=60)
+    await sink.start()
+    scored = record([{"role": "user", "content": "shadow, scored"}], "a", n=1)
+    unscored = record([{"role": "user", "content": "shadow, died while scoring"}], "a", n=1)
+    for r in (scored, unscored):
+        r.mode, r.decision, r.chosen_index = "shadow", "shadow", 0
+        r.candidates[0].index = 0
+        sink.hold(r)  # the reply leaves now; the record is completed by background scoring
+    # Scoring finished for one of them: the complete record (more candidates, scores) is enqueued.
+    scored.candidates = [CandidateRecord(index=i, round=0, message={"role": "assistant", "content": f"c{i}"},
+                                         score=0.1 * i) for i in range(3)]
+    sink.enqueue(scored)
+    _die(sink)  # before the other one's scoring ended
+    await sink.engine.dispose()
+    after = StoreSink(db_url, spool)
+    await after.start()
+    assert await after.flush()
+    cands = dict(await _rows(after, "SELECT turn_id, count(*) FROM candidates GROUP BY turn_id"))
+    decisions = dict(await _rows(after, "SELECT id, decision FROM turns"))
+    await after.stop()
+    assert decisions == {scored.turn_id: "shadow", unscored.turn_id: "shadow"}
+    assert cands == {scored.turn_id: 3, unscored.turn_id: 1}  # the scored version won where there was one
