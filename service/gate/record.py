@@ -43,6 +43,14 @@ class ConversationHint:
 
 
 @dataclass
+class UpstreamFailure:
+    """A candidate call that did not give a candidate, on a turn that may still have answered."""
+
+    kind: str  # an UpstreamError kind ("timeout", "connect", "server_error", "auth", ...) or "abandoned"
+    message: str  # turngate's own words; upstream text only where the client may see it too
+
+
+@dataclass
 class TurnRecord:
     turn_id: str
     route: str
@@ -63,6 +71,7 @@ class TurnRecord:
     candidates_saved: int = 0  # against always sampling N (adaptive sampling)
     feedback: list[str] = field(default_factory=list)  # intervention texts, one per round
     error: str | None = None  # set when the turn failed (the client got an error)
+    upstream_errors: list[UpstreamFailure] = field(default_factory=list)  # partial failures included
     conversation: ConversationHint = field(default_factory=ConversationHint)
     candidates: list[CandidateRecord] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)  # unix seconds
@@ -81,4 +90,5 @@ class TurnRecord:
         d = dict(d)
         d["conversation"] = ConversationHint(**(d.get("conversation") or {}))
         d["candidates"] = [CandidateRecord(**c) for c in d.get("candidates") or []]
+        d["upstream_errors"] = [UpstreamFailure(**e) for e in d.get("upstream_errors") or []]
         return cls(**d)

@@ -44,7 +44,9 @@ class StoreSink:
         self.engine = engine or make_async_engine(url)
         self._pg = not is_sqlite(url)
         self.queue: deque[TurnRecord] = deque()
-        self.pending_ids: set[str] = set()  # served here, not yet known to be in the database
+        # Served here, not yet known to be in the database: turn id -> client key digest (feedback
+        # accepts a pending turn from its own key only).
+        self.pending_ids: dict[str, str | None] = {}
         self.db_ok = True
         self.last_error: str | None = None
         self.written = 0
@@ -73,7 +75,7 @@ class StoreSink:
 
     def enqueue(self, record: TurnRecord) -> None:
         try:
-            self.pending_ids.add(record.turn_id)
+            self.pending_ids[record.turn_id] = record.conversation.key_id
             if len(self.queue) < self.max_queue and not self._stopping and self._task is not None:
                 self.queue.append(record)
                 metrics.LOG_QUEUE_DEPTH.set(len(self.queue))
@@ -215,7 +217,7 @@ class StoreSink:
         self.db_ok, self._backoff, self.last_error = True, 0.0, None
         self.written += len(batch)
         for r in batch:
-            self.pending_ids.discard(r.turn_id)
+            self.pending_ids.pop(r.turn_id, None)
         return True
 
     async def _replay(self) -> bool:

@@ -3,6 +3,7 @@ multi-row inserts. Idempotent by turn id (ON CONFLICT DO NOTHING), so a replayed
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ def turn_row(r: TurnRecord, conversation_id: str, index: int) -> dict[str, Any]:
         "latency_critic_ms": r.latency_critic_ms, "prompt_tokens": r.prompt_tokens,
         "completion_tokens": r.completion_tokens, "rounds": r.rounds, "candidates_saved": r.candidates_saved,
         "feedback_texts": r.feedback or None, "error": r.error, "created_at": utc(r.created_at),
+        "upstream_errors": [dataclasses.asdict(e) for e in r.upstream_errors] or None,
     }
 
 
