@@ -60,6 +60,10 @@ class RouteSettings(BaseModel):
     upstream_supports_n: bool = False
     attempt_timeout_s: float = Field(60.0, gt=0)
     deadline_s: float = Field(120.0, gt=0)
+    # Once the first candidate is in, wait at most max(candidate_wait_s, candidate_wait_ratio x its
+    # latency) for the others, then go on with what came back (docs/proxy.md, "Candidate wait").
+    candidate_wait_s: float = Field(2.0, ge=0)
+    candidate_wait_ratio: float = Field(1.0, ge=0)
     policy: GatePolicy = Field(default_factory=GatePolicy)
 
     @property

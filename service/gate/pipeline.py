@@ -24,7 +24,7 @@ from typing import Any
 
 from service.critic.base import CriticSlot
 from service.gate import feedback, sampling, selection
-from service.gate.record import CandidateRecord, ConversationHint, TurnRecord
+from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, UpstreamFailure
 from service.gate.selection import Candidate
 from service.settings import RouteSettings
 from service.store.base import TurnSink
@@ -71,6 +71,10 @@ class _Clock:
     started: float = field(default_factory=time.perf_counter)
     upstream_s: float = 0.0
     critic_s: float = 0.0
+
+
+def _note(record: TurnRecord, errors: list[UpstreamError]) -> None:
+    record.upstream_errors.extend(UpstreamFailure.of(e.kind, e.message) for e in errors)
 
 
 class Gate:
@@ -126,12 +130,15 @@ class Gate:
                       critic) -> Candidate:
         """Return the first call's reply as soon as it is in; rank everything in the background."""
         route = req.route
+        started = time.monotonic()
         tasks = sampling.start(self.upstream, route, req.body, route.n, req.client_key, deadline)
         t0 = time.perf_counter()
         try:
-            first = await sampling.collect(tasks[:1], deadline)
+            first = await sampling.collect(tasks[:1], deadline, route, started)
+            _note(record, first.errors)
             if not first.samples:  # the first call failed: fall back to the first that did not
-                rest = await sampling.collect(tasks[1:], deadline)
+                rest = await sampling.collect(tasks[1:], deadline, route, started)
+                _note(record, rest.errors)
                 if not rest.samples:
                     raise sampling.most_telling(first.errors + rest.errors)
                 first.samples = rest.samples[:1]
@@ -139,18 +146,21 @@ class Gate:
         except BaseException:
             sampling.cancel(tasks)
             raise
+        first_in = time.monotonic()
         clock.upstream_s += time.perf_counter() - t0
         chosen = selection.from_samples(first.samples[:1], 0, 0)[0]
         record.decision = "shadow"
         record.candidates.append(chosen.record)
         self._choose(record, chosen)
-        self._spawn(self._shadow_rank(req, record, chosen, tasks[1:], deadline, critic))
+        self._spawn(self._shadow_rank(req, record, chosen, tasks[1:], deadline, critic, started, first_in))
         return chosen
 
     async def _shadow_rank(self, req: TurnRequest, record: TurnRecord, first: Candidate,
-                           tasks: list[asyncio.Task], deadline: float, critic) -> None:
+                           tasks: list[asyncio.Task], deadline: float, critic, started: float,
+                           first_in: float) -> None:
         try:
-            rest = await sampling.collect(tasks, deadline)
+            rest = await sampling.collect(tasks, deadline, req.route, started, first_in)
+            _note(record, rest.errors)
             cands = [first] + selection.from_samples(rest.samples, 1, 0)
             record.candidates = [c.record for c in cands]
             selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
@@ -227,9 +237,11 @@ class Gate:
                       record: TurnRecord, clock: _Clock, deadline: float, required: bool = True
                       ) -> list[Candidate]:
         t0 = time.perf_counter()
+        started = time.monotonic()
         tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline)
-        got = await sampling.collect(tasks, deadline)
+        got = await sampling.collect(tasks, deadline, req.route, started)
         clock.upstream_s += time.perf_counter() - t0
+        _note(record, got.errors)
         if not got.samples and required and not record.candidates:
             raise sampling.most_telling(got.errors)
         cands = selection.from_samples(got.samples, len(record.candidates), round_no)
@@ -283,6 +295,8 @@ class Gate:
                 metrics.TOKENS.labels(route, kind).inc(value)
 
     def _enqueue(self, record: TurnRecord) -> None:
+        if record.upstream_errors and record.error is None:
+            metrics.TURNS_PARTIAL.labels(record.route).inc()
         try:
             self.sink.enqueue(record)
         except Exception:  # noqa: BLE001 - logging must never fail a turn

@@ -46,8 +46,14 @@ class ConversationHint:
 class UpstreamFailure:
     """A candidate call that did not give a candidate, on a turn that may still have answered."""
 
-    kind: str  # an UpstreamError kind ("timeout", "connect", "server_error", "auth", ...) or "abandoned"
-    message: str  # turngate's own words; upstream text only where the client may see it too
+    kind: str  # an UpstreamError kind: "timeout", "connect", "server_error", "auth", "abandoned", ...
+    message: str  # turngate's words, with the upstream's own message where the client may see it too
+
+    @classmethod
+    def of(cls, kind: str, message: str, limit: int = 500) -> UpstreamFailure:
+        """Bounded and storable whatever the upstream wrote (no NUL, no lone surrogate)."""
+        text = message[:limit].encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
+        return cls(kind, text)
 
 
 @dataclass

@@ -19,8 +19,12 @@ OVERHEAD = Histogram("turngate_overhead_seconds", "Turn latency minus upstream a
                      ["route", "mode"], buckets=_OVERHEAD_BUCKETS)
 UPSTREAM_DURATION = Histogram("turngate_upstream_duration_seconds", "One upstream sampling call",
                               ["route"], buckets=_LATENCY_BUCKETS)
-UPSTREAM_ERRORS = Counter("turngate_upstream_errors_total", "Failed upstream attempts by kind",
+UPSTREAM_ERRORS = Counter("turngate_upstream_errors_total",
+                          "Failed upstream attempts by kind; 'abandoned' = cancelled by the candidate wait",
                           ["route", "kind"])
+TURNS_PARTIAL = Counter("turngate_turns_partial_total",
+                        "Turns answered although some of their candidate calls failed or were given up",
+                        ["route"])
 CANDIDATES = Histogram("turngate_candidates_per_turn", "Candidates sampled per turn", ["route"],
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64))
 CANDIDATES_SAVED = Counter("turngate_candidates_saved_total",
