@@ -78,10 +78,16 @@ def _note(record: TurnRecord, errors: list[UpstreamError]) -> None:
 
 
 class Gate:
-    def __init__(self, upstream: UpstreamClient, critics: CriticSlot, sink: TurnSink) -> None:
+    def __init__(self, upstream: UpstreamClient, critics: CriticSlot, sink: TurnSink,
+                 shadow_max_backlog: int = 32) -> None:
         self.upstream = upstream
         self.critics = critics
         self.sink = sink
+        # Shadow turns whose other candidates are still being sampled or scored, at most this many:
+        # beyond it a shadow turn is shed (one call, recorded unscored), so background work cannot
+        # grow with the load and take the CPU the replies need.
+        self.shadow_max_backlog = shadow_max_backlog
+        self.shadow_backlog = 0
         self._background: set[asyncio.Task] = set()
 
     async def run(self, req: TurnRequest) -> TurnResult:
@@ -99,8 +105,7 @@ class Gate:
                 record.critic_name = record.critic_version = None
                 chosen = await self._passthrough(req, record, clock, deadline)
             elif route.mode == "shadow":
-                chosen = await self._shadow(req, record, clock, deadline, critic)
-                deferred = True
+                chosen, deferred = await self._shadow(req, record, clock, deadline, critic)
             else:
                 chosen = await self._rank(req, record, clock, deadline, critic)
             return TurnResult(record, chosen)
@@ -127,11 +132,21 @@ class Gate:
         return self._choose(record, cands[0])
 
     async def _shadow(self, req: TurnRequest, record: TurnRecord, clock: _Clock, deadline: float,
-                      critic) -> Candidate:
-        """Return the first call's reply as soon as it is in; rank everything in the background."""
+                      critic) -> tuple[Candidate, bool]:
+        """Return the first call's reply as soon as it is in; rank everything in the background.
+
+        Returns the reply and whether the record is left to the background ranking to enqueue.
+        When the backlog is full the turn is shed: one upstream call, the record enqueued unscored.
+        """
         route = req.route
+        ranked = self.shadow_backlog < self.shadow_max_backlog
+        if ranked:
+            self._shadow_slot(+1)
+        else:
+            metrics.SHADOW_SHED.labels(route.alias).inc()
         started = time.monotonic()
-        tasks = sampling.start(self.upstream, route, req.body, route.n, req.client_key, deadline)
+        tasks = sampling.start(self.upstream, route, req.body, route.n if ranked else 1, req.client_key,
+                               deadline)
         t0 = time.perf_counter()
         try:
             first = await sampling.collect(tasks[:1], deadline, route, started)
@@ -145,6 +160,8 @@ class Gate:
                 tasks = []
         except BaseException:
             sampling.cancel(tasks)
+            if ranked:
+                self._shadow_slot(-1)
             raise
         first_in = time.monotonic()
         clock.upstream_s += time.perf_counter() - t0
@@ -152,8 +169,13 @@ class Gate:
         record.decision = "shadow"
         record.candidates.append(chosen.record)
         self._choose(record, chosen)
-        self._spawn(self._shadow_rank(req, record, chosen, tasks[1:], deadline, critic, started, first_in))
-        return chosen
+        if ranked:
+            self._spawn(self._shadow_rank(req, record, chosen, tasks[1:], deadline, critic, started, first_in))
+        return chosen, ranked
+
+    def _shadow_slot(self, change: int) -> None:
+        self.shadow_backlog += change
+        metrics.SHADOW_BACKLOG.inc(change)
 
     async def _shadow_rank(self, req: TurnRequest, record: TurnRecord, first: Candidate,
                            tasks: list[asyncio.Task], deadline: float, critic, started: float,
@@ -170,6 +192,7 @@ class Gate:
         except Exception:  # noqa: BLE001 - the client already has its reply; keep the record
             log.exception("shadow ranking failed for %s", record.turn_id)
         finally:
+            self._shadow_slot(-1)
             self._enqueue(record)
 
     async def _rank(self, req: TurnRequest, record: TurnRecord, clock: _Clock, deadline: float,

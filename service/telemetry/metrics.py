@@ -53,3 +53,8 @@ SPOOL_BYTES = Gauge("turngate_spool_bytes", "Bytes in the local spool waiting fo
                     multiprocess_mode="livesum")
 DB_WRITE_ERRORS = Counter("turngate_db_write_errors_total", "Failed database writes")
 REDIS_ERRORS = Counter("turngate_redis_errors_total", "Failed Redis calls", ["op"])
+SHADOW_SHED = Counter("turngate_shadow_shed_total",
+                      "Shadow turns not ranked because the background backlog was full (recorded unscored)",
+                      ["route"])
+SHADOW_BACKLOG = Gauge("turngate_shadow_backlog", "Shadow turns being sampled or scored in the background",
+                       multiprocess_mode="livesum")
