@@ -114,7 +114,7 @@ def counter(metrics_url: str, name: str) -> float:
     """The sum of a counter's samples on the proxy's /metrics (0 when absent)."""
     text = httpx.get(metrics_url, timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+               if line.startswith((name + "{", name + " ")))
 
 
 def cpu_seconds(pid: int) -> float:
