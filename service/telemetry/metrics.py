@@ -22,6 +22,9 @@ UPSTREAM_DURATION = Histogram("turngate_upstream_duration_seconds", "One upstrea
 UPSTREAM_ERRORS = Counter("turngate_upstream_errors_total",
                           "Failed upstream attempts by kind; 'abandoned' = cancelled by the candidate wait",
                           ["route", "kind"])
+UPSTREAM_RETRIES = Counter("turngate_upstream_retries_total",
+                           "Upstream calls sent again after failing before any reply byte, by reason "
+                           "(connect, stale_connection)", ["route", "reason"])
 TURNS_PARTIAL = Counter("turngate_turns_partial_total",
                         "Turns answered although some of their candidate calls failed or were given up",
                         ["route"])
