@@ -117,6 +117,7 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any client key is accepted
     rate_limit_per_minute: int | None = None  # per client key; shared through Redis when set
+    redis_max_connections: int = Field(64, ge=1)  # per process; a burst beyond it waits for one
     max_request_bytes: int = 4 * 1024 * 1024
     keepalive_interval_s: float = 5.0
     upstream_pool_shards: int = Field(16, ge=1, le=256)  # see service.upstream.client.make_http_clients
