@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = 4 * 1024 * 1024
     keepalive_interval_s: float = 5.0
     upstream_pool_shards: int = Field(16, ge=1, le=256)  # see service.upstream.client.make_http_clients
-    shadow_max_backlog: int = Field(32, ge=0)  # shadow turns ranked in the background at once, per process
+    shadow_max_backlog: int = Field(8, ge=0)  # shadow turns ranked in the background at once, per process
 
     routes: list[RouteSettings] = Field(default_factory=list)
 

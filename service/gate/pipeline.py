@@ -79,7 +79,7 @@ def _note(record: TurnRecord, errors: list[UpstreamError]) -> None:
 
 class Gate:
     def __init__(self, upstream: UpstreamClient, critics: CriticSlot, sink: TurnSink,
-                 shadow_max_backlog: int = 32) -> None:
+                 shadow_max_backlog: int = 8) -> None:
         self.upstream = upstream
         self.critics = critics
         self.sink = sink
