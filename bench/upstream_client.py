@@ -1,7 +1,6 @@
-"""CPU per upstream call: httpx's AsyncClient against httpcore's pool, turngate's own call path
+"""CPU per upstream call: httpx's AsyncClient against httpcore's pool, and turngate's own call path
 (httpcore's pool, streamed, over a network backend that notes new connections, for the one retry
-on a reset: service.upstream.client), and the pool with an httpcore trace callback, the other way
-to tell a retryable failure.
+on a reset: service.upstream.client).
 
 Both send the same chat completion request, one at a time, to the same fake actor (a separate
 process, zero latency); the figure is this process's CPU time per call, so the actor's own cost
@@ -51,8 +50,7 @@ async def per_call_us(call, calls: int) -> float:
 async def run(url: str, calls: int, repeats: int) -> None:
     content = json.dumps(BODY, separators=(",", ":")).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
-    results: dict[str, list[float]] = {"httpx.AsyncClient": [], "httpcore pool": [], "turngate _post": [],
-                                       "httpcore + trace": []}
+    results: dict[str, list[float]] = {"httpx.AsyncClient": [], "httpcore pool": [], "turngate _post": []}
     upstream = UpstreamClient(make_http_clients(1))
     async with httpx.AsyncClient() as client, httpcore.AsyncConnectionPool() as pool:
         async def via_httpx():
@@ -64,19 +62,10 @@ async def run(url: str, calls: int, repeats: int) -> None:
         async def via_turngate():
             json.loads((await upstream._post("bench", url, headers, content)).content)
 
-        async def via_httpcore_traced():
-            events: list[str] = []  # as service.upstream.client does
-
-            async def trace(event: str, info: dict) -> None:
-                events.append(event)
-            resp = await pool.request("POST", url, headers=headers, content=content, extensions={"trace": trace})
-            json.loads(resp.content)
-
         for _ in range(repeats):  # interleaved, so drifting machine load hits all alike
             results["httpx.AsyncClient"].append(await per_call_us(via_httpx, calls))
             results["httpcore pool"].append(await per_call_us(via_httpcore, calls))
             results["turngate _post"].append(await per_call_us(via_turngate, calls))
-            results["httpcore + trace"].append(await per_call_us(via_httpcore_traced, calls))
     await upstream.aclose()
     base = statistics.median(results["httpx.AsyncClient"])
     print(f"{'client':<20}{'CPU us/call (median)':>22}{'vs httpx':>10}")
