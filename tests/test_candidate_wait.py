@@ -5,6 +5,7 @@ the others, then answers with what it has; what failed or was given up is on the
 
 from __future__ import annotations
 
+import json
 import time
 
 import openai
@@ -13,6 +14,7 @@ from sqlalchemy import select
 
 from service.app import create_app
 from service.demo.fake_actor import Reply, assistant, serve_in_thread
+from service.gate.record import TurnRecord, UpstreamFailure
 from service.settings import RouteSettings, Settings
 from service.store.engine import make_sync_engine
 from service.store.models import Turn
@@ -67,6 +69,14 @@ def test_one_hung_candidate_of_four_does_not_hold_the_turn(actor, scripted, db_u
         engine.dispose()
     assert [e["kind"] for e in errors] == ["abandoned"]
     assert "candidate_wait_s" in errors[0]["message"]
+
+
+def test_upstream_errors_survive_the_spool_format():
+    record = TurnRecord(turn_id="turn-1", route="r", mode="rank", upstream_model="m", request_messages=[],
+                        upstream_errors=[UpstreamFailure.of("timeout", "late\x00" + "x" * 900)])
+    back = TurnRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert back == record and back.upstream_errors[0].message.startswith("latex")
+    assert len(back.upstream_errors[0].message) == 499  # bounded, NUL dropped
 
 
 def test_candidates_back_within_the_wait_are_all_kept(gateway, scripted):

@@ -43,8 +43,9 @@ def _public(row: Any) -> dict[str, Any]:
 
 
 def _owned(column, key_id: str | None):
-    """Rows of this client key only; anonymous (None) is a key of its own."""
-    return column.is_not_distinct_from(key_id)
+    """Rows of this client key only; anonymous (None) is a key of its own. Written as = / IS NULL,
+    not IS NOT DISTINCT FROM, which PostgreSQL cannot look up in an index."""
+    return column.is_(None) if key_id is None else column == key_id
 
 
 async def _turn_conversation(conn, turn_id: str, key_id: str | None) -> str | None:
