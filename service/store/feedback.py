@@ -12,6 +12,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.store.boundary import fit_text
 from service.store.models import Conversation, Feedback, Turn
 
 
@@ -56,8 +57,9 @@ async def _turn_conversation(conn, turn_id: str, key_id: str | None) -> str | No
 
 
 async def _conversation(conn, cid: str, key_id: str | None) -> str | None:
+    stored = fit_text(cid, Conversation.__table__.c.external_id.type.length)  # stored cut, the same way
     q = (select(Conversation.id)
-         .where(or_(Conversation.id == cid, Conversation.external_id == cid), _owned(Conversation.key_id, key_id))
+         .where(or_(Conversation.id == cid, Conversation.external_id == stored), _owned(Conversation.key_id, key_id))
          .order_by(Conversation.last_seen.desc()).limit(1))
     return (await conn.execute(q)).scalar_one_or_none()
 
