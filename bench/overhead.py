@@ -14,6 +14,10 @@ ratio = turn latency / (upstream wall time + critic time); serial sampling would
 
     python bench/overhead.py [--latency 0.05] [--jitter 0.2] [--concurrency 1,16,64] [--seconds 8]
                              [--pool-shards 16] [--apparatus lean|standard]
+                             [--targets direct,pass,rank,shadow] [--shadow-backlog 64]
+
+`shadow` is the shadow route (N=4: the client gets candidate 0, the rest is sampled and scored in
+the background); `--shadow-backlog` sets TURNGATE_SHADOW_MAX_BACKLOG for it.
 """
 
 from __future__ import annotations
@@ -106,6 +110,13 @@ async def load(url: str, model: str | None, concurrency: int, seconds: float, le
             "overheads": overheads, "limits": limits}
 
 
+def counter(metrics_url: str, name: str) -> float:
+    """The sum of a counter's samples on the proxy's /metrics (0 when absent)."""
+    text = httpx.get(metrics_url, timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -136,6 +147,8 @@ def main() -> None:
     ap.add_argument("--pool-shards", type=int, default=16, help="upstream httpx pools (1 = one shared pool)")
     ap.add_argument("--gc-unfrozen", action="store_true",
                     help="undo the proxy's start-up gc.freeze() (to compare its full-GC pauses)")
+    ap.add_argument("--targets", default="direct,pass,rank", help="rows per concurrency: direct,pass,rank,shadow")
+    ap.add_argument("--shadow-backlog", type=int, help="TURNGATE_SHADOW_MAX_BACKLOG (default: the setting's)")
     ap.add_argument("--apparatus", choices=("lean", "standard"), default="lean",
                     help="lean: raw-asyncio load generator and upstream (bench/_lean_http.py); "
                          "standard: httpx client and the Starlette fake actor (each ~1 ms CPU/request)")
@@ -147,11 +160,16 @@ def main() -> None:
     config = {"routes": [
         {"alias": "pass", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "passthrough"},
         {"alias": "rank", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "rank",
+         "candidates": 4},
+        {"alias": "shadow", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "shadow",
          "candidates": 4}]}
     (tmp / "routes.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
            "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
            "TURNGATE_UPSTREAM_POOL_SHARDS": str(args.pool_shards), "PYTHONPATH": str(ROOT)}
+    if args.shadow_backlog is not None:
+        env["TURNGATE_SHADOW_MAX_BACKLOG"] = str(args.shadow_backlog)
+    targets = {"direct": ("direct upstream", actor_url + "/chat/completions", None)}
     lean = args.apparatus == "lean"
     upstream = [str(ROOT / "bench" / "_lean_http.py")] if lean else ["-m", "service.demo.fake_actor"]
     procs = [
@@ -165,6 +183,10 @@ def main() -> None:
         wait_up(actor_url + "/models")
         wait_up(f"http://127.0.0.1:{proxy_port}/healthz")
         proxy = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
+        metrics_url = f"http://127.0.0.1:{proxy_port}/metrics"
+        targets.update(pass_=("turngate passthrough", proxy, "pass"), rank=("turngate rank N=4", proxy, "rank"),
+                       shadow=("turngate shadow N=4", proxy, "shadow"))
+        rows = [targets["pass_" if t == "pass" else t] for t in args.targets.split(",")]
         uvloop.run(load(proxy, "rank", 4, 1.0, lean))  # warm up connections and code paths
         print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, stub critic {args.critic_ms:.1f} ms, "
               f"{args.pool_shards} upstream pool(s), {args.seconds:.0f} s per row, {os.cpu_count()} cores, "
@@ -172,18 +194,20 @@ def main() -> None:
         print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
               f"{'ovh p50':>9}{'ovh p99':>9}{'lat/limit':>10}{'proxy cpu/req ms':>18}")
         for c in [int(x) for x in args.concurrency.split(",")]:
-            for name, url, model in (("direct upstream", actor_url + "/chat/completions", None),
-                                     ("turngate passthrough", proxy, "pass"),
-                                     ("turngate rank N=4", proxy, "rank")):
+            for name, url, model in rows:
+                shed0 = counter(metrics_url, "turngate_shadow_shed_total")
                 cpu0 = cpu_seconds(procs[1].pid)
                 r = uvloop.run(load(url, model, c, args.seconds, lean))
                 cpu = (cpu_seconds(procs[1].pid) - cpu0) * 1000 / r["n"]
+                shed = counter(metrics_url, "turngate_shadow_shed_total") - shed0
                 lat = r["latencies"]
                 row = f"{name:<22}{c:>5}{r['rps']:>9.0f}{pct(lat, .5):>9.2f}{pct(lat, .99):>9.2f}"
                 if r["overheads"]:
                     ratio = statistics.median(a / b for a, b in zip(lat, r["limits"]))
                     row += (f"{pct(r['overheads'], .5):>9.2f}{pct(r['overheads'], .99):>9.2f}{ratio:>10.3f}"
                             f"{cpu:>18.2f}")
+                if model == "shadow":
+                    row += f"   shed {shed / r['n']:.0%}"
                 print(row, flush=True)
     finally:
         for p in procs:

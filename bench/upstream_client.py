@@ -1,4 +1,6 @@
-"""CPU per upstream call: httpx's AsyncClient against httpcore's pool (what turngate uses).
+"""CPU per upstream call: httpx's AsyncClient against httpcore's pool, and turngate's own call path
+(httpcore's pool, streamed, over a network backend that notes new connections, for the one retry
+on a reset: service.upstream.client).
 
 Both send the same chat completion request, one at a time, to the same fake actor (a separate
 process, zero latency); the figure is this process's CPU time per call, so the actor's own cost
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.demo.fake_actor import free_port  # noqa: E402
+from service.upstream.client import UpstreamClient, make_http_clients
 
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "Book the cheapest flight to Lisbon."}]}
 
@@ -47,7 +50,8 @@ async def per_call_us(call, calls: int) -> float:
 async def run(url: str, calls: int, repeats: int) -> None:
     content = json.dumps(BODY, separators=(",", ":")).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
-    results: dict[str, list[float]] = {"httpx.AsyncClient": [], "httpcore pool": []}
+    results: dict[str, list[float]] = {"httpx.AsyncClient": [], "httpcore pool": [], "turngate _post": []}
+    upstream = UpstreamClient(make_http_clients(1))
     async with httpx.AsyncClient() as client, httpcore.AsyncConnectionPool() as pool:
         async def via_httpx():
             json.loads((await client.post(url, content=content, headers={"content-type": "application/json"})).content)
@@ -55,9 +59,14 @@ async def run(url: str, calls: int, repeats: int) -> None:
         async def via_httpcore():
             json.loads((await pool.request("POST", url, headers=headers, content=content)).content)
 
-        for _ in range(repeats):  # interleaved, so drifting machine load hits both alike
+        async def via_turngate():
+            json.loads((await upstream._post("bench", url, headers, content)).content)
+
+        for _ in range(repeats):  # interleaved, so drifting machine load hits all alike
             results["httpx.AsyncClient"].append(await per_call_us(via_httpx, calls))
             results["httpcore pool"].append(await per_call_us(via_httpcore, calls))
+            results["turngate _post"].append(await per_call_us(via_turngate, calls))
+    await upstream.aclose()
     base = statistics.median(results["httpx.AsyncClient"])
     print(f"{'client':<20}{'CPU us/call (median)':>22}{'vs httpx':>10}")
     for name, values in results.items():

@@ -38,8 +38,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         critics = CriticSlot(critic or await asyncio.to_thread(load_critic, settings))
         turn_sink = sink or make_sink(settings)
         await turn_sink.start()
-        gate = Gate(upstream, critics, turn_sink)
-        limiter = make_limiter(settings.redis_url, settings.rate_limit_per_minute)
+        gate = Gate(upstream, critics, turn_sink, settings.shadow_max_backlog)
+        limiter = make_limiter(settings.redis_url, settings.rate_limit_per_minute, settings.redis_max_connections)
         app.state.services = Services(settings, gate, critics, turn_sink, limiter)
         app.state.critic_labels = critic_info.publish(critics.current)
         app.state.critic_activator = CriticActivator(critics, settings, owns_current=critic is None,

@@ -87,6 +87,10 @@ class RouteSettings(BaseModel):
     upstream_supports_n: bool = False
     attempt_timeout_s: float = Field(60.0, gt=0)
     deadline_s: float = Field(120.0, gt=0)
+    # Once the first candidate is in, wait at most max(candidate_wait_s, candidate_wait_ratio x its
+    # latency) for the others, then go on with what came back (docs/proxy.md, "Candidate wait").
+    candidate_wait_s: float = Field(2.0, ge=0)
+    candidate_wait_ratio: float = Field(1.0, ge=0)
     policy: GatePolicy = Field(default_factory=GatePolicy)
 
     @property
@@ -244,9 +248,11 @@ class Settings(BaseSettings):
     dev: bool = False  # a development machine: weak and placeholder secrets accepted, with a warning
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any client key is accepted
     rate_limit_per_minute: int | None = None  # per client key; shared through Redis when set
+    redis_max_connections: int = Field(64, ge=1)  # per process; a burst beyond it waits for one
     max_request_bytes: int = 4 * 1024 * 1024
     keepalive_interval_s: float = 5.0
     upstream_pool_shards: int = Field(16, ge=1, le=256)  # see service.upstream.client.make_http_clients
+    shadow_max_backlog: int = Field(8, ge=0)  # shadow turns ranked in the background at once, per process
 
     routes: list[RouteSettings] = Field(default_factory=list)
 

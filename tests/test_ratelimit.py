@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import uuid
 
+import httpx
 import openai
 import pytest
 import redis
@@ -12,6 +15,7 @@ import redis
 from service.app import create_app
 from service.demo.fake_actor import serve_in_thread
 from service.settings import RouteSettings, Settings
+from tests.test_metrics import delta, scrape
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -53,3 +57,42 @@ def test_redis_outage_fails_open(actor):
     with serve_in_thread(create_app(cfg)) as url:
         for _ in range(3):  # over the limit, but the limiter cannot count: agents keep working
             assert ask(url + "/v1", "sk-x").choices[0].message.content == "hi"
+
+
+def _limited_app(actor_url: str, redis_url: str, per_minute: int):
+    route = RouteSettings(alias="gpt-test", upstream_base_url=actor_url, candidates=1, mode="passthrough")
+    return create_app(Settings(routes=[route], redis_url=redis_url, rate_limit_per_minute=per_minute))
+
+
+def test_a_burst_of_concurrent_requests_is_counted_not_let_through(actor):
+    key = f"sk-{uuid.uuid4().hex}"
+    with serve_in_thread(_limited_app(actor[1], "redis://127.0.0.1:6379/0", 40)) as base:
+        before = scrape(base + "/v1")
+
+        async def burst() -> list[int]:
+            limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+            async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+                replies = await asyncio.gather(*[client.post(
+                    "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                    json={"model": "gpt-test", "messages": USER}) for _ in range(300)])
+            return [r.status_code for r in replies]
+        statuses = asyncio.run(burst())
+        after = scrape(base + "/v1")
+    # Redis was up the whole time: exactly the budget passes, whatever the concurrency.
+    assert statuses.count(200) == 40 and statuses.count(429) == 260, sorted(set(statuses))
+    assert delta(before, after, "turngate_redis_errors_total", op="ratelimit") == 0
+    key_id = hashlib.sha256(key.encode()).hexdigest()[:12]
+    redis.Redis(host="127.0.0.1", port=6379).delete(*redis.Redis(host="127.0.0.1", port=6379).keys(
+        f"turngate:rl:{key_id}:*"))
+
+
+def test_a_redis_outage_logs_one_warning_per_interval_and_counts_every_error(actor, caplog):
+    with serve_in_thread(_limited_app(actor[1], "redis://127.0.0.1:1/0", 1)) as base:
+        before = scrape(base + "/v1")
+        with caplog.at_level(logging.WARNING, logger="service.limits.ratelimit"):
+            for _ in range(20):
+                assert ask(base + "/v1", "sk-x").choices[0].message.content == "hi"
+        after = scrape(base + "/v1")
+    warnings = [r for r in caplog.records if r.name == "service.limits.ratelimit"]
+    assert len(warnings) == 1 and "redis" in warnings[0].getMessage().lower()
+    assert delta(before, after, "turngate_redis_errors_total", op="ratelimit") == 20

@@ -6,6 +6,7 @@ are not in the database yet (this replica's queue, another replica's late flush)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 
 import httpx
@@ -97,7 +98,8 @@ def test_unknown_ids_are_404_and_a_key_is_required(proxy):
 
 def test_turn_flushed_late_by_another_replica_is_found(proxy, tmp_path):
     base, _, url = proxy
-    late = record([{"role": "user", "content": "served elsewhere"}], "ok")
+    late = record([{"role": "user", "content": "served elsewhere"}], "ok",
+                  key_id=hashlib.sha256(b"sk-test").hexdigest()[:12])  # the key_id of KEY
 
     async def other_replica_writes() -> None:
         other = StoreSink(url, tmp_path / "other-spool")

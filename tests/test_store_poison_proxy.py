@@ -105,6 +105,25 @@ def test_hostile_requests_never_stop_turn_logging(actor, db_url, tmp_path):
     assert not list((tmp_path / "spool").glob("seg-*"))  # everything written, the journal retired
 
 
+def test_feedback_reaches_a_conversation_named_by_a_long_id(actor, db_url, tmp_path):
+    """The store keeps a 300-character id cut to its column; feedback naming the whole id finds it."""
+    _, actor_url = actor
+    long_id = "conv-" + "x" * 295
+    _, server = _serve(db_url, tmp_path / "spool", actor_url)
+    with server as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-turngate-conversation-id": long_id})
+        _wait_stored(db_url, [raw.headers["x-turngate-turn-id"]])
+        fb = httpx.post(base + "/v1/feedback", json={"conversation_id": long_id, "reward": 1},
+                        headers={"authorization": "Bearer k"})
+        other = httpx.post(base + "/v1/feedback", json={"conversation_id": long_id[:-1] + "y", "reward": 1},
+                           headers={"authorization": "Bearer k"})
+    assert fb.status_code == 200, fb.text
+    assert other.status_code == 404  # ids that differ after the cut stay apart
+
+
 def test_a_turn_the_database_refuses_is_quarantined_and_readyz_says_so(actor, refusing_db, tmp_path):
     """Turns of route alias 'poison' are refused by the database (a constraint): each is quarantined
     while the turns of another route, served in between, all land."""

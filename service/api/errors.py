@@ -3,6 +3,11 @@
 Status map: 400 bad request, 401 auth, 404 unknown model/id, 413 too large, 422 turn_rejected
 (the gate judged every candidate unsafe and the route says to stop), 429 upstream rate limit with
 its Retry-After, 502 upstream failure or garbage, 504 upstream timeout.
+
+Upstream 4xx: when turngate forwards the client's own key, the upstream's status, message, type,
+code and param reach the client (a refused key is the client's; nothing else of the upstream's
+reply is relayed). When the route holds its own upstream key, a 401/403 is turngate's fault: 502
+`upstream_auth`, with turngate's message only (service.upstream.client).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def from_upstream(exc: UpstreamError) -> APIError:
         detail = (exc.body or {}).get("error") or {}
         return APIError(exc.status, exc.message, detail.get("type") or "invalid_request_error",
                         detail.get("code"), detail.get("param"))
+    # server_error, connect, garbage, auth (the route's own key refused: its message is turngate's)
     return APIError(502, exc.message, "upstream_error", f"upstream_{exc.kind}")
 
 

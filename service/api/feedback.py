@@ -18,7 +18,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     turn_id: str | None = Field(None, min_length=1, max_length=64)
-    conversation_id: str | None = Field(None, min_length=1, max_length=200)
+    conversation_id: str | None = Field(None, min_length=1, max_length=4096)  # the header's id, any length
     reward: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     label: str | None = Field(None, min_length=1, max_length=200)
     comment: str | None = Field(None, max_length=10_000)

@@ -24,7 +24,7 @@ from typing import Any
 
 from service.critic.base import CriticSlot
 from service.gate import feedback, sampling, selection
-from service.gate.record import CandidateRecord, ConversationHint, TurnRecord
+from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, UpstreamFailure
 from service.gate.selection import Candidate
 from service.settings import RouteSettings
 from service.store.base import TurnSink
@@ -73,11 +73,21 @@ class _Clock:
     critic_s: float = 0.0
 
 
+def _note(record: TurnRecord, errors: list[UpstreamError]) -> None:
+    record.upstream_errors.extend(UpstreamFailure.of(e.kind, e.message) for e in errors)
+
+
 class Gate:
-    def __init__(self, upstream: UpstreamClient, critics: CriticSlot, sink: TurnSink) -> None:
+    def __init__(self, upstream: UpstreamClient, critics: CriticSlot, sink: TurnSink,
+                 shadow_max_backlog: int = 8) -> None:
         self.upstream = upstream
         self.critics = critics
         self.sink = sink
+        # Shadow turns whose other candidates are still being sampled or scored, at most this many:
+        # beyond it a shadow turn is shed (one call, recorded unscored), so background work cannot
+        # grow with the load and take the CPU the replies need.
+        self.shadow_max_backlog = shadow_max_backlog
+        self.shadow_backlog = 0
         self._background: set[asyncio.Task] = set()
 
     async def run(self, req: TurnRequest) -> TurnResult:
@@ -95,8 +105,7 @@ class Gate:
                 record.critic_name = record.critic_version = None
                 chosen = await self._passthrough(req, record, clock, deadline)
             elif route.mode == "shadow":
-                chosen = await self._shadow(req, record, clock, deadline, critic)
-                deferred = True
+                chosen, deferred = await self._shadow(req, record, clock, deadline, critic)
             else:
                 chosen = await self._rank(req, record, clock, deadline, critic)
             return TurnResult(record, chosen)
@@ -125,34 +134,57 @@ class Gate:
         return self._choose(record, cands[0])
 
     async def _shadow(self, req: TurnRequest, record: TurnRecord, clock: _Clock, deadline: float,
-                      critic) -> Candidate:
-        """Return the first call's reply as soon as it is in; rank everything in the background."""
+                      critic) -> tuple[Candidate, bool]:
+        """Return the first call's reply as soon as it is in; rank everything in the background.
+
+        Returns the reply and whether the record is left to the background ranking to enqueue.
+        When the backlog is full the turn is shed: one upstream call, the record enqueued unscored.
+        """
         route = req.route
-        tasks = sampling.start(self.upstream, route, req.body, route.n, req.client_key, deadline)
+        ranked = self.shadow_backlog < self.shadow_max_backlog
+        if ranked:
+            self._shadow_slot(+1)
+        else:
+            metrics.SHADOW_SHED.labels(route.alias).inc()
+        started = time.monotonic()
+        tasks = sampling.start(self.upstream, route, req.body, route.n if ranked else 1, req.client_key,
+                               deadline)
         t0 = time.perf_counter()
         try:
-            first = await sampling.collect(tasks[:1], deadline)
+            first = await sampling.collect(tasks[:1], deadline, route, started)
+            _note(record, first.errors)
             if not first.samples:  # the first call failed: fall back to the first that did not
-                rest = await sampling.collect(tasks[1:], deadline)
+                rest = await sampling.collect(tasks[1:], deadline, route, started)
+                _note(record, rest.errors)
                 if not rest.samples:
                     raise sampling.most_telling(first.errors + rest.errors)
                 first.samples = rest.samples[:1]
                 tasks = []
         except BaseException:
             sampling.cancel(tasks)
+            if ranked:
+                self._shadow_slot(-1)
             raise
+        first_in = time.monotonic()
         clock.upstream_s += time.perf_counter() - t0
         chosen = selection.from_samples(first.samples[:1], 0, 0)[0]
         record.decision = "shadow"
         record.candidates.append(chosen.record)
         self._choose(record, chosen)
-        self._spawn(self._shadow_rank(req, record, chosen, tasks[1:], deadline, critic))
-        return chosen
+        if ranked:
+            self._spawn(self._shadow_rank(req, record, chosen, tasks[1:], deadline, critic, started, first_in))
+        return chosen, ranked
+
+    def _shadow_slot(self, change: int) -> None:
+        self.shadow_backlog += change
+        metrics.SHADOW_BACKLOG.inc(change)
 
     async def _shadow_rank(self, req: TurnRequest, record: TurnRecord, first: Candidate,
-                           tasks: list[asyncio.Task], deadline: float, critic) -> None:
+                           tasks: list[asyncio.Task], deadline: float, critic, started: float,
+                           first_in: float) -> None:
         try:
-            rest = await sampling.collect(tasks, deadline)
+            rest = await sampling.collect(tasks, deadline, req.route, started, first_in)
+            _note(record, rest.errors)
             cands = [first] + selection.from_samples(rest.samples, 1, 0)
             record.candidates = [c.record for c in cands]
             selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
@@ -162,6 +194,7 @@ class Gate:
         except Exception:  # noqa: BLE001 - the client already has its reply; keep the record
             log.exception("shadow ranking failed for %s", record.turn_id)
         finally:
+            self._shadow_slot(-1)
             self._enqueue(record)
 
     async def _rank(self, req: TurnRequest, record: TurnRecord, clock: _Clock, deadline: float,
@@ -231,9 +264,11 @@ class Gate:
                       record: TurnRecord, clock: _Clock, deadline: float, required: bool = True
                       ) -> list[Candidate]:
         t0 = time.perf_counter()
+        started = time.monotonic()
         tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline)
-        got = await sampling.collect(tasks, deadline)
+        got = await sampling.collect(tasks, deadline, req.route, started)
         clock.upstream_s += time.perf_counter() - t0
+        _note(record, got.errors)
         if not got.samples and required and not record.candidates:
             raise sampling.most_telling(got.errors)
         cands = selection.from_samples(got.samples, len(record.candidates), round_no)
@@ -287,6 +322,8 @@ class Gate:
                 metrics.TOKENS.labels(route, kind).inc(value)
 
     def _enqueue(self, record: TurnRecord) -> None:
+        if record.upstream_errors and record.error is None:
+            metrics.TURNS_PARTIAL.labels(record.route).inc()
         try:
             self.sink.enqueue(record)
         except Exception:  # noqa: BLE001 - logging must never fail a turn

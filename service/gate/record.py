@@ -45,6 +45,20 @@ class ConversationHint:
 
 
 @dataclass
+class UpstreamFailure:
+    """A candidate call that did not give a candidate, on a turn that may still have answered."""
+
+    kind: str  # an UpstreamError kind: "timeout", "connect", "server_error", "auth", "abandoned", ...
+    message: str  # turngate's words, with the upstream's own message where the client may see it too
+
+    @classmethod
+    def of(cls, kind: str, message: str, limit: int = 500) -> UpstreamFailure:
+        """Bounded and storable whatever the upstream wrote (no NUL, no lone surrogate)."""
+        text = message[:limit].encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
+        return cls(kind, text)
+
+
+@dataclass
 class TurnRecord:
     turn_id: str
     route: str
@@ -65,6 +79,7 @@ class TurnRecord:
     candidates_saved: int = 0  # against always sampling N (adaptive sampling)
     feedback: list[str] = field(default_factory=list)  # intervention texts, one per round
     error: str | None = None  # set when the turn failed (the client got an error)
+    upstream_errors: list[UpstreamFailure] = field(default_factory=list)  # partial failures included
     conversation: ConversationHint = field(default_factory=ConversationHint)
     candidates: list[CandidateRecord] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)  # unix seconds
@@ -85,6 +100,7 @@ class TurnRecord:
         d = _known(cls, d)
         d["conversation"] = ConversationHint(**_known(ConversationHint, d.get("conversation") or {}))
         d["candidates"] = [CandidateRecord(**_known(CandidateRecord, c)) for c in d.get("candidates") or []]
+        d["upstream_errors"] = [UpstreamFailure(**_known(UpstreamFailure, e)) for e in d.get("upstream_errors") or []]
         return cls(**d)
 
 

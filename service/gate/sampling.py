@@ -1,9 +1,11 @@
 """Candidate sampling: N candidates from the actor, concurrently, within the turn's deadline.
 
 One upstream request with n=N where the route says the upstream supports it, otherwise N concurrent
-requests over the shared pooled client. What came back before the deadline is kept; attempts that
-failed are returned as errors so the caller can rank the rest or, when nothing came back, fail with
-the most telling error.
+requests over the shared pooled client. Once the first candidate is in, the others get the route's
+candidate wait (max(candidate_wait_s, candidate_wait_ratio x the first one's latency)), never past
+the deadline; calls still out then are cancelled, so one hung call cannot hold the turn. Attempts
+that failed or were given up are returned as errors so the caller can rank the rest, record them,
+or, when nothing came back, fail with the most telling error.
 """
 
 from __future__ import annotations
@@ -45,20 +47,50 @@ async def _observed(route: str, call) -> list[Sample]:
     return samples
 
 
-async def collect(tasks: list[asyncio.Task[list[Sample]]], deadline: float) -> Sampled:
-    """Wait for the tasks until the deadline; keep task order, so candidate 0 is the first call's."""
+def candidate_wait(route: RouteSettings, first_latency_s: float) -> float:
+    """How long the other candidates may take once the first is in."""
+    return max(route.candidate_wait_s, route.candidate_wait_ratio * first_latency_s)
+
+
+async def collect(tasks: list[asyncio.Task[list[Sample]]], deadline: float, route: RouteSettings,
+                  started: float | None = None, first_in: float | None = None) -> Sampled:
+    """Wait for the tasks until the deadline or the candidate wait runs out, cancel what is left;
+    keep task order, so candidate 0 is the first call's.
+
+    `started` is when the calls were fired (default: now) and `first_in` when an earlier collect of
+    the same turn got its first candidate (time.monotonic()); the wait then counts from there.
+    """
     out = Sampled()
     if not tasks:
         return out
+    started = time.monotonic() if started is None else started
+    stop, wait = deadline, None
+    if first_in is not None:
+        wait = candidate_wait(route, first_in - started)
+        stop = min(deadline, first_in + wait)
+    pending = set(tasks)
     try:
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+        while pending and (timeout := stop - time.monotonic()) > 0:
+            done, pending = await asyncio.wait(
+                pending, timeout=timeout,
+                return_when=asyncio.ALL_COMPLETED if wait is not None else asyncio.FIRST_COMPLETED)
+            if wait is None and any(not t.cancelled() and t.exception() is None for t in done):
+                first_in = time.monotonic()
+                wait = candidate_wait(route, first_in - started)
+                stop = min(deadline, first_in + wait)
     except asyncio.CancelledError:
         cancel(tasks)  # the client went away: stop paying for candidates nobody will see
         raise
     for task in tasks:
-        if task in pending:
+        if not task.done():
             task.cancel()
-            out.errors.append(UpstreamError("timeout", "upstream did not answer before the turn deadline"))
+            if stop < deadline:
+                error = UpstreamError("abandoned", f"gave up {wait:.3g}s after the first candidate came back "
+                                      "(candidate_wait_s, candidate_wait_ratio)")
+            else:
+                error = UpstreamError("timeout", "upstream did not answer before the turn deadline")
+            metrics.UPSTREAM_ERRORS.labels(route.alias, error.kind).inc()
+            out.errors.append(error)
         elif (exc := task.exception()) is not None:
             out.errors.append(exc if isinstance(exc, UpstreamError)
                               else UpstreamError("connect", f"upstream call failed: {exc!r}"))
@@ -78,7 +110,8 @@ def most_telling(errors: list[UpstreamError]) -> UpstreamError:
     A client error (the request itself is bad) or a rate limit says the most; timeouts only when
     every attempt timed out.
     """
-    for kind in ("client_error", "rate_limited", "server_error", "garbage", "connect", "timeout"):
+    for kind in ("client_error", "auth", "rate_limited", "server_error", "garbage", "connect", "timeout",
+                 "abandoned"):
         for e in errors:
             if e.kind == kind:
                 return e

@@ -3,7 +3,11 @@
 In-process by default (one replica). With TURNGATE_REDIS_URL the counters live in Redis, so every
 replica behind the load balancer enforces the same budget. If Redis fails, requests are let through
 (fail open) and the error is counted: an outage of the limiter must not become an outage of the
-agents behind it.
+agents behind it. The warning about it is logged once per interval, not once per request.
+
+The Redis connections are a blocking pool: a burst beyond its size waits for a free connection
+(up to POOL_WAIT_S) instead of failing, which let every request of a burst through while Redis was
+up (redis-py's default pool raises "Too many connections" past 100 concurrent calls).
 """
 
 from __future__ import annotations
@@ -13,10 +17,16 @@ import time
 from dataclasses import dataclass
 
 from service.telemetry import metrics
+from service.telemetry.throttled import ThrottledWarning
 
 log = logging.getLogger(__name__)
 
 WINDOW_S = 60
+# Timeouts are wall time on the event loop: under a burst a reply (or a connect) that Redis served
+# in a millisecond can wait 0.25 s and more for the loop to read it, and 0.25 s timeouts let most of
+# a burst through with Redis up (tests/test_ratelimit.py). Refused connections still fail at once.
+POOL_WAIT_S = 1.0  # a request waits this long for a free Redis connection before failing open
+REDIS_TIMEOUT_S = 1.0  # one connect or one command
 
 
 @dataclass(frozen=True)
@@ -48,12 +58,23 @@ class MemoryLimiter:
 
 
 class RedisLimiter:
-    def __init__(self, url: str, per_minute: int, prefix: str = "turngate:rl") -> None:
+    def __init__(self, url: str, per_minute: int, prefix: str = "turngate:rl", max_connections: int = 64,
+                 warn_interval_s: float = 30.0) -> None:
         import redis.asyncio as redis
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.retry import Retry
 
         self.per_minute = per_minute
         self.prefix = prefix
-        self.redis = redis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25)
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=POOL_WAIT_S, socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S)
+        # One immediate retry on a broken connection (a pooled one that Redis closed, e.g. after a
+        # restart), none on a timeout: each would add REDIS_TIMEOUT_S to every request of an outage.
+        self.redis = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1,
+                                                                   supported_errors=(RedisConnectionError,)))
+        self._outage = ThrottledWarning(log, warn_interval_s)
 
     async def hit(self, key_id: str) -> Verdict:
         window, retry = _window(time.time())
@@ -63,15 +84,18 @@ class RedisLimiter:
                 count, _ = await pipe.incr(key).expire(key, WINDOW_S + 5).execute()
         except Exception as e:  # noqa: BLE001 - fail open, but visibly
             metrics.REDIS_ERRORS.labels("ratelimit").inc()
-            log.warning("rate limiter: redis unavailable (%s); letting the request through", type(e).__name__)
+            self._outage.warning("rate limiter: redis unavailable (%s); letting requests through",
+                                 type(e).__name__)
             return Verdict(True)
         return Verdict(count <= self.per_minute, retry)
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)  # the pool is ours, not the client's
 
 
-def make_limiter(redis_url: str | None, per_minute: int | None):
+def make_limiter(redis_url: str | None, per_minute: int | None, redis_max_connections: int = 64):
     if not per_minute:
         return None
-    return RedisLimiter(redis_url, per_minute) if redis_url else MemoryLimiter(per_minute)
+    if redis_url:
+        return RedisLimiter(redis_url, per_minute, max_connections=redis_max_connections)
+    return MemoryLimiter(per_minute)

@@ -12,6 +12,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.store.boundary import fit_text
 from service.store.models import Conversation, Feedback, Turn
 
 
@@ -42,18 +43,38 @@ def _public(row: Any) -> dict[str, Any]:
             "created_at": int(row.created_at.timestamp()) if row.created_at else None}
 
 
-async def _turn_conversation(conn, turn_id: str) -> str | None:
-    return (await conn.execute(select(Turn.conversation_id).where(Turn.id == turn_id))).scalar_one_or_none()
+def _owned(column, key_id: str | None):
+    """Rows of this client key only; anonymous (None) is a key of its own. Written as = / IS NULL,
+    not IS NOT DISTINCT FROM, which PostgreSQL cannot look up in an index."""
+    return column.is_(None) if key_id is None else column == key_id
 
 
-async def _conversation(conn, cid: str) -> str | None:
-    q = (select(Conversation.id).where(or_(Conversation.id == cid, Conversation.external_id == cid))
+async def _turn_conversation(conn, turn_id: str, key_id: str | None) -> str | None:
+    # A turn belongs to its conversation's key: threading never crosses keys (service.store.conversations).
+    q = (select(Turn.conversation_id).join(Conversation, Conversation.id == Turn.conversation_id)
+         .where(Turn.id == turn_id, _owned(Conversation.key_id, key_id)))
+    return (await conn.execute(q)).scalar_one_or_none()
+
+
+async def _conversation(conn, cid: str, key_id: str | None) -> str | None:
+    stored = fit_text(cid, Conversation.__table__.c.external_id.type.length)  # stored cut, the same way
+    q = (select(Conversation.id)
+         .where(or_(Conversation.id == cid, Conversation.external_id == stored), _owned(Conversation.key_id, key_id))
          .order_by(Conversation.last_seen.desc()).limit(1))
     return (await conn.execute(q)).scalar_one_or_none()
 
 
+async def _existing(conn, fb: FeedbackIn) -> Any:
+    q = select(Feedback).where(Feedback.client_id == fb.client_id, _owned(Feedback.key_id, fb.key_id))
+    return (await conn.execute(q)).first()
+
+
 async def record_feedback(sink, fb: FeedbackIn, wait_s: float = 2.0) -> tuple[dict[str, Any], bool]:
     """Stores feedback; returns (the row, whether it already existed under the client's id).
+
+    Everything is scoped by the client key (`fb.key_id`; None = anonymous): the idempotency id,
+    the turn and the conversation. Another key's turn or conversation is UnknownTarget, after the
+    same wait as an id that does not exist, so a 404 tells nothing about other tenants.
 
     A turn this replica served but has not written yet (queue or spool) is accepted at once: the
     row references it by id and needs no foreign key. A turn unknown here may sit in another
@@ -63,7 +84,7 @@ async def record_feedback(sink, fb: FeedbackIn, wait_s: float = 2.0) -> tuple[di
     try:
         async with engine.connect() as conn:
             if fb.client_id:
-                row = (await conn.execute(select(Feedback).where(Feedback.client_id == fb.client_id))).first()
+                row = await _existing(conn, fb)
                 if row is not None:
                     return _public(row), True
             conv = await _resolve(sink, conn, fb, wait_s)
@@ -76,8 +97,7 @@ async def record_feedback(sink, fb: FeedbackIn, wait_s: float = 2.0) -> tuple[di
             created = (await conn.execute(stmt)).first()
             if created is not None:
                 return _public(created), False
-            existing = (await conn.execute(select(Feedback).where(Feedback.client_id == fb.client_id))).first()
-            return _public(existing), True
+            return _public(await _existing(conn, fb)), True
     except SQLAlchemyError as e:
         raise StoreUnavailable(str(e)) from e
     except (TimeoutError, OSError) as e:
@@ -90,13 +110,14 @@ async def _resolve(sink, conn, fb: FeedbackIn, wait_s: float) -> str | None:
     flushed = False
     while True:
         if fb.turn_id:
-            conv = await _turn_conversation(conn, fb.turn_id)
+            conv = await _turn_conversation(conn, fb.turn_id, fb.key_id)
             if conv is not None:
                 return conv
-            if fb.turn_id in getattr(sink, "pending_ids", ()):
+            pending = getattr(sink, "pending_ids", {})
+            if fb.turn_id in pending and pending[fb.turn_id] == fb.key_id:
                 return None
         else:
-            conv = await _conversation(conn, fb.conversation_id)
+            conv = await _conversation(conn, fb.conversation_id, fb.key_id)
             if conv is not None:
                 return conv
         if not flushed and hasattr(sink, "flush"):

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -79,6 +80,8 @@ class Turn(Base):
     candidates_saved: Mapped[int]
     feedback_texts: Mapped[list[Any] | None] = mapped_column(JSONType)  # intervention texts
     error: Mapped[str | None] = mapped_column(Text)
+    # Candidate calls that failed or were given up while the turn still answered: [{kind, message}].
+    upstream_errors: Mapped[list[Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(index=True)
 
 
@@ -102,9 +105,18 @@ class Candidate(Base):
 
 class Feedback(Base):
     """An outcome for a turn or a whole conversation. No foreign key on turn_id: feedback may
-    arrive while its turn is still in a replica's writer queue or spool."""
+    arrive while its turn is still in a replica's writer queue or spool.
+
+    The client's idempotency id is unique per client key: (key_id, client_id). Anonymous rows
+    (key_id NULL) would never conflict there, NULLs being distinct on both databases, so a
+    partial unique index keeps their ids unique among themselves."""
 
     __tablename__ = "feedback"
+    __table_args__ = (
+        UniqueConstraint("key_id", "client_id"),
+        Index("uq_feedback_client_id_anonymous", "client_id", unique=True,
+              postgresql_where=text("key_id IS NULL"), sqlite_where=text("key_id IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     turn_id: Mapped[str | None] = mapped_column(String(64), index=True)
@@ -113,7 +125,7 @@ class Feedback(Base):
     label: Mapped[str | None] = mapped_column(String(200))
     source: Mapped[str] = mapped_column(String(64))
     comment: Mapped[str | None] = mapped_column(Text)
-    client_id: Mapped[str | None] = mapped_column(String(200), unique=True)  # idempotency key
+    client_id: Mapped[str | None] = mapped_column(String(200))  # the client's idempotency id
     key_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(index=True)
 

@@ -68,7 +68,9 @@ class StoreSink:
         self.engine = engine or make_async_engine(url)
         self._pg = not is_sqlite(url)
         self.queue: deque[_Entry] = deque()
-        self.pending_ids: set[str] = set()  # served here, not yet known to be in the database
+        # Served here, not yet known to be in the database: turn id -> client key digest (feedback
+        # accepts a pending turn from its own key only).
+        self.pending_ids: dict[str, str | None] = {}
         self.db_ok = True
         self.last_error: str | None = None
         self.written = 0
@@ -113,7 +115,7 @@ class StoreSink:
             self._set_aside(record, e)
             return
         try:
-            self.pending_ids.add(record.turn_id)
+            self.pending_ids[record.turn_id] = record.conversation.key_id
             if self._task is None:  # not started, or stopped: straight to disk, for the next start
                 self.spool.append_detached(data)
                 return
@@ -144,7 +146,7 @@ class StoreSink:
         try:
             seg = self.spool.append(lines.encode_turn(record, provisional=True), keep=True)
             self._holds[record.turn_id] = seg
-            self.pending_ids.add(record.turn_id)
+            self.pending_ids[record.turn_id] = record.conversation.key_id
         except Exception:
             log.exception("could not journal shadow turn %s", record.turn_id)
 
@@ -356,7 +358,7 @@ class StoreSink:
         self.db_ok, self._backoff, self.last_error = True, 0.0, None
         self.written += len(batch.records)
         for r in batch.records:
-            self.pending_ids.discard(r.turn_id)
+            self.pending_ids.pop(r.turn_id, None)
             self._superseded.discard(r.turn_id)
         return None
 
@@ -377,7 +379,7 @@ class StoreSink:
         log.warning("the database refused turn %s; quarantined in %s: %s", record.turn_id,
                     self.quarantine.path, error)
         await asyncio.to_thread(self.quarantine.add, error, record=record)
-        self.pending_ids.discard(record.turn_id)
+        self.pending_ids.pop(record.turn_id, None)
 
     # -- replay ----------------------------------------------------------------------------------
     async def _replay(self) -> bool:

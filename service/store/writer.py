@@ -5,6 +5,7 @@ its rows fit the tables."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -85,6 +86,7 @@ def turn_row(r: TurnRecord, conversation_id: str, index: int) -> dict[str, Any]:
         "latency_critic_ms": r.latency_critic_ms, "prompt_tokens": r.prompt_tokens,
         "completion_tokens": r.completion_tokens, "rounds": r.rounds, "candidates_saved": r.candidates_saved,
         "feedback_texts": r.feedback or None, "error": r.error, "created_at": utc(r.created_at),
+        "upstream_errors": [dataclasses.asdict(e) for e in r.upstream_errors] or None,
     }
 
 

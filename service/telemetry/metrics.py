@@ -19,8 +19,15 @@ OVERHEAD = Histogram("turngate_overhead_seconds", "Turn latency minus upstream a
                      ["route", "mode"], buckets=_OVERHEAD_BUCKETS)
 UPSTREAM_DURATION = Histogram("turngate_upstream_duration_seconds", "One upstream sampling call",
                               ["route"], buckets=_LATENCY_BUCKETS)
-UPSTREAM_ERRORS = Counter("turngate_upstream_errors_total", "Failed upstream attempts by kind",
+UPSTREAM_ERRORS = Counter("turngate_upstream_errors_total",
+                          "Failed upstream attempts by kind; 'abandoned' = cancelled by the candidate wait",
                           ["route", "kind"])
+UPSTREAM_RETRIES = Counter("turngate_upstream_retries_total",
+                           "Upstream calls sent again after failing before any reply byte, by reason "
+                           "(connect, stale_connection)", ["route", "reason"])
+TURNS_PARTIAL = Counter("turngate_turns_partial_total",
+                        "Turns answered although some of their candidate calls failed or were given up",
+                        ["route"])
 CANDIDATES = Histogram("turngate_candidates_per_turn", "Candidates sampled per turn", ["route"],
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64))
 CANDIDATES_SAVED = Counter("turngate_candidates_saved_total",
@@ -55,3 +62,8 @@ SPOOL_SYNC_LAG = Histogram("turngate_spool_sync_lag_seconds",
                            "what a machine crash could lose",
                            buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1, 1.5, 2, 5, 10))
 REDIS_ERRORS = Counter("turngate_redis_errors_total", "Failed Redis calls", ["op"])
+SHADOW_SHED = Counter("turngate_shadow_shed_total",
+                      "Shadow turns not ranked because the background backlog was full (recorded unscored)",
+                      ["route"])
+SHADOW_BACKLOG = Gauge("turngate_shadow_backlog", "Shadow turns being sampled or scored in the background",
+                       multiprocess_mode="livesum")
