@@ -70,13 +70,18 @@ def tool_call_item(row: dict[str, Any], source: str) -> Item:
 
 
 def exported_items(row: dict[str, Any], source: str) -> list[Item]:
-    """A logged conversation (`turngate export`): each turn's candidates as one group. A vetoed
-    candidate is labelled invalid; the chosen one carries the outcome where feedback gave one."""
+    """A logged conversation (`turngate export`): each turn's candidates as one group, its context
+    the line's messages before the turn's assistant message. A vetoed candidate is labelled
+    invalid; the chosen one carries the conversation's outcome where feedback gave one."""
     out = []
     reward = row.get("reward")
+    messages = row.get("messages") or []
+    starts = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    tools = row.get("tools")
     for t in row.get("turns") or []:
         cands = t.get("candidates") or []
-        if len(cands) < 2:
+        k = t.get("index") or 0
+        if len(cands) < 2 or k >= len(starts):
             continue
         labels: list[float | None] = []
         for c in cands:
@@ -86,10 +91,9 @@ def exported_items(row: dict[str, Any], source: str) -> list[Item]:
                 labels.append(float(reward))
             else:
                 labels.append(None)
-        tools = t.get("tools") or row.get("tools")
-        messages, replies = t.get("request_messages") or [], [c["message"] for c in cands]
-        out.append(Item(f"{source}:{row.get('id')}", source, features.kind_of(messages, replies, tools),
-                        messages, tools, replies, labels, "logged"))
+        context, replies = messages[:starts[k]], [c["message"] for c in cands]
+        out.append(Item(f"{source}:{row.get('id')}", source, features.kind_of(context, replies, tools),
+                        context, tools, replies, labels, "logged"))
     return out
 
 
