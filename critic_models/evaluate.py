@@ -299,9 +299,9 @@ def pick_figures(bundle: Bundle, files: list[Path], split: str = "val", draws: i
     scored = []
     for g in groups:
         if bundle.head is not None:
-            scores = np.array([sigmoid(x) for x in head_fit.logits(bundle.head.heads[g.kind], g.rows)])
+            scores = np.array([sigmoid(x) for x in head_fit.logits(bundle.head.linear(g.kind), g.rows)])
         else:  # a format-1 bundle: the encoder alone
-            at = (features.TOOL_FEATURES if g.kind == "tool" else features.TEXT_FEATURES).index("encoder")
+            at = features.FEATURES_BY_KIND[g.kind].index("encoder")
             scores = 1.0 / (1.0 + np.exp(-g.rows[:, at]))
         scored.append(pick_eval.Scored(g, scores, g.lengths if g.lengths is not None else np.zeros(len(scores))))
     return {"split": split, "draws": draws, "set_size": set_size, **pick_eval.figures(scored, seed=seed)}

@@ -48,6 +48,7 @@ class Item:
     labels: list[float | None]
     category: str | None = None
     sample: bool = False  # draw groups of N from the candidates (tool-call sets)
+    pointwise: bool = True  # labels are probabilities of being right (not only a ranking)
     logits: list[float] = field(default_factory=list)  # the encoder's, filled by EncoderCache
 
 
@@ -98,6 +99,7 @@ def exported_items(row: dict[str, Any], source: str) -> list[Item]:
 
 
 def trajectory_items(row: dict[str, Any], source: str) -> list[Item]:
+    """Each turn that makes write calls, alone, where the task has gold actions."""
     gold = gold_of(row)
     if not gold:
         return []
@@ -106,20 +108,64 @@ def trajectory_items(row: dict[str, Any], source: str) -> list[Item]:
         writes = write_calls(m) if m.get("role") == "assistant" else []
         if writes:
             match = all(matches_gold(c, gold) for c in writes)
-            out.append(Item(f"{source}:{row.get('task_id', row['id'])}", source, "tool", msgs[:i],
-                            row.get("tools"), [m], [float(match)], "write"))
+            out.append(Item(_task_key(source, row), source, features.kind_of(msgs[:i], [m], row.get("tools")),
+                            msgs[:i], row.get("tools"), [m],
+                            [float(match)], "write"))
     return out
+
+
+def sibling_items(rows: list[dict[str, Any]], source: str) -> list[Item]:
+    """Where a task has several trials (τ-bench airline has 4): each write turn with, as the other
+    candidates, each other trial's call of the same write tool: the very same call where that
+    trial made it, else its first call of the tool. That stands for what the gate sees when it
+    samples N replies at that turn: the same actor on the same task, other samples.
+    Every candidate is labelled by the task's gold actions; the turn itself is candidate 0."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if gold_of(row):
+            by_task.setdefault(_task_key(source, row), []).append(row)
+    out = []
+    for key, trials in by_task.items():
+        if len(trials) < 2:
+            continue
+        for row in trials:
+            gold, msgs = gold_of(row), row["messages"]
+            for i, m in enumerate(msgs):
+                writes = write_calls(m) if m.get("role") == "assistant" else []
+                if not writes:
+                    continue
+                names = {(c.get("function") or {}).get("name") for c in writes}
+                others = [_nearest_write(o, m, names) for o in trials if o is not row]
+                cands = [m] + [o for o in others if o is not None]
+                if len(cands) < 2:
+                    continue
+                labels = [float(all(matches_gold(c, gold) for c in write_calls(x))) for x in cands]
+                out.append(Item(key, source, features.kind_of(msgs[:i], cands, row.get("tools")), msgs[:i],
+                                row.get("tools"), cands, labels, "write-siblings"))
+    return out
+
+
+def _nearest_write(row: dict[str, Any], like: Message, names: set) -> Message | None:
+    same = [m for m in row["messages"] if m.get("role") == "assistant" and any(
+        (c.get("function") or {}).get("name") in names for c in write_calls(m))]
+    want = features.signature(features.parse_calls(like))
+    return next((m for m in same if features.signature(features.parse_calls(m)) == want), same[0] if same else None)
+
+
+def _task_key(source: str, row: dict[str, Any]) -> str:
+    return f"{source}:{row.get('task_id', row['id'])}"
 
 
 def ranking_item(row: dict[str, Any], source: str) -> Item:
     return Item(f"{source}:{row['id']}", source, "text", [{"role": "user", "content": row["instruction"]}], None,
                 [{"role": "assistant", "content": c["text"]} for c in row["candidates"]],
-                [float(c["win_prob_vs_reference"]) for c in row["candidates"]], "ranking")
+                [float(c["win_prob_vs_reference"]) for c in row["candidates"]], "ranking", pointwise=False)
 
 
 def load_items(paths: list[Path]) -> list[Item]:
     items: list[Item] = []
     for f in data.data_files(paths):
+        trajectories = []
         for line in f.open():
             if not line.strip():
                 continue
@@ -132,6 +178,8 @@ def load_items(paths: list[Path]) -> list[Item]:
                 items.append(tool_call_item(row, f.name))
             else:
                 items += trajectory_items(row, f.name)
+                trajectories.append(row)
+        items += sibling_items(trajectories, f.name)
     return items
 
 
@@ -146,20 +194,33 @@ def split(items: list[Item], seed: int, val_fraction: float) -> tuple[list[Item]
 Scorer = Callable[[list[tuple[list[Message], list[Message], list[dict[str, Any]] | None]]], list[np.ndarray]]
 
 
-def fill_logits(items: list[Item], scorer: Scorer | None) -> None:
+def fill_logits(items: list[Item], scorer: Scorer | None, cache: dict[str, float] | None = None) -> None:
     """The encoder's logit for every candidate: one pass over the distinct candidates of each item
-    (function-calling models often reply identically), 0 without an encoder."""
+    (function-calling models often reply identically), 0 without an encoder. ``cache`` (context
+    and candidate digest -> logit, for one encoder) is read and filled, so that a rerun with other
+    features or head settings skips the encoder pass."""
     if scorer is None:
         for it in items:
             it.logits = [0.0] * len(it.candidates)
         return
-    keys = [[json.dumps(c, sort_keys=True) for c in it.candidates] for it in items]
-    firsts = [list({k: i for i, k in reversed(list(enumerate(ks)))}.values()) for ks in keys]
-    probs = scorer([(it.messages, [it.candidates[i] for i in f], it.tools) for it, f in zip(items, firsts)])
-    for it, ks, f, p in zip(items, keys, firsts, probs):
+    cache = {} if cache is None else cache
+    keys = [[_digest(it, c) for c in it.candidates] for it in items]
+    todo = []
+    for it, ks in zip(items, keys):
+        missing = list({k: i for i, k in reversed(list(enumerate(ks))) if k not in cache}.values())
+        if missing:
+            todo.append((it, ks, missing))
+    probs = scorer([(it.messages, [it.candidates[i] for i in f], it.tools) for it, _, f in todo])
+    for (it, ks, f), p in zip(todo, probs):
         p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
-        by_key = {ks[i]: float(x) for i, x in zip(f, np.log(p / (1 - p)))}
-        it.logits = [by_key[k] for k in ks]
+        cache.update({ks[i]: float(x) for i, x in zip(f, np.log(p / (1 - p)))})
+    for it, ks in zip(items, keys):
+        it.logits = [cache[k] for k in ks]
+
+
+def _digest(it: Item, candidate: Message) -> str:
+    text = json.dumps([it.messages, it.tools, candidate], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def groups(items: list[Item], draws: int, seed: int, sizes: tuple[int, ...] = DEFAULT_SIZES
@@ -180,7 +241,7 @@ def groups(items: list[Item], draws: int, seed: int, sizes: tuple[int, ...] = DE
             labels = np.array([math.nan if it.labels[i] is None else it.labels[i] for i in idx])
             lengths = np.array([_chars(it.candidates[i]) for i in idx], dtype=np.float64)
             out.append(FeatureGroup(it.key, it.source, turn.kind, np.asarray(turn.rows, dtype=np.float64),
-                                    labels, it.category, d, lengths))
+                                    labels, it.category, d, lengths, it.pointwise))
     return out
 
 

@@ -4,8 +4,12 @@ The loss has two parts, over standardised features:
 - listwise, within each group of candidates whose labels differ: cross-entropy between the
   softmax of the group's logits and the labels normalised to sum to one. This is what the gate
   does with the scores (pick the top of a group), so it is what the head is fitted for;
-- pointwise binary cross-entropy on every labelled candidate, weighted by ``pointwise``: it keeps
-  the score a probability, so that thresholds (accept, intervene) mean something for one candidate.
+- pointwise binary cross-entropy on every labelled candidate of a group that allows it, weighted
+  by ``pointwise``: it keeps the score a probability, so that thresholds (accept, intervene) mean
+  something for one candidate. Ranking sets do not allow it: a win probability against one fixed
+  reference answer mostly says how hard the prompt is, and fitted across prompts it teaches the
+  head that long answers are bad (critic_models/data.py has the measurement), the opposite of
+  what holds within a prompt.
 Plus L2 on the weights. Full-batch gradient descent with Adam, deterministic.
 """
 
@@ -30,6 +34,7 @@ class FeatureGroup:
     category: str | None = None  # the source's own category (BFCL's simple, parallel, ...)
     draw: int = 0  # which sampled subset of the question's replies (tool-call sets)
     lengths: np.ndarray | None = None  # characters of each reply (the longest-answer baseline)
+    pointwise: bool = True  # False: the labels only rank within the group (win probabilities)
 
 
 @dataclass
@@ -56,6 +61,7 @@ def fit(groups: list[FeatureGroup], names: tuple[str, ...], cfg: FitConfig | Non
     z = (x - mean) / scale
     labelled = ~np.isnan(y)
     y0 = np.where(labelled, y, 0.0)
+    point = labelled & np.concatenate([np.full(len(g.labels), g.pointwise) for g in groups])
     # Listwise targets: groups with at least two labelled candidates whose labels differ.
     n_groups = len(groups)
     lo = np.full(n_groups, np.inf)
@@ -67,7 +73,7 @@ def fit(groups: list[FeatureGroup], names: tuple[str, ...], cfg: FitConfig | Non
     np.add.at(total, owner[ranked], y0[ranked])
     target = np.where(ranked, y0 / np.maximum(total[owner], 1e-12), 0.0)
     n_ranked = max(1, int((hi - lo > 1e-9).sum()))
-    n_point = max(1, int(labelled.sum()))
+    n_point = max(1, int(point.sum()))
 
     w = np.zeros(z.shape[1])
     b = 0.0
@@ -83,7 +89,7 @@ def fit(groups: list[FeatureGroup], names: tuple[str, ...], cfg: FitConfig | Non
         p = np.where(ranked, e / np.maximum(denom[owner], 1e-300), 0.0)
         grad_logit = (p - target) / n_ranked
         prob = 1.0 / (1.0 + np.exp(-logit))
-        grad_logit = grad_logit + cfg.pointwise * np.where(labelled, prob - y0, 0.0) / n_point
+        grad_logit = grad_logit + cfg.pointwise * np.where(point, prob - y0, 0.0) / n_point
         grad = np.append(z.T @ grad_logit + cfg.l2 * w, grad_logit.sum())
         m = 0.9 * m + 0.1 * grad
         v = 0.999 * v + 0.001 * grad * grad

@@ -1,11 +1,20 @@
 """`turngate critic train-head`: fit the feature head over an encoder bundle and write a bundle.
 
 1. Every labelled source becomes candidate groups (critic_models.head_data), split by question,
-   prompt or task; the encoder bundle's ONNX model gives each candidate its logit once.
-2. With ``folds``, the recipe is cross-validated on the training side: each group is scored by a
+   prompt or task; the encoder bundle's ONNX model gives each candidate its logit once. On the
+   training side, the logit is zeroed for the files the encoder itself was trained on (its
+   manifest's training_data): there it is an in-sample score, and a head fitted on it learns to
+   trust the encoder more than it deserves on new data (measured on the ranking sets: held-out
+   pick 0.398 with it, 0.434 without).
+2. Heads: "tool" on the tool-call sets, "text" on the ranking sets. Agent turns (a conversation
+   with tool calls) are scored by the tool head unless ``agent_head`` is set: on the shared τ-bench
+   trajectories a head fitted on them did worse on unseen tasks than the tool head fitted on
+   function-calling questions alone (write turns among their sibling trials' calls, 5-fold by
+   task: AUC 0.71 against 0.83; docs/critic.md). Trajectories are then evaluated, never fitted.
+3. With ``folds``, the recipe is cross-validated on the training side: each group is scored by a
    head fitted on the other folds (by key), and the pick figures of critic_models.pick_eval are
    computed from those scores.
-3. The head is fitted on the whole training side and written, beside a copy of the encoder's
+4. The head is fitted on the whole training side and written, beside a copy of the encoder's
    files, as a format-2 bundle; the held-out side is evaluated through the bundle as it will be
    served, and the figures go into ``critic.json`` with the threshold hints on the new scale.
 
@@ -44,6 +53,8 @@ class HeadConfig:
     folds: int = 5  # cross-validation of the recipe on the training side (0 = off)
     eval_set_size: int = 4  # N of the held-out tool-call groups, as the issue's target
     fit: FitConfig = field(default_factory=FitConfig)
+    agent_head: bool = False  # fit a head of its own for agent turns (else the tool head scores them)
+    logits_cache: str | None = None  # JSON file of encoder logits, read and updated (one per encoder)
     name: str | None = None  # default: the encoder bundle's name
 
 
@@ -51,17 +62,31 @@ def _fold(key: str, folds: int, seed: int) -> int:
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(), 16) % folds
 
 
-def fit_head(groups: list[FeatureGroup], cfg: FitConfig, meta: dict[str, Any] | None = None) -> Head:
+def fit_head(groups: list[FeatureGroup], cfg: FitConfig, agent_head: bool = False,
+             meta: dict[str, Any] | None = None) -> Head:
     heads = {}
-    for kind, names in (("tool", features.TOOL_FEATURES), ("text", features.TEXT_FEATURES)):
+    for kind, names in features.FEATURES_BY_KIND.items():
+        if kind == "agent" and not agent_head:
+            continue
         mine = [g for g in groups if g.kind == kind]
         heads[kind] = fit(mine, names, cfg) if mine else fit(
             [FeatureGroup("-", "-", kind, np.zeros((1, len(names))), np.array([0.5]))], names, cfg)
     return Head(heads, features.FEATURES_VERSION, meta or {})
 
 
+def _read_cache(path: str | None, encoder: Bundle) -> dict[str, float]:
+    if not path or not Path(path).is_file():
+        return {}
+    saved = json.loads(Path(path).read_text())
+    return saved["logits"] if saved.get("encoder") == encoder.card.get("version") else {}
+
+
+def _encoder_files(encoder: Bundle) -> set[str]:
+    return set(((encoder.card.get("training_data") or {}).get("files") or {}))
+
+
 def score_groups(head: Head, groups: list[FeatureGroup]) -> list[np.ndarray]:
-    return [np.array([sigmoid(x) for x in logits(head.heads[g.kind], g.rows)]) for g in groups]
+    return [np.array([sigmoid(x) for x in logits(head.linear(g.kind), g.rows)]) for g in groups]
 
 
 def scored(groups: list[FeatureGroup], scores: list[np.ndarray]) -> list[pick_eval.Scored]:
@@ -69,16 +94,23 @@ def scored(groups: list[FeatureGroup], scores: list[np.ndarray]) -> list[pick_ev
             for g, s in zip(groups, scores)]
 
 
-def crossval(groups: list[FeatureGroup], folds: int, seed: int, cfg: FitConfig) -> list[np.ndarray]:
+def crossval(groups: list[FeatureGroup], folds: int, seed: int, cfg: FitConfig, agent_head: bool = False
+             ) -> list[np.ndarray]:
     """Each group's scores from a head fitted on the other folds (folds by key)."""
     fold = [_fold(g.key, folds, seed) for g in groups]
     out: list[np.ndarray | None] = [None] * len(groups)
     for k in range(folds):
-        head = fit_head([g for g, f in zip(groups, fold) if f != k], cfg)
+        head = fit_head(fittable([g for g, f in zip(groups, fold) if f != k], agent_head), cfg, agent_head)
         idx = [i for i, f in enumerate(fold) if f == k]
         for i, s in zip(idx, score_groups(head, [groups[i] for i in idx])):
             out[i] = s
     return [s for s in out if s is not None]
+
+
+def fittable(groups: list[FeatureGroup], agent_head: bool) -> list[FeatureGroup]:
+    """What the heads are fitted on: trajectory write turns only for an agent head of their own;
+    otherwise they are evaluated, never fitted (see the module docstring)."""
+    return [g for g in groups if agent_head or g.category not in ("write", "write-siblings")]
 
 
 def train_head(cfg: HeadConfig) -> dict[str, Any]:
@@ -87,15 +119,25 @@ def train_head(cfg: HeadConfig) -> dict[str, Any]:
     files = data.data_files([Path(p) for p in cfg.data])
     items = head_data.load_items(files)
     train, val = head_data.split(items, cfg.seed, cfg.val_fraction)
-    head_data.fill_logits(items, encoder.encoder_scores)
+    cache = _read_cache(cfg.logits_cache, encoder)
+    head_data.fill_logits(items, encoder.encoder_scores, cache)
+    if cfg.logits_cache:
+        Path(cfg.logits_cache).write_text(json.dumps({"encoder": encoder.card.get("version"), "logits": cache}))
+    seen = _encoder_files(encoder)
+    for it in train:
+        if it.source in seen:
+            it.logits = [0.0] * len(it.candidates)
     train_groups = head_data.groups(train, cfg.draws, cfg.seed)
     report: dict[str, Any] = {"config": {**asdict(cfg), "fit": asdict(cfg.fit)}, "data": data.digest(files),
                               "train_items": len(train), "val_items": len(val), "train_groups": len(train_groups)}
     if cfg.folds:
-        cv = crossval(train_groups, cfg.folds, cfg.seed, cfg.fit)
+        cv = crossval(train_groups, cfg.folds, cfg.seed, cfg.fit, cfg.agent_head)
         report["crossval"] = pick_eval.figures(scored(train_groups, cv), seed=cfg.seed)
-    head = fit_head(train_groups, cfg.fit, {"training": {"groups": len(train_groups), "fit": asdict(cfg.fit),
-                                                          "data_sha256": report["data"]["sha256"]}})
+    fitted = fittable(train_groups, cfg.agent_head)
+    head = fit_head(fitted, cfg.fit, cfg.agent_head, {"training": {
+        "groups": len(fitted), "fit": asdict(cfg.fit), "agent_head": cfg.agent_head,
+        "encoder_logit_zeroed_for": sorted(seen & {it.source for it in train}),
+        "data_sha256": report["data"]["sha256"]}})
     out = write_bundle(encoder, head, Path(cfg.out), cfg)
     held = head_data.groups(val, cfg.draws, cfg.seed + 1, sizes=(cfg.eval_set_size,))
     val_scores = score_groups(head, held)
@@ -114,9 +156,9 @@ def train_head(cfg: HeadConfig) -> dict[str, Any]:
 
 def _hints(groups: list[FeatureGroup], scores: list[np.ndarray]) -> dict[str, Any]:
     """Threshold hints on the head's scale, from held-out labelled tool-call candidates."""
-    s = [float(x) for g, sc in zip(groups, scores) if g.kind == "tool" for x, y in zip(sc, g.labels)
+    s = [float(x) for g, sc in zip(groups, scores) if g.kind != "text" for x, y in zip(sc, g.labels)
          if not np.isnan(y)]
-    y = [bool(v >= 0.5) for g in groups if g.kind == "tool" for v in g.labels if not np.isnan(v)]
+    y = [bool(v >= 0.5) for g in groups if g.kind != "text" for v in g.labels if not np.isnan(v)]
     hints = threshold_hints(s, y) if s else {"accept_threshold": None, "intervene_threshold": None}
     hints["note"] = ("from held-out tool-call candidates scored by the head: accept is the lowest score above "
                      "which >= 90% were valid; intervene maximises TPR-FPR, at most accept")

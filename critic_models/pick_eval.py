@@ -45,7 +45,7 @@ def picks(s: Scored) -> dict[str, float]:
     """Each method's pick value (the label of the candidate it picks; random: the mean)."""
     g, y = s.group, s.group.labels
     critic = int(np.argmax(s.scores))
-    if g.kind == "tool":
+    if g.kind != "text":
         ok = g.rows[:, _TOOL["schema_ok"]] > 0.5
         gate = int(np.argmax(np.where(ok, s.scores, -np.inf))) if ok.any() else 0
         majority = int(np.argmax(g.rows[:, _TOOL["call_support"]]))
@@ -89,7 +89,8 @@ def set_figures(scored: list[Scored], boots: int = 1000, seed: int = 0) -> dict[
 
 
 def auc_figures(scored: list[Scored], boots: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """AUC of single-candidate groups' scores against their labels, per source, with intervals."""
+    """AUC of the first candidate's score against its label, per source, with intervals: single
+    replies, or a write turn scored among its siblings (candidate 0 is the turn itself)."""
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {}
     for source in sorted({s.group.source for s in scored}):
@@ -114,7 +115,9 @@ def figures(scored: list[Scored], boots: int = 1000, seed: int = 0) -> dict[str,
     """Per source file: set figures (groups of 2+), or AUCs (single candidates)."""
     sets = [s for s in scored if len(s.scores) > 1 and not np.isnan(s.group.labels).any()]
     singles = [s for s in scored if len(s.scores) == 1 and not np.isnan(s.group.labels).any()]
-    out: dict[str, Any] = {"sets": {}, "single": auc_figures(singles, boots, seed) if singles else {}}
+    siblings = [s for s in sets if s.group.category == "write-siblings"]
+    out: dict[str, Any] = {"sets": {}, "single": auc_figures(singles, boots, seed) if singles else {},
+                           "siblings": auc_figures(siblings, boots, seed) if siblings else {}}
     for source in sorted({s.group.source for s in sets}):
         sub = [s for s in sets if s.group.source == source]
         out["sets"][source] = set_figures(sub, boots, seed)
@@ -143,9 +146,12 @@ def format_table(fig: dict[str, Any]) -> str:
         for cat, v in (f.get("by_category") or {}).items():
             lines.append(f"    {cat:<18} " + " ".join(f"{m} {v[m]:.3f}" for m in ("critic", "gate", "first",
                                                                                    "majority", "oracle")))
-    if fig["single"]:
-        lines += ["", "single replies (write calls against gold actions): AUC, 95% CI over tasks"]
-        for source, f in fig["single"].items():
+    for part, title in (("single", "write calls alone, against gold actions"),
+                        ("siblings", "write calls among the same turn's calls in the task's other trials")):
+        if not fig.get(part):
+            continue
+        lines += ["", f"{title}: AUC, 95% CI over tasks"]
+        for source, f in fig[part].items():
             c = f["ci95"]
             auc_s = "-" if f["auc"] is None else f"{f['auc']:.3f}"
             lines.append(f"  {source:<36} {auc_s} " + (f"[{c[0]:.3f}, {c[1]:.3f}]" if c else "")

@@ -88,7 +88,13 @@ def train_head(data: list[Path] = typer.Option(..., "--data", help=DATA_HELP + "
                seed: int = typer.Option(0, help="Seeds the split and the draws."),
                val_fraction: float = typer.Option(0.2, help="Questions / prompts / tasks held out."),
                pointwise: float = typer.Option(0.5, help="Weight of the pointwise (calibration) loss."),
-               steps: int = typer.Option(400, help="Full-batch optimisation steps.")) -> None:
+               steps: int = typer.Option(400, help="Full-batch optimisation steps."),
+               agent_head: bool = typer.Option(False, help="Fit a head of its own for agent turns from "
+                                                           "trajectories and logged agent turns (else the tool "
+                                                           "head scores them)."),
+               logits_cache: Path | None = typer.Option(None, help="JSON file of the encoder's logits, read "
+                                                                   "and updated: a rerun skips the encoder pass.")
+               ) -> None:
     """Fit the feature head (agreement, grounding, ... and the encoder's logit) over an encoder
     bundle; numpy only, no torch. Prints the cross-validated and held-out pick figures."""
     from critic_models.head_fit import FitConfig
@@ -102,7 +108,8 @@ def train_head(data: list[Path] = typer.Option(..., "--data", help=DATA_HELP + "
         raise typer.BadParameter("no encoder bundle given and none shipped", param_hint="--encoder")
     report = run_head(HeadConfig(encoder=str(base), data=[str(p) for p in data], out=str(out), seed=seed,
                                  val_fraction=val_fraction, draws=draws, folds=folds,
-                                 fit=FitConfig(pointwise=pointwise, steps=steps)))
+                                 fit=FitConfig(pointwise=pointwise, steps=steps), agent_head=agent_head,
+                                 logits_cache=str(logits_cache) if logits_cache else None))
     if report.get("crossval"):
         typer.echo(f"cross-validated on the training side ({folds} folds by key):\n" + format_table(report["crossval"]))
     typer.echo("\nheld out:\n" + format_table(report["held_out"]))

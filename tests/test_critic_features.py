@@ -96,9 +96,14 @@ def test_text_turns_measure_length_and_consensus():
     assert rows[2]["consensus"] < min(rows[0]["consensus"], rows[1]["consensus"])
 
 
-def test_an_agent_conversation_without_tool_declarations_is_still_a_tool_turn():
-    msgs = ask("hi") + [call("get_reservation", reservation_id="A"), {"role": "tool", "content": "x"}]
-    assert features.compute(msgs, [{"role": "assistant", "content": "Done."}], None).kind == "tool"
+def test_the_kind_of_turn_picks_the_head():
+    history = ask("hi") + [call("get_reservation", reservation_id="A"), {"role": "tool", "content": "x"}]
+    text = [{"role": "assistant", "content": "Done."}]
+    # inside an agent's loop, declared tools or not (a client may drop the declarations)
+    assert features.compute(history, text, None).kind == "agent"
+    assert features.compute(ask("hi"), text, TOOLS).kind == "tool"
+    assert features.compute(ask("hi"), [call("get_reservation", reservation_id="A")], None).kind == "tool"
+    assert features.compute(ask("hi"), text, None).kind == "text"
 
 
 def test_malformed_candidates_do_not_break_the_features():
@@ -155,7 +160,8 @@ def test_a_head_scores_and_explains_with_contributions_that_add_up():
 @pytest.mark.parametrize("breakage, message", [
     (lambda d: d.update(format=9), "head format"),
     (lambda d: d.update(features_version=0), "refit the head"),
-    (lambda d: d["heads"].pop("text"), "exactly 'tool' and 'text'"),
+    (lambda d: d["heads"].pop("text"), "must hold 'tool' and 'text'"),
+    (lambda d: d["heads"].update(other=d["heads"]["text"]), "may hold 'agent'"),
     (lambda d: d["heads"]["tool"]["weights"].pop(), "one per feature"),
     (lambda d: d["heads"]["tool"]["scale"].__setitem__(0, 0), "positive"),
     (lambda d: d["heads"]["text"].update(features=["x"]), "expected"),

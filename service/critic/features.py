@@ -56,6 +56,7 @@ TEXT_FEATURES = (
     "structure",  # log1p of list items, headings and code fences
     "encoder",
 )
+FEATURES_BY_KIND = {"tool": TOOL_FEATURES, "agent": TOOL_FEATURES, "text": TEXT_FEATURES}
 
 _STRUCTURE = re.compile(r"^\s*(?:[-*+] |\d+[.)] |#{1,6} |```)", re.M)
 _ERROR = re.compile(r"\berror\b|\bfailed\b|\binvalid\b|\bnot found\b|\bexception\b", re.I)
@@ -65,19 +66,20 @@ _CONSENSUS_CHARS = 3_000
 
 @dataclass(frozen=True)
 class TurnFeatures:
-    kind: str  # "tool" or "text": which head scores the turn
+    kind: str  # "tool", "agent" or "text": which head scores the turn (kind_of)
     names: tuple[str, ...]
     rows: list[list[float]]  # one row per candidate, in `names` order
 
 
 def kind_of(messages: list[Message], candidates: list[Message], tools: list[dict[str, Any]] | None) -> str:
-    """"tool" for an agent's turn: tools declared, or tool calls in the conversation or among the
-    candidates (a client may send the history without the declarations); else "text"."""
-    if tools:
+    """Which head scores the turn: "agent" once the conversation holds tool calls or results (a
+    turn inside an agent's loop, where ids, confirmations and earlier calls matter); "tool" for
+    a request that declares tools (or a candidate that calls one) without such history; else
+    "text"."""
+    if any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages):
+        return "agent"
+    if tools or any(isinstance(c, dict) and c.get("tool_calls") for c in candidates):
         return "tool"
-    for m in (*messages, *candidates):
-        if isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool"):
-            return "tool"
     return "text"
 
 
@@ -86,9 +88,10 @@ def compute(messages: list[Message], candidates: list[Message], tools: list[dict
     """Every candidate's features; ``encoder_logits`` in candidate order (0 when absent);
     ``verdicts``: the structural checks where the caller already ran them (the gate), else run here."""
     enc = list(encoder_logits) if encoder_logits is not None else [0.0] * len(candidates)
-    if kind_of(messages, candidates, tools) == "tool":
-        return TurnFeatures("tool", TOOL_FEATURES, _tool_rows(messages, candidates, tools, enc, verdicts))
-    return TurnFeatures("text", TEXT_FEATURES, _text_rows(candidates, enc))
+    kind = kind_of(messages, candidates, tools)
+    if kind == "text":
+        return TurnFeatures(kind, TEXT_FEATURES, _text_rows(candidates, enc))
+    return TurnFeatures(kind, TOOL_FEATURES, _tool_rows(messages, candidates, tools, enc, verdicts))
 
 
 # -- tool turns ----------------------------------------------------------------------------------

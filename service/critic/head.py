@@ -1,7 +1,8 @@
 """The feature head: a logistic model over the turn features, one per kind of turn.
 
-A bundle's ``head.json`` holds, per kind ("tool": the request declares tools, "text": it does
-not), the feature names, their standardisation (mean, scale), one weight each and a bias:
+A bundle's ``head.json`` holds, per kind of turn (service.critic.features.kind_of: "tool", a
+request that declares tools; "agent", a turn inside an agent's loop; "text"), the feature names,
+their standardisation (mean, scale), one weight each and a bias:
 
     logit = bias + sum_i weight_i * (x_i - mean_i) / scale_i,   score = sigmoid(logit)
 
@@ -51,9 +52,13 @@ class Head:
 
     def apply(self, turn: features.TurnFeatures) -> tuple[list[float], list[list[float]]]:
         """(scores in 0..1, per-candidate contributions in logits, in ``turn.names`` order)."""
-        lin = self.heads[turn.kind]
+        lin = self.linear(turn.kind)
         contribs = [lin.contributions(row) for row in turn.rows]
         return [sigmoid(lin.bias + sum(c)) for c in contribs], contribs
+
+    def linear(self, kind: str) -> Linear:
+        """The head for a kind; agent turns fall back to the tool head where there is no agent one."""
+        return self.heads.get(kind) or self.heads["tool"]
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": HEAD_FORMAT, "features_version": self.features_version,
@@ -70,7 +75,7 @@ def sigmoid(x: float) -> float:
 
 
 def expected_features(kind: str) -> tuple[str, ...]:
-    return features.TOOL_FEATURES if kind == "tool" else features.TEXT_FEATURES
+    return features.FEATURES_BY_KIND[kind]
 
 
 def parse(data: Any, where: str = HEAD_FILE) -> Head:
@@ -83,8 +88,8 @@ def parse(data: Any, where: str = HEAD_FILE) -> Head:
         raise HeadError(f"{where}: fitted on turn features version {data.get('features_version')!r}, this "
                         f"turngate computes version {features.FEATURES_VERSION}: refit the head")
     raw = data.get("heads")
-    if not isinstance(raw, dict) or set(raw) != {"tool", "text"}:
-        raise HeadError(f"{where}: 'heads' must hold exactly 'tool' and 'text'")
+    if not isinstance(raw, dict) or not {"tool", "text"} <= set(raw) <= set(features.FEATURES_BY_KIND):
+        raise HeadError(f"{where}: 'heads' must hold 'tool' and 'text', and may hold 'agent'")
     heads = {}
     for kind, h in raw.items():
         names = tuple(h.get("features") or ()) if isinstance(h, dict) else ()
