@@ -12,9 +12,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field, field_validator
 
 from service.api.deps import ClientKeyDep, ServicesDep
+from service.api.jsonroute import WireJSONRoute
 from service.api.protocol import ChatMessage, Tool
 
-router = APIRouter()
+router = APIRouter(route_class=WireJSONRoute)
 
 MAX_CANDIDATES = 64
 
