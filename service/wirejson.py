@@ -31,14 +31,15 @@ def loads(raw: bytes | str) -> Any:
 
 
 def _finite(value: Any) -> bool:
+    if type(value) is not dict and type(value) is not list:
+        return not (type(value) is float and not math.isfinite(value))
     stack = [value]
     while stack:
         item = stack.pop()
-        kind = type(item)
-        if kind is dict:
-            stack.extend(item.values())
-        elif kind is list:
-            stack.extend(item)
-        elif kind is float and not math.isfinite(item):
-            return False
+        for v in item.values() if type(item) is dict else item:
+            kind = type(v)
+            if kind is dict or kind is list:
+                stack.append(v)
+            elif kind is float and not math.isfinite(v):
+                return False
     return True

@@ -78,8 +78,8 @@ def _chat_cases() -> list[Case]:
         ("5000-digit in a tool schema", chat()[:-1] + b',"tools":[{"type":"function","function":{"name":"f",'
          b'"parameters":{"type":"object","maxProperties":' + BIG.encode() + b"}}}]}"),
         ("float overflow temperature", chat()[:-1] + b',"temperature":1e400}'),
-        ("float overflow in content part", b'{"model":"gpt-test","messages":[{"role":"user","content":'
-         b'[{"type":"text","text":"hi","weight":-1e999}]}]}'),
+        ("float overflow in content part", (b'{"model":"gpt-test","messages":[{"role":"user","content":'
+         b'[{"type":"text","text":"hi","weight":-1e999}]}]}')),
         ("NaN temperature", chat()[:-1] + b',"temperature":NaN}'),
         ("Infinity in an unknown field", chat()[:-1] + b',"x":Infinity}'),
         ("-Infinity in metadata", chat()[:-1] + b',"metadata":{"a":-Infinity}}'),

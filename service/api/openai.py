@@ -16,7 +16,7 @@ from service.api import replies
 from service.api.deps import ClientKeyDep, LimitedKeyDep, ServicesDep
 from service.api.errors import APIError, from_rejection, from_upstream, from_validation
 from service.api.jsonroute import parse_error_message
-from service.api.protocol import ChatCompletionRequest, ErrorBody
+from service.api.protocol import ChatCompletionRequest, ErrorBody, may_refer
 from service.gate.pipeline import Gate, TurnRejected, TurnRequest
 from service.gate.record import ConversationHint, new_turn_id
 from service.upstream.client import UpstreamError
@@ -84,7 +84,7 @@ def _parse(raw: bytes) -> dict:
     if not isinstance(payload, dict):
         raise APIError(400, "The request body must be a JSON object.")
     try:
-        ChatCompletionRequest.model_validate(payload)
+        ChatCompletionRequest.model_validate(payload, context={"may_refer": may_refer(raw)})
     except ValidationError as e:
         raise from_validation(e) from e
     return payload  # forwarded as sent, unknown fields included

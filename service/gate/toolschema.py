@@ -250,6 +250,12 @@ _MEMBER = ("items", "additionalItems", "contains", "propertyNames", "additionalP
 _MEMBER_MAPS = ("properties", "patternProperties")
 
 
+def _may_refer(schema: dict) -> bool:
+    """A quick filter before the walk: a "$ref"-like key shows in the repr (computed in C) as `ref'`."""
+    text = repr(schema)
+    return "ref'" in text or "Ref'" in text
+
+
 def _schemas(value: Any) -> Iterator[Any]:
     if isinstance(value, dict):
         yield value
@@ -259,7 +265,7 @@ def _schemas(value: Any) -> Iterator[Any]:
 
 def self_reference(schema: Any) -> str | None:
     """Why the schema can never be evaluated (it refers back to itself on the same value), or None."""
-    if not isinstance(schema, dict) or not _mentions(schema, _REFS):
+    if not isinstance(schema, dict) or not _may_refer(schema) or not _mentions(schema, _REFS):
         return None  # without a reference a schema is a finite tree
     try:
         root = Resource.from_contents(schema, default_specification=DRAFT202012)
