@@ -151,6 +151,8 @@ def _other_cases() -> list[Case]:
         Case("non-ASCII bearer token (models)", None, "/v1/models", key="ключ".encode()),
         Case("NUL in the admin activate path", json.dumps({"path": "/tmp/a\u0000b"}).encode(), ACTIVATE),
         Case("admin activate path 100k long", json.dumps({"path": "/" + "a" * 100_000}).encode(), ACTIVATE),
+        Case("admin activate path with a 300-char name", json.dumps({"path": "/tmp/" + "a" * 300}).encode(), ACTIVATE),
+        Case("admin activate path ~unknown-user", json.dumps({"path": "~no-such-user-x/b"}).encode(), ACTIVATE),
         Case("admin activate path is a number", json.dumps({"path": 5}).encode(), ACTIVATE),
         Case("admin activate json nested 100k deep", nested(100_000).encode(), ACTIVATE),
         Case("score: parts not objects", _score(messages=[{"role": "user", "content": [1, 2]}])),
