@@ -57,13 +57,18 @@ class ChatMessage(TypedDict):
 
 
 def may_refer(raw: bytes) -> bool:
-    """Whether a body could hold a `$ref`-like key: written out, or hidden behind a \\u escape."""
-    return b'ef"' in raw or b"\\u" in raw
+    """Whether a body could hold a `$ref`-like key ($ref, $dynamicRef, $recursiveRef).
+
+    Such a key ends in `ef"` on the wire unless its `e` or `f` is written as a \\u escape.
+    """
+    return b'ef"' in raw or b"\\u0065" in raw or b"\\u0066" in raw
 
 
 def _evaluable(schema: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
-    if schema is None or (info.context or {}).get("may_refer") is False:
-        return schema  # the raw body has no reference at all: nothing to walk
+    # Only the chat route evaluates schemas, and it says whether its raw body can hold a ref at all;
+    # elsewhere (the critic's score route reads tool names only) the walk would be cost for nothing.
+    if schema is None or not (info.context or {}).get("may_refer"):
+        return schema
     problem = toolschema.self_reference(schema)
     if problem:
         raise ValueError(problem)

@@ -176,7 +176,8 @@ def _safe_class(base, with_unevaluated: bool):
     keywords = dict(base.VALIDATORS)
     keywords.update(pattern=_pattern, patternProperties=_pattern_properties, uniqueItems=_unique_items)
     for name, wrap in (("additionalProperties", _additional_properties),
-                       ("$ref", _in_document_ref), ("$dynamicRef", _in_document_ref)):
+                       ("$ref", _in_document_ref), ("$dynamicRef", _in_document_ref),
+                       ("$recursiveRef", _in_document_ref)):
         if name in keywords:
             keywords[name] = wrap(keywords[name])
     if not with_unevaluated and "unevaluatedProperties" in keywords:
@@ -232,7 +233,8 @@ def first_error(schema_json: str, instance: Any, deadline: float) -> ValidationE
     except RecursionError:
         raise Unchecked("too_deep") from None
     except Exception:  # the client's schema drives jsonschema anywhere; never fail the turn
-        log.warning("checking tool arguments failed; not enforced", exc_info=True)
+        # Debug, not warning: a client can cause this on every turn; the metric counts it.
+        log.debug("checking tool arguments failed; not enforced", exc_info=True)
         raise Unchecked("checker_error") from None
     finally:
         _deadline.reset(token)
