@@ -6,15 +6,14 @@ scores with the same critic, micro-batched with live turns.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter
 from pydantic import BaseModel, Field, field_validator
 
 from service.api.deps import ClientKeyDep, ServicesDep
+from service.api.jsonroute import WireJSONRoute
 from service.api.protocol import ChatMessage, Tool
 
-router = APIRouter()
+router = APIRouter(route_class=WireJSONRoute)
 
 MAX_CANDIDATES = 64
 
@@ -28,8 +27,8 @@ class ScoreRequest(BaseModel):
     @classmethod
     def _assistant(cls, v: list[ChatMessage]) -> list[ChatMessage]:
         for i, c in enumerate(v):
-            if c.role != "assistant":
-                raise ValueError(f"candidate {i} has role {c.role!r}; candidates are assistant messages")
+            if c["role"] != "assistant":
+                raise ValueError(f"candidate {i} has role {c['role']!r}; candidates are assistant messages")
         return v
 
 
@@ -44,13 +43,10 @@ class ScoreResponse(BaseModel):
     critic: CriticInfo
 
 
-def _plain(models: list[BaseModel] | None) -> list[dict[str, Any]] | None:
-    return None if models is None else [m.model_dump(exclude_none=True) for m in models]
-
-
 @router.post("/v1/critic/score")
 async def score(body: ScoreRequest, services: ServicesDep, _: ClientKeyDep) -> ScoreResponse:
     critic = services.critics.current  # one critic for the whole request, even across a swap
-    scores = await critic.score(_plain(body.messages), _plain(body.candidates), _plain(body.tools))
+    # The messages are the client's dicts as validated (TypedDicts): scored as sent.
+    scores = await critic.score(body.messages, body.candidates, body.tools)
     return ScoreResponse(scores=scores, critic=CriticInfo(name=critic.name, version=critic.version,
                                                           provider=critic.provider))
