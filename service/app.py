@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import admin, errors, health, metrics, openai
+from service.api import admin, errors, health, metrics, openai, openapi
 from service.api import critic as critic_api
 from service.api import feedback as feedback_api
 from service.api.deps import Services
 from service.api.limits import BodySizeLimit
+from service.api.protocol import ChatCompletionRequest
 from service.critic.base import Critic, CriticSlot
 from service.critic.registry import CriticActivator, load_critic
 from service.gate.pipeline import Gate
@@ -70,5 +71,6 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    openapi.install(app, [ChatCompletionRequest])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app

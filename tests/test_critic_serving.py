@@ -176,7 +176,7 @@ def test_score_api_returns_the_scores_and_the_critic(gateway, critic, bundles):
     ({"messages": [], "candidates": CANDIDATES}, "messages"),
     ({"messages": MESSAGES, "candidates": [{"role": "user", "content": "hi"}]}, "candidates"),
     ({"messages": MESSAGES, "candidates": [CANDIDATES[0]] * 65}, "candidates"),
-    ({"messages": [{"content": "no role"}], "candidates": CANDIDATES}, "messages.0.role"),
+    ({"messages": [{"content": "no role"}], "candidates": CANDIDATES}, "messages[0].role"),
 ])
 def test_score_api_rejects_bad_requests_in_openai_shape(gateway, critic, payload, param):
     with gateway(critic=critic) as (url, _):

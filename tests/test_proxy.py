@@ -247,10 +247,10 @@ def test_shadow_returns_candidate_zero_and_scores_all(gateway, scripted):
 @pytest.mark.parametrize("body, param", [
     ({"model": "gpt-test"}, "messages"),
     ({"model": "gpt-test", "messages": []}, "messages"),
-    ({"model": "gpt-test", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"model": "gpt-test", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ({"model": "gpt-test", "messages": USER, "n": 3}, "n"),
     ({"model": "gpt-test", "messages": USER, "tools": [{"type": "function", "function": {}}]},
-     "tools.0.function.name"),
+     "tools[0].function.name"),
 ])
 def test_bad_requests_get_400_in_openai_format(gateway, body, param):
     with gateway() as (url, _):

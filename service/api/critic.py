@@ -7,17 +7,17 @@ scores with the same critic, micro-batched with live turns.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field, field_validator
 
 from service.api.deps import ClientKeyDep, ServicesDep
+from service.api.jsonroute import WireJSONRoute
 from service.api.protocol import ChatMessage, Tool
 from service.critic.base import assess
 from service.critic.reasons import explain
 
-router = APIRouter()
+router = APIRouter(route_class=WireJSONRoute)
 
 MAX_CANDIDATES = 64
 
@@ -31,8 +31,8 @@ class ScoreRequest(BaseModel):
     @classmethod
     def _assistant(cls, v: list[ChatMessage]) -> list[ChatMessage]:
         for i, c in enumerate(v):
-            if c.role != "assistant":
-                raise ValueError(f"candidate {i} has role {c.role!r}; candidates are assistant messages")
+            if c["role"] != "assistant":
+                raise ValueError(f"candidate {i} has role {c['role']!r}; candidates are assistant messages")
         return v
 
 
@@ -54,15 +54,12 @@ class ScoreResponse(BaseModel):
     explanations: list[Explanation]
 
 
-def _plain(models: list[BaseModel] | None) -> list[dict[str, Any]] | None:
-    return None if models is None else [m.model_dump(exclude_none=True) for m in models]
-
-
 @router.post("/v1/critic/score")
 async def score(body: ScoreRequest, services: ServicesDep, _: ClientKeyDep) -> ScoreResponse:
     """The candidates of one call are one group: agreement features see them all."""
     critic = services.critics.current  # one critic for the whole request, even across a swap
-    messages, candidates, tools = _plain(body.messages), _plain(body.candidates), _plain(body.tools)
+    # The messages are the client's dicts as validated (TypedDicts): scored as sent.
+    messages, candidates, tools = body.messages, body.candidates, body.tools
     found = await assess(critic, messages, candidates, tools)
     reasons = await asyncio.to_thread(explain, messages, candidates, tools)
     return ScoreResponse(

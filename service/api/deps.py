@@ -37,6 +37,12 @@ def _bearer(request: Request) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+def _same_key(given: str, expected: str) -> bool:
+    # Header values arrive decoded as latin-1 and may hold any byte; compare_digest only takes ASCII
+    # str, so compare the bytes the client sent with the key's UTF-8 bytes.
+    return hmac.compare_digest(given.encode("latin-1", "replace"), expected.encode())
+
+
 @dataclass
 class ClientKey:
     key: str | None
@@ -46,10 +52,10 @@ class ClientKey:
 async def client_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> ClientKey:
     key = _bearer(request)
     allowed = services.settings.api_keys
-    if allowed and not (key and any(hmac.compare_digest(key, k) for k in allowed)):
+    if allowed and not (key and any(_same_key(key, k) for k in allowed)):
         raise APIError(401, "Incorrect API key provided." if key else "Missing bearer API key.",
                        code="invalid_api_key")
-    return ClientKey(key, hashlib.sha256(key.encode()).hexdigest()[:12] if key else None)
+    return ClientKey(key, hashlib.sha256(key.encode("latin-1", "replace")).hexdigest()[:12] if key else None)
 
 
 async def rate_limited(key: Annotated[ClientKey, Depends(client_key)],
@@ -69,7 +75,7 @@ async def admin_key(request: Request, services: Annotated[Services, Depends(get_
     key = _bearer(request)
     if expected is None:
         raise APIError(403, "admin API is disabled: set TURNGATE_ADMIN_KEY", "permission_error")
-    if not key or not hmac.compare_digest(key, expected.get_secret_value()):
+    if not key or not _same_key(key, expected.get_secret_value()):
         raise APIError(401, "invalid admin key", code="invalid_api_key")
 
 

@@ -40,11 +40,29 @@ class APIError(Exception):
 
 
 def from_validation(exc: ValidationError | RequestValidationError) -> APIError:
-    err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    # The deepest error says the most: for `content: str | list[part]` it is the bad part, not "not a str".
+    err = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
+    param = _param(err.get("loc", ()))
     return APIError(400, f"{param + ': ' if param else ''}{err.get('msg')}", param=param,
                     code="invalid_value")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _param(loc) -> str | None:
+    """OpenAI's spelling of a location, `messages[0].content[1].text`, without pydantic's union tags."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part != "body" and not _is_tag(part):
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+def _is_tag(part: str) -> bool:
+    return "[" in part or part in _TYPE_TAGS or part[:1].isupper()
 
 
 def from_upstream(exc: UpstreamError) -> APIError:

@@ -1,35 +1,92 @@
 """OpenAI wire models: what turngate validates on the way in.
 
-Validation is deliberately shallow: turngate checks what it needs to gate the turn (messages,
-tools, streaming flags) and passes every other field, known or not, to the upstream unchanged.
+turngate checks the shape of everything it reads itself (messages, their content parts and tool
+calls, tools and their schemas, tool_choice, the streaming flags) and the types of the sampling
+parameters it declares, as OpenAI does: types are strict (`"stream": "no"` is refused, not read as
+true). Ranges and every other field, known or not, are the upstream's business: the request is
+forwarded as sent.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from typing_extensions import TypedDict
+
+from service.gate import toolschema
+
+# The parts of a request are TypedDicts: validated in pydantic-core without building an object per
+# message (half the cost of models), and what passes is the client's own dict, unknown keys included.
+_WIRE = ConfigDict(extra="allow", strict=True)
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Unknown fields are kept (and forwarded); declared ones are typed strictly."""
+
+    model_config = _WIRE
 
 
-class ChatMessage(_Open):
+class ContentPart(TypedDict):
+    __pydantic_config__ = _WIRE  # type: ignore[misc]
+    type: str
+    text: NotRequired[str]
+    refusal: NotRequired[str]
+
+
+class FunctionCall(TypedDict):
+    __pydantic_config__ = _WIRE  # type: ignore[misc]
+    name: str
+    arguments: str
+
+
+class ToolCall(TypedDict):
+    __pydantic_config__ = _WIRE  # type: ignore[misc]
+    id: NotRequired[str]
+    type: NotRequired[str]
+    function: FunctionCall
+
+
+class ChatMessage(TypedDict):
+    __pydantic_config__ = _WIRE  # type: ignore[misc]
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Any = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
+    content: NotRequired[str | list[ContentPart] | None]
+    name: NotRequired[str | None]
+    tool_calls: NotRequired[list[ToolCall] | None]
+    tool_call_id: NotRequired[str | None]
 
 
-class FunctionDef(_Open):
-    name: str = Field(min_length=1, max_length=64)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
+def may_refer(raw: bytes) -> bool:
+    """Whether a body could hold a `$ref`-like key ($ref, $dynamicRef, $recursiveRef).
+
+    Such a key ends in `ef"` on the wire unless its `e` or `f` is written as a \\u escape.
+    """
+    return b'ef"' in raw or b"\\u0065" in raw or b"\\u0066" in raw
 
 
-class Tool(_Open):
-    type: Literal["function"] = "function"
+def _evaluable(schema: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+    # Only the chat route evaluates schemas, and it says whether its raw body can hold a ref at all;
+    # elsewhere (the critic's score route reads tool names only) the walk would be cost for nothing.
+    if schema is None or not (info.context or {}).get("may_refer"):
+        return schema
+    problem = toolschema.self_reference(schema)
+    if problem:
+        raise ValueError(problem)
+    return schema
+
+
+class FunctionDef(TypedDict):
+    __pydantic_config__ = _WIRE  # type: ignore[misc]
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: NotRequired[str | None]
+    parameters: NotRequired[Annotated[dict[str, Any] | None, AfterValidator(_evaluable),
+                                      Field(description="A JSON Schema; `$ref`s resolve in the document only.")]]
+    strict: NotRequired[bool | None]
+
+
+class Tool(TypedDict):
+    __pydantic_config__ = _WIRE  # type: ignore[misc]
+    type: NotRequired[Literal["function"]]
     function: FunctionDef
 
 
@@ -38,14 +95,27 @@ class StreamOptions(_Open):
 
 
 class ChatCompletionRequest(_Open):
+    """A Chat Completions request. Fields not listed here are forwarded to the upstream unchanged."""
+
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=1)  # turngate returns one gated reply
+    n: int | None = Field(None, ge=1, le=1, description="turngate returns one gated reply")
     tools: list[Tool] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = None
 

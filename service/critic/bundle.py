@@ -68,7 +68,10 @@ def is_bundle(path: str | Path) -> bool:
 
 def read_bundle(path: str | Path) -> Bundle:
     """The bundle in ``path``, its files present and its manifest complete and servable."""
-    path = Path(path).expanduser().resolve()
+    try:
+        path = Path(path).expanduser().resolve()
+    except (RuntimeError, ValueError, OSError) as e:  # "~nobody", a NUL byte, a loop: not a path to a bundle
+        raise BundleError(f"critic bundle {str(path)!r}: not a usable path ({e})") from e
     if not path.is_dir():
         raise BundleError(f"critic bundle {path}: not a folder")
     missing = [f for f in (MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE) if not (path / f).is_file()]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -254,7 +255,9 @@ def _tool_rows(messages: list[Message], candidates: list[Message], tools: list[d
         for it in its:
             item_count[it] += mult[k]
     consensus = {it for it, c in item_count.items() if c * 2 > n}
-    schemas = structural.tool_schemas(tools)
+    schemas = structural.tool_schemas(tools) if verdicts is None else {}
+    required = _required(tools)
+    deadline = time.monotonic() + structural.SCHEMA_BUDGET_S  # the gate's bound on schema checks
     text = conversation_text(messages)
     hist = history(messages)
     base = []
@@ -266,7 +269,7 @@ def _tool_rows(messages: list[Message], candidates: list[Message], tools: list[d
         if verdicts is not None:
             ok = verdicts[first[k]]
         else:  # nothing declared: nothing to check the calls against
-            ok = structural.check(candidates[first[k]], None, schemas).ok if tools else True
+            ok = structural.check(candidates[first[k]], None, schemas, deadline=deadline).ok if tools else True
         base.append([
             sig_count[k[0]] / n,
             name_count[nm] / n,
@@ -279,7 +282,7 @@ def _tool_rows(messages: list[Message], candidates: list[Message], tools: list[d
             sum(found) / len(found) if found else 1.0,
             math.log1p(sum(1 for v, f in zip(values, found) if not f and len(v) >= 3)),
             math.log1p(len(cs)),
-            math.log1p(_optional_args(cs, schemas)),
+            math.log1p(_optional_args(cs, required)),
             float(write and not hist.since_write_user),
             float(any(s in hist.made for s in singles)),
             float(any(s in hist.failed for s in singles)),
@@ -301,15 +304,21 @@ def _soft_support(d: int, items: list[set[tuple]], distinct: list[tuple], mult: 
     return total / (n - 1)
 
 
-def _optional_args(calls: list[Call], schemas: dict[str, dict[str, Any] | None]) -> int:
-    extra = 0
-    for c in calls:
-        schema = schemas.get(c.name)
-        if isinstance(c.args, dict) and isinstance(schema, dict):
-            required = schema.get("required")
-            required = set(required) if isinstance(required, list) else set()
-            extra += sum(1 for k in c.args if k not in required)
-    return extra
+def _required(tools: list[dict[str, Any]] | None) -> dict[str, set[str]]:
+    """Function name -> the argument names its schema requires."""
+    out: dict[str, set[str]] = {}
+    for tool in tools or ():
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            params = fn.get("parameters")
+            req = params.get("required") if isinstance(params, dict) else None
+            out[fn["name"]] = {r for r in req if isinstance(r, str)} if isinstance(req, list) else set()
+    return out
+
+
+def _optional_args(calls: list[Call], required: dict[str, set[str]]) -> int:
+    return sum(sum(1 for k in c.args if k not in required[c.name])
+               for c in calls if isinstance(c.args, dict) and c.name in required)
 
 
 # -- text turns ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ this one passes 'Y', which appears nowhere in the conversation") rather than a b
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -58,13 +59,14 @@ def explain(messages: list[Message], candidates: list[Message], tools: list[dict
     majority = calls[sigs.index(top_sig)] if top_sig is not None else []
     n = len(candidates)
     schemas = structural.tool_schemas(tools)
+    deadline = time.monotonic() + structural.SCHEMA_BUDGET_S  # the gate's bound on schema checks
     agent = kind_of(messages, candidates, tools) == "tool"
     text = conversation_text(messages) if agent else ""
     hist = history(messages)
     out: list[str | None] = []
     for cand, cs, sig in zip(candidates, calls, sigs):
         found: list[str] = []
-        verdict = structural.check(cand, None, schemas) if tools else structural.OK
+        verdict = structural.check(cand, None, schemas, deadline=deadline) if tools else structural.OK
         if not verdict.ok:
             found.append(verdict.detail or "it breaks the request's tool rules")
         if n > 1 and sig != top_sig and top_n > support[sig] and top_n > 1:

@@ -187,7 +187,7 @@ class Gate:
             _note(record, rest.errors)
             cands = [first] + selection.from_samples(rest.samples, 1, 0)
             record.candidates = [c.record for c in cands]
-            selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
+            await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
             record.latency_critic_ms = 1000 * await selection.score(critic, req.messages, cands, req.tools,
                                                                     req.route.alias)
             metrics.CANDIDATES.labels(req.route.alias).observe(len(cands))
@@ -256,7 +256,7 @@ class Gate:
 
     async def _evaluate(self, req: TurnRequest, body: dict[str, Any], cands: list[Candidate], clock: _Clock,
                         critic) -> None:
-        selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
+        await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
         # The critic judges the candidate against the conversation the client sent, not our feedback.
         clock.critic_s += await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
 

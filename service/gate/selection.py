@@ -41,14 +41,17 @@ def from_samples(samples: list[Sample], first_index: int, round_no: int) -> list
         completion_tokens=s.completion_tokens), s) for i, s in enumerate(samples)]
 
 
-def check_structure(cands: list[Candidate], tools: list[dict[str, Any]] | None, tool_choice: Any,
-                    route: str) -> None:
+async def check_structure(cands: list[Candidate], tools: list[dict[str, Any]] | None, tool_choice: Any,
+                          route: str) -> None:
     schemas = structural.tool_schemas(tools)
-    for c in cands:
-        verdict = structural.check(c.record.message, c.record.finish_reason, schemas, tool_choice)
+    verdicts = await structural.check_all([(c.record.message, c.record.finish_reason) for c in cands],
+                                          schemas, tool_choice)
+    for c, verdict in zip(cands, verdicts, strict=True):
         if not verdict.ok:
             c.record.verdict, c.record.veto_reason, c.record.veto_detail = "veto", verdict.reason, verdict.detail
             metrics.VETOES.labels(route, verdict.reason).inc()
+        elif verdict.reason:
+            metrics.SCHEMA_UNCHECKED.labels(route, verdict.reason).inc()
 
 
 async def score(critic: Critic, messages: list[dict[str, Any]], cands: list[Candidate],

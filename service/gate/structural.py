@@ -4,53 +4,68 @@ A candidate is vetoed when it is empty, was cut off (finish_reason "length"), ca
 request did not declare, passes arguments that are not a JSON object or break the tool's declared
 JSON Schema, or ignores a tool_choice that forbids or demands a call. The reason is a short code
 (a bounded metric label); the detail is the human-readable message the intervention feeds back.
+
+The tool schemas are the client's data (service.gate.toolschema): checking against them never
+fetches, never backtracks, and runs off the event loop within a time budget. When arguments cannot
+be checked (budget spent, a schema the checker cannot use) the candidate is not vetoed: a schema
+turngate cannot honour must not make the gate worse than passing the reply through.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
-from jsonschema import validators
-from jsonschema.exceptions import SchemaError
+from service import wirejson
+from service.gate import toolschema
+
+# Wall time for checking one turn's candidates against their schemas; real schemas take microseconds.
+SCHEMA_BUDGET_S = 0.25
+_DETAIL_CHARS = 500  # jsonschema quotes the whole value; the detail is fed back to the actor and stored
 
 
 @dataclass(frozen=True)
 class Verdict:
     ok: bool
-    reason: str | None = None
+    reason: str | None = None  # a veto's reason; on an ok verdict, why the arguments went unchecked
     detail: str | None = None
 
 
 OK = Verdict(True)
 
 
-@lru_cache(maxsize=1024)
-def _validator(schema_json: str):
-    """A compiled validator per distinct schema; agents send the same tools every turn."""
-    schema = json.loads(schema_json)
-    cls = validators.validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema)
-
-
-def tool_schemas(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, Any] | None]:
-    """Function name -> its parameters schema (None when the tool declares none)."""
-    out: dict[str, dict[str, Any] | None] = {}
+def tool_schemas(tools: list[dict[str, Any]] | None) -> dict[str, str | None]:
+    """Function name -> its parameters schema as canonical JSON (None when the tool declares none)."""
+    out: dict[str, str | None] = {}
     for tool in tools or []:
         fn = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-            out[fn["name"]] = fn.get("parameters")
+            schema = fn.get("parameters")
+            out[fn["name"]] = json.dumps(schema, sort_keys=True) if schema else None
     return out
 
 
-def check(message: dict[str, Any], finish_reason: str | None,
-          schemas: dict[str, dict[str, Any] | None], tool_choice: Any = None) -> Verdict:
+async def check_all(replies: list[tuple[dict[str, Any], str | None]], schemas: dict[str, str | None],
+                    tool_choice: Any = None) -> list[Verdict]:
+    """Verdicts for (message, finish_reason) pairs; schema checks run on a worker thread."""
+    if not any(schemas.values()) or not any(_calls(m) for m, _ in replies):
+        return [check(m, f, schemas, tool_choice) for m, f in replies]
+
+    def run() -> list[Verdict]:
+        deadline = time.monotonic() + SCHEMA_BUDGET_S
+        return [check(m, f, schemas, tool_choice, deadline) for m, f in replies]
+
+    return await asyncio.to_thread(run)
+
+
+def check(message: dict[str, Any], finish_reason: str | None, schemas: dict[str, str | None],
+          tool_choice: Any = None, deadline: float = float("inf")) -> Verdict:
     if finish_reason == "length":
         return Verdict(False, "truncated", "the reply was cut off at the token limit")
-    calls = message.get("tool_calls") or []
+    calls = _calls(message)
     content = message.get("content")
     if not calls and not (isinstance(content, str) and content.strip()) and not message.get("refusal"):
         return Verdict(False, "empty", "the reply has neither content nor a tool call")
@@ -59,11 +74,18 @@ def check(message: dict[str, Any], finish_reason: str | None,
     if not calls and tool_choice == "required":
         return Verdict(False, "tool_choice", "tool_choice is 'required' but the reply calls no tool")
     forced = _forced_function(tool_choice)
+    unchecked = OK
     for call in calls:
-        verdict = _check_call(call, schemas, forced)
+        verdict = _check_call(call, schemas, forced, deadline)
         if not verdict.ok:
             return verdict
-    return OK
+        unchecked = unchecked if unchecked.reason else verdict
+    return unchecked
+
+
+def _calls(message: dict[str, Any]) -> list[Any]:
+    calls = message.get("tool_calls")
+    return calls if isinstance(calls, list) else []
 
 
 def _forced_function(tool_choice: Any) -> str | None:
@@ -74,32 +96,31 @@ def _forced_function(tool_choice: Any) -> str | None:
     return None
 
 
-def _check_call(call: dict[str, Any], schemas: dict[str, dict[str, Any] | None],
-                forced: str | None) -> Verdict:
+def _check_call(call: Any, schemas: dict[str, str | None], forced: str | None, deadline: float) -> Verdict:
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict):
-        return Verdict(False, "bad_json", "a tool call is not an object with a function")
+        return Verdict(False, "bad_json", "a tool call has no function object")
     name = fn.get("name")
-    if name not in schemas:
+    if not isinstance(name, str) or name not in schemas:
         return Verdict(False, "unknown_tool", f"the tool {name!r} is not among the declared tools")
     if forced and name != forced:
         return Verdict(False, "tool_choice", f"tool_choice demands {forced!r} but the reply calls {name!r}")
     raw = fn.get("arguments")
     try:
-        args = json.loads(raw) if isinstance(raw, str) else raw
-    except json.JSONDecodeError as e:
-        return Verdict(False, "bad_json", f"arguments of {name} are not valid JSON: {e.msg}")
+        args = wirejson.loads(raw) if isinstance(raw, str) else raw
+    except wirejson.WireJSONError as e:
+        return Verdict(False, "bad_json", f"arguments of {name} are not valid JSON: {e}")
     if not isinstance(args, dict):
         return Verdict(False, "bad_json", f"arguments of {name} are not a JSON object")
     schema = schemas[name]
     if not schema:
         return OK
     try:
-        validator = _validator(json.dumps(schema, sort_keys=True))
-    except SchemaError:
-        return OK  # the client's own schema is broken: not the candidate's fault
-    error = next(iter(validator.iter_errors(args)), None)
+        error = toolschema.first_error(schema, args, deadline)
+    except toolschema.Unchecked as e:
+        return Verdict(True, e.reason, f"arguments of {name} were not checked against its schema ({e.reason})")
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        return Verdict(False, "schema", f"arguments of {name} break its schema at {where}: {error.message}")
+        message = error.message if len(error.message) <= _DETAIL_CHARS else error.message[:_DETAIL_CHARS] + "..."
+        return Verdict(False, "schema", f"arguments of {name} break its schema at {where}: {message}")
     return OK
