@@ -28,17 +28,22 @@ import numpy as np
 import onnxruntime as ort
 import tokenizers
 
-from critic_models import data
-from service.critic import render
-from service.critic.onnx_critic import cpu_description
+from critic_models import data, head_data, head_fit, pick_eval
+from service.critic import features, render
+from service.critic.bundle import read_bundle
+from service.critic.head import Head, sigmoid
+from service.critic.onnx_critic import cores, cpu_description, session_options
 
 
 @dataclass
 class Bundle:
+    """A bundle as it is served: the encoder's ONNX session, and the feature head where it has one."""
+
     path: Path
     card: dict[str, Any]
     tokenizer: tokenizers.Tokenizer
     session: ort.InferenceSession
+    head: Head | None = None
 
     @classmethod
     def load(cls, path: Path, providers: list[str] | None = None) -> Bundle:
@@ -48,11 +53,26 @@ class Bundle:
             raise ValueError(f"{path}: input format {card.get('format')}, this code renders {render.FORMAT_VERSION}")
         avail = ort.get_available_providers()
         providers = [p for p in (providers or ("CUDAExecutionProvider", "CPUExecutionProvider")) if p in avail]
-        sess = ort.InferenceSession(str(path / "model.onnx"), providers=providers)
-        return cls(path, card, tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), sess)
+        # The service's options: no spinning threads, which on a busy machine cost many times the work.
+        sess = ort.InferenceSession(str(path / "model.onnx"), session_options(cores()), providers=providers)
+        head = read_bundle(path).head if card.get("bundle_format", 1) != 1 else None
+        return cls(path, card, tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), sess, head)
 
     def score(self, items: list[tuple[list, list, list | None]], max_batch: int = 32) -> list[np.ndarray]:
-        """Scores in [0, 1] per item (context, candidates, tools); items batched together."""
+        """The served scores in [0, 1] per item (context, candidates, tools): the encoder's, combined
+        with the turn features by the head where the bundle has one."""
+        probs = self.encoder_scores(items, max_batch)
+        if self.head is None:
+            return probs
+        out = []
+        for (messages, candidates, tools), p in zip(items, probs):
+            p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+            turn = features.compute(messages, candidates, tools, list(np.log(p / (1 - p))))
+            out.append(np.asarray(self.head.apply(turn)[0]))
+        return out
+
+    def encoder_scores(self, items: list[tuple[list, list, list | None]], max_batch: int = 32) -> list[np.ndarray]:
+        """The encoder's scores in [0, 1] per item; items batched together."""
         feeds = [render.encode_batch(self.tokenizer, m, c, t, self.card["max_length"]) for m, c, t in items]
         out: list[np.ndarray] = []
         i = 0
@@ -232,6 +252,10 @@ def format_table(r: dict[str, Any]) -> str:
                       ("longest answer", "longest_answer"), ("best possible", "best_possible"))),
                   (f"  pairwise accuracy (pairs differing by > 0.05): {f(k['pairwise_accuracy'])}, "
                    f"longer answer: {f(k.get('length_pairwise_accuracy'))}")]
+    if r.get("picks"):
+        p = r["picks"]
+        lines += ["", f"picks (tool-call questions drawn {p['draws']} times as groups of {p['set_size']}; "
+                      f"ranking sets whole; write calls alone):", pick_eval.format_table(p)]
     h = r.get("threshold_hints") or {}
     lines += ["", f"threshold hints: accept {f(h.get('accept_threshold'))}, intervene {f(h.get('intervene_threshold'))}"]
     return "\n".join(lines)
@@ -262,16 +286,41 @@ def plot_calibration(cal: list[dict[str, Any]], path: Path, title: str) -> bool:
     return True
 
 
-def run(bundle_path: Path, paths: list[Path], out: Path, split: str = "val", record: bool = False) -> dict[str, Any]:
+def pick_figures(bundle: Bundle, files: list[Path], split: str = "val", draws: int = 10, set_size: int = 4,
+                 seed: int = 0) -> dict[str, Any]:
+    """critic_models.pick_eval's figures on the bundle's split of every labelled source: tool-call
+    questions drawn ``draws`` times as groups of ``set_size`` replies, ranking sets whole, write
+    calls alone."""
+    sp = bundle.card.get("split") or {"seed": 0, "val_fraction": 0.2}
+    train, val = head_data.split(head_data.load_items(files), sp.get("seed", 0), sp.get("val_fraction", 0.2))
+    items = {"val": val, "train": train, "all": train + val}[split]
+    head_data.fill_logits(items, bundle.encoder_scores)
+    groups = head_data.groups(items, draws, seed + 1, sizes=(set_size,))
+    scored = []
+    for g in groups:
+        if bundle.head is not None:
+            scores = np.array([sigmoid(x) for x in head_fit.logits(bundle.head.linear(g.kind), g.rows)])
+        else:  # a format-1 bundle: the encoder alone
+            at = features.FEATURES_BY_KIND[g.kind].index("encoder")
+            scores = 1.0 / (1.0 + np.exp(-g.rows[:, at]))
+        scored.append(pick_eval.Scored(g, scores, g.lengths if g.lengths is not None else np.zeros(len(scores))))
+    return {"split": split, "draws": draws, "set_size": set_size, **pick_eval.figures(scored, seed=seed)}
+
+
+def run(bundle_path: Path, paths: list[Path], out: Path, split: str = "val", record: bool = False,
+        draws: int = 10, set_size: int = 4) -> dict[str, Any]:
     bundle = Bundle.load(bundle_path)
-    result = evaluate(bundle, data.data_files(paths), split)
+    files = data.data_files(paths)
+    result = evaluate(bundle, files, split)
+    result["picks"] = pick_figures(bundle, files, split, draws, set_size)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_calibration(result["calibration"], out / "calibration.png", f"critic calibration ({split} turns)")
+    pick_eval.write(result["picks"], out)
     if record:
         card = bundle.card
         card["evaluation"] = {k: result[k] for k in ("split", "split_rule", "machine", "provider", "trajectories",
-                                                     "best_of_k", "ranking")}
+                                                     "best_of_k", "ranking", "picks")}
         card["threshold_hints"] = result["threshold_hints"]
         (Path(bundle_path) / "critic.json").write_text(json.dumps(card, indent=2) + "\n")
     return result

@@ -76,18 +76,61 @@ def export(run: Path = typer.Argument(..., help="Training run folder."),
     typer.echo(f"wrote {out} ({ex['size_bytes'] / 1e6:.1f} MB, {precision}, version {card['version']})")
 
 
+@app.command("train-head")
+def train_head(data: list[Path] = typer.Option(..., "--data", help=DATA_HELP + " Tool-call sets and store "
+                                                                         "exports (`turngate export`) too."),
+               out: Path = typer.Option(..., "--out", help="Bundle folder to write (format 2: encoder + head)."),
+               encoder: Path | None = typer.Option(None, help="Bundle whose encoder the head sits on; "
+                                                              "default: the shipped one."),
+               folds: int = typer.Option(5, help="Cross-validate the recipe in K folds by question/prompt/task "
+                                                 "on the training side (0 = off)."),
+               draws: int = typer.Option(10, help="Sampled candidate groups per tool-call question."),
+               seed: int = typer.Option(0, help="Seeds the split and the draws."),
+               val_fraction: float = typer.Option(0.2, help="Questions / prompts / tasks held out."),
+               pointwise: float = typer.Option(0.5, help="Weight of the pointwise (calibration) loss."),
+               steps: int = typer.Option(400, help="Full-batch optimisation steps."),
+               agent_head: bool = typer.Option(False, help="Fit a head of its own for agent turns from "
+                                                           "trajectories and logged agent turns (else the tool "
+                                                           "head scores them)."),
+               logits_cache: Path | None = typer.Option(None, help="JSON file of the encoder's logits, read "
+                                                                   "and updated: a rerun skips the encoder pass.")
+               ) -> None:
+    """Fit the feature head (agreement, grounding, ... and the encoder's logit) over an encoder
+    bundle; numpy only, no torch. Prints the cross-validated and held-out pick figures."""
+    from critic_models.head_fit import FitConfig
+    from critic_models.head_train import HeadConfig
+    from critic_models.head_train import train_head as run_head
+    from critic_models.pick_eval import format_table
+    from service.critic.registry import shipped_bundle
+
+    base = encoder or shipped_bundle()
+    if base is None:
+        raise typer.BadParameter("no encoder bundle given and none shipped", param_hint="--encoder")
+    report = run_head(HeadConfig(encoder=str(base), data=[str(p) for p in data], out=str(out), seed=seed,
+                                 val_fraction=val_fraction, draws=draws, folds=folds,
+                                 fit=FitConfig(pointwise=pointwise, steps=steps), agent_head=agent_head,
+                                 logits_cache=str(logits_cache) if logits_cache else None))
+    if report.get("crossval"):
+        typer.echo(f"cross-validated on the training side ({folds} folds by key):\n" + format_table(report["crossval"]))
+    typer.echo("\nheld out:\n" + format_table(report["held_out"]))
+    typer.echo(f"\nwrote {out} ({report['minutes']} min)")
+
+
 @app.command("eval")
 def evaluate(bundle: Path = typer.Argument(..., help="Critic bundle folder."),
              data: list[Path] = typer.Option(..., "--data", help=DATA_HELP),
-             out: Path = typer.Option(..., "--out", help="Folder for eval.json and calibration.png."),
-             split: str = typer.Option("val", help="val (held-out tasks/prompts) | train | all."),
+             out: Path = typer.Option(..., "--out", help="Folder for eval.json, picks.json and the PNGs."),
+             split: str = typer.Option("val", help="val (held-out tasks/prompts/questions) | train | all."),
+             draws: int = typer.Option(10, help="Groups drawn per tool-call question."),
+             set_size: int = typer.Option(4, help="Candidates per drawn tool-call group (the gate's N)."),
              record: bool = typer.Option(False, help="Write the figures and threshold hints into critic.json.")) -> None:
-    """Evaluate a bundle with onnxruntime on the held-out split of trajectory / ranking data."""
+    """Does rank mode pay? The bundle, as served, against the first candidate, a majority vote, the
+    longest reply, random and the oracle, with bootstrap 95% intervals; and AUCs per source."""
     from critic_models.evaluate import format_table, run
 
-    result = run(bundle, data, out, split, record)
+    result = run(bundle, data, out, split, record, draws, set_size)
     typer.echo(format_table(result))
-    typer.echo(f"\nwrote {out / 'eval.json'} and {out / 'calibration.png'}")
+    typer.echo(f"\nwrote {out / 'eval.json'}, {out / 'picks.json'}, {out / 'picks.png'} and {out / 'calibration.png'}")
 
 
 @app.command()

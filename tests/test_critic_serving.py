@@ -255,9 +255,10 @@ def test_hot_swap_under_load_drops_nothing(served, bundles):
     def client() -> None:
         with httpx.Client(base_url=url, timeout=10) as c:
             while not stop.is_set():
+                sent = time.perf_counter()  # a request sent after the swap must meet the new critic
                 r = c.post("/v1/critic/score", json=body)
                 version = r.json()["critic"]["version"] if r.status_code == 200 else None
-                results.append((time.perf_counter(), r.status_code, version))
+                results.append((sent, r.status_code, version))
 
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:

@@ -41,7 +41,7 @@ def test_adaptive_escalates_to_n_when_the_first_candidate_does_not_pass(gateway,
     assert raw.parse().choices[0].message.content == f"{SAFE} v2"
     assert raw.headers["x-turngate-decision"] == "ranked"
     assert len(actor[0].requests) == 4
-    assert critic.calls == [1, 3]  # scored the first, then the three more
+    assert critic.calls == [1, 4]  # scored the first, then all four together (agreement is a round feature)
     assert sink.records[0].candidates_saved == 0
 
 

@@ -108,3 +108,35 @@ async def test_import_api_counts(db_url):
     counts = await import_trajectories(db_url, lines)
     assert counts["conversations"] == 3 and counts["rewards"] == 3
     assert counts["turns"] == sum(m["role"] == "assistant" for x in lines for m in json.loads(x)["messages"])
+
+
+async def test_exported_turns_are_candidate_groups_for_the_critic(db_url, tmp_path):
+    """A logged turn's N candidates come back as one group, features included: vetoed ones
+    labelled invalid, the chosen one labelled by the conversation's outcome."""
+    from critic_models.head_data import exported_items
+
+    tools = [{"type": "function", "function": {"name": "get_order", "parameters": {"type": "object"}}}]
+    first = record([{"role": "user", "content": "hello"}], "hi there")
+    second = record([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
+                     {"role": "user", "content": "where is order 7?"}], "let me look")
+    second.tools = tools
+    second.candidates[3].verdict, second.candidates[3].veto_reason = "veto", "empty"
+    second.candidates[0].features = {"call_support": 0.25}
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    for r in (first, second):
+        sink.enqueue(r)
+    assert await sink.flush()
+    from service.store.feedback import FeedbackIn, record_feedback
+    await record_feedback(sink, FeedbackIn(second.turn_id, None, 1.0, None, None, "api", None, "k1"))
+    await sink.stop()
+
+    (line,) = _export(db_url)
+    assert line["tools"] == tools
+    assert line["turns"][1]["candidates"][0]["features"] == {"call_support": 0.25}
+    items = exported_items(line, "export.jsonl")
+    assert len(items) == 2
+    item = items[1]
+    assert item.messages == second.request_messages
+    assert item.candidates == [c.message for c in second.candidates] and item.tools == tools
+    assert item.labels == [None, 1.0, None, 0.0]

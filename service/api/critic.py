@@ -6,12 +6,16 @@ scores with the same critic, micro-batched with live turns.
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from pydantic import BaseModel, Field, field_validator
 
 from service.api.deps import ClientKeyDep, ServicesDep
 from service.api.jsonroute import WireJSONRoute
 from service.api.protocol import ChatMessage, Tool
+from service.critic.base import assess
+from service.critic.reasons import explain
 
 router = APIRouter(route_class=WireJSONRoute)
 
@@ -38,15 +42,28 @@ class CriticInfo(BaseModel):
     provider: str
 
 
+class Explanation(BaseModel):
+    features: dict[str, float] | None = None  # the turn features of service.critic.features
+    contributions: dict[str, float] | None = None  # each feature's share of the score's logit
+    reason: str | None = None  # what the critic has against the candidate, in the turn's words
+
+
 class ScoreResponse(BaseModel):
     scores: list[float]
     critic: CriticInfo
+    explanations: list[Explanation]
 
 
 @router.post("/v1/critic/score")
 async def score(body: ScoreRequest, services: ServicesDep, _: ClientKeyDep) -> ScoreResponse:
+    """The candidates of one call are one group: agreement features see them all."""
     critic = services.critics.current  # one critic for the whole request, even across a swap
     # The messages are the client's dicts as validated (TypedDicts): scored as sent.
-    scores = await critic.score(body.messages, body.candidates, body.tools)
-    return ScoreResponse(scores=scores, critic=CriticInfo(name=critic.name, version=critic.version,
-                                                          provider=critic.provider))
+    messages, candidates, tools = body.messages, body.candidates, body.tools
+    found = await assess(critic, messages, candidates, tools)
+    reasons = await asyncio.to_thread(explain, messages, candidates, tools)
+    return ScoreResponse(
+        scores=[a.score for a in found],
+        critic=CriticInfo(name=critic.name, version=critic.version, provider=critic.provider),
+        explanations=[Explanation(features=a.features, contributions=a.contributions, reason=r)
+                      for a, r in zip(found, reasons)])

@@ -6,9 +6,20 @@ given the conversation so far. Implementations must not block the event loop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 Message = dict[str, Any]
+
+
+@dataclass
+class Assessment:
+    """A candidate's score with what it rests on: the turn features and, where a head scored them,
+    each feature's contribution to the logit (service.critic.head)."""
+
+    score: float
+    features: dict[str, float] | None = None
+    contributions: dict[str, float] | None = None
 
 
 class Critic(Protocol):
@@ -18,6 +29,17 @@ class Critic(Protocol):
 
     async def score(self, messages: list[Message], candidates: list[Message],
                     tools: list[dict[str, Any]] | None = None) -> list[float]: ...
+
+
+async def assess(critic: Critic, messages: list[Message], candidates: list[Message],
+                 tools: list[dict[str, Any]] | None = None, verdicts: list[bool] | None = None
+                 ) -> list[Assessment]:
+    """The critic's assessments; a critic that only scores gets bare ones. ``verdicts``: the
+    structural checks, where the caller already ran them."""
+    explain = getattr(critic, "assess", None)
+    if callable(explain):
+        return await explain(messages, candidates, tools, verdicts)
+    return [Assessment(float(s)) for s in await critic.score(messages, candidates, tools)]
 
 
 class ConstantCritic:

@@ -1,7 +1,9 @@
 """A critic bundle on disk: the folder's files and its manifest, checked before anything runs.
 
-A bundle is ``model.onnx``, ``tokenizer.json`` and ``critic.json``. ``read_bundle`` checks the
-files and the manifest; ``check_model_io`` checks an onnxruntime session's inputs and outputs
+A bundle is ``model.onnx``, ``tokenizer.json`` and ``critic.json``; a bundle of format 2
+(``bundle_format`` in the manifest) also holds ``head.json``, the feature head that combines the
+encoder's logit with the turn features (service.critic.head). Format-1 bundles (no
+``bundle_format``) score with the encoder alone. ``read_bundle`` checks the files and the manifest; ``check_model_io`` checks an onnxruntime session's inputs and outputs
 against the contract. Both raise ``BundleError`` with a message that names the bundle and says
 what to fix, because the usual reader is an operator who just pointed turngate at a folder.
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.critic import head as feature_head
 from service.critic import render
 
 MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE = "model.onnx", "tokenizer.json", "critic.json"
@@ -20,6 +23,7 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "logits"
 REQUIRED_FIELDS = ("name", "version", "format", "max_length", "precision")
 MAX_POSITIONS = 512  # BERT-family position embeddings; longer inputs would index past them
+BUNDLE_FORMATS = (1, 2)  # 1: encoder only; 2: encoder + feature head (head.json)
 
 
 class BundleError(ValueError):
@@ -35,6 +39,11 @@ class Bundle:
     max_length: int
     precision: str
     manifest: dict[str, Any] = field(repr=False)
+    head: feature_head.Head | None = field(default=None, repr=False)
+
+    @property
+    def bundle_format(self) -> int:
+        return 1 if self.head is None else 2
 
     @property
     def model_path(self) -> Path:
@@ -48,7 +57,7 @@ class Bundle:
         """What the admin API shows: the manifest's identity fields, not its whole training log."""
         m = self.manifest
         return {"path": str(self.path), "name": self.name, "version": self.version, "format": self.format,
-                "max_length": self.max_length, "precision": self.precision,
+                "bundle_format": self.bundle_format, "max_length": self.max_length, "precision": self.precision,
                 "base_model": m.get("base_model"), "threshold_hints": m.get("threshold_hints"),
                 "evaluation": m.get("evaluation")}
 
@@ -89,7 +98,24 @@ def read_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"critic bundle {path}: max_length must be an integer in 8..{MAX_POSITIONS}, "
                           f"got {max_length!r}")
     return Bundle(path=path, name=str(manifest["name"]), version=str(manifest["version"]), format=fmt,
-                  max_length=max_length, precision=str(manifest["precision"]), manifest=manifest)
+                  max_length=max_length, precision=str(manifest["precision"]), manifest=manifest,
+                  head=_read_head(path, manifest))
+
+
+def _read_head(path: Path, manifest: dict[str, Any]) -> feature_head.Head | None:
+    layout = manifest.get("bundle_format", 1)
+    if layout not in BUNDLE_FORMATS or isinstance(layout, bool):
+        raise BundleError(f"critic bundle {path}: bundle_format {layout!r}, this turngate serves "
+                          f"{' and '.join(map(str, BUNDLE_FORMATS))}")
+    if layout == 1:
+        return None
+    try:
+        head = feature_head.load(path)
+    except feature_head.HeadError as e:
+        raise BundleError(f"critic bundle {path}: {e}") from e
+    if head is None:
+        raise BundleError(f"critic bundle {path}: bundle_format 2 needs {feature_head.HEAD_FILE}")
+    return head
 
 
 def check_model_io(bundle: Bundle, inputs: list[Any], outputs: list[Any]) -> None:

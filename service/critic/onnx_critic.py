@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import platform
 import threading
@@ -22,7 +23,8 @@ import numpy as np
 import onnxruntime as ort
 import tokenizers
 
-from service.critic import render
+from service.critic import features, render
+from service.critic.base import Assessment
 from service.critic.batcher import Feed, MicroBatcher
 from service.critic.bundle import INPUT_NAMES, OUTPUT_NAME, Bundle, BundleError, check_model_io, read_bundle
 
@@ -38,6 +40,11 @@ _SMOKE_MESSAGES = [{"role": "system", "content": "You are a helpful agent."},
 _SMOKE_CANDIDATES = [{"role": "assistant", "content": "Order 1234 shipped yesterday."},
                      {"role": "assistant", "tool_calls": [{"type": "function", "function": {
                          "name": "get_order", "arguments": "{\"order_id\": \"1234\"}"}}]}]
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return math.log(p / (1 - p))
 
 
 def cores() -> int:
@@ -185,27 +192,50 @@ class OnnxCritic:
                tools: list[dict[str, Any]] | None) -> Feed:
         return render.encode_batch(self.tokenizer, messages, candidates, tools, self.max_length)
 
-    async def score(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
-                    tools: list[dict[str, Any]] | None = None) -> list[float]:
+    def prepare(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]], unique: list[int],
+                tools: list[dict[str, Any]] | None, verdicts: list[bool] | None
+                ) -> tuple[Feed, features.TurnFeatures]:
+        """Tokenizer pool: the encoder's feed for the distinct candidates, and the turn features of
+        all of them (agreement counts the duplicates)."""
+        feed = self.encode(messages, [candidates[i] for i in unique], tools)
+        return feed, features.compute(messages, candidates, tools, verdicts=verdicts)
+
+    async def assess(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
+                     tools: list[dict[str, Any]] | None = None, verdicts: list[bool] | None = None
+                     ) -> list[Assessment]:
+        """Scores with their features and contributions. ``verdicts``: the structural checks where
+        the caller ran them already (the gate does), so that they are not run twice."""
         if not candidates:
             return []
         if self._closed.is_set():
             raise RuntimeError(f"critic {self.name}/{self.version} is closed")
         # Samples of one turn are often identical (low temperature, one obvious tool call):
-        # each distinct candidate is scored once.
+        # the encoder reads each distinct candidate once.
         keys = [json.dumps(c, sort_keys=True, default=str) for c in candidates]
         first = {k: i for i, k in reversed(list(enumerate(keys)))}
         unique = sorted(first.values())
         loop = asyncio.get_running_loop()
         arrived = self.batcher.expect()  # a batch forming now waits for this turn's rows
         try:
-            feed = await loop.run_in_executor(self._tokenize, self.encode, messages,
-                                              [candidates[i] for i in unique], tools)
+            feed, turn = await loop.run_in_executor(self._tokenize, self.prepare, messages, candidates,
+                                                    unique, tools, verdicts)
         finally:
             arrived()
-        scores = await self.batcher.submit(feed)
-        by_key = {keys[i]: float(s) for i, s in zip(unique, scores, strict=True)}
-        return [by_key[k] for k in keys]
+        probs = await self.batcher.submit(feed)
+        by_key = {keys[i]: float(p) for i, p in zip(unique, probs, strict=True)}
+        encoder = [by_key[k] for k in keys]
+        at = turn.names.index("encoder")
+        for row, p in zip(turn.rows, encoder):
+            row[at] = _logit(p)
+        named = [dict(zip(turn.names, row)) for row in turn.rows]
+        if self.bundle.head is None:  # a format-1 bundle: the encoder decides alone
+            return [Assessment(p, f) for p, f in zip(encoder, named)]
+        scores, contribs = self.bundle.head.apply(turn)
+        return [Assessment(s, f, dict(zip(turn.names, c))) for s, f, c in zip(scores, named, contribs)]
+
+    async def score(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> list[float]:
+        return [a.score for a in await self.assess(messages, candidates, tools)]
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "provider": self.provider,

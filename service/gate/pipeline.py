@@ -221,7 +221,7 @@ class Gate:
                 break
             if round_no == policy.max_interventions or time.monotonic() >= deadline:
                 break
-            notes.append(feedback.build(cands, policy.guidance))
+            notes.append(feedback.build(cands, req.messages, req.tools, policy.guidance))
             record.feedback.append(notes[-1])
         if chosen is None:
             return self._exhausted(req, record, seen)
@@ -248,8 +248,10 @@ class Gate:
             elif time.monotonic() < deadline:
                 more = await self._sample(req, body, n - first_n, round_no, record, clock, deadline,
                                           required=False)
-                await self._evaluate(req, body, more, clock, critic)
+                selection.check_structure(more, req.tools, req.body.get("tool_choice"), route.alias)
                 cands += more
+                # Rescored together: agreement is a feature of the whole round.
+                clock.critic_s += await selection.score(critic, req.messages, cands, req.tools, route.alias)
         return cands, early
 
     async def _evaluate(self, req: TurnRequest, body: dict[str, Any], cands: list[Candidate], clock: _Clock,

@@ -27,6 +27,8 @@ class CandidateRecord:
     veto_reason: str | None = None  # e.g. "unknown_tool", "schema", "bad_json", "empty", "truncated"
     veto_detail: str | None = None  # the validator's message
     score: float | None = None
+    features: dict[str, float] | None = None  # the turn features the critic saw (service.critic.features)
+    contributions: dict[str, float] | None = None  # each feature's share of the score's logit
     upstream_latency_ms: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None

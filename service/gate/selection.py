@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.critic.base import Critic
+from service.critic.base import Critic, assess
 from service.gate import structural
 from service.gate.record import CandidateRecord
 from service.telemetry import metrics
@@ -56,22 +56,24 @@ async def check_structure(cands: list[Candidate], tools: list[dict[str, Any]] | 
 
 async def score(critic: Critic, messages: list[dict[str, Any]], cands: list[Candidate],
                 tools: list[dict[str, Any]] | None, route: str) -> float:
-    """Scores the candidates that passed the structural checks; returns seconds spent.
+    """Scores the candidates; returns seconds spent. Skipped when all were vetoed.
 
+    Every candidate is assessed, the vetoed ones too: they are samples of the same turn, and the
+    critic's agreement features count them. Only those that passed can be chosen (``best``).
     A failing critic must not fail the turn: the structural verdicts still choose.
     """
-    live = [c for c in cands if c.ok]
-    if not live:
+    if not any(c.ok for c in cands):
         return 0.0
     started = time.perf_counter()
     try:
-        scores = await critic.score(messages, [c.record.message for c in live], tools)
+        found = await assess(critic, messages, [c.record.message for c in cands], tools, [c.ok for c in cands])
     except Exception:  # noqa: BLE001 - degrade to structural selection, and say so in the log
         log.exception("critic %s failed; selecting on structural checks only", critic.name)
         return time.perf_counter() - started
-    for c, s in zip(live, scores, strict=True):
-        c.record.score = float(s)
-        metrics.SCORES.labels(route).observe(float(s))
+    for c, a in zip(cands, found, strict=True):
+        c.record.score, c.record.features, c.record.contributions = float(a.score), a.features, a.contributions
+        if c.ok:
+            metrics.SCORES.labels(route).observe(float(a.score))
     return time.perf_counter() - started
 
 

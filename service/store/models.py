@@ -98,6 +98,8 @@ class Candidate(Base):
     veto_reason: Mapped[str | None] = mapped_column(String(64))
     veto_detail: Mapped[str | None] = mapped_column(Text)
     score: Mapped[float | None]
+    features: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # the critic's turn features
+    contributions: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # their shares of the logit
     upstream_latency_ms: Mapped[float | None]
     prompt_tokens: Mapped[int | None]
     completion_tokens: Mapped[int | None]

@@ -142,7 +142,10 @@ def _lines(conn, conversations) -> Iterator[dict[str, Any]]:
                           .order_by(Turn.conversation_id, Turn.idx, Turn.created_at)):
         turns[t.conversation_id].append(t)
     last_ids = [ts[-1].id for ts in turns.values()]
-    requests = dict(conn.execute(select(Turn.id, Turn.request_messages).where(Turn.id.in_(last_ids))).tuples().all())
+    requests, tools = {}, {}
+    for tid, msgs, declared in conn.execute(select(Turn.id, Turn.request_messages, Turn.tools)
+                                            .where(Turn.id.in_(last_ids))).tuples():
+        requests[tid], tools[tid] = msgs, declared
     cands: dict[str, list] = defaultdict(list)
     for c in conn.execute(select(Candidate).join(Turn, Turn.id == Candidate.turn_id)
                           .where(Turn.conversation_id.in_(ids)).order_by(Candidate.turn_id, Candidate.idx)):
@@ -160,10 +163,10 @@ def _lines(conn, conversations) -> Iterator[dict[str, Any]]:
         if f.label is not None:
             o["label"] = f.label
     for c in conversations:
-        yield _line(c, turns.get(c.id, []), requests, cands, outcome.get(c.id, {}))
+        yield _line(c, turns.get(c.id, []), requests, tools, cands, outcome.get(c.id, {}))
 
 
-def _line(conv, turns: list, requests: dict, cands: dict, outcome: dict) -> dict[str, Any]:
+def _line(conv, turns: list, requests: dict, tools: dict, cands: dict, outcome: dict) -> dict[str, Any]:
     attrs = conv.attributes or {}
     messages: list = []
     if turns:
@@ -182,6 +185,8 @@ def _line(conv, turns: list, requests: dict, cands: dict, outcome: dict) -> dict
         "first_seen": _iso(conv.first_seen), "last_seen": _iso(conv.last_seen),
     }
     line.setdefault("gold_actions", [])
+    if turns and tools.get(turns[-1].id):
+        line["tools"] = tools[turns[-1].id]  # as the last turn declared them: a trainer's candidate groups need them
     line["turns"] = [{
         "turn_id": t.id, "index": t.idx, "route": t.route, "mode": t.mode, "decision": t.decision,
         "chosen_index": t.chosen_index, "critic": {"name": t.critic_name, "version": t.critic_version},
@@ -190,7 +195,8 @@ def _line(conv, turns: list, requests: dict, cands: dict, outcome: dict) -> dict
                        "critic": t.latency_critic_ms},
         "created_at": _iso(t.created_at),
         "candidates": [{"index": c.idx, "round": c.round, "message": c.message, "finish_reason": c.finish_reason,
-                        "verdict": c.verdict, "veto_reason": c.veto_reason, "score": c.score}
+                        "verdict": c.verdict, "veto_reason": c.veto_reason, "score": c.score,
+                        "features": c.features}
                        for c in cands.get(t.id, [])],
     } for t in turns]
     return line

@@ -93,7 +93,8 @@ def turn_row(r: TurnRecord, conversation_id: str, index: int) -> dict[str, Any]:
 def candidate_rows(r: TurnRecord) -> list[dict[str, Any]]:
     return [{"turn_id": r.turn_id, "idx": c.index, "round": c.round, "message": c.message,
              "finish_reason": c.finish_reason, "verdict": c.verdict, "veto_reason": c.veto_reason,
-             "veto_detail": c.veto_detail, "score": c.score, "upstream_latency_ms": c.upstream_latency_ms,
+             "veto_detail": c.veto_detail, "score": c.score, "features": c.features,
+             "contributions": c.contributions, "upstream_latency_ms": c.upstream_latency_ms,
              "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
             for c in r.candidates]
 
