@@ -321,6 +321,7 @@ def run(bundle_path: Path, paths: list[Path], out: Path, split: str = "val", rec
         card = bundle.card
         card["evaluation"] = {k: result[k] for k in ("split", "split_rule", "machine", "provider", "trajectories",
                                                      "best_of_k", "ranking", "picks")}
-        card["threshold_hints"] = result["threshold_hints"]
+        if bundle.head is None:  # a head's hints come from train-head, on its own score scale
+            card["threshold_hints"] = result["threshold_hints"]
         (Path(bundle_path) / "critic.json").write_text(json.dumps(card, indent=2) + "\n")
     return result

@@ -47,6 +47,7 @@ TOOL_FEATURES = (
     "unconfirmed_write",  # a write with no user message since the previous write
     "repeat_call",  # the very same call was already made in this conversation
     "retry_after_error",  # calls the tool whose result just reported an error, unchanged
+    "alone",  # the only candidate: agreement unknown (its supports read 1), e.g. adaptive sampling's first
     "encoder",  # the cross-encoder's logit
 )
 # Features of text replies where no tools are declared.
@@ -286,6 +287,7 @@ def _tool_rows(messages: list[Message], candidates: list[Message], tools: list[d
             float(write and not hist.since_write_user),
             float(any(s in hist.made for s in singles)),
             float(any(s in hist.failed for s in singles)),
+            float(n == 1),
         ])
     return [base[where[k]] + [float(e)] for k, e in zip(keys, enc)]
 
@@ -333,8 +335,9 @@ def _text_rows(candidates: list[Message], enc: list[float]) -> list[list[float]]
     sims = [[1.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
-            union = len(words[i] | words[j])
-            sims[i][j] = sims[j][i] = len(words[i] & words[j]) / union if union else 1.0
+            shared = len(words[i] & words[j])
+            union = len(words[i]) + len(words[j]) - shared
+            sims[i][j] = sims[j][i] = shared / union if union else 1.0
     logs = [math.log1p(len(t)) for t in texts]
     mean = sum(logs) / n
     return [[lg, lg - mean, (sum(sims[i]) - 1.0) / (n - 1) if n > 1 else 1.0,
