@@ -254,8 +254,8 @@ def format_table(r: dict[str, Any]) -> str:
                    f"longer answer: {f(k.get('length_pairwise_accuracy'))}")]
     if r.get("picks"):
         p = r["picks"]
-        lines += ["", f"picks (tool-call questions drawn {p['draws']} times as groups of {p['set_size']}; "
-                      f"ranking sets whole; write calls alone):", pick_eval.format_table(p)]
+        lines += ["", (f"picks (tool-call questions drawn {p['draws']} times as groups of {p['set_size']}; "
+                       f"ranking sets whole; write calls alone):"), pick_eval.format_table(p)]
     h = r.get("threshold_hints") or {}
     lines += ["", f"threshold hints: accept {f(h.get('accept_threshold'))}, intervene {f(h.get('intervene_threshold'))}"]
     return "\n".join(lines)

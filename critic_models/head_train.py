@@ -87,7 +87,7 @@ def _encoder_id(encoder: Bundle) -> str | None:
 
 
 def _encoder_files(encoder: Bundle) -> set[str]:
-    return set(((encoder.card.get("training_data") or {}).get("files") or {}))
+    return set((encoder.card.get("training_data") or {}).get("files") or {})
 
 
 def score_groups(head: Head, groups: list[FeatureGroup]) -> list[np.ndarray]:

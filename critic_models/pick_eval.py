@@ -141,8 +141,8 @@ def format_table(fig: dict[str, Any]) -> str:
 
     lines = []
     for source, f in fig["sets"].items():
-        lines += ["", f"{source}: {f['groups']} groups of {f['candidates_per_group']:.1f} candidates "
-                      f"from {f['keys']} questions/prompts; mean label of the pick, 95% CI"]
+        lines += ["", (f"{source}: {f['groups']} groups of {f['candidates_per_group']:.1f} candidates "
+                       f"from {f['keys']} questions/prompts; mean label of the pick, 95% CI")]
         lines += [f"  {m:<9} {ci(f[m])}" for m in METHODS]
         for m in ("critic", "gate", "majority"):
             bh = f.get(f"{m}_vs_first")

@@ -60,8 +60,8 @@ TEXT_FEATURES = (
 )
 FEATURES_BY_KIND = {"tool": TOOL_FEATURES, "agent": TOOL_FEATURES, "text": TEXT_FEATURES}
 
-_STRUCTURE = re.compile(r"^\s*(?:[-*+] |\d+[.)] |#{1,6} |```)", re.M)
-_ERROR = re.compile(r"\berror\b|\bfailed\b|\binvalid\b|\bnot found\b|\bexception\b", re.I)
+_STRUCTURE = re.compile(r"^\s*(?:[-*+] |\d+[.)] |#{1,6} |```)", re.MULTILINE)
+_ERROR = re.compile(r"\berror\b|\bfailed\b|\binvalid\b|\bnot found\b|\bexception\b", re.IGNORECASE)
 _TEXT_CAP = 20_000  # characters of a message searched or tokenized: bounded work per turn
 _CONSENSUS_CHARS = 3_000
 
