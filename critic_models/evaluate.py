@@ -254,8 +254,8 @@ def format_table(r: dict[str, Any]) -> str:
                    f"longer answer: {f(k.get('length_pairwise_accuracy'))}")]
     if r.get("picks"):
         p = r["picks"]
-        lines += ["", f"picks (tool-call questions drawn {p['draws']} times as groups of {p['set_size']}; "
-                      f"ranking sets whole; write calls alone):", pick_eval.format_table(p)]
+        lines += ["", (f"picks (tool-call questions drawn {p['draws']} times as groups of {p['set_size']}; "
+                       f"ranking sets whole; write calls alone):"), pick_eval.format_table(p)]
     h = r.get("threshold_hints") or {}
     lines += ["", f"threshold hints: accept {f(h.get('accept_threshold'))}, intervene {f(h.get('intervene_threshold'))}"]
     return "\n".join(lines)
@@ -321,6 +321,7 @@ def run(bundle_path: Path, paths: list[Path], out: Path, split: str = "val", rec
         card = bundle.card
         card["evaluation"] = {k: result[k] for k in ("split", "split_rule", "machine", "provider", "trajectories",
                                                      "best_of_k", "ranking", "picks")}
-        card["threshold_hints"] = result["threshold_hints"]
+        if bundle.head is None:  # a head's hints come from train-head, on its own score scale
+            card["threshold_hints"] = result["threshold_hints"]
         (Path(bundle_path) / "critic.json").write_text(json.dumps(card, indent=2) + "\n")
     return result

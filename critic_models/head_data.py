@@ -32,7 +32,8 @@ from service.critic import features
 from service.gate.actions import gold_of, matches_gold, write_calls
 
 Message = dict[str, Any]
-DEFAULT_SIZES = (4, 2, 8, 4, 3, 6)  # N of the drawn groups, cycled: 4 most often, as the gate's default
+# N of the drawn groups, cycled: 4 most often, as the gate's default; 1 as adaptive sampling's first look
+DEFAULT_SIZES = (4, 2, 8, 4, 3, 6, 1)
 
 
 @dataclass

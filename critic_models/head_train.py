@@ -10,7 +10,7 @@
    with tool calls) are scored by the tool head unless ``agent_head`` is set: on the shared τ-bench
    trajectories a head fitted on them did worse on unseen tasks than the tool head fitted on
    function-calling questions alone (write turns among their sibling trials' calls, 5-fold by
-   task: AUC 0.71 against 0.83; docs/critic.md). Trajectories are then evaluated, never fitted.
+   task: AUC 0.63 against 0.75; critic_models/default/REPORT.md). Trajectories are then evaluated, never fitted.
 3. With ``folds``, the recipe is cross-validated on the training side: each group is scored by a
    head fitted on the other folds (by key), and the pick figures of critic_models.pick_eval are
    computed from those scores.
@@ -78,11 +78,16 @@ def _read_cache(path: str | None, encoder: Bundle) -> dict[str, float]:
     if not path or not Path(path).is_file():
         return {}
     saved = json.loads(Path(path).read_text())
-    return saved["logits"] if saved.get("encoder") == encoder.card.get("version") else {}
+    return saved["logits"] if saved.get("encoder") == _encoder_id(encoder) else {}
+
+
+def _encoder_id(encoder: Bundle) -> str | None:
+    """The encoder's version: a format-2 bundle names the encoder it sits on."""
+    return encoder.card.get("encoder_version") or encoder.card.get("version")
 
 
 def _encoder_files(encoder: Bundle) -> set[str]:
-    return set(((encoder.card.get("training_data") or {}).get("files") or {}))
+    return set((encoder.card.get("training_data") or {}).get("files") or {})
 
 
 def score_groups(head: Head, groups: list[FeatureGroup]) -> list[np.ndarray]:
@@ -122,7 +127,7 @@ def train_head(cfg: HeadConfig) -> dict[str, Any]:
     cache = _read_cache(cfg.logits_cache, encoder)
     head_data.fill_logits(items, encoder.encoder_scores, cache)
     if cfg.logits_cache:
-        Path(cfg.logits_cache).write_text(json.dumps({"encoder": encoder.card.get("version"), "logits": cache}))
+        Path(cfg.logits_cache).write_text(json.dumps({"encoder": _encoder_id(encoder), "logits": cache}))
     seen = _encoder_files(encoder)
     for it in train:
         if it.source in seen:
@@ -176,7 +181,7 @@ def write_bundle(encoder: Bundle, head: Head, out: Path, cfg: HeadConfig) -> Pat
     card = {k: v for k, v in encoder.card.items() if k not in (
         "evaluation", "crossval", "threshold_hints", "evaluation_head", "crossval_head")}
     card.update({"name": cfg.name or encoder.card.get("name"), "version": digest, "bundle_format": 2,
-                 "encoder_version": encoder.card.get("version"),
+                 "encoder_version": _encoder_id(encoder),
                  "head": {"file": HEAD_FILE, "features_version": features.FEATURES_VERSION,
                           "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction,
                                     "by": "source file + question text / prompt id / task_id"}}})

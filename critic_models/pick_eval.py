@@ -27,7 +27,7 @@ import numpy as np
 
 from critic_models import evaluate
 from critic_models.head_fit import FeatureGroup
-from service.critic.features import TEXT_FEATURES, TOOL_FEATURES
+from service.critic.features import FEATURES_BY_KIND, TEXT_FEATURES, TOOL_FEATURES
 
 METHODS = ("critic", "gate", "first", "majority", "longest", "random", "oracle")
 _TOOL = {n: i for i, n in enumerate(TOOL_FEATURES)}
@@ -105,7 +105,13 @@ def auc_figures(scored: list[Scored], boots: int = 1000, seed: int = 0) -> dict[
             a = evaluate.auc(score[take].tolist(), label[take].tolist())
             if a is not None:
                 boot.append(a)
+        names = FEATURES_BY_KIND[sub[0].group.kind]
+        same = [s.group.rows.shape[1] == len(names) for s in sub]  # tool and agent share the features
+        by_feature = {n: evaluate.auc([float(s.group.rows[0, j]) for s, k in zip(sub, same) if k],
+                                      [y for y, k in zip(label.tolist(), same) if k])
+                      for j, n in enumerate(names)}
         out[source] = {"turns": len(sub), "tasks": len(uniq), "positives": int(label.sum()),
+                       "feature_auc": by_feature,  # each feature alone, as a ranker (0.5: none)
                        "auc": evaluate.auc(score.tolist(), label.tolist()),
                        "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if boot else None}
     return out
@@ -135,8 +141,8 @@ def format_table(fig: dict[str, Any]) -> str:
 
     lines = []
     for source, f in fig["sets"].items():
-        lines += ["", f"{source}: {f['groups']} groups of {f['candidates_per_group']:.1f} candidates "
-                      f"from {f['keys']} questions/prompts; mean label of the pick, 95% CI"]
+        lines += ["", (f"{source}: {f['groups']} groups of {f['candidates_per_group']:.1f} candidates "
+                       f"from {f['keys']} questions/prompts; mean label of the pick, 95% CI")]
         lines += [f"  {m:<9} {ci(f[m])}" for m in METHODS]
         for m in ("critic", "gate", "majority"):
             bh = f.get(f"{m}_vs_first")
@@ -146,16 +152,19 @@ def format_table(fig: dict[str, Any]) -> str:
         for cat, v in (f.get("by_category") or {}).items():
             lines.append(f"    {cat:<18} " + " ".join(f"{m} {v[m]:.3f}" for m in ("critic", "gate", "first",
                                                                                    "majority", "oracle")))
-    for part, title in (("single", "write calls alone, against gold actions"),
+    for part, title in (("single", "one reply scored alone (trajectories: write calls against gold actions)"),
                         ("siblings", "write calls among the same turn's calls in the task's other trials")):
         if not fig.get(part):
             continue
-        lines += ["", f"{title}: AUC, 95% CI over tasks"]
+        lines += ["", f"{title}: AUC, 95% CI over tasks / questions"]
         for source, f in fig[part].items():
             c = f["ci95"]
             auc_s = "-" if f["auc"] is None else f"{f['auc']:.3f}"
             lines.append(f"  {source:<36} {auc_s} " + (f"[{c[0]:.3f}, {c[1]:.3f}]" if c else "")
-                         + f"  ({f['turns']} turns, {f['positives']} right, {f['tasks']} tasks)")
+                         + f"  ({f['turns']} replies, {f['positives']} right, {f['tasks']} tasks/questions)")
+            alone = {n: a for n, a in (f.get("feature_auc") or {}).items() if a is not None and abs(a - 0.5) > 0.02}
+            if alone:
+                lines.append("    each feature alone: " + ", ".join(f"{n} {a:.2f}" for n, a in alone.items()))
     return "\n".join(lines).lstrip("\n")
 
 

@@ -1,7 +1,8 @@
 """The shipped default critic bundle (critic_models/default): it validates against the bundle
-contract, fits the size budget, carries held-out figures, and gives probabilities that do not
-depend on what else is in the batch. (It does not reliably rank good over bad candidates, see its
-REPORT.md, so no test claims that.)"""
+contract, fits the size budget, carries held-out figures, gives encoder probabilities that do not
+depend on what else is in the batch, and its feature head prefers the call the candidates agree
+on over an invented one. (Its encoder alone does not reliably rank good over bad candidates, see
+its REPORT.md, so no test claims that.)"""
 
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def test_bundle_files_manifest_and_size(card):
     assert card["precision"] == "int8" and 8 <= card["max_length"] <= 512
     assert len(card["training_data"]["sha256"]) == 64
     assert card["evaluation"]["split"] == "val"  # figures are held-out figures
+    assert card["bundle_format"] == 2 and (DEFAULT / "head.json").is_file()
+    picks = card["evaluation"]["picks"]["sets"]["bfcl-train.jsonl"]  # held-out tool-call questions
+    assert picks["candidates_per_group"] == 4.0 and picks["critic"]["mean"] > picks["first"]["mean"]
     assert {"Attention", "SkipLayerNormalization"} <= set(card["export"]["fused_operators"])
     assert "Apache" in (DEFAULT / "NOTICE").read_text()
 
@@ -68,3 +72,21 @@ def test_scores_are_probabilities_and_independent_of_batch_padding(card, session
     # int8 activations are quantized per batch, so a score moves a little with its batch mates
     # and padding (0.0024 here); the value to two decimals must not.
     assert np.abs(together - alone).max() < 0.01
+
+
+async def test_the_head_prefers_the_agreed_grounded_call():
+    from service.critic.onnx_critic import OnnxCritic
+
+    def cancel(rid: str) -> dict:
+        return {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {
+            "name": "cancel_reservation", "arguments": json.dumps({"reservation_id": rid})}}]}
+
+    tools = [{"type": "function", "function": {"name": "cancel_reservation", "parameters": {
+        "type": "object", "properties": {"reservation_id": {"type": "string"}}, "required": ["reservation_id"]}}}]
+    critic = OnnxCritic.load(DEFAULT, "CPUExecutionProvider")
+    try:
+        found = await critic.assess(TRIP, [cancel("ABC123")] * 3 + [cancel("QQ9876")], tools)
+    finally:
+        critic.close()
+    assert found[3].score < min(a.score for a in found[:3])
+    assert found[3].contributions["call_support"] < found[0].contributions["call_support"]

@@ -45,6 +45,19 @@ def test_adaptive_escalates_to_n_when_the_first_candidate_does_not_pass(gateway,
     assert sink.records[0].candidates_saved == 0
 
 
+def test_adaptive_escalation_checks_the_later_candidates_too(gateway, scripted):
+    """The candidates sampled after the first one are vetoed like any: an empty reply the critic
+    would love is never returned."""
+    scripted.fn = lambda body, i: Reply([assistant(RISKY if i == 0 else (f"{SAFE} v{i}" if i != 2 else ""))])
+    policy = GatePolicy(sampling="adaptive", initial_candidates=1, accept_threshold=0.7)
+    critic = TableCritic({RISKY: 0.2, SAFE: 0.6}, default=0.99)  # the empty reply would score 0.99
+    with gateway(critic=critic, policy=policy) as (url, sink):
+        raw = ask(url)
+    assert raw.parse().choices[0].message.content.startswith(SAFE)
+    vetoed = [c for c in sink.records[0].candidates if c.verdict == "veto"]
+    assert [c.veto_reason for c in vetoed] == ["empty"]
+
+
 def test_intervention_feeds_back_to_the_actor_and_returns_the_second_round(gateway, scripted, actor):
     def respond(body, i):
         heeded = any("reviewer" in (m.get("content") or "") for m in body["messages"])

@@ -47,6 +47,7 @@ TOOL_FEATURES = (
     "unconfirmed_write",  # a write with no user message since the previous write
     "repeat_call",  # the very same call was already made in this conversation
     "retry_after_error",  # calls the tool whose result just reported an error, unchanged
+    "alone",  # the only candidate: agreement unknown (its supports read 1), e.g. adaptive sampling's first
     "encoder",  # the cross-encoder's logit
 )
 # Features of text replies where no tools are declared.
@@ -59,8 +60,8 @@ TEXT_FEATURES = (
 )
 FEATURES_BY_KIND = {"tool": TOOL_FEATURES, "agent": TOOL_FEATURES, "text": TEXT_FEATURES}
 
-_STRUCTURE = re.compile(r"^\s*(?:[-*+] |\d+[.)] |#{1,6} |```)", re.M)
-_ERROR = re.compile(r"\berror\b|\bfailed\b|\binvalid\b|\bnot found\b|\bexception\b", re.I)
+_STRUCTURE = re.compile(r"^\s*(?:[-*+] |\d+[.)] |#{1,6} |```)", re.MULTILINE)
+_ERROR = re.compile(r"\berror\b|\bfailed\b|\binvalid\b|\bnot found\b|\bexception\b", re.IGNORECASE)
 _TEXT_CAP = 20_000  # characters of a message searched or tokenized: bounded work per turn
 _CONSENSUS_CHARS = 3_000
 
@@ -286,6 +287,7 @@ def _tool_rows(messages: list[Message], candidates: list[Message], tools: list[d
             float(write and not hist.since_write_user),
             float(any(s in hist.made for s in singles)),
             float(any(s in hist.failed for s in singles)),
+            float(n == 1),
         ])
     return [base[where[k]] + [float(e)] for k, e in zip(keys, enc)]
 
@@ -333,8 +335,9 @@ def _text_rows(candidates: list[Message], enc: list[float]) -> list[list[float]]
     sims = [[1.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
-            union = len(words[i] | words[j])
-            sims[i][j] = sims[j][i] = len(words[i] & words[j]) / union if union else 1.0
+            shared = len(words[i] & words[j])
+            union = len(words[i]) + len(words[j]) - shared
+            sims[i][j] = sims[j][i] = shared / union if union else 1.0
     logs = [math.log1p(len(t)) for t in texts]
     mean = sum(logs) / n
     return [[lg, lg - mean, (sum(sims[i]) - 1.0) / (n - 1) if n > 1 else 1.0,

@@ -248,7 +248,7 @@ class Gate:
             elif time.monotonic() < deadline:
                 more = await self._sample(req, body, n - first_n, round_no, record, clock, deadline,
                                           required=False)
-                selection.check_structure(more, req.tools, req.body.get("tool_choice"), route.alias)
+                await selection.check_structure(more, req.tools, req.body.get("tool_choice"), route.alias)
                 cands += more
                 # Rescored together: agreement is a feature of the whole round.
                 clock.critic_s += await selection.score(critic, req.messages, cands, req.tools, route.alias)
