@@ -259,14 +259,26 @@ def fixed_latency_responder(latency_s: float, content: str = "ok") -> Responder:
     return respond
 
 
+def streaming_responder(first_s: float, words: int, chunk_delay_s: float) -> Responder:
+    """`words` words, the first after `first_s`, then one every `chunk_delay_s` (bench/ttft.py)."""
+    text = " ".join(f"word{k}" for k in range(words))
+
+    def respond(body: dict[str, Any], attempt: int) -> Reply:
+        return Reply([assistant(text)] * int(body.get("n") or 1), delay_s=first_s, chunk_delay_s=chunk_delay_s)
+    return respond
+
+
 def main() -> None:  # pragma: no cover - used by bench/ as a separate process
     import argparse
 
     parser = argparse.ArgumentParser(description="fake OpenAI-compatible actor with a fixed latency")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--latency", type=float, default=0.05, help="before the reply (its first token)")
+    parser.add_argument("--words", type=int, help="reply with this many words, one per stream chunk")
+    parser.add_argument("--chunk-delay", type=float, default=0.05, help="between chunks (with --words)")
     args = parser.parse_args()
-    actor = FakeActor(fixed_latency_responder(args.latency))
+    actor = FakeActor(streaming_responder(args.latency, args.words, args.chunk_delay) if args.words
+                      else fixed_latency_responder(args.latency))
     uvicorn.run(actor.app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
