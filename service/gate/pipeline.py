@@ -401,6 +401,9 @@ class Relay:
             record.decision, record.error = "error", e.message
             _note(record, [e])
             raise
+        except Exception as e:
+            record.decision, record.error = "error", f"relaying the stream failed: {e!r}"[:500]
+            raise
         finally:
             await self.aclose()
 
