@@ -19,7 +19,7 @@ from service.api.deps import ClientKeyDep, LimitedKeyDep, ServicesDep
 from service.api.errors import APIError, from_validation
 from service.api.jsonroute import parse_error_message
 from service.api.protocol import ChatCompletionRequest, ErrorBody, may_refer
-from service.gate.pipeline import TurnRequest
+from service.gate.pipeline import Relay, TurnRequest
 from service.gate.record import ConversationHint, new_turn_id
 
 router = APIRouter()
@@ -184,10 +184,8 @@ async def _ending_in_errors(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes
 
 async def _close_unread(task: asyncio.Task) -> None:
     """A Relay whose stream was never read (the client left first) still closes, and is recorded."""
-    if task.done() and not task.cancelled() and task.exception() is None:
-        aclose = getattr(task.result(), "aclose", None)
-        if aclose is not None:
-            await aclose()
+    if task.done() and not task.cancelled() and task.exception() is None and isinstance(task.result(), Relay):
+        await task.result().aclose()
 
 
 async def _iter(chunks) -> AsyncIterator[bytes]:

@@ -307,7 +307,7 @@ def samples_of(body: dict[str, Any], choices: list[dict[str, Any]], latency: flo
     single = len(choices) == 1  # usage is per candidate only when there is one
     response = {k: v for k, v in body.items() if k != "choices"}
     samples = []
-    for k, choice in enumerate(sorted(choices, key=lambda c: c.get("index", 0))):
+    for position, choice in enumerate(sorted(choices, key=lambda c: c.get("index", 0))):
         message = choice["message"]
         if not isinstance(message, dict):
             raise TypeError("message is not an object")
@@ -319,7 +319,7 @@ def samples_of(body: dict[str, Any], choices: list[dict[str, Any]], latency: flo
             completion_tokens=usage.get("completion_tokens") if usage and single else None,
             response=response,
             choice={k: v for k, v in choice.items() if k not in ("index", "message", "finish_reason")},
-            usage=usage if k == 0 else None,
+            usage=usage if position == 0 else None,
             headers=headers,
         ))
     return samples
