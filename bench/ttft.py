@@ -93,7 +93,7 @@ def main() -> None:
         wait_up(actor_url + "/models")
         wait_up(f"http://127.0.0.1:{proxy_port}/healthz")
         commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or "?"
+                                text=True, check=False).stdout.strip() or "?"
         print(f"upstream: first word after {args.first * 1000:.0f} ms, {args.words} words {args.chunk_delay * 1000:.0f} ms "
               f"apart; turngate from {src} ({commit}); median of {args.repeats} sequential streams\n")
         print(f"{'target':<24}{'TTFT ms':>10}{'total ms':>10}")

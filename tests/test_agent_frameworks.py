@@ -19,8 +19,6 @@ from tests.conftest import TableCritic
 
 agents = pytest.importorskip("agents")
 langchain_openai = pytest.importorskip("langchain_openai")
-from langchain_core.messages import HumanMessage, ToolMessage  # noqa: E402
-from langchain_core.tools import tool  # noqa: E402
 
 USAGE = {"prompt_tokens": 300, "completion_tokens": 40, "total_tokens": 340,
          "prompt_tokens_details": {"cached_tokens": 128, "audio_tokens": 0},
@@ -82,6 +80,9 @@ async def test_openai_agents_sdk_loop(gateway, scripted, actor, route, streamed)
 @pytest.mark.parametrize("route", ROUTES, ids=[r["mode"] for r in ROUTES])
 @pytest.mark.parametrize("streamed", [False, True], ids=["invoke", "stream"])
 def test_langchain_tool_loop(gateway, scripted, actor, route, streamed):
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+
     @tool
     def get_weather(city: str) -> dict:
         """The weather in a city."""
