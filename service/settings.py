@@ -91,6 +91,9 @@ class RouteSettings(BaseModel):
     # latency) for the others, then go on with what came back (docs/proxy.md, "Candidate wait").
     candidate_wait_s: float = Field(2.0, ge=0)
     candidate_wait_ratio: float = Field(1.0, ge=0)
+    # Ask the upstream for every candidate's token logprobs and keep them on the turn record (the
+    # client gets them only when it asked for logprobs itself).
+    record_logprobs: bool = False
     policy: GatePolicy = Field(default_factory=GatePolicy)
 
     @property

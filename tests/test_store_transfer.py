@@ -9,9 +9,12 @@ import io
 import json
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from service.cli import app
+from service.store.engine import make_sync_engine
+from service.store.models import Candidate
 from service.store.prune import prune
 from service.store.sink import StoreSink
 from service.store.transfer import export_trajectories, import_trajectories
@@ -81,6 +84,33 @@ async def test_live_turns_export_with_candidates_scores_and_latest_reward(db_url
     assert conv["turns"][1]["chosen_index"] == 1 and conv["turns"][1]["decision"] == "ranked"
     assert len(_export(db_url)) == 2
     assert _export(db_url, until=datetime.now(UTC) - timedelta(hours=1)) == []
+
+
+async def test_candidates_keep_the_upstreams_usage_logprobs_and_request_id(db_url, tmp_path):
+    turn = record([{"role": "user", "content": "hello"}], "hi there")
+    usage = {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120,
+             "prompt_tokens_details": {"cached_tokens": 64}, "completion_tokens_details": {"reasoning_tokens": 8}}
+    logprobs = {"content": [{"token": "hi", "logprob": -0.01, "bytes": [104, 105], "top_logprobs": []},
+                            {"token": " there", "logprob": -0.2, "bytes": None, "top_logprobs": []}], "refusal": None}
+    for c in turn.candidates:
+        c.usage, c.upstream_request_id = usage, f"req_{c.index}"
+    turn.candidates[1].logprobs = logprobs
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    sink.enqueue(turn)
+    assert await sink.flush()
+    await sink.stop()
+
+    engine = make_sync_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(Candidate.idx, Candidate.usage, Candidate.logprobs, Candidate.upstream_request_id)
+                            .where(Candidate.turn_id == turn.turn_id).order_by(Candidate.idx)).all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [(i, usage, logprobs if i == 1 else None, f"req_{i}") for i in range(4)]
+    (conv,) = _export(db_url)
+    cands = conv["turns"][0]["candidates"]
+    assert [c["usage"] for c in cands] == [usage] * 4
+    assert [c.get("logprobs") for c in cands] == [None, logprobs, None, None]
 
 
 async def test_prune_deletes_only_old_conversations(db_url, tmp_path):

@@ -66,17 +66,21 @@ def _is_tag(part: str) -> bool:
 
 
 def from_upstream(exc: UpstreamError) -> APIError:
+    # The failed call's rate-limit and request-id headers go along (service.upstream.client).
+    headers = dict(exc.headers)
     if exc.kind == "timeout":
-        return APIError(504, exc.message, "upstream_error", "upstream_timeout")
+        return APIError(504, exc.message, "upstream_error", "upstream_timeout", headers=headers)
     if exc.kind == "rate_limited":
-        headers = {"retry-after": exc.retry_after} if exc.retry_after else {}
+        if exc.retry_after:
+            headers["retry-after"] = exc.retry_after
         return APIError(429, exc.message, "rate_limit_error", "rate_limit_exceeded", headers=headers)
     if exc.kind == "client_error" and exc.status:
         detail = (exc.body or {}).get("error") or {}
         return APIError(exc.status, exc.message, detail.get("type") or "invalid_request_error",
-                        detail.get("code"), detail.get("param"))
-    # server_error, connect, garbage, auth (the route's own key refused: its message is turngate's)
-    return APIError(502, exc.message, "upstream_error", f"upstream_{exc.kind}")
+                        detail.get("code"), detail.get("param"), headers=headers)
+    # server_error, connect, garbage, stream_error, auth (the route's own key refused: its message is
+    # turngate's, and it carries no headers)
+    return APIError(502, exc.message, "upstream_error", f"upstream_{exc.kind}", headers=headers)
 
 
 def from_rejection(exc: TurnRejected) -> APIError:

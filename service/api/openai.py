@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 
 from service import wirejson
 from service.api import replies
 from service.api.deps import ClientKeyDep, LimitedKeyDep, ServicesDep
-from service.api.errors import APIError, from_rejection, from_upstream, from_validation
+from service.api.errors import APIError, from_validation
 from service.api.jsonroute import parse_error_message
 from service.api.protocol import ChatCompletionRequest, ErrorBody, may_refer
-from service.gate.pipeline import Gate, TurnRejected, TurnRequest
+from service.gate.pipeline import Relay, TurnRequest
 from service.gate.record import ConversationHint, new_turn_id
-from service.upstream.client import UpstreamError
 
 router = APIRouter()
 
@@ -69,6 +70,13 @@ async def chat_completions(request: Request, services: ServicesDep, key: Limited
         conversation=ConversationHint(header_id=request.headers.get(CONVERSATION_HEADER),
                                       user=payload.get("user"), metadata=payload.get("metadata"),
                                       key_id=key.key_id))
+    logprobs = bool(payload.get("logprobs"))
+    keepalive_s = services.settings.keepalive_interval_s
+    if payload.get("stream") and route.mode == "passthrough":
+        include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+        return await _stream(request, asyncio.ensure_future(services.gate.relay(turn)), turn, keepalive_s,
+                             lambda relay: (replies.relay_headers(relay.record, relay.headers),
+                                            replies.relayed(relay.events(), include_usage, logprobs)))
     task = asyncio.ensure_future(services.gate.run(turn))
     if not payload.get("stream"):
         try:
@@ -76,8 +84,12 @@ async def chat_completions(request: Request, services: ServicesDep, key: Limited
         except ClientGone:
             return Response(status_code=499)
         result = task.result()
-        return JSONResponse(replies.completion_body(result, route.alias), headers=replies.decision_headers(result))
-    return await _stream(request, services.gate, task, turn, services.settings.keepalive_interval_s)
+        return JSONResponse(replies.completion_body(result, route.alias, logprobs),
+                            headers=replies.decision_headers(result))
+    include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+    return await _stream(request, task, turn, keepalive_s,
+                         lambda result: (replies.decision_headers(result), _iter(replies.replay_chunks(
+                             replies.completion_body(result, route.alias, logprobs), include_usage))))
 
 
 def _parse(raw: bytes, refs: bool = True) -> dict:
@@ -120,24 +132,25 @@ async def _until_done(request: Request, task: asyncio.Task, timeout: float | Non
     return False
 
 
-async def _stream(request: Request, gate: Gate, task: asyncio.Task, turn: TurnRequest,
-                  keepalive_s: float) -> Response:
-    """SSE: ranking needs whole candidates, so the chosen one is replayed once the turn is done.
+async def _stream(request: Request, task: asyncio.Task, turn: TurnRequest, keepalive_s: float,
+                  respond: Callable[[Any], tuple[dict[str, str], AsyncIterator[bytes]]]) -> Response:
+    """SSE. `task` yields what `respond` turns into headers and chunks: a gated turn's result, whose
+    chosen reply is replayed (ranking needs whole candidates), or a passthrough Relay, whose
+    upstream stream is relayed as it comes.
 
-    If the turn settles within the first keepalive interval the client gets real status codes
-    and all decision headers; after that the stream is open, kept alive with SSE comments, and a
-    late failure arrives as an error event.
+    If the task settles within the first keepalive interval the client gets real status codes
+    and all headers; after that the stream is open, kept alive with SSE comments, the headers come
+    as an SSE comment, and a late failure arrives as an error event. So does any failure once the
+    stream began: a connection cut mid-stream reads as a network error, which clients retry blindly.
     """
-    include_usage = bool((turn.body.get("stream_options") or {}).get("include_usage"))
     try:
         settled = await _until_done(request, task, timeout=keepalive_s)
     except ClientGone:
         return Response(status_code=499)
     if settled:
-        result = task.result()  # raises: the handlers turn it into an error response
-        body = replies.completion_body(result, turn.route.alias)
-        return StreamingResponse(_iter(replies.replay_chunks(body, include_usage)),
-                                 media_type="text/event-stream", headers=replies.decision_headers(result))
+        headers, chunks = respond(task.result())  # raises: the handlers turn it into an error response
+        return StreamingResponse(_ending_in_errors(chunks), media_type="text/event-stream", headers=headers,
+                                 background=BackgroundTask(_close_unread, task))
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -145,22 +158,34 @@ async def _stream(request: Request, gate: Gate, task: asyncio.Task, turn: TurnRe
                 await asyncio.wait({task}, timeout=keepalive_s)
                 if not task.done():
                     yield b": keepalive\n\n"
-            try:
-                result = task.result()
-            except (UpstreamError, TurnRejected) as e:
-                err = from_upstream(e) if isinstance(e, UpstreamError) else from_rejection(e)
-                yield replies.sse(err.body())
-                return
-            headers = replies.decision_headers(result)
-            yield (": " + " ".join(f"{k}={v}" for k, v in headers.items()) + "\n\n").encode()
-            for chunk in replies.replay_chunks(replies.completion_body(result, turn.route.alias), include_usage):
-                yield chunk
+            headers, chunks = respond(task.result())
+            yield replies.as_comment(headers)
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
         finally:
             if not task.done():
                 task.cancel()  # the client went away mid-wait
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"x-turngate-turn-id": turn.turn_id})
+    return StreamingResponse(_ending_in_errors(events()), media_type="text/event-stream",
+                             headers={"x-turngate-turn-id": turn.turn_id},
+                             background=BackgroundTask(_close_unread, task))
+
+
+async def _ending_in_errors(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks; a failure among them ends the stream with an error event (replies.error_event)."""
+    try:
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+    except Exception as e:  # noqa: BLE001 - the status line is gone: the event is all a client can read
+        yield replies.error_event(e)
+
+
+async def _close_unread(task: asyncio.Task) -> None:
+    """A Relay whose stream was never read (the client left first) still closes, and is recorded."""
+    if task.done() and not task.cancelled() and task.exception() is None and isinstance(task.result(), Relay):
+        await task.result().aclose()
 
 
 async def _iter(chunks) -> AsyncIterator[bytes]:

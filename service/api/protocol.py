@@ -40,11 +40,31 @@ class FunctionCall(TypedDict):
     arguments: str
 
 
-class ToolCall(TypedDict):
+class CustomCall(TypedDict):
+    __pydantic_config__ = _WIRE  # type: ignore[misc]
+    name: str
+    input: str
+
+
+def _needs_its_spec(what: str):
+    """A function tool (or call) carries `function`, a custom one `custom`, as its type says."""
+    def check(item: dict[str, Any]) -> dict[str, Any]:
+        kind = item.get("type") or "function"
+        if kind not in item:
+            raise ValueError(f"a {kind} {what} needs its {kind!r} object")
+        return item
+    return check
+
+
+class _ToolCall(TypedDict):
     __pydantic_config__ = _WIRE  # type: ignore[misc]
     id: NotRequired[str]
-    type: NotRequired[str]
-    function: FunctionCall
+    type: NotRequired[Literal["function", "custom"]]
+    function: NotRequired[FunctionCall]
+    custom: NotRequired[CustomCall]
+
+
+ToolCall = Annotated[_ToolCall, AfterValidator(_needs_its_spec("tool call"))]
 
 
 class ChatMessage(TypedDict):
@@ -84,10 +104,24 @@ class FunctionDef(TypedDict):
     strict: NotRequired[bool | None]
 
 
-class Tool(TypedDict):
+class CustomDef(TypedDict):
+    """A custom tool: the model calls it with free text (`format` may constrain it by a grammar,
+    which turngate forwards and does not check)."""
+
     __pydantic_config__ = _WIRE  # type: ignore[misc]
-    type: NotRequired[Literal["function"]]
-    function: FunctionDef
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: NotRequired[str | None]
+    format: NotRequired[dict[str, Any] | None]
+
+
+class _Tool(TypedDict):
+    __pydantic_config__ = _WIRE  # type: ignore[misc]
+    type: NotRequired[Literal["function", "custom"]]
+    function: NotRequired[FunctionDef]
+    custom: NotRequired[CustomDef]
+
+
+Tool = Annotated[_Tool, AfterValidator(_needs_its_spec("tool"))]
 
 
 class StreamOptions(_Open):
@@ -99,7 +133,7 @@ class ChatCompletionRequest(_Open):
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1, description="turngate returns one gated reply")
     tools: list[Tool] | None = None

@@ -1,41 +1,57 @@
-"""The gated turn as the client sees it: a ChatCompletion body, x-turngate-* headers, SSE chunks."""
+"""The turn as the client sees it: a ChatCompletion body, x-turngate-* headers, SSE chunks (a gated
+reply replayed, a passthrough stream relayed), and the error event that ends a stream that failed.
+
+What turngate does not decide about passes unchanged: the upstream's body fields (usage with its
+details, service_tier, system_fingerprint, vendor fields), the chosen choice's own fields
+(logprobs), and its call's forwarded headers (service.upstream.client.forwarded_headers). What it
+decides: the one choice (index 0), its message, id/created/model when the upstream gave none, and
+leaving out what turngate asked for and the client did not (logprobs a route keeps, the usage chunk
+of a stream).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from service.gate.pipeline import TurnResult
+from service.api.errors import APIError, from_rejection, from_upstream
+from service.gate.pipeline import TurnRejected, TurnResult
+from service.upstream.client import UpstreamError
+from service.upstream.streaming import Event
+
+log = logging.getLogger(__name__)
 
 _CONTENT_PIECE = 64  # characters per replayed content delta
 
 
-def completion_body(result: TurnResult, alias: str) -> dict[str, Any]:
+def completion_body(result: TurnResult, alias: str, logprobs: bool = True) -> dict[str, Any]:
+    """The chosen reply as a ChatCompletion; `logprobs`: whether the client asked for them."""
     chosen, record = result.chosen, result.record
     sample = chosen.sample
     upstream = dict(sample.response) if sample else {}
-    if sample and sample.completion_tokens is not None:
-        usage = {"prompt_tokens": sample.prompt_tokens or 0, "completion_tokens": sample.completion_tokens,
-                 "total_tokens": (sample.prompt_tokens or 0) + sample.completion_tokens}
-    else:
-        usage = upstream.get("usage")
+    choice = {"logprobs": None, **(sample.choice if sample else {}), "index": 0, "message": chosen.record.message,
+              "finish_reason": chosen.record.finish_reason or "stop"}
+    if not logprobs:
+        choice["logprobs"] = None  # the route asked the upstream for them, to keep; the client did not
     return {
         **upstream,
         "id": upstream.get("id") or "chatcmpl-" + record.turn_id.removeprefix("turn-"),
         "object": "chat.completion",
         "created": upstream.get("created") or int(record.created_at),
         "model": upstream.get("model") or alias,
-        "choices": [{"index": 0, "message": chosen.record.message,
-                     "finish_reason": chosen.record.finish_reason or "stop", "logprobs": None}],
-        "usage": usage,
+        "choices": [choice],
+        "usage": upstream.get("usage"),  # the chosen call's, as the upstream sent it
     }
 
 
 def decision_headers(result: TurnResult) -> dict[str, str]:
+    """x-turngate-* and Server-Timing, after the chosen call's forwarded upstream headers."""
     record, chosen = result.record, result.chosen
     headers = {
+        **(chosen.sample.headers if chosen.sample else {}),
         "x-turngate-turn-id": record.turn_id,
         "x-turngate-decision": record.decision,
         "x-turngate-candidates": str(sum(1 for c in record.candidates if c.upstream_latency_ms is not None)),
@@ -54,33 +70,109 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
+def relay_headers(record, upstream: dict[str, str]) -> dict[str, str]:
+    """A passthrough stream's headers: known before its reply, so no score and no Server-Timing."""
+    return {**upstream, "x-turngate-turn-id": record.turn_id, "x-turngate-decision": "passthrough",
+            "x-turngate-candidates": "1", "x-turngate-rounds": "1"}
+
+
+def as_comment(headers: dict[str, str]) -> bytes:
+    """Headers that come too late for the status line, as one SSE comment."""
+    return (": " + " ".join(f"{k}={v}" for k, v in headers.items()) + "\n\n").encode()
+
+
+async def relayed(events: AsyncIterator[Event], include_usage: bool, logprobs: bool) -> AsyncIterator[bytes]:
+    """A passthrough stream's events as the upstream wrote them, less what turngate asked for and
+    the client did not: the usage chunk (turngate always asks, to count tokens) and the logprobs a
+    route keeps."""
+    async for event in events:
+        chunk = event.data
+        if isinstance(chunk, dict):
+            choices = chunk.get("choices")
+            if not include_usage and chunk.get("usage") and not choices:
+                continue
+            if not logprobs and isinstance(choices, list) and any(
+                    isinstance(c, dict) and c.get("logprobs") for c in choices):
+                yield sse({**chunk, "choices": [{**c, "logprobs": None} if isinstance(c, dict) else c
+                                                for c in choices]})
+                continue
+        yield event.raw
+
+
+def error_event(exc: BaseException) -> bytes:
+    """The SSE event that ends a stream that failed after it began, in OpenAI's error envelope; the
+    openai client raises it as APIError. An upstream's own error event is relayed as it was."""
+    if isinstance(exc, UpstreamError) and exc.kind == "stream_error" and isinstance(exc.body, dict):
+        return sse(exc.body)
+    if isinstance(exc, UpstreamError):
+        return sse(from_upstream(exc).body())
+    if isinstance(exc, TurnRejected):
+        return sse(from_rejection(exc).body())
+    log.error("a stream failed after it began", exc_info=exc)
+    return sse(APIError(500, "internal error in turngate; the reply is incomplete", "server_error",
+                        "internal_error").body())
+
+
 def replay_chunks(body: dict[str, Any], include_usage: bool) -> Iterator[bytes]:
-    """Replays a complete ChatCompletion as the chunk sequence an OpenAI stream would have sent."""
+    """Replays a complete ChatCompletion as the chunk sequence an OpenAI stream would have sent:
+    every top-level field (service_tier, system_fingerprint, ...) on each chunk, content cut along
+    its logprobs' tokens where it has them (each chunk with its tokens' logprobs), tool calls
+    (function or custom) as deltas."""
     choice = body["choices"][0]
     message = choice["message"]
-    base = {"id": body["id"], "object": "chat.completion.chunk", "created": body.get("created", int(time.time())),
-            "model": body["model"]}
-    if body.get("system_fingerprint"):
-        base["system_fingerprint"] = body["system_fingerprint"]
+    base = {k: v for k, v in body.items() if k not in ("choices", "usage")}
+    base.update(object="chat.completion.chunk", created=body.get("created") or int(time.time()))
+    if include_usage:
+        base["usage"] = None  # as OpenAI does: null on every chunk but the last
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
+        return sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                         "logprobs": logprobs}]})
 
     yield chunk({"role": "assistant", "content": ""})
+    logprobs = choice.get("logprobs") if isinstance(choice.get("logprobs"), dict) else {}
     content = message.get("content")
-    if isinstance(content, str):
-        for i in range(0, len(content), _CONTENT_PIECE):
-            yield chunk({"content": content[i:i + _CONTENT_PIECE]})
+    pieces = _content_pieces(content if isinstance(content, str) else "", logprobs.get("content"))
+    for text, entries in pieces:
+        yield chunk({"content": text}, logprobs={"content": entries, "refusal": None} if entries else None)
     if message.get("refusal"):
-        yield chunk({"refusal": message["refusal"]})
+        refusal = logprobs.get("refusal")
+        yield chunk({"refusal": message["refusal"]},
+                    logprobs={"content": None, "refusal": refusal} if refusal else None)
     for i, call in enumerate(message.get("tool_calls") or []):
-        fn = call.get("function") or {}
-        yield chunk({"tool_calls": [{"index": i, "id": call.get("id"), "type": call.get("type", "function"),
-                                     "function": {"name": fn.get("name"), "arguments": ""}}]})
-        args = fn.get("arguments") or ""
-        for j in range(0, len(args), _CONTENT_PIECE):
-            yield chunk({"tool_calls": [{"index": i, "function": {"arguments": args[j:j + _CONTENT_PIECE]}}]})
-    yield chunk({}, choice.get("finish_reason") or "stop")
+        kind = "custom" if call.get("type") == "custom" else "function"
+        text_key = "input" if kind == "custom" else "arguments"
+        spec = call.get(kind) or {}
+        yield chunk({"tool_calls": [{"index": i, "id": call.get("id"), "type": kind,
+                                     kind: {"name": spec.get("name"), text_key: ""}}]})
+        text = spec.get(text_key) or ""
+        for j in range(0, len(text), _CONTENT_PIECE):
+            yield chunk({"tool_calls": [{"index": i, kind: {text_key: text[j:j + _CONTENT_PIECE]}}]})
+    unplaced = logprobs.get("content") if not pieces and logprobs.get("content") else None
+    yield chunk({}, choice.get("finish_reason") or "stop",
+                logprobs={"content": unplaced, "refusal": None} if unplaced else None)
     if include_usage and body.get("usage"):
         yield sse({**base, "choices": [], "usage": body["usage"]})
     yield sse("[DONE]")
+
+
+def _content_pieces(content: str, entries: Any) -> list[tuple[str, list | None]]:
+    """Content in deltas of about _CONTENT_PIECE characters, each with the logprobs of its tokens.
+    Cut along the tokens where they spell the content; otherwise all logprobs go with the first."""
+    if isinstance(entries, list) and entries and all(isinstance(e, dict) and isinstance(e.get("token"), str)
+                                                     for e in entries) \
+            and "".join(e["token"] for e in entries) == content:
+        pieces, text, group = [], "", []
+        for e in entries:
+            text += e["token"]
+            group.append(e)
+            if len(text) >= _CONTENT_PIECE:
+                pieces.append((text, group))
+                text, group = "", []
+        if group:
+            pieces.append((text, group))
+        return pieces
+    pieces = [(content[i:i + _CONTENT_PIECE], None) for i in range(0, len(content), _CONTENT_PIECE)]
+    if pieces and isinstance(entries, list) and entries:
+        pieces[0] = (pieces[0][0], entries)
+    return pieces

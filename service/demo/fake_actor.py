@@ -2,7 +2,12 @@
 
 The demo serves recorded candidates with it; tests script its replies per request; benchmarks give
 it a fixed latency. It speaks just enough of the Chat Completions API for turngate and the
-`openai` client: POST /v1/chat/completions (with `n`) and GET /v1/models.
+`openai` client: POST /v1/chat/completions (with `n`, `stream`, `stream_options`, `logprobs` and
+`top_logprobs`) and GET /v1/models. Like OpenAI's, its replies carry usage with its details, a
+request id and rate-limit headers, and `service_tier` / `system_fingerprint` where the script sets them.
+
+Streams send one chunk per token (words, for the fake), `chunk_delay_s` apart; a request without
+`stream` waits as long as the stream would have taken, so both are the same upstream to compare.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import inspect
 import itertools
 import json
+import re
 import socket
 import threading
 import time
@@ -22,7 +28,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 
@@ -30,12 +36,20 @@ from starlette.routing import Route
 class Reply:
     """What the fake actor answers one request with."""
 
-    choices: list[dict[str, Any]] = field(default_factory=list)  # assistant messages, or {"message", "finish_reason"}
+    # assistant messages, or {"message", "finish_reason", "logprobs"?}; logprobs are made up from the
+    # content when the request asks for them and the choice brings none
+    choices: list[dict[str, Any]] = field(default_factory=list)
     status: int = 200
     raw: str | None = None  # send this body verbatim instead (garbage tests)
-    delay_s: float = 0.0
-    headers: dict[str, str] = field(default_factory=dict)
-    usage: dict[str, int] | None = None
+    delay_s: float = 0.0  # before the status line
+    headers: dict[str, str] = field(default_factory=dict)  # x-request-id defaults to one per request
+    usage: dict[str, Any] | None = None
+    service_tier: str | None = None
+    system_fingerprint: str | None = None
+    # streams
+    chunk_delay_s: float = 0.0  # before each chunk after the first
+    break_after_chunks: int | None = None  # drop the connection after this many chunks
+    stream_error: dict[str, Any] | None = None  # or send this in-band {"error": ...} event there instead
 
 
 Responder = Callable[[dict[str, Any], int], "Reply | Awaitable[Reply]"]
@@ -52,17 +66,84 @@ def assistant(content: str | None = None, tool_calls: list[tuple[str, Any]] | No
     return msg
 
 
-def completion_body(choices: list[dict[str, Any]], model: str, usage: dict[str, int] | None = None
-                    ) -> dict[str, Any]:
+def completion_body(choices: list[dict[str, Any]], model: str, usage: dict[str, Any] | None = None,
+                    request: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    """A ChatCompletion; `request` asks for logprobs, `top` adds fields (service_tier=..., None ones left out)."""
     out = []
     for i, c in enumerate(choices):
-        message, finish = (c["message"], c.get("finish_reason")) if "message" in c else (c, None)
-        out.append({"index": i, "message": message, "logprobs": None,
-                    "finish_reason": finish or ("tool_calls" if message.get("tool_calls") else "stop")})
+        message, finish = _unpack(c)
+        out.append({"index": i, "message": message, "logprobs": _logprobs(c, request or {}),
+                    "finish_reason": finish})
     return {"id": f"chatcmpl-fake{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
-            "model": model, "choices": out,
+            "model": model, "choices": out, **{k: v for k, v in top.items() if v is not None},
             "usage": usage or {"prompt_tokens": 10, "completion_tokens": 5 * len(out),
                                "total_tokens": 10 + 5 * len(out)}}
+
+
+def _unpack(choice: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    message, finish = (choice["message"], choice.get("finish_reason")) if "message" in choice else (choice, None)
+    return message, finish or ("tool_calls" if message.get("tool_calls") else "stop")
+
+
+def tokens(text: str) -> list[str]:
+    """The fake's tokenizer: words with their leading white space."""
+    return re.findall(r"\s*\S+|\s+", text)
+
+
+def _logprobs(choice: dict[str, Any], request: dict[str, Any]) -> dict[str, Any] | None:
+    if "logprobs" in choice:
+        return choice["logprobs"]
+    if not request.get("logprobs"):
+        return None
+    content = _unpack(choice)[0].get("content")
+    top = int(request.get("top_logprobs") or 0)
+    return {"content": [token_logprob(t, i, top) for i, t in enumerate(tokens(content or ""))], "refusal": None}
+
+
+def token_logprob(token: str, i: int, top: int = 0) -> dict[str, Any]:
+    """A made-up but deterministic logprob entry in OpenAI's shape."""
+    logprob = -round(0.01 * (1 + (i * 7 + len(token)) % 23), 4)
+    alternatives = [{"token": token, "logprob": logprob, "bytes": list(token.encode())}]
+    alternatives += [{"token": f"{token}~{k}", "logprob": logprob - k, "bytes": list(f"{token}~{k}".encode())}
+                     for k in range(1, top)]
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": alternatives[:top]}
+
+
+def stream_chunks(choices: list[dict[str, Any]], model: str, request: dict[str, Any],
+                  usage: dict[str, Any] | None = None, **top: Any) -> list[dict[str, Any]]:
+    """The chunks OpenAI would stream for these choices: a role chunk, a chunk per content token
+    (with its logprob when asked), tool-call deltas, the finish reason, then usage when asked."""
+    body = completion_body(choices, model, usage, request, **top)
+    base = {k: v for k, v in body.items() if k not in ("choices", "usage")} | {"object": "chat.completion.chunk"}
+    with_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+    if with_usage:
+        base["usage"] = None
+    out = []
+    for choice in body["choices"]:
+        index, message, logprobs = choice["index"], choice["message"], choice["logprobs"]
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, lp: Any = None, index: int = index
+                  ) -> dict[str, Any]:
+            return {**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+
+        out.append(chunk({"role": "assistant", "content": "", "refusal": None}))
+        entries = (logprobs or {}).get("content") or []
+        pieces = [e["token"] for e in entries] if entries else tokens(message.get("content") or "")
+        for k, piece in enumerate(pieces):
+            lp = {"content": [entries[k]], "refusal": None} if entries else None
+            out.append(chunk({"content": piece}, lp=lp))
+        for i, call in enumerate(message.get("tool_calls") or []):
+            # function calls stream their arguments; custom-tool calls their input, in the same way
+            kind, text = ("custom", "input") if call.get("type") == "custom" else ("function", "arguments")
+            spec = call[kind]
+            out.append(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": kind,
+                                              kind: {"name": spec["name"], text: ""}}]}))
+            out += [chunk({"tool_calls": [{"index": i, kind: {text: spec[text][j:j + 8]}}]})
+                    for j in range(0, len(spec[text]), 8)]
+        out.append(chunk({}, choice["finish_reason"]))
+    if with_usage:
+        out.append({**base, "choices": [], "usage": body["usage"]})
+    return out
 
 
 class FakeActor:
@@ -94,15 +175,44 @@ class FakeActor:
                 return Response(status_code=499)
         finally:
             self.in_flight -= 1
+        headers = {"x-request-id": f"req_fake{attempt}", **reply.headers}
         if reply.raw is not None:
-            return Response(reply.raw, status_code=reply.status, headers=reply.headers,
+            return Response(reply.raw, status_code=reply.status, headers=headers,
                             media_type="application/json")
         if reply.status >= 400:
             return JSONResponse({"error": {"message": f"fake actor error {reply.status}", "type": "server_error",
                                            "param": None, "code": None}},
-                                status_code=reply.status, headers=reply.headers)
-        return JSONResponse(completion_body(reply.choices, body.get("model", "fake"), reply.usage),
-                            headers=reply.headers)
+                                status_code=reply.status, headers=headers)
+        top = {"service_tier": reply.service_tier, "system_fingerprint": reply.system_fingerprint}
+        model = body.get("model", "fake")
+        if body.get("stream"):
+            chunks = stream_chunks(reply.choices, model, body, reply.usage, **top)
+            return StreamingResponse(self._stream(chunks, reply), headers=headers, media_type="text/event-stream")
+        # As long as the stream would have taken: the same upstream, streamed or not.
+        if reply.chunk_delay_s and await _hung_up_during(
+                request, reply.chunk_delay_s * (len(stream_chunks(reply.choices, model, body)) - 1)):
+            self.disconnected += 1
+            return Response(status_code=499)
+        return JSONResponse(completion_body(reply.choices, model, reply.usage, body, **top), headers=headers)
+
+    async def _stream(self, chunks: list[dict[str, Any]], reply: Reply):
+        self.in_flight += 1
+        try:
+            for k, chunk in enumerate(chunks):
+                if k == reply.break_after_chunks:
+                    if reply.stream_error is None:
+                        raise ConnectionAbortedError("the fake actor drops the stream (break_after_chunks)")
+                    yield f"data: {json.dumps({'error': reply.stream_error})}\n\n".encode()
+                    return
+                if k and reply.chunk_delay_s:
+                    await asyncio.sleep(reply.chunk_delay_s)
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            self.disconnected += 1  # the caller hung up mid-stream
+            raise
+        finally:
+            self.in_flight -= 1
 
 
 async def _hung_up_during(request: Request, delay_s: float) -> bool:
@@ -149,14 +259,26 @@ def fixed_latency_responder(latency_s: float, content: str = "ok") -> Responder:
     return respond
 
 
+def streaming_responder(first_s: float, words: int, chunk_delay_s: float) -> Responder:
+    """`words` words, the first after `first_s`, then one every `chunk_delay_s` (bench/ttft.py)."""
+    text = " ".join(f"word{k}" for k in range(words))
+
+    def respond(body: dict[str, Any], attempt: int) -> Reply:
+        return Reply([assistant(text)] * int(body.get("n") or 1), delay_s=first_s, chunk_delay_s=chunk_delay_s)
+    return respond
+
+
 def main() -> None:  # pragma: no cover - used by bench/ as a separate process
     import argparse
 
     parser = argparse.ArgumentParser(description="fake OpenAI-compatible actor with a fixed latency")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--latency", type=float, default=0.05, help="before the reply (its first token)")
+    parser.add_argument("--words", type=int, help="reply with this many words, one per stream chunk")
+    parser.add_argument("--chunk-delay", type=float, default=0.05, help="between chunks (with --words)")
     args = parser.parse_args()
-    actor = FakeActor(fixed_latency_responder(args.latency))
+    actor = FakeActor(streaming_responder(args.latency, args.words, args.chunk_delay) if args.words
+                      else fixed_latency_responder(args.latency))
     uvicorn.run(actor.app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

@@ -1,7 +1,7 @@
 """The per-turn pipeline: sample, check, score, select, intervene; then hand the record to the store.
 
 Decisions (the x-turngate-decision header and the record's `decision`):
-  passthrough      mode passthrough: the single upstream reply, unscored
+  passthrough      mode passthrough: the single upstream reply, unscored (streamed as it comes: Gate.relay)
   shadow           mode shadow: candidate 0 returned unchanged, all scored in the background
   ranked           best of the candidates, by structural checks then critic score
   accepted         adaptive sampling stopped early: a candidate reached accept_threshold
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,8 @@ from service.gate.selection import Candidate
 from service.settings import RouteSettings
 from service.store.base import TurnSink
 from service.telemetry import metrics
-from service.upstream.client import UpstreamClient, UpstreamError
+from service.upstream import streaming
+from service.upstream.client import UpstreamClient, UpstreamError, UpstreamStream, samples_of
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +95,7 @@ class Gate:
     async def run(self, req: TurnRequest) -> TurnResult:
         route = req.route
         critic = self.critics.current  # one critic for the whole turn, even across a hot swap
-        record = TurnRecord(turn_id=req.turn_id, route=route.alias, mode=route.mode,
-                            upstream_model=route.model, request_messages=req.messages, tools=req.tools,
-                            conversation=req.conversation, critic_name=critic.name,
-                            critic_version=critic.version)
+        record = self._new_record(req, critic)
         clock = _Clock()
         deadline = time.monotonic() + route.deadline_s
         deferred = False
@@ -124,6 +123,37 @@ class Gate:
                 self._hold(record)  # durable before the reply leaves; the scored record follows
             else:
                 self._enqueue(record)
+
+    def _new_record(self, req: TurnRequest, critic) -> TurnRecord:
+        route = req.route
+        return TurnRecord(turn_id=req.turn_id, route=route.alias, mode=route.mode,
+                          upstream_model=route.model, request_messages=req.messages, tools=req.tools,
+                          conversation=req.conversation, critic_name=critic.name if critic else None,
+                          critic_version=critic.version if critic else None)
+
+    async def relay(self, req: TurnRequest) -> Relay:
+        """A passthrough turn streamed: the upstream's call is open (its status and headers in) when
+        this returns; its events follow from Relay.events. Failures before that raise, recorded."""
+        route = req.route
+        record = self._new_record(req, None)
+        clock = _Clock()
+        deadline = time.monotonic() + route.deadline_s
+        try:
+            stream = await self.upstream.open_stream(
+                route, req.body, req.client_key, max(0.001, min(route.attempt_timeout_s, deadline - time.monotonic())),
+                route.attempt_timeout_s)
+        except BaseException as e:
+            clock.upstream_s = time.perf_counter() - clock.started
+            if isinstance(e, UpstreamError):
+                metrics.UPSTREAM_ERRORS.labels(route.alias, e.kind).inc()
+                record.decision, record.error = "error", e.message
+                _note(record, [e])
+            else:
+                record.decision, record.error = "cancelled", "client disconnected"
+            self._finish(record, clock)
+            self._enqueue(record)
+            raise
+        return Relay(self, req, record, clock, deadline, stream)
 
     # -- modes ------------------------------------------------------------------------------
 
@@ -167,7 +197,7 @@ class Gate:
             raise
         first_in = time.monotonic()
         clock.upstream_s += time.perf_counter() - t0
-        chosen = selection.from_samples(first.samples[:1], 0, 0)[0]
+        chosen = selection.from_samples(first.samples[:1], 0, 0, route.record_logprobs)[0]
         record.decision = "shadow"
         record.candidates.append(chosen.record)
         self._choose(record, chosen)
@@ -185,7 +215,7 @@ class Gate:
         try:
             rest = await sampling.collect(tasks, deadline, req.route, started, first_in)
             _note(record, rest.errors)
-            cands = [first] + selection.from_samples(rest.samples, 1, 0)
+            cands = [first] + selection.from_samples(rest.samples, 1, 0, req.route.record_logprobs)
             record.candidates = [c.record for c in cands]
             await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
             record.latency_critic_ms = 1000 * await selection.score(critic, req.messages, cands, req.tools,
@@ -271,7 +301,7 @@ class Gate:
         _note(record, got.errors)
         if not got.samples and required and not record.candidates:
             raise sampling.most_telling(got.errors)
-        cands = selection.from_samples(got.samples, len(record.candidates), round_no)
+        cands = selection.from_samples(got.samples, len(record.candidates), round_no, req.route.record_logprobs)
         record.candidates.extend(c.record for c in cands)
         return cands
 
@@ -344,3 +374,59 @@ class Gate:
         """Let background work (shadow ranking) finish so its records reach the store."""
         if self._background:
             await asyncio.wait(list(self._background), timeout=timeout)
+
+
+class Relay:
+    """A passthrough turn streamed as the upstream sends it (Gate.relay): forward `headers`, then
+    iterate `events()`. The turn is recorded, with the reply its chunks add up to, once the stream
+    ended, failed or was left; `aclose` (idempotent) does it when events() never ran."""
+
+    def __init__(self, gate: Gate, req: TurnRequest, record: TurnRecord, clock: _Clock, deadline: float,
+                 stream: UpstreamStream) -> None:
+        self.record = record
+        self.headers = stream.headers
+        self._gate, self._req, self._clock, self._deadline, self._stream = gate, req, clock, deadline, stream
+        self._assembler = streaming.Assembler()
+        self._closed = False
+
+    async def events(self) -> AsyncIterator[streaming.Event]:
+        record = self.record
+        try:
+            async for event in self._stream.events(self._deadline):
+                self._assembler.add(event.data)
+                yield event
+            record.decision = "passthrough"
+        except UpstreamError as e:
+            metrics.UPSTREAM_ERRORS.labels(record.route, e.kind).inc()
+            record.decision, record.error = "error", e.message
+            _note(record, [e])
+            raise
+        except Exception as e:
+            record.decision, record.error = "error", f"relaying the stream failed: {e!r}"[:500]
+            raise
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        record, clock = self.record, self._clock
+        if record.decision == "error" and record.error is None:  # neither ended nor failed: left
+            record.decision, record.error = "cancelled", "client disconnected"
+        latency = time.perf_counter() - self._stream.started
+        clock.upstream_s = time.perf_counter() - clock.started
+        metrics.UPSTREAM_DURATION.labels(record.route).observe(latency)
+        try:
+            body = self._assembler.body()
+            samples = samples_of(body, body["choices"], latency, self.headers) if body["choices"] else []
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.exception("could not assemble the streamed reply of %s", record.turn_id)
+            samples = []
+        cands = selection.from_samples(samples, 0, 0, self._req.route.record_logprobs)
+        record.candidates.extend(c.record for c in cands)
+        if cands:
+            self._gate._choose(record, cands[0])
+        self._gate._finish(record, clock)
+        self._gate._enqueue(record)
+        await self._stream.aclose()  # last: a client gone may cancel what awaits here

@@ -32,6 +32,13 @@ class CandidateRecord:
     upstream_latency_ms: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # The upstream's usage object for this candidate, details included (cached and reasoning tokens);
+    # a call asking for n choices reports one usage, kept on its first candidate.
+    usage: dict[str, Any] | None = None
+    # The candidate's token logprobs as the upstream sent them ({"content": [...], "refusal": ...}),
+    # kept when the route says record_logprobs: the actor's own confidence, for the critic to learn from.
+    logprobs: dict[str, Any] | None = None
+    upstream_request_id: str | None = None  # the upstream's x-request-id of the call that gave it
 
 
 @dataclass

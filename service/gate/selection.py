@@ -34,18 +34,21 @@ class Candidate:
         return self.record.score
 
 
-def from_samples(samples: list[Sample], first_index: int, round_no: int) -> list[Candidate]:
+def from_samples(samples: list[Sample], first_index: int, round_no: int,
+                 keep_logprobs: bool = False) -> list[Candidate]:
     return [Candidate(CandidateRecord(
         index=first_index + i, round=round_no, message=s.message, finish_reason=s.finish_reason,
         upstream_latency_ms=s.latency_s * 1000, prompt_tokens=s.prompt_tokens,
-        completion_tokens=s.completion_tokens), s) for i, s in enumerate(samples)]
+        completion_tokens=s.completion_tokens, usage=s.usage,
+        logprobs=s.logprobs if keep_logprobs else None, upstream_request_id=s.request_id), s)
+        for i, s in enumerate(samples)]
 
 
 async def check_structure(cands: list[Candidate], tools: list[dict[str, Any]] | None, tool_choice: Any,
                           route: str) -> None:
     schemas = structural.tool_schemas(tools)
     verdicts = await structural.check_all([(c.record.message, c.record.finish_reason) for c in cands],
-                                          schemas, tool_choice)
+                                          schemas, tool_choice, structural.custom_tools(tools))
     for c, verdict in zip(cands, verdicts, strict=True):
         if not verdict.ok:
             c.record.verdict, c.record.veto_reason, c.record.veto_detail = "veto", verdict.reason, verdict.detail

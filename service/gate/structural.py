@@ -2,7 +2,9 @@
 
 A candidate is vetoed when it is empty, was cut off (finish_reason "length"), calls a tool the
 request did not declare, passes arguments that are not a JSON object or break the tool's declared
-JSON Schema, or ignores a tool_choice that forbids or demands a call. The reason is a short code
+JSON Schema, or ignores a tool_choice that forbids or demands a call. Calls of custom tools (free
+text input) are checked for the tool's name and for text input; a grammar in the tool's `format` is
+the upstream's to enforce and is not checked. The reason is a short code
 (a bounded metric label); the detail is the human-readable message the intervention feeds back.
 
 The tool schemas are the client's data (service.gate.toolschema): checking against them never
@@ -37,10 +39,18 @@ class Verdict:
 OK = Verdict(True)
 
 
+def custom_tools(tools: list[dict[str, Any]] | None) -> frozenset[str]:
+    """The names of the request's custom tools."""
+    return frozenset(t["custom"]["name"] for t in tools or [] if isinstance(t, dict) and t.get("type") == "custom"
+                     and isinstance(t.get("custom"), dict) and isinstance(t["custom"].get("name"), str))
+
+
 def tool_schemas(tools: list[dict[str, Any]] | None) -> dict[str, str | None]:
     """Function name -> its parameters schema as canonical JSON (None when the tool declares none)."""
     out: dict[str, str | None] = {}
     for tool in tools or []:
+        if isinstance(tool, dict) and tool.get("type") == "custom":
+            continue
         fn = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(fn, dict) and isinstance(fn.get("name"), str):
             schema = fn.get("parameters")
@@ -49,20 +59,21 @@ def tool_schemas(tools: list[dict[str, Any]] | None) -> dict[str, str | None]:
 
 
 async def check_all(replies: list[tuple[dict[str, Any], str | None]], schemas: dict[str, str | None],
-                    tool_choice: Any = None) -> list[Verdict]:
+                    tool_choice: Any = None, custom: frozenset[str] = frozenset()) -> list[Verdict]:
     """Verdicts for (message, finish_reason) pairs; schema checks run on a worker thread."""
     if not any(schemas.values()) or not any(_calls(m) for m, _ in replies):
-        return [check(m, f, schemas, tool_choice) for m, f in replies]
+        return [check(m, f, schemas, tool_choice, custom=custom) for m, f in replies]
 
     def run() -> list[Verdict]:
         deadline = time.monotonic() + SCHEMA_BUDGET_S
-        return [check(m, f, schemas, tool_choice, deadline) for m, f in replies]
+        return [check(m, f, schemas, tool_choice, deadline, custom) for m, f in replies]
 
     return await asyncio.to_thread(run)
 
 
 def check(message: dict[str, Any], finish_reason: str | None, schemas: dict[str, str | None],
-          tool_choice: Any = None, deadline: float = float("inf")) -> Verdict:
+          tool_choice: Any = None, deadline: float = float("inf"), custom: frozenset[str] = frozenset()
+          ) -> Verdict:
     if finish_reason == "length":
         return Verdict(False, "truncated", "the reply was cut off at the token limit")
     calls = _calls(message)
@@ -73,10 +84,13 @@ def check(message: dict[str, Any], finish_reason: str | None, schemas: dict[str,
         return Verdict(False, "tool_choice", "tool_choice is 'none' but the reply calls a tool")
     if not calls and tool_choice == "required":
         return Verdict(False, "tool_choice", "tool_choice is 'required' but the reply calls no tool")
-    forced = _forced_function(tool_choice)
+    forced = _forced(tool_choice)
     unchecked = OK
     for call in calls:
-        verdict = _check_call(call, schemas, forced, deadline)
+        if isinstance(call, dict) and call.get("type") == "custom":
+            verdict = _check_custom_call(call, custom, forced)
+        else:
+            verdict = _check_call(call, schemas, forced, deadline)
         if not verdict.ok:
             return verdict
         unchecked = unchecked if unchecked.reason else verdict
@@ -88,23 +102,38 @@ def _calls(message: dict[str, Any]) -> list[Any]:
     return calls if isinstance(calls, list) else []
 
 
-def _forced_function(tool_choice: Any) -> str | None:
+def _forced(tool_choice: Any) -> tuple[str, str] | None:
+    """(kind, name) of the tool a tool_choice demands: {"type": "function"|"custom", <type>: {"name"}}."""
     if isinstance(tool_choice, dict):
-        fn = tool_choice.get("function")
-        if isinstance(fn, dict):
-            return fn.get("name")
+        kind = "custom" if tool_choice.get("type") == "custom" else "function"
+        spec = tool_choice.get(kind)
+        if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+            return kind, spec["name"]
     return None
 
 
-def _check_call(call: Any, schemas: dict[str, str | None], forced: str | None, deadline: float) -> Verdict:
+def _check_custom_call(call: dict[str, Any], custom: frozenset[str], forced: tuple[str, str] | None) -> Verdict:
+    spec = call.get("custom")
+    name = spec.get("name") if isinstance(spec, dict) else None
+    if not isinstance(name, str) or name not in custom:
+        return Verdict(False, "unknown_tool", f"the custom tool {name!r} is not among the declared tools")
+    if forced and forced != ("custom", name):
+        return Verdict(False, "tool_choice", f"tool_choice demands {forced[1]!r} but the reply calls {name!r}")
+    if not isinstance(spec.get("input"), str):
+        return Verdict(False, "bad_json", f"the input of {name} is not text")
+    return OK
+
+
+def _check_call(call: Any, schemas: dict[str, str | None], forced: tuple[str, str] | None,
+                deadline: float) -> Verdict:
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict):
         return Verdict(False, "bad_json", "a tool call has no function object")
     name = fn.get("name")
     if not isinstance(name, str) or name not in schemas:
         return Verdict(False, "unknown_tool", f"the tool {name!r} is not among the declared tools")
-    if forced and name != forced:
-        return Verdict(False, "tool_choice", f"tool_choice demands {forced!r} but the reply calls {name!r}")
+    if forced and forced != ("function", name):
+        return Verdict(False, "tool_choice", f"tool_choice demands {forced[1]!r} but the reply calls {name!r}")
     raw = fn.get("arguments")
     try:
         args = wirejson.loads(raw) if isinstance(raw, str) else raw

@@ -103,6 +103,9 @@ class Candidate(Base):
     upstream_latency_ms: Mapped[float | None]
     prompt_tokens: Mapped[int | None]
     completion_tokens: Mapped[int | None]
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # the upstream's, details included
+    logprobs: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # kept when the route says record_logprobs
+    upstream_request_id: Mapped[str | None] = mapped_column(String(200))  # the upstream's x-request-id
 
 
 class Feedback(Base):

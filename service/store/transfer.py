@@ -196,7 +196,9 @@ def _line(conv, turns: list, requests: dict, tools: dict, cands: dict, outcome: 
         "created_at": _iso(t.created_at),
         "candidates": [{"index": c.idx, "round": c.round, "message": c.message, "finish_reason": c.finish_reason,
                         "verdict": c.verdict, "veto_reason": c.veto_reason, "score": c.score,
-                        "features": c.features}
+                        "features": c.features,
+                        # the upstream's usage and the logprobs a route keeps, where there are any
+                        **{k: v for k, v in (("usage", c.usage), ("logprobs", c.logprobs)) if v is not None}}
                        for c in cands.get(t.id, [])],
     } for t in turns]
     return line

@@ -95,7 +95,8 @@ def candidate_rows(r: TurnRecord) -> list[dict[str, Any]]:
              "finish_reason": c.finish_reason, "verdict": c.verdict, "veto_reason": c.veto_reason,
              "veto_detail": c.veto_detail, "score": c.score, "features": c.features,
              "contributions": c.contributions, "upstream_latency_ms": c.upstream_latency_ms,
-             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
+             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "usage": c.usage,
+             "logprobs": c.logprobs, "upstream_request_id": c.upstream_request_id}
             for c in r.candidates]
 
 

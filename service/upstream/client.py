@@ -9,6 +9,12 @@ A call that fails before the upstream sent a byte of reply is retried once: a fa
 (refused, reset), or a pooled keep-alive connection the upstream had closed as the request went
 out. Never once reply bytes came in, and never on a fresh connection that broke after the request
 was sent: the upstream may be generating that reply.
+
+What the upstream says besides the choices reaches the client unchanged: the whole body (usage with
+its details, service_tier, system_fingerprint, vendor fields) stays on each Sample, and so do the
+choice's own fields (logprobs) and the response headers a client acts on (`forwarded_headers`).
+Streamed calls (`open_stream`, passthrough streams) hand the upstream's SSE events over as they
+arrive (service.upstream.streaming).
 """
 
 from __future__ import annotations
@@ -18,28 +24,37 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpcore
 
 from service.settings import RouteSettings
 from service.telemetry import metrics
 from service.telemetry.throttled import ThrottledWarning
+from service.upstream import streaming
 
 log = logging.getLogger(__name__)
 
 
 class UpstreamError(Exception):
+    """kind: a bounded label. `body`: the upstream's error envelope ({"error": {...}}) where it sent
+    one; for kind "stream_error" the error event it sent inside a stream, relayed as it is.
+    `headers`: the failed call's forwardable headers (rate limits, request id)."""
+
     def __init__(self, kind: str, message: str, status: int | None = None,
-                 retry_after: str | None = None, body: dict[str, Any] | None = None) -> None:
+                 retry_after: str | None = None, body: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.status = status
         self.retry_after = retry_after
         self.body = body
+        self.headers = headers or {}
 
 
 @dataclass
@@ -52,6 +67,41 @@ class Sample:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     response: dict[str, Any] = field(default_factory=dict)  # the whole upstream body, choices removed
+    choice: dict[str, Any] = field(default_factory=dict)  # the choice's other fields: logprobs, vendor ones
+    # This candidate's usage as the upstream sent it, details included. A call asking for n choices
+    # reports one usage for all: it goes on the call's first sample, the others get None.
+    usage: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # its call's forwarded_headers
+
+    @property
+    def logprobs(self) -> dict[str, Any] | None:
+        lp = self.choice.get("logprobs")
+        return lp if isinstance(lp, dict) else None
+
+    @property
+    def request_id(self) -> str | None:
+        return self.headers.get(UPSTREAM_REQUEST_ID)
+
+
+# Upstream response headers a client acts on, forwarded as they are: the rate limits (so an SDK or
+# agent framework can slow down before a 429), retry hints and the upstream's processing time.
+# The upstream's x-request-id goes out renamed, as x-upstream-request-id: x-request-id is
+# turngate's own id of the request. Never forwarded: the account's identity (openai-organization,
+# openai-project: the operator's, on routes with their own key), cookies, hop-by-hop headers.
+_FORWARDED_PREFIXES = (b"x-ratelimit-",)
+_FORWARDED = {b"openai-processing-ms", b"retry-after", b"retry-after-ms"}
+UPSTREAM_REQUEST_ID = "x-upstream-request-id"
+
+
+def forwarded_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    out = {}
+    for name, value in headers:
+        name = name.lower()
+        if name == b"x-request-id":
+            out[UPSTREAM_REQUEST_ID] = value.decode("latin-1")
+        elif name in _FORWARDED or name.startswith(_FORWARDED_PREFIXES):
+            out[name.decode("latin-1")] = value.decode("latin-1")
+    return out
 
 
 def make_http_clients(shards: int = 16, max_connections: int = 128) -> list[httpcore.AsyncConnectionPool]:
@@ -118,43 +168,65 @@ class UpstreamClient:
     async def complete(self, route: RouteSettings, body: dict[str, Any], n: int,
                        client_key: str | None, timeout_s: float) -> list[Sample]:
         """One upstream call asking for `n` choices; returns one Sample per choice."""
-        payload = {**body, "model": route.model, "stream": False}
-        payload.pop("stream_options", None)
+        payload = _payload(route, body, stream=False)
         if n > 1:
             payload["n"] = n
         else:
             payload.pop("n", None)
+        started = time.perf_counter()
+        resp = await self._call(route, payload, client_key, timeout_s, stream=False)
+        return _parse(resp.content, time.perf_counter() - started, forwarded_headers(resp.headers))
+
+    async def open_stream(self, route: RouteSettings, body: dict[str, Any], client_key: str | None,
+                          timeout_s: float, idle_timeout_s: float) -> UpstreamStream:
+        """A streamed call (`stream: true`), open once the upstream's status line and headers are in
+        (within timeout_s); its events then come as the upstream sends them, each within
+        idle_timeout_s of the one before. An error status raises here, its body read."""
+        payload = _payload(route, body, stream=True)
+        # turngate counts the tokens of every turn: usage is asked for whatever the client asked.
+        payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        resp = await self._call(route, payload, client_key, timeout_s, stream=True)
+        return UpstreamStream(resp, forwarded_headers(resp.headers), idle_timeout_s)
+
+    async def _call(self, route: RouteSettings, payload: dict[str, Any], client_key: str | None,
+                    timeout_s: float, stream: bool) -> httpcore.Response:
+        """POSTs the payload; a streamed reply comes back unread, anything else read whole."""
         content = json.dumps(payload, separators=(",", ":")).encode()
         key = route.upstream_api_key.get_secret_value() if route.upstream_api_key else client_key
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        url = route.upstream_base_url.rstrip("/") + "/chat/completions"
+        headers = [(b"host", urlsplit(url).netloc.rpartition("@")[2].encode()), (b"content-type", b"application/json"),
+                   (b"content-length", str(len(content)).encode())]
         if key:
             headers.append((b"authorization", f"Bearer {key}".encode()))
-        url = route.upstream_base_url.rstrip("/") + "/chat/completions"
-        started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):  # the whole attempt, its retry included
-                resp = await self._post(route.alias, url, headers, content)
+                resp = await self._post(route.alias, url, headers, content, stream)
+                if stream and resp.status >= 400:
+                    await _read_and_close(resp)
         except (TimeoutError, httpcore.TimeoutException) as e:
             raise UpstreamError("timeout", f"upstream did not answer within {timeout_s:g}s") from e
         except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol, OSError) as e:
             raise UpstreamError("connect", f"upstream unreachable: {type(e).__name__}") from e
-        latency = time.perf_counter() - started
         if resp.status in (401, 403) and route.upstream_api_key is not None:
             raise self._auth_error(route, resp)
         if resp.status >= 400:
             raise _status_error(resp)
-        return _parse(resp.content, latency)
+        return resp
 
-    async def _post(self, route: str, url: str, headers: list, content: bytes) -> httpcore.Response:
-        """POST, retried once when it failed before a byte of reply (see the module's docstring)."""
+    async def _post(self, route: str, url: str, headers: list, content: bytes,
+                    stream: bool = False) -> httpcore.Response:
+        """POST, retried once when it failed before a byte of reply (see the module's docstring).
+        With `stream` the body is left unread: the caller reads and closes it."""
         for retry in (False, True):
             call = _Call()
             token = _CALL.set(call)
             in_body = False
             try:
-                async with next(self._next).stream("POST", url, headers=headers, content=content) as resp:
-                    in_body = True  # the status line and headers are in: never retried from here
-                    await resp.aread()
+                request = httpcore.Request("POST", url, headers=headers, content=content)
+                resp = await next(self._next).handle_async_request(request)
+                in_body = True  # the status line and headers are in: never retried from here
+                if not stream:
+                    await _read_and_close(resp)
                 return resp
             except (httpcore.NetworkError, httpcore.RemoteProtocolError) as e:
                 if isinstance(e, httpcore.ConnectError):
@@ -179,6 +251,22 @@ class UpstreamClient:
                                      "fix the route's upstream key.", resp.status)
 
 
+def _payload(route: RouteSettings, body: dict[str, Any], stream: bool) -> dict[str, Any]:
+    payload = {**body, "model": route.model, "stream": stream}
+    if not stream:
+        payload.pop("stream_options", None)
+    if route.record_logprobs and not body.get("logprobs"):
+        payload["logprobs"] = True  # kept on the record, not sent to the client (service.api.replies)
+    return payload
+
+
+async def _read_and_close(resp: httpcore.Response) -> None:
+    try:
+        await resp.aread()
+    finally:
+        await resp.aclose()
+
+
 def _error_body(resp: httpcore.Response) -> tuple[dict[str, Any] | None, str]:
     """The upstream's error envelope (None when it sent none) and its message."""
     try:
@@ -190,36 +278,98 @@ def _error_body(resp: httpcore.Response) -> tuple[dict[str, Any] | None, str]:
 
 def _status_error(resp: httpcore.Response) -> UpstreamError:
     body, message = _error_body(resp)
-    status = resp.status
+    status, headers = resp.status, forwarded_headers(resp.headers)
     if status == 429:
-        retry_after = next((v.decode() for k, v in resp.headers if k.lower() == b"retry-after"), None)
-        return UpstreamError("rate_limited", f"upstream rate limit: {message}", status, retry_after, body)
+        retry_after = headers.get("retry-after")
+        return UpstreamError("rate_limited", f"upstream rate limit: {message}", status, retry_after, body, headers)
     if status < 500:
-        return UpstreamError("client_error", f"upstream rejected the request: {message}", status, body=body)
-    return UpstreamError("server_error", f"upstream error {status}: {message}", status)
+        return UpstreamError("client_error", f"upstream rejected the request: {message}", status, body=body,
+                             headers=headers)
+    return UpstreamError("server_error", f"upstream error {status}: {message}", status, headers=headers)
 
 
-def _parse(raw: bytes, latency: float) -> list[Sample]:
+def _parse(raw: bytes, latency: float, headers: dict[str, str] | None = None) -> list[Sample]:
     try:
         body = json.loads(raw)
         choices = body["choices"]
         if not isinstance(choices, list) or not choices:
             raise ValueError("no choices")
-        usage = body.get("usage") or {}
-        single = len(choices) == 1  # usage is per candidate only when there is one
-        samples = []
-        for choice in sorted(choices, key=lambda c: c.get("index", 0)):
-            message = choice["message"]
-            if not isinstance(message, dict):
-                raise ValueError("message is not an object")
-            samples.append(Sample(
-                message=message,
-                finish_reason=choice.get("finish_reason"),
-                latency_s=latency,
-                prompt_tokens=usage.get("prompt_tokens"),
-                completion_tokens=usage.get("completion_tokens") if single else None,
-                response={k: v for k, v in body.items() if k != "choices"},
-            ))
-        return samples
-    except (ValueError, KeyError, TypeError) as e:
+        return samples_of(body, choices, latency, headers or {})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UpstreamError("garbage", f"upstream sent an unreadable reply ({e})") from e
+
+
+def samples_of(body: dict[str, Any], choices: list[dict[str, Any]], latency: float,
+               headers: dict[str, str]) -> list[Sample]:
+    """One Sample per choice of a reply (a body and its choices, which a stream assembles)."""
+    usage = body.get("usage")
+    usage = usage if isinstance(usage, dict) else None
+    single = len(choices) == 1  # usage is per candidate only when there is one
+    response = {k: v for k, v in body.items() if k != "choices"}
+    samples = []
+    for position, choice in enumerate(sorted(choices, key=lambda c: c.get("index", 0))):
+        message = choice["message"]
+        if not isinstance(message, dict):
+            raise TypeError("message is not an object")
+        samples.append(Sample(
+            message=message,
+            finish_reason=choice.get("finish_reason"),
+            latency_s=latency,
+            prompt_tokens=usage.get("prompt_tokens") if usage else None,
+            completion_tokens=usage.get("completion_tokens") if usage and single else None,
+            response=response,
+            choice={k: v for k, v in choice.items() if k not in ("index", "message", "finish_reason")},
+            usage=usage if position == 0 else None,
+            headers=headers,
+        ))
+    return samples
+
+
+class UpstreamStream:
+    """A streamed upstream reply, open: its forwarded headers, then its SSE events (`events`), which
+    the caller must see through or close (`aclose`)."""
+
+    def __init__(self, resp: httpcore.Response, headers: dict[str, str], idle_timeout_s: float) -> None:
+        self.headers = headers
+        self.started = time.perf_counter()
+        self._resp = resp
+        self._idle_timeout_s = idle_timeout_s
+        content_type = next((v for k, v in resp.headers if k.lower() == b"content-type"), b"")
+        self._is_sse = content_type.split(b";")[0].strip().lower() == b"text/event-stream"
+
+    async def events(self, deadline: float) -> AsyncIterator[streaming.Event]:
+        """Events as they arrive, up to [DONE]; a failure raises UpstreamError: the connection broke
+        ("connect"), nothing came for idle_timeout_s or the deadline (time.monotonic()) passed
+        ("timeout"), the upstream sent an error event ("stream_error") or no SSE ("garbage")."""
+        if not self._is_sse:
+            raise UpstreamError("garbage", "upstream answered a stream request without an event stream")
+        decoder = streaming.Decoder()
+        pieces = self._resp.aiter_stream()
+        while True:
+            left = deadline - time.monotonic()
+            wait = min(self._idle_timeout_s, left)
+            try:
+                async with asyncio.timeout(max(wait, 0.0)):
+                    piece = await anext(pieces, None)
+            except TimeoutError as e:
+                why = "the turn's deadline passed" if wait >= left else f"nothing came for {wait:g}s"
+                raise UpstreamError("timeout", f"upstream stream stalled: {why}") from e
+            except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as e:
+                raise UpstreamError("connect", f"upstream stream broke: {type(e).__name__}") from e
+            try:
+                events = decoder.feed(piece) if piece is not None else decoder.close()
+            except streaming.StreamGarbage as e:
+                raise UpstreamError("garbage", f"upstream sent an unreadable stream ({e})") from e
+            for event in events:
+                if isinstance(event.data, dict) and event.data.get("error") is not None:
+                    message = event.data["error"].get("message") if isinstance(event.data["error"], dict) else None
+                    raise UpstreamError("stream_error", f"upstream error in its stream: {message or event.data}",
+                                        body=event.data, headers=self.headers)
+                yield event
+                if event.done:
+                    return
+            if piece is None:
+                return
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
