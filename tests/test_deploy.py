@@ -389,7 +389,7 @@ def test_dockerignore_keeps_what_the_build_needs():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     assert not any(p.startswith("!") for p in patterns)
-    for needed in ["pyproject.toml", "README.md", "service/app.py", "critic_models/__init__.py",
+    for needed in ["pyproject.toml", "setup.py", "README.md", "service/app.py", "critic_models/__init__.py",
                    "critic_models/default/critic.json", "critic_models/default/model.onnx", "migrations/env.py"]:
         assert not _ignored(needed, patterns), needed
     for dropped in [".venv/bin/python", ".git/HEAD", "tests/test_proxy.py", "turngate.db",
