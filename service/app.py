@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service import config_summary
 from service.api import admin, errors, health, metrics, openai, openapi
 from service.api import critic as critic_api
 from service.api import feedback as feedback_api
@@ -50,8 +51,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         # ~80 ms every few seconds under load (bench/overhead.py p99).
         gc.collect()
         gc.freeze()
-        log.info("turngate ready: routes=%s critic=%s/%s on %s", [r.alias for r in settings.routes],
-                 critics.current.name, critics.current.version, critics.current.provider)
+        summary = config_summary.effective(settings, critics.current)
+        log.info("turngate ready: %s", config_summary.one_line(summary), extra={"config": summary})
         try:
             yield
         finally:

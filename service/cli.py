@@ -22,22 +22,32 @@ def options(debug: bool = typer.Option(False, "--debug", help="On failure, show 
 def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
           port: int = typer.Option(8000, help="Port to listen on."),
           workers: int = typer.Option(1, help="Worker processes."),
-          log_level: str = typer.Option("info")) -> None:
+          log_level: str | None = typer.Option(None, help="debug|info|warning|error; default TURNGATE_LOG_LEVEL "
+                                                          "(info)."),
+          log_format: str | None = typer.Option(None, help="plain|json; default TURNGATE_LOG_FORMAT (plain).")) -> None:
     """Run the proxy on the settings from TURNGATE_* variables (embedded defaults otherwise)."""
+    import logging.config
+
     import uvicorn
 
     from service.preflight import check_before_serving
     from service.settings import Settings
+    from service.telemetry.logs import log_config
     from service.telemetry.multiproc import for_workers
 
-    # Settings, database, critic bundle and spool checked once here, before any worker starts.
-    for warning in check_before_serving(Settings()):
+    overrides = {k: v for k, v in (("log_level", log_level), ("log_format", log_format)) if v is not None}
+    settings = Settings(**overrides)
+    # Settings, database, critic bundle and spool checked once here, before any worker starts (and
+    # before logging is set up: a refusal is the one line cli_errors prints, not log lines around it).
+    for warning in check_before_serving(settings):
         typer.echo(f"turngate: warning: {warning}", err=True)
+    logging_config = log_config(settings.log_level, settings.log_format)
+    logging.config.dictConfig(logging_config)
 
     # Several workers: metrics go through files in a shared directory, set up before they start.
     with for_workers(workers):
         uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level)
+                    log_config=logging_config, log_level=settings.log_level)
 
 
 @app.command()

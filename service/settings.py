@@ -38,6 +38,8 @@ log = logging.getLogger("turngate.settings")
 Mode = Literal["passthrough", "rank", "shadow"]
 Sampling = Literal["fixed", "adaptive"]
 OnExhausted = Literal["best", "block", "error"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["plain", "json"]
 
 DEFAULT_BLOCK_MESSAGE = (
     "I'm not able to proceed with that safely right now. Let me hand this over to a human agent."
@@ -253,6 +255,8 @@ class Settings(BaseSettings):
     keepalive_interval_s: float = 5.0
     upstream_pool_shards: int = Field(16, ge=1, le=256)  # see service.upstream.client.make_http_clients
     shadow_max_backlog: int = Field(8, ge=0)  # shadow turns ranked in the background at once, per process
+    log_level: LogLevel = "info"  # `turngate serve`'s logs, uvicorn's included
+    log_format: LogFormat = "plain"  # plain lines, or one JSON object per line
 
     routes: list[RouteSettings] = Field(default_factory=list)
 
@@ -268,6 +272,11 @@ class Settings(BaseSettings):
 
         is_sqlite(v)  # raises, naming the schemes turngate takes
         return v
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("api_keys", mode="before")
     @classmethod
