@@ -104,6 +104,9 @@ class RouteSettings(BaseModel):
         return 1 if self.mode == "passthrough" else self.candidates
 
 
+CATCH_ALL = "*"  # the alias of the route that serves every model name no other route has
+
+
 def env_name(field: str) -> str:
     """The environment variable of a top-level setting or of a default-route policy field."""
     return f"TURNGATE_{field.upper()}"
@@ -301,8 +304,23 @@ class Settings(BaseSettings):
         return {r.alias: r for r in self.routes}
 
     def route_for(self, model: str) -> RouteSettings | None:
-        """The route for a requested model name; a route aliased '*' catches every other name."""
-        return self.routes_by_alias.get(model) or self.routes_by_alias.get("*")
+        """The route for a requested model name; a route aliased '*' catches every other name.
+
+        The catch-all sends the upstream the name the client asked for, unless it names an
+        upstream_model itself; its alias (the metric label) stays '*' whatever the name.
+        """
+        route = self.routes_by_alias.get(model)
+        if route is not None:
+            return route
+        catch_all = self.routes_by_alias.get(CATCH_ALL)
+        if catch_all is None or catch_all.upstream_model:
+            return catch_all
+        return catch_all.model_copy(update={"upstream_model": model})
+
+    @property
+    def listed_models(self) -> list[str]:
+        """The model names /v1/models lists: every alias but the catch-all's."""
+        return [r.alias for r in self.routes if r.alias != CATCH_ALL]
 
 
 _SECRET_FIELDS = {"admin_key", "api_keys", "upstream_api_key", "database_url", "redis_url"}

@@ -45,6 +45,18 @@ def test_adaptive_escalates_to_n_when_the_first_candidate_does_not_pass(gateway,
     assert sink.records[0].candidates_saved == 0
 
 
+def test_adaptive_escalation_checks_the_structure_of_the_later_candidates(gateway, scripted):
+    """The candidates sampled after the first k are vetoed like the first: an empty reply the critic
+    would score highest is never returned."""
+    scripted.fn = lambda body, i: Reply([assistant(RISKY if i == 0 else ("" if i == 1 else f"{SAFE} v{i}"))])
+    policy = GatePolicy(sampling="adaptive", initial_candidates=1, accept_threshold=0.7)
+    critic = TableCritic({RISKY: 0.2, "v2": 0.6, SAFE: 0.5}, default=0.95)  # the empty reply: 0.95
+    with gateway(critic=critic, policy=policy) as (url, sink):
+        raw = ask(url)
+    assert raw.parse().choices[0].message.content == f"{SAFE} v2"
+    assert sorted(c.veto_reason or "-" for c in sink.records[0].candidates) == ["-", "-", "-", "empty"]
+
+
 def test_intervention_feeds_back_to_the_actor_and_returns_the_second_round(gateway, scripted, actor):
     def respond(body, i):
         heeded = any("reviewer" in (m.get("content") or "") for m in body["messages"])

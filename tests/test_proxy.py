@@ -248,7 +248,7 @@ def test_shadow_returns_candidate_zero_and_scores_all(gateway, scripted):
     ({"model": "gpt-test"}, "messages"),
     ({"model": "gpt-test", "messages": []}, "messages"),
     ({"model": "gpt-test", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ({"model": "gpt-test", "messages": USER, "n": 3}, "n"),
+    ({"model": "gpt-test", "messages": USER, "n": 5}, "n"),  # more than the route's 4 candidates
     ({"model": "gpt-test", "messages": USER, "tools": [{"type": "function", "function": {}}]},
      "tools[0].function.name"),
 ])

@@ -1,13 +1,13 @@
-"""POST /v1/chat/completions and GET /v1/models."""
+"""POST /v1/chat/completions, GET /v1/models and GET /v1/models/{id}."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
@@ -17,8 +17,9 @@ from service.api.deps import ClientKeyDep, LimitedKeyDep, ServicesDep
 from service.api.errors import APIError, from_rejection, from_upstream, from_validation
 from service.api.jsonroute import parse_error_message
 from service.api.protocol import ChatCompletionRequest, ErrorBody, may_refer
-from service.gate.pipeline import Gate, TurnRejected, TurnRequest
+from service.gate.pipeline import Gate, TurnRejected, TurnRequest, TurnResult
 from service.gate.record import ConversationHint, new_turn_id
+from service.settings import RouteSettings
 from service.upstream.client import UpstreamError
 
 router = APIRouter()
@@ -28,14 +29,6 @@ CONVERSATION_HEADER = "x-turngate-conversation-id"
 
 class ClientGone(Exception):
     pass
-
-
-@router.get("/v1/models")
-async def list_models(services: ServicesDep, _: ClientKeyDep) -> dict:
-    created = int(time.time())
-    return {"object": "list", "data": [
-        {"id": r.alias, "object": "model", "created": created, "owned_by": "turngate"}
-        for r in services.settings.routes]}
 
 
 # The body is declared for the OpenAPI document (service.api.openapi adds the models) but read raw:
@@ -52,6 +45,31 @@ _PARSE_OFF_LOOP_BYTES = 256 * 1024
 _PARSE_OFF_LOOP_BYTES_WITH_REFS = 8 * 1024
 
 
+def _model(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "turngate"}
+
+
+@router.get("/v1/models")
+async def list_models(services: ServicesDep, _: ClientKeyDep) -> dict:
+    """The route aliases; a catch-all route ('*') serves any other name but lists none."""
+    created = int(time.time())
+    return {"object": "list", "data": [_model(alias, created) for alias in services.settings.listed_models]}
+
+
+@router.get("/v1/models/{model_id:path}", responses={404: _ERRORS[404]})
+async def retrieve_model(model_id: Annotated[str, Path(max_length=256)], services: ServicesDep,
+                         _: ClientKeyDep) -> dict:
+    """One model by name: any alias, or any name when a catch-all route is configured."""
+    if services.settings.route_for(model_id) is None:
+        raise _unknown_model(model_id)
+    return _model(model_id, int(time.time()))
+
+
+def _unknown_model(name: str) -> APIError:
+    return APIError(404, f"The model {name!r} does not exist on this gateway.", code="model_not_found",
+                    param="model")
+
+
 @router.post("/v1/chat/completions", openapi_extra=_REQUEST_BODY, responses=_ERRORS)
 async def chat_completions(request: Request, services: ServicesDep, key: LimitedKeyDep) -> Response:
     """An OpenAI Chat Completions request, gated; unknown fields pass through to the upstream unchanged."""
@@ -62,8 +80,8 @@ async def chat_completions(request: Request, services: ServicesDep, key: Limited
     payload = await asyncio.to_thread(_parse, raw, refs) if off_loop else _parse(raw, refs)
     route = services.settings.route_for(payload["model"])
     if route is None:
-        raise APIError(404, f"The model {payload['model']!r} does not exist on this gateway.",
-                       code="model_not_found", param="model")
+        raise _unknown_model(payload["model"])
+    _check_n(payload, route)
     turn = TurnRequest(
         turn_id=new_turn_id(), route=route, body=payload, client_key=key.key,
         conversation=ConversationHint(header_id=request.headers.get(CONVERSATION_HEADER),
@@ -76,8 +94,32 @@ async def chat_completions(request: Request, services: ServicesDep, key: Limited
         except ClientGone:
             return Response(status_code=499)
         result = task.result()
-        return JSONResponse(replies.completion_body(result, route.alias), headers=replies.decision_headers(result))
+        return JSONResponse(_with_choices(result, route.alias), headers=replies.decision_headers(result))
     return await _stream(request, services.gate, task, turn, services.settings.keepalive_interval_s)
+
+
+def _check_n(payload: dict[str, Any], route: RouteSettings) -> None:
+    """`n` choices: passthrough forwards any n; a gated route returns its best n candidates, so n
+    cannot exceed the candidates it samples. A gated stream replays one reply: n > 1 there is refused
+    (passthrough streams are refused too until they are relayed from the upstream as they come)."""
+    n = payload.get("n") or 1
+    if n == 1:
+        return
+    if route.mode != "passthrough" and n > route.candidates:
+        raise APIError(400, f"n={n} is more than the {route.candidates} candidates this model's route samples; "
+                            f"ask for at most {route.candidates}.", code="invalid_value", param="n")
+    if payload.get("stream"):
+        raise APIError(400, "n > 1 cannot be streamed through this gateway; ask without stream for several "
+                            "choices.", code="invalid_value", param="n")
+
+
+def _with_choices(result: TurnResult, alias: str) -> dict[str, Any]:
+    """The reply body with every choice of the turn (`n`), each built as the chosen one is."""
+    body = replies.completion_body(result, alias)
+    if len(result.choices) > 1:
+        body["choices"] = [{**replies.completion_body(TurnResult(result.record, c), alias)["choices"][0], "index": i}
+                           for i, c in enumerate(result.choices)]
+    return body
 
 
 def _parse(raw: bytes, refs: bool = True) -> dict:

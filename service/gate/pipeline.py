@@ -59,11 +59,23 @@ class TurnRequest:
     def tools(self) -> list[dict[str, Any]] | None:
         return self.body.get("tools")
 
+    @property
+    def n(self) -> int:
+        """Choices the client asked for (service.api.openai has checked it against the route)."""
+        return int(self.body.get("n") or 1)
+
 
 @dataclass
 class TurnResult:
     record: TurnRecord
     chosen: Candidate
+    # What the client gets, `chosen` first: one candidate, or up to the `n` the client asked for
+    # (passthrough: the upstream's n choices; rank: the best that passed; shadow: the first sampled).
+    choices: list[Candidate] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.choices:
+            self.choices = [self.chosen]
 
 
 @dataclass
@@ -103,12 +115,12 @@ class Gate:
         try:
             if route.mode == "passthrough":
                 record.critic_name = record.critic_version = None
-                chosen = await self._passthrough(req, record, clock, deadline)
+                choices = await self._passthrough(req, record, clock, deadline)
             elif route.mode == "shadow":
-                chosen, deferred = await self._shadow(req, record, clock, deadline, critic)
+                choices, deferred = await self._shadow(req, record, clock, deadline, critic)
             else:
-                chosen = await self._rank(req, record, clock, deadline, critic)
-            return TurnResult(record, chosen)
+                choices = await self._rank(req, record, clock, deadline, critic)
+            return TurnResult(record, choices[0], choices)
         except asyncio.CancelledError:
             record.decision, record.error = "cancelled", "client disconnected"
             raise
@@ -128,37 +140,41 @@ class Gate:
     # -- modes ------------------------------------------------------------------------------
 
     async def _passthrough(self, req: TurnRequest, record: TurnRecord, clock: _Clock,
-                           deadline: float) -> Candidate:
-        cands = await self._sample(req, req.body, 1, 0, record, clock, deadline)
+                           deadline: float) -> list[Candidate]:
+        # The client's `n` goes upstream as it is: one call, its choices returned in the upstream's order.
+        cands = await self._sample(req, req.body, req.n, 0, record, clock, deadline, one_call=True)
         record.decision = "passthrough"
-        return self._choose(record, cands[0])
+        self._choose(record, cands[0])
+        return cands
 
     async def _shadow(self, req: TurnRequest, record: TurnRecord, clock: _Clock, deadline: float,
-                      critic) -> tuple[Candidate, bool]:
-        """Return the first call's reply as soon as it is in; rank everything in the background.
+                      critic) -> tuple[list[Candidate], bool]:
+        """Return the first call's reply (the first `n` candidates when the client asks for n) as soon
+        as it is in; rank everything in the background.
 
-        Returns the reply and whether the record is left to the background ranking to enqueue.
-        When the backlog is full the turn is shed: one upstream call, the record enqueued unscored.
+        Returns the replies and whether the record is left to the background ranking to enqueue.
+        When the backlog is full the turn is shed: the calls the reply needs, the record enqueued unscored.
         """
-        route = req.route
+        route, n = req.route, req.n
         ranked = self.shadow_backlog < self.shadow_max_backlog
         if ranked:
             self._shadow_slot(+1)
         else:
             metrics.SHADOW_SHED.labels(route.alias).inc()
         started = time.monotonic()
-        tasks = sampling.start(self.upstream, route, req.body, route.n if ranked else 1, req.client_key,
+        tasks = sampling.start(self.upstream, route, req.body, route.n if ranked else n, req.client_key,
                                deadline)
+        shown = 1 if route.upstream_supports_n else n  # the calls whose replies the client gets
         t0 = time.perf_counter()
         try:
-            first = await sampling.collect(tasks[:1], deadline, route, started)
+            first = await sampling.collect(tasks[:shown], deadline, route, started)
             _note(record, first.errors)
-            if not first.samples:  # the first call failed: fall back to the first that did not
-                rest = await sampling.collect(tasks[1:], deadline, route, started)
+            if not first.samples:  # the first calls failed: fall back to those that did not
+                rest = await sampling.collect(tasks[shown:], deadline, route, started)
                 _note(record, rest.errors)
                 if not rest.samples:
                     raise sampling.most_telling(first.errors + rest.errors)
-                first.samples = rest.samples[:1]
+                first.samples = rest.samples
                 tasks = []
         except BaseException:
             sampling.cancel(tasks)
@@ -167,25 +183,26 @@ class Gate:
             raise
         first_in = time.monotonic()
         clock.upstream_s += time.perf_counter() - t0
-        chosen = selection.from_samples(first.samples[:1], 0, 0)[0]
+        # Every sample in so far is a candidate (an n-call brings all N at once); the first n are shown.
+        got = selection.from_samples(first.samples, 0, 0)
         record.decision = "shadow"
-        record.candidates.append(chosen.record)
-        self._choose(record, chosen)
+        record.candidates.extend(c.record for c in got)
+        self._choose(record, got[0])
         if ranked:
-            self._spawn(self._shadow_rank(req, record, chosen, tasks[1:], deadline, critic, started, first_in))
-        return chosen, ranked
+            self._spawn(self._shadow_rank(req, record, got, tasks[shown:], deadline, critic, started, first_in))
+        return got[:n], ranked
 
     def _shadow_slot(self, change: int) -> None:
         self.shadow_backlog += change
         metrics.SHADOW_BACKLOG.inc(change)
 
-    async def _shadow_rank(self, req: TurnRequest, record: TurnRecord, first: Candidate,
+    async def _shadow_rank(self, req: TurnRequest, record: TurnRecord, first: list[Candidate],
                            tasks: list[asyncio.Task], deadline: float, critic, started: float,
                            first_in: float) -> None:
         try:
             rest = await sampling.collect(tasks, deadline, req.route, started, first_in)
             _note(record, rest.errors)
-            cands = [first] + selection.from_samples(rest.samples, 1, 0)
+            cands = first + selection.from_samples(rest.samples, len(first), 0)
             record.candidates = [c.record for c in cands]
             await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
             record.latency_critic_ms = 1000 * await selection.score(critic, req.messages, cands, req.tools,
@@ -198,12 +215,13 @@ class Gate:
             self._enqueue(record)
 
     async def _rank(self, req: TurnRequest, record: TurnRecord, clock: _Clock, deadline: float,
-                    critic) -> Candidate:
+                    critic) -> list[Candidate]:
         route, policy = req.route, req.route.policy
         body = req.body
         notes: list[str] = []
         seen: list[Candidate] = []
         chosen, decision = None, "ranked"
+        choices: list[Candidate] = []
         for round_no in range(policy.max_interventions + 1):
             if round_no:
                 metrics.INTERVENTIONS.labels(route.alias).inc()
@@ -212,11 +230,11 @@ class Gate:
             cands, early = await self._sample_round(req, body, round_no, record, clock, deadline, critic)
             seen += cands
             record.rounds = round_no + 1
-            top = selection.best(cands)
-            passed = top is not None and (policy.intervene_threshold is None or top.score is None
-                                          or top.score >= policy.intervene_threshold)
-            if passed:
-                chosen = top
+            # The client's n: the best of this round that the gate would return on their own.
+            choices = [c for c in selection.ranked(cands) if policy.intervene_threshold is None or c.score is None
+                       or c.score >= policy.intervene_threshold][:req.n]
+            if choices:
+                chosen = choices[0]
                 decision = "intervened" if round_no else ("accepted" if early else "ranked")
                 break
             if round_no == policy.max_interventions or time.monotonic() >= deadline:
@@ -224,9 +242,10 @@ class Gate:
             notes.append(feedback.build(cands, req.messages, req.tools, policy.guidance))
             record.feedback.append(notes[-1])
         if chosen is None:
-            return self._exhausted(req, record, seen)
+            return [self._exhausted(req, record, seen)]
         record.decision = decision
-        return self._choose(record, chosen)
+        self._choose(record, chosen)
+        return choices
 
     async def _sample_round(self, req: TurnRequest, body: dict[str, Any], round_no: int, record: TurnRecord,
                             clock: _Clock, deadline: float, critic) -> tuple[list[Candidate], bool]:
@@ -248,7 +267,7 @@ class Gate:
             elif time.monotonic() < deadline:
                 more = await self._sample(req, body, n - first_n, round_no, record, clock, deadline,
                                           required=False)
-                selection.check_structure(more, req.tools, req.body.get("tool_choice"), route.alias)
+                await selection.check_structure(more, req.tools, req.body.get("tool_choice"), route.alias)
                 cands += more
                 # Rescored together: agreement is a feature of the whole round.
                 clock.critic_s += await selection.score(critic, req.messages, cands, req.tools, route.alias)
@@ -261,11 +280,11 @@ class Gate:
         clock.critic_s += await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
 
     async def _sample(self, req: TurnRequest, body: dict[str, Any], n: int, round_no: int,
-                      record: TurnRecord, clock: _Clock, deadline: float, required: bool = True
-                      ) -> list[Candidate]:
+                      record: TurnRecord, clock: _Clock, deadline: float, required: bool = True,
+                      one_call: bool | None = None) -> list[Candidate]:
         t0 = time.perf_counter()
         started = time.monotonic()
-        tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline)
+        tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline, one_call)
         got = await sampling.collect(tasks, deadline, req.route, started)
         clock.upstream_s += time.perf_counter() - t0
         _note(record, got.errors)

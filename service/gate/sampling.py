@@ -27,10 +27,13 @@ class Sampled:
 
 
 def start(upstream: UpstreamClient, route: RouteSettings, body: dict[str, Any], n: int,
-          client_key: str | None, deadline: float) -> list[asyncio.Task[list[Sample]]]:
-    """Fire the upstream calls for n candidates; each task yields one or more samples."""
+          client_key: str | None, deadline: float, one_call: bool | None = None) -> list[asyncio.Task[list[Sample]]]:
+    """Fire the upstream calls for n candidates; each task yields one or more samples.
+
+    `one_call`: ask for all n in one request (default: when the route says its upstream takes `n`).
+    """
     timeout = max(0.001, min(route.attempt_timeout_s, deadline - time.monotonic()))
-    if route.upstream_supports_n and n > 1:
+    if (route.upstream_supports_n if one_call is None else one_call) and n > 1:
         calls = [upstream.complete(route, body, n, client_key, timeout)]
     else:
         calls = [upstream.complete(route, body, 1, client_key, timeout) for _ in range(n)]
