@@ -10,12 +10,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import config_summary
-from service.api import admin, errors, health, metrics, openai, openapi
+from service.api import admin, errors, forward, health, metrics, openai, openapi
 from service.api import critic as critic_api
 from service.api import feedback as feedback_api
 from service.api.deps import Services
 from service.api.limits import BodySizeLimit
 from service.api.protocol import ChatCompletionRequest
+from service.api.requests import RequestContext
 from service.critic.base import Critic, CriticSlot
 from service.critic.registry import CriticActivator, load_critic
 from service.gate.pipeline import Gate
@@ -42,7 +43,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         await turn_sink.start()
         gate = Gate(upstream, critics, turn_sink, settings.shadow_max_backlog)
         limiter = make_limiter(settings.redis_url, settings.rate_limit_per_minute, settings.redis_max_connections)
-        app.state.services = Services(settings, gate, critics, turn_sink, limiter)
+        app.state.services = Services(settings, gate, critics, turn_sink, limiter,
+                                      forward.Forwarder(upstream.pools))
         app.state.critic_labels = critic_info.publish(critics.current)
         app.state.critic_activator = CriticActivator(critics, settings, owns_current=critic is None,
                                                      labels=app.state.critic_labels)
@@ -66,12 +68,13 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
 
     app = FastAPI(title="turngate", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    app.include_router(openai.router)
-    app.include_router(feedback_api.router)
-    app.include_router(critic_api.router)
-    app.include_router(admin.router)
-    app.include_router(health.router)
-    app.include_router(metrics.router)
+    routers = [openai.router, forward.router, feedback_api.router, critic_api.router, admin.router, health.router,
+               metrics.router]
+    for router in routers:
+        app.include_router(router)
     openapi.install(app, [ChatCompletionRequest])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    # Outermost: the ids and the request count cover every answer, the body limit's 413 included.
+    app.add_middleware(RequestContext, paths={route.path for router in routers for route in router.routes
+                                              if "{" not in route.path})
     return app

@@ -17,6 +17,7 @@ from service.api.deps import ClientKeyDep, LimitedKeyDep, ServicesDep
 from service.api.errors import APIError, from_rejection, from_upstream, from_validation
 from service.api.jsonroute import parse_error_message
 from service.api.protocol import ChatCompletionRequest, ErrorBody, may_refer
+from service.api.requests import note_route, note_turn
 from service.gate.pipeline import Gate, TurnRejected, TurnRequest, TurnResult
 from service.gate.record import ConversationHint, new_turn_id
 from service.settings import RouteSettings
@@ -81,12 +82,14 @@ async def chat_completions(request: Request, services: ServicesDep, key: Limited
     route = services.settings.route_for(payload["model"])
     if route is None:
         raise _unknown_model(payload["model"])
+    note_route(request, route.alias)
     _check_n(payload, route)
     turn = TurnRequest(
         turn_id=new_turn_id(), route=route, body=payload, client_key=key.key,
         conversation=ConversationHint(header_id=request.headers.get(CONVERSATION_HEADER),
                                       user=payload.get("user"), metadata=payload.get("metadata"),
                                       key_id=key.key_id))
+    note_turn(request, turn.turn_id)
     task = asyncio.ensure_future(services.gate.run(turn))
     if not payload.get("stream"):
         try:
