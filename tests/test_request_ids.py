@@ -88,3 +88,24 @@ def test_requests_are_counted_by_route_endpoint_and_status(gateway, scripted):
         chat(url, headers=auth)
     for case in cases:
         assert count(*case) - before[case] == 1, case
+
+
+def test_an_unexpected_exception_is_a_500_in_the_envelope_with_an_id():
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from service.api.requests import RequestContext
+    from service.demo.fake_actor import serve_in_thread
+
+    async def broken(request):
+        raise RuntimeError("a bug")
+
+    app = Starlette(routes=[Route("/broken", broken)])
+    app.add_middleware(RequestContext, paths={"/broken"})
+    before = count("none", "/broken", 500)
+    with serve_in_thread(app) as url:
+        resp = httpx.get(url + "/broken", headers={"x-request-id": "trace-me"})
+    assert resp.status_code == 500 and resp.headers["x-request-id"] == "trace-me"
+    assert resp.json()["error"] == {"message": "internal error in turngate", "type": "server_error",
+                                    "param": None, "code": None}
+    assert count("none", "/broken", 500) - before == 1
