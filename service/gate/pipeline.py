@@ -85,8 +85,14 @@ class _Clock:
     critic_s: float = 0.0
 
 
-def _note(record: TurnRecord, errors: list[UpstreamError]) -> None:
-    record.upstream_errors.extend(UpstreamFailure.of(e.kind, e.message) for e in errors)
+def _note(record: TurnRecord, got: sampling.Sampled) -> None:
+    """What came back besides candidates: the failed calls, and the tokens the calls billed."""
+    record.upstream_errors.extend(UpstreamFailure.of(e.kind, e.message) for e in got.errors)
+    for kind, value in (("prompt", got.prompt_tokens), ("completion", got.completion_tokens)):
+        if value is not None:
+            name = f"{kind}_tokens"
+            setattr(record, name, (getattr(record, name) or 0) + value)
+            metrics.TOKENS.labels(record.route, kind).inc(value)
 
 
 class Gate:
@@ -168,10 +174,10 @@ class Gate:
         t0 = time.perf_counter()
         try:
             first = await sampling.collect(tasks[:shown], deadline, route, started)
-            _note(record, first.errors)
+            _note(record, first)
             if not first.samples:  # the first calls failed: fall back to those that did not
                 rest = await sampling.collect(tasks[shown:], deadline, route, started)
-                _note(record, rest.errors)
+                _note(record, rest)
                 if not rest.samples:
                     raise sampling.most_telling(first.errors + rest.errors)
                 first.samples = rest.samples
@@ -201,7 +207,7 @@ class Gate:
                            first_in: float) -> None:
         try:
             rest = await sampling.collect(tasks, deadline, req.route, started, first_in)
-            _note(record, rest.errors)
+            _note(record, rest)
             cands = first + selection.from_samples(rest.samples, len(first), 0)
             record.candidates = [c.record for c in cands]
             await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
@@ -287,7 +293,7 @@ class Gate:
         tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline, one_call)
         got = await sampling.collect(tasks, deadline, req.route, started)
         clock.upstream_s += time.perf_counter() - t0
-        _note(record, got.errors)
+        _note(record, got)
         if not got.samples and required and not record.candidates:
             raise sampling.most_telling(got.errors)
         cands = selection.from_samples(got.samples, len(record.candidates), round_no)
@@ -326,19 +332,12 @@ class Gate:
         record.latency_upstream_ms = clock.upstream_s * 1000
         if record.mode != "shadow":
             record.latency_critic_ms = clock.critic_s * 1000
-        prompt = [c.prompt_tokens for c in record.candidates if c.prompt_tokens is not None]
-        completion = [c.completion_tokens for c in record.candidates if c.completion_tokens is not None]
-        record.prompt_tokens = sum(prompt) if prompt else None
-        record.completion_tokens = sum(completion) if completion else None
         route, mode = record.route, record.mode
         metrics.TURNS.labels(route, mode, record.decision).inc()
         metrics.REQUEST_DURATION.labels(route, mode).observe(total)
         metrics.OVERHEAD.labels(route, mode).observe(max(0.0, total - clock.upstream_s - clock.critic_s))
         if record.mode != "shadow" and record.candidates:
             metrics.CANDIDATES.labels(route).observe(len(record.candidates))
-        for kind, value in (("prompt", record.prompt_tokens), ("completion", record.completion_tokens)):
-            if value:
-                metrics.TOKENS.labels(route, kind).inc(value)
 
     def _enqueue(self, record: TurnRecord) -> None:
         if record.upstream_errors and record.error is None:

@@ -24,6 +24,20 @@ from service.upstream.client import Sample, UpstreamClient, UpstreamError
 class Sampled:
     samples: list[Sample] = field(default_factory=list)
     errors: list[UpstreamError] = field(default_factory=list)
+    # Tokens the upstream billed for these calls, from each call's usage (None: no call reported any).
+    # Per call, not per sample: one call with n=N reports its prompt once and its N completions together.
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def add_usage(self, samples: list[Sample]) -> None:
+        """Counts one call's usage (the samples one call returned)."""
+        usage = samples[0].response.get("usage") if samples else None
+        if not isinstance(usage, dict):
+            return
+        for kind in ("prompt_tokens", "completion_tokens"):
+            value = usage.get(kind)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, kind, (getattr(self, kind) or 0) + value)
 
 
 def start(upstream: UpstreamClient, route: RouteSettings, body: dict[str, Any], n: int,
@@ -99,6 +113,7 @@ async def collect(tasks: list[asyncio.Task[list[Sample]]], deadline: float, rout
                               else UpstreamError("connect", f"upstream call failed: {exc!r}"))
         else:
             out.samples.extend(task.result())
+            out.add_usage(task.result())
     return out
 
 
