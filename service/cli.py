@@ -79,7 +79,8 @@ def replay(files: list[Path] = typer.Argument(..., help="Trajectory JSONL files.
     typer.echo(f"critic: {scorer.name} {scorer.version} on {scorer.provider}")
     typer.echo(rp.format_table(table, turns))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({"critic": [scorer.name, scorer.version], "rows": table}, indent=2))
+    (out / "report.json").write_text(json.dumps({"critic": [scorer.name, scorer.version], "rows": table,
+                                                 "unlabelled": rp.unlabelled(turns)}, indent=2))
     if rp.plot(table, out / "curve.png"):
         typer.echo(f"wrote {out / 'report.json'} and {out / 'curve.png'}")
     else:
