@@ -25,23 +25,28 @@ from service.settings import Settings
 from service.store.base import TurnSink
 from service.store.factory import make_sink
 from service.telemetry import critic_info, exposition
+from service.telemetry.tracing import Tracing
+from service.telemetry.tracing import from_environment as tracing_from_environment
 from service.upstream.client import UpstreamClient, make_http_clients
 
 log = logging.getLogger("turngate")
 
 
 def create_app(settings: Settings | None = None, *, critic: Critic | None = None,
-               sink: TurnSink | None = None) -> FastAPI:
-    """The ASGI app. `critic` and `sink` override what settings would build (tests, benchmarks)."""
+               sink: TurnSink | None = None, tracing: Tracing | None = None) -> FastAPI:
+    """The ASGI app. `critic`, `sink` and `tracing` override what settings and the environment
+    would build (tests, benchmarks)."""
     settings = settings or Settings()
+    tracing = tracing or tracing_from_environment()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        upstream = UpstreamClient(make_http_clients(settings.upstream_pool_shards))
+        pools = make_http_clients(settings.upstream_pool_shards)
+        upstream = UpstreamClient([tracing.pool(p) for p in pools] if tracing else pools)
         critics = CriticSlot(critic or await asyncio.to_thread(load_critic, settings))
         turn_sink = sink or make_sink(settings)
         await turn_sink.start()
-        gate = Gate(upstream, critics, turn_sink, settings.shadow_max_backlog)
+        gate = Gate(upstream, critics, turn_sink, settings.shadow_max_backlog, tracing)
         limiter = make_limiter(settings.redis_url, settings.rate_limit_per_minute, settings.redis_max_connections)
         app.state.services = Services(settings, gate, critics, turn_sink, limiter,
                                       forward.Forwarder(upstream.pools))
@@ -65,6 +70,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
             if limiter is not None:
                 await limiter.close()
             exposition.process_exit()
+            if tracing is not None:
+                await asyncio.to_thread(tracing.shutdown)  # flushes the last spans
 
     app = FastAPI(title="turngate", version="0.1.0", lifespan=lifespan)
     errors.install(app)
@@ -76,5 +83,5 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     # Outermost: the ids and the request count cover every answer, the body limit's 413 included.
     app.add_middleware(RequestContext, paths={route.path for router in routers for route in router.routes
-                                              if "{" not in route.path})
+                                              if "{" not in route.path}, tracing=tracing)
     return app

@@ -26,7 +26,7 @@ from service.api.jsonroute import parse_error_message
 from service.api.protocol import ErrorBody
 from service.api.requests import note_route
 from service.settings import RouteSettings
-from service.telemetry import metrics
+from service.telemetry import metrics, spans
 from service.upstream.client import UpstreamError, _status_error
 
 router = APIRouter()
@@ -98,7 +98,14 @@ async def _forward(request: Request, services: Any, client_key: str | None, endp
                        param="model")
     note_route(request, route.alias)
     content = raw if route.model == asked else json.dumps({**payload, "model": route.model}).encode()
-    resp = await services.forwarder.send(route, endpoint, content, client_key, request.headers.get("accept"))
+    tracing = services.gate.tracing
+    if tracing is None:
+        resp = await services.forwarder.send(route, endpoint, content, client_key, request.headers.get("accept"))
+    else:  # a span for the call (to the reply's headers: a stream goes on after it)
+        with tracing.span(f"{endpoint} {route.model}", {**spans.upstream_call(route, 1),
+                                                        "gen_ai.operation.name": endpoint}, client=True):
+            resp = await services.forwarder.send(route, endpoint, content, client_key,
+                                                 request.headers.get("accept"))
     try:
         if resp.status >= 400:
             await resp.aread()

@@ -19,6 +19,7 @@ from fastapi import Request
 from service.api.errors import APIError
 from service.telemetry import metrics
 from service.telemetry.logs import REQUEST_ID
+from service.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,10 @@ def note_turn(request: Request, turn_id: str) -> None:
 
 
 class RequestContext:
-    def __init__(self, app: Any, paths: set[str]) -> None:
+    def __init__(self, app: Any, paths: set[str], tracing: Tracing | None = None) -> None:
         self.app = app
         self.paths = paths  # the app's own paths, for requests answered before routing
+        self.tracing = tracing  # when on: the client's traceparent is the parent of the turn's spans
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -52,6 +54,7 @@ class RequestContext:
         status = 500
         started = False
         token = REQUEST_ID.set(request_id)
+        trace_token = self.tracing.attach_incoming(scope.get("headers") or []) if self.tracing else None
 
         async def send_with_ids(message) -> None:
             nonlocal status, started
@@ -76,6 +79,8 @@ class RequestContext:
                 raise
             await APIError(500, "internal error in turngate", "server_error").response()(scope, receive, send_with_ids)
         finally:
+            if trace_token is not None:
+                self.tracing.detach(trace_token)
             REQUEST_ID.reset(token)
             metrics.REQUESTS.labels(state.get(_ROUTE) or "none", self._endpoint(scope), str(status)).inc()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,8 @@ from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, U
 from service.gate.selection import Candidate
 from service.settings import RouteSettings
 from service.store.base import TurnSink
-from service.telemetry import metrics
+from service.telemetry import metrics, spans
+from service.telemetry.tracing import Tracing
 from service.upstream.client import UpstreamClient, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -97,10 +99,11 @@ def _note(record: TurnRecord, got: sampling.Sampled) -> None:
 
 class Gate:
     def __init__(self, upstream: UpstreamClient, critics: CriticSlot, sink: TurnSink,
-                 shadow_max_backlog: int = 8) -> None:
+                 shadow_max_backlog: int = 8, tracing: Tracing | None = None) -> None:
         self.upstream = upstream
         self.critics = critics
         self.sink = sink
+        self.tracing = tracing  # None: no spans at all (service.telemetry.tracing)
         # Shadow turns whose other candidates are still being sampled or scored, at most this many:
         # beyond it a shadow turn is shed (one call, recorded unscored), so background work cannot
         # grow with the load and take the CPU the replies need.
@@ -115,6 +118,20 @@ class Gate:
                             upstream_model=route.model, request_messages=req.messages, tools=req.tools,
                             conversation=req.conversation, critic_name=critic.name,
                             critic_version=critic.version)
+        if self.tracing is None:
+            return await self._run(req, record, critic)
+        with self.tracing.span("turngate turn", {
+                "turngate.turn_id": record.turn_id, "turngate.route": route.alias, "turngate.mode": route.mode,
+                "gen_ai.operation.name": "chat", "gen_ai.request.model": route.model}) as span:
+            try:
+                return await self._run(req, record, critic)
+            finally:
+                span.set_attributes(spans.turn_outcome(record))
+                if record.error is not None:
+                    self.tracing.failed(span, record.decision, record.error)
+
+    async def _run(self, req: TurnRequest, record: TurnRecord, critic) -> TurnResult:
+        route = req.route
         clock = _Clock()
         deadline = time.monotonic() + route.deadline_s
         deferred = False
@@ -169,7 +186,7 @@ class Gate:
             metrics.SHADOW_SHED.labels(route.alias).inc()
         started = time.monotonic()
         tasks = sampling.start(self.upstream, route, req.body, route.n if ranked else n, req.client_key,
-                               deadline)
+                               deadline, tracing=self.tracing)
         shown = 1 if route.upstream_supports_n else n  # the calls whose replies the client gets
         t0 = time.perf_counter()
         try:
@@ -211,8 +228,7 @@ class Gate:
             cands = first + selection.from_samples(rest.samples, len(first), 0)
             record.candidates = [c.record for c in cands]
             await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
-            record.latency_critic_ms = 1000 * await selection.score(critic, req.messages, cands, req.tools,
-                                                                    req.route.alias)
+            record.latency_critic_ms = 1000 * await self._score(critic, req, cands)
             metrics.CANDIDATES.labels(req.route.alias).observe(len(cands))
         except Exception:  # noqa: BLE001 - the client already has its reply; keep the record
             log.exception("shadow ranking failed for %s", record.turn_id)
@@ -276,21 +292,21 @@ class Gate:
                 await selection.check_structure(more, req.tools, req.body.get("tool_choice"), route.alias)
                 cands += more
                 # Rescored together: agreement is a feature of the whole round.
-                clock.critic_s += await selection.score(critic, req.messages, cands, req.tools, route.alias)
+                clock.critic_s += await self._score(critic, req, cands)
         return cands, early
 
     async def _evaluate(self, req: TurnRequest, body: dict[str, Any], cands: list[Candidate], clock: _Clock,
                         critic) -> None:
         await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
         # The critic judges the candidate against the conversation the client sent, not our feedback.
-        clock.critic_s += await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
+        clock.critic_s += await self._score(critic, req, cands)
 
     async def _sample(self, req: TurnRequest, body: dict[str, Any], n: int, round_no: int,
                       record: TurnRecord, clock: _Clock, deadline: float, required: bool = True,
                       one_call: bool | None = None) -> list[Candidate]:
         t0 = time.perf_counter()
         started = time.monotonic()
-        tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline, one_call)
+        tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline, one_call, self.tracing)
         got = await sampling.collect(tasks, deadline, req.route, started)
         clock.upstream_s += time.perf_counter() - t0
         _note(record, got)
@@ -339,19 +355,36 @@ class Gate:
         if record.mode != "shadow" and record.candidates:
             metrics.CANDIDATES.labels(route).observe(len(record.candidates))
 
+    async def _score(self, critic, req: TurnRequest, cands: list[Candidate]) -> float:
+        """selection.score, in a span when tracing."""
+        if self.tracing is None:
+            return await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
+        with self.tracing.span("turngate critic", spans.critic(critic, cands)) as span:
+            spent = await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
+            span.set_attributes(spans.scores(cands))
+            return spent
+
     def _enqueue(self, record: TurnRecord) -> None:
         if record.upstream_errors and record.error is None:
             metrics.TURNS_PARTIAL.labels(record.route).inc()
-        try:
-            self.sink.enqueue(record)
-        except Exception:  # noqa: BLE001 - logging must never fail a turn
-            log.exception("could not enqueue turn %s", record.turn_id)
+        with self._store_span("enqueue", record):
+            try:
+                self.sink.enqueue(record)
+            except Exception:  # noqa: BLE001 - logging must never fail a turn
+                log.exception("could not enqueue turn %s", record.turn_id)
 
     def _hold(self, record: TurnRecord) -> None:
-        try:
-            self.sink.hold(record)
-        except Exception:  # logging must never fail a turn
-            log.exception("could not journal turn %s", record.turn_id)
+        with self._store_span("hold", record):
+            try:
+                self.sink.hold(record)
+            except Exception:  # logging must never fail a turn
+                log.exception("could not journal turn %s", record.turn_id)
+
+    def _store_span(self, how: str, record: TurnRecord) -> AbstractContextManager:
+        if self.tracing is None:
+            return nullcontext()
+        return self.tracing.span("turngate store", {"turngate.store.op": how, "turngate.turn_id": record.turn_id,
+                                                    "turngate.candidates": len(record.candidates)})
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
