@@ -1,6 +1,6 @@
 """Cost of turning one turn (conversation + N candidates) into critic input, on the serving path.
 
-Compared side by side, on real τ-bench turns (/work/shared/data/trajectories):
+Compared side by side, on real τ-bench turns (../shared/data/trajectories):
 - ``encode_batch`` (service/critic/render.py): the context tokenized once, cut from the left per
   candidate, padded to the longest pair;
 - baseline: the tokenizers library's own pair encoding, one (context, candidate) pair per

@@ -18,7 +18,7 @@ from service.store.sink import StoreSink
 from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
 
 # The shared trajectories (never copied into the repo): $TURNGATE_TRAJECTORIES, else shared/ beside
-# the checkout (/work/shared next to /work/main).
+# the checkout (../shared beside the clone).
 TRAJECTORIES = Path(os.environ.get("TURNGATE_TRAJECTORIES")
                     or Path(__file__).resolve().parents[2] / "shared" / "data" / "trajectories")
 needs_trajectories = pytest.mark.skipif(not TRAJECTORIES.is_dir(),

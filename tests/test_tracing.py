@@ -81,7 +81,7 @@ def test_a_turn_is_a_span_under_the_clients_trace_with_its_steps_as_children(tra
     client = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-test", messages=USER, extra_headers={"traceparent": f"00-{TRACE_ID}-{CLIENT_SPAN}-01"})
-    (turn,) = by_name(exporter, "turngate turn")
+    (turn,) = by_name(exporter, "turngate.turn")
     assert format(turn.context.trace_id, "032x") == TRACE_ID
     assert format(turn.parent.span_id, "016x") == CLIENT_SPAN
     assert turn.attributes["turngate.turn_id"] == raw.headers["x-turngate-turn-id"]
@@ -89,7 +89,7 @@ def test_a_turn_is_a_span_under_the_clients_trace_with_its_steps_as_children(tra
     assert turn.attributes["turngate.score"] == pytest.approx(0.8)
     assert turn.attributes["gen_ai.usage.input_tokens"] == 21 and turn.attributes["gen_ai.usage.output_tokens"] == 12
     calls = by_name(exporter, "chat actor-model")
-    critic, store = by_name(exporter, "turngate critic"), by_name(exporter, "turngate store")
+    critic, store = by_name(exporter, "turngate.critic"), by_name(exporter, "turngate.store")
     assert len(calls) == 3 and len(critic) == 1 and len(store) == 1
     assert all(s.parent.span_id == turn.context.span_id for s in [*calls, *critic, *store])
     assert {s.attributes["gen_ai.request.model"] for s in calls} == {"actor-model"}
@@ -104,7 +104,7 @@ def test_a_failed_turn_and_its_failed_calls_are_errors(traced):
     client = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
     with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(model="gpt-test", messages=USER)
-    (turn,) = by_name(exporter, "turngate turn")
+    (turn,) = by_name(exporter, "turngate.turn")
     assert turn.status.status_code is StatusCode.ERROR and turn.attributes["turngate.decision"] == "error"
     calls = by_name(exporter, "chat actor-model")
     assert len(calls) == 2

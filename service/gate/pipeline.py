@@ -120,7 +120,7 @@ class Gate:
                             critic_version=critic.version)
         if self.tracing is None:
             return await self._run(req, record, critic)
-        with self.tracing.span("turngate turn", {
+        with self.tracing.span("turngate.turn", {
                 "turngate.turn_id": record.turn_id, "turngate.route": route.alias, "turngate.mode": route.mode,
                 "gen_ai.operation.name": "chat", "gen_ai.request.model": route.model}) as span:
             try:
@@ -359,7 +359,7 @@ class Gate:
         """selection.score, in a span when tracing."""
         if self.tracing is None:
             return await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
-        with self.tracing.span("turngate critic", spans.critic(critic, cands)) as span:
+        with self.tracing.span("turngate.critic", spans.critic(critic, cands)) as span:
             spent = await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
             span.set_attributes(spans.scores(cands))
             return spent
@@ -383,7 +383,7 @@ class Gate:
     def _store_span(self, how: str, record: TurnRecord) -> AbstractContextManager:
         if self.tracing is None:
             return nullcontext()
-        return self.tracing.span("turngate store", {"turngate.store.op": how, "turngate.turn_id": record.turn_id,
+        return self.tracing.span("turngate.store", {"turngate.store.op": how, "turngate.turn_id": record.turn_id,
                                                     "turngate.candidates": len(record.candidates)})
 
     def _spawn(self, coro) -> None:
