@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import config_summary
+from service import config_summary, installed_version
 from service.api import admin, errors, forward, health, metrics, openai, openapi
 from service.api import critic as critic_api
 from service.api import feedback as feedback_api
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
             if tracing is not None:
                 await asyncio.to_thread(tracing.shutdown)  # flushes the last spans
 
-    app = FastAPI(title="turngate", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="turngate", version=installed_version(), lifespan=lifespan)
     errors.install(app)
     routers = [openai.router, forward.router, feedback_api.router, critic_api.router, admin.router, health.router,
                metrics.router]

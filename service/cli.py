@@ -12,10 +12,20 @@ app = typer.Typer(help="turngate: gate every turn of an LLM agent with a trained
                   no_args_is_help=True, add_completion=False)
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from service import installed_version
+
+        typer.echo(f"turngate {installed_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def options(debug: bool = typer.Option(False, "--debug", help="On failure, show the traceback instead of one "
-                                                               "line (also TURNGATE_DEBUG=1).")) -> None:
-    """Options for every command (read by cli_errors.run)."""
+                                                               "line (also TURNGATE_DEBUG=1)."),
+            version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                         help="Print turngate's version and exit.")) -> None:
+    """Options for every command (--debug is read by cli_errors.run)."""
 
 
 @app.command()

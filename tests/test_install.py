@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -83,6 +84,13 @@ def test_the_wheel_is_what_runs(installed):
     where = subprocess.run([bin_ / "python", "-c", code],
                            cwd=work, env=_env(), capture_output=True, text=True, check=True).stdout.split()
     assert all(str(bin_.parent) in path for path in where), where
+
+
+def test_version(installed):
+    bin_, work = installed
+    out = _run(bin_, work, "--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"turngate {tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['version']}"
 
 
 def test_db_upgrade_from_another_folder(installed):
