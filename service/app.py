@@ -6,7 +6,9 @@ import asyncio
 import gc
 import logging
 from contextlib import asynccontextmanager
+from typing import cast
 
+import httpcore
 from fastapi import FastAPI
 
 from service import config_summary, installed_version
@@ -42,8 +44,10 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         pools = make_http_clients(settings.upstream_pool_shards)
-        upstream = UpstreamClient([tracing.pool(p) for p in pools] if tracing else pools)
-        critics = CriticSlot(critic or await asyncio.to_thread(load_critic, settings))
+        if tracing is not None:  # TracedPool offers the pool methods the client calls (stream, aclose)
+            pools = cast(list[httpcore.AsyncConnectionPool], [tracing.pool(p) for p in pools])
+        upstream = UpstreamClient(pools)
+        critics = CriticSlot(critic if critic is not None else await asyncio.to_thread(load_critic, settings))
         turn_sink = sink or make_sink(settings)
         await turn_sink.start()
         gate = Gate(upstream, critics, turn_sink, settings.shadow_max_backlog, tracing)
@@ -82,6 +86,6 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
     openapi.install(app, [ChatCompletionRequest])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     # Outermost: the ids and the request count cover every answer, the body limit's 413 included.
-    app.add_middleware(RequestContext, paths={route.path for router in routers for route in router.routes
-                                              if "{" not in route.path}, tracing=tracing)
+    paths = {getattr(route, "path", "{") for router in routers for route in router.routes}
+    app.add_middleware(RequestContext, paths={p for p in paths if "{" not in p}, tracing=tracing)
     return app

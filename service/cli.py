@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -45,7 +46,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     from service.telemetry.logs import log_config
     from service.telemetry.multiproc import for_workers
 
-    overrides = {k: v for k, v in (("log_level", log_level), ("log_format", log_format)) if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("log_level", log_level), ("log_format", log_format))
+                                 if v is not None}
     settings = Settings(**overrides)
     # Settings, database, critic bundle and spool checked once here, before any worker starts (and
     # before logging is set up: a refusal is the one line cli_errors prints, not log lines around it).
@@ -81,7 +83,7 @@ def replay(files: list[Path] = typer.Argument(..., help="Trajectory JSONL files.
     from service.gate import replay as rp
     from service.settings import Settings
 
-    settings = Settings(**({"critic": str(critic)} if critic else {}))
+    settings = Settings(critic=str(critic)) if critic else Settings()
     scorer = load_critic(settings)
     rows = rp.load_rows(files)
     turns = asyncio.run(rp.score_turns(rows, scorer))
@@ -97,7 +99,7 @@ def replay(files: list[Path] = typer.Argument(..., help="Trajectory JSONL files.
         typer.echo(f"wrote {out / 'report.json'} (no PNG: matplotlib comes with the `train` extra)")
 
 
-from service import cli_critic, cli_errors, cli_store  # sub-commands, after the root app exists
+from service import cli_critic, cli_errors, cli_store  # noqa: E402 - sub-commands, after the root app exists
 
 app.add_typer(cli_critic.app, name="critic")
 cli_store.register(app)

@@ -68,8 +68,8 @@ class GatePolicy(BaseModel):
     @model_validator(mode="after")
     def _thresholds_agree(self) -> GatePolicy:
         # Below intervene, above accept: adaptive sampling would stop at a candidate the gate then rejects.
-        if None not in (self.accept_threshold, self.intervene_threshold) and \
-                self.accept_threshold < self.intervene_threshold:
+        accept, intervene = self.accept_threshold, self.intervene_threshold
+        if accept is not None and intervene is not None and accept < intervene:
             raise ValueError(f"accept_threshold ({self.accept_threshold}) must not be below "
                              f"intervene_threshold ({self.intervene_threshold})")
         return self

@@ -92,9 +92,10 @@ def from_http(request: Request, exc: HTTPException) -> APIError:
         return APIError(404, f"Unknown request URL: {where}. turngate serves the OpenAI API under /v1 "
                              "(chat/completions, completions, embeddings, responses, models).", code="unknown_url")
     if exc.status_code == 405:
-        return APIError(405, f"Method not allowed: {where}.", code="method_not_allowed", headers=exc.headers)
+        return APIError(405, f"Method not allowed: {where}.", code="method_not_allowed",
+                        headers=dict(exc.headers or {}))
     return APIError(exc.status_code, str(exc.detail), code="invalid_json" if exc.status_code == 400 else None,
-                    headers=exc.headers)
+                    headers=dict(exc.headers or {}))
 
 
 def install(app: FastAPI) -> None:

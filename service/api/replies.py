@@ -16,6 +16,7 @@ def completion_body(result: TurnResult, alias: str) -> dict[str, Any]:
     chosen, record = result.chosen, result.record
     sample = chosen.sample
     upstream = dict(sample.response) if sample else {}
+    usage: dict[str, Any] | None
     if sample and sample.completion_tokens is not None:
         usage = {"prompt_tokens": sample.prompt_tokens or 0, "completion_tokens": sample.completion_tokens,
                  "total_tokens": (sample.prompt_tokens or 0) + sample.completion_tokens}
@@ -42,7 +43,8 @@ def decision_headers(result: TurnResult) -> dict[str, str]:
         "x-turngate-rounds": str(record.rounds),
         # Standard Server-Timing: lets clients and benchmarks split the latency per request.
         "server-timing": f"upstream;dur={record.latency_upstream_ms or 0:.3f}, "
-                         f"critic;dur={record.latency_critic_ms or 0:.3f}, total;dur={record.latency_total_ms or 0:.3f}",
+                         f"critic;dur={record.latency_critic_ms or 0:.3f}, "
+                         f"total;dur={record.latency_total_ms or 0:.3f}",
     }
     if chosen.record.score is not None:
         headers["x-turngate-score"] = f"{chosen.record.score:.4f}"

@@ -79,7 +79,7 @@ class RequestContext:
                 raise
             await APIError(500, "internal error in turngate", "server_error").response()(scope, receive, send_with_ids)
         finally:
-            if trace_token is not None:
+            if self.tracing is not None and trace_token is not None:
                 self.tracing.detach(trace_token)
             REQUEST_ID.reset(token)
             metrics.REQUESTS.labels(state.get(_ROUTE) or "none", self._endpoint(scope), str(status)).inc()

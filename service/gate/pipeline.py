@@ -230,7 +230,7 @@ class Gate:
             await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
             record.latency_critic_ms = 1000 * await self._score(critic, req, cands)
             metrics.CANDIDATES.labels(req.route.alias).observe(len(cands))
-        except Exception:  # noqa: BLE001 - the client already has its reply; keep the record
+        except Exception:
             log.exception("shadow ranking failed for %s", record.turn_id)
         finally:
             self._shadow_slot(-1)
@@ -282,7 +282,8 @@ class Gate:
         early = False
         if first_n < n:
             top = selection.best(cands)
-            if top is not None and top.score is not None and top.score >= policy.accept_threshold:
+            accept = policy.accept_threshold  # set: first_n < n only under adaptive sampling with one
+            if top is not None and top.score is not None and accept is not None and top.score >= accept:
                 early = True
                 record.candidates_saved += n - first_n
                 metrics.CANDIDATES_SAVED.labels(route.alias).inc(n - first_n)
@@ -370,7 +371,7 @@ class Gate:
         with self._store_span("enqueue", record):
             try:
                 self.sink.enqueue(record)
-            except Exception:  # noqa: BLE001 - logging must never fail a turn
+            except Exception:
                 log.exception("could not enqueue turn %s", record.turn_id)
 
     def _hold(self, record: TurnRecord) -> None:

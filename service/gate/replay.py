@@ -58,12 +58,13 @@ def report(turns: list[ScoredTurn], thresholds=DEFAULT_THRESHOLDS) -> list[dict[
     judged = [t for t in turns if t.bad_write is not None]
     rows = []
     for th in thresholds:
-        flagged_bad = sum(t.score < th and t.bad_write for t in judged)
+        flagged_bad = sum(t.score < th and bool(t.bad_write) for t in judged)
         flagged = sum(t.score < th for t in judged)
         bad = sum(bool(t.bad_write) for t in judged)
-        convs: dict[str, tuple[bool, float]] = {}
+        convs: dict[str, tuple[bool, float]] = {}  # conversation -> (any turn flagged, reward)
         for t in failed + solved:
-            convs[t.conversation] = (convs.get(t.conversation, (False, t.reward))[0] or t.score < th, t.reward)
+            reward = t.reward or 0.0  # not None: failed and solved have an outcome
+            convs[t.conversation] = (convs.get(t.conversation, (False, reward))[0] or t.score < th, reward)
         rows.append({
             "threshold": th,
             "turns_flagged": sum(t.score < th for t in turns),
