@@ -300,7 +300,8 @@ def test_statefulset_governing_service_is_headless_and_not_scraped_twice():
     (governing,) = [s for s in services if s["metadata"]["name"] == deploy["spec"]["serviceName"]]
     assert governing["spec"]["clusterIP"] == "None"
     (monitor,) = k8s_docs(K8S / "servicemonitor.yaml")
-    scraped = [s for s in services if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    wanted = monitor["spec"]["selector"]["matchLabels"].items()
+    scraped = [s for s in services if wanted <= s["metadata"]["labels"].items()]
     assert [s["metadata"]["name"] for s in scraped] == ["turngate"]
     resources = yaml.safe_load((K8S / "base/kustomization.yaml").read_text())["resources"]
     assert {"service.yaml", "service-headless.yaml", "statefulset.yaml"} <= set(resources)

@@ -90,7 +90,8 @@ def test_version(installed):
     bin_, work = installed
     out = _run(bin_, work, "--version")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == f"turngate {tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['version']}"
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert out.stdout.strip() == f"turngate {version}"
 
 
 def test_db_upgrade_from_another_folder(installed):

@@ -11,13 +11,14 @@ import httpx
 import openai
 import pytest
 import redis
+from openai.types.chat import ChatCompletionMessageParam
 
 from service.app import create_app
 from service.demo.fake_actor import serve_in_thread
 from service.settings import RouteSettings, Settings
 from tests.test_metrics import delta, scrape
 
-USER = [{"role": "user", "content": "hi"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def ask(url: str, key: str):

@@ -38,7 +38,7 @@ def as_turns(traj: dict, **hint) -> list:
 
 async def _rows(sink: StoreSink, sql: str, **params) -> list:
     async with sink.engine.connect() as conn:
-        return (await conn.execute(text(sql), params)).all()
+        return list((await conn.execute(text(sql), params)).all())
 
 
 @needs_trajectories

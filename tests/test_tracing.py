@@ -13,17 +13,17 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk.trace", reason="the `otel` extra is not installed")
 
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-from opentelemetry.trace import StatusCode  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
-from service.app import create_app  # noqa: E402
-from service.demo.fake_actor import FakeActor, Reply, assistant, serve_in_thread  # noqa: E402
-from service.settings import RouteSettings, Settings  # noqa: E402
-from service.store.base import MemorySink  # noqa: E402
-from service.telemetry import tracing  # noqa: E402
-from tests.conftest import TableCritic  # noqa: E402
+from service.app import create_app
+from service.demo.fake_actor import FakeActor, Reply, assistant, serve_in_thread
+from service.settings import RouteSettings, Settings
+from service.store.base import MemorySink
+from service.telemetry import tracing
+from tests.conftest import TableCritic
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = [{"role": "user", "content": "Book the 9am flight."}]
@@ -35,7 +35,8 @@ class HeaderLog:
     """The fake actor's app, noting the headers of every request it gets."""
 
     def __init__(self, app) -> None:
-        self.app, self.seen = app, []
+        self.app = app
+        self.seen: list[dict[str, str]] = []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
