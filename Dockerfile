@@ -35,11 +35,9 @@ RUN if [ "$VARIANT" = "gpu" ]; then \
       && pip uninstall -y onnxruntime \
       && pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.17"; \
     fi
-# Alembic's files, for `turngate db upgrade` (the migration job runs the same image).
+# Alembic's migrations ship inside the package (setup.py), so `turngate db upgrade` works from /app.
 RUN mkdir -p /app \
- && if [ -d migrations ]; then cp -r migrations /app/; fi \
- && if [ -f alembic.ini ]; then cp alembic.ini /app/; fi \
- && python -c "import critic_models, service; print('turngate installed')"
+ && python -c "import critic_models, service.store.migrate as m; print('turngate installed,', m.migrations_dir())"
 
 # ---- runtime ----
 FROM base-${VARIANT} AS runtime

@@ -40,11 +40,12 @@ class LeanClient:
         self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self.writer is None:
+        if self.reader is None or self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        reader = self.reader
         self.writer.write(f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
                           f"content-length: {len(body)}\r\n\r\n".encode() + body)
-        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         headers = {}
         for line in head[1:]:
             name, _, value = line.partition(":")
@@ -52,7 +53,7 @@ class LeanClient:
                 headers[name.strip().lower()] = value.strip()
         if "content-length" not in headers:
             raise RuntimeError(f"response without content-length: {head[0]}")
-        payload = await self.reader.readexactly(int(headers["content-length"]))
+        payload = await reader.readexactly(int(headers["content-length"]))
         return int(head[0].split()[1]), headers, payload
 
     async def close(self) -> None:

@@ -248,7 +248,9 @@ async def main_async(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ints = lambda s: [int(x) for x in s.split(",") if x]
+    def ints(s: str) -> list[int]:
+        return [int(x) for x in s.split(",") if x]
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=None)
     ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")

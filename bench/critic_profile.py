@@ -65,7 +65,9 @@ def operator_times(model: Path, inputs: dict[str, np.ndarray], reps: int) -> tup
 
 
 def main(argv: list[str] | None = None) -> None:
-    ints = lambda s: [int(x) for x in s.split(",") if x]
+    def ints(s: str) -> list[int]:
+        return [int(x) for x in s.split(",") if x]
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, default=ROOT / "critic_models" / "default")
     ap.add_argument("--n", type=int, default=8)

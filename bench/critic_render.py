@@ -1,11 +1,11 @@
 """Cost of turning one turn (conversation + N candidates) into critic input, on the serving path.
 
-Compared side by side, on real τ-bench turns (/work/shared/data/trajectories):
+Compared side by side, on real τ-bench turns (../shared/data/trajectories):
 - ``encode_batch`` (service/critic/render.py): the context tokenized once, cut from the left per
   candidate, padded to the longest pair;
 - baseline: the tokenizers library's own pair encoding, one (context, candidate) pair per
-  candidate, left truncation ``longest_first`` (``only_first`` errors on long candidates) and padding to the longest, i.e. the context tokenized
-  N times.
+  candidate, left truncation ``longest_first`` (``only_first`` errors on long candidates) and padding
+  to the longest, i.e. the context tokenized N times.
 
     python bench/critic_render.py [--candidates 4,8] [--max-length 256] [--turns 200]
 
@@ -25,7 +25,8 @@ import tokenizers
 
 from service.critic import render
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "trajectories" / "tau-bench-airline-gpt-4o.jsonl"
+DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "trajectories"
+        / "tau-bench-airline-gpt-4o.jsonl")
 
 
 def turns(path: Path, limit: int, n: int) -> list[tuple[list, list]]:

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def bodies() -> dict[str, bytes]:
@@ -24,7 +25,7 @@ def bodies() -> dict[str, bytes]:
             "type": "object", "required": ["id"], "properties": {
                 "id": {"type": "string", "pattern": "^[A-Z0-9]{6}$"}, "n": {"type": "integer", "minimum": 0},
                 "tags": {"type": "array", "items": {"type": "string"}}}}}} for i in range(10)]
-    messages = [{"role": "system", "content": "You are an agent. " * 20}]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "You are an agent. " * 20}]
     for i in range(20):
         messages += [
             {"role": "user", "content": "please do the next step " * 10},

@@ -47,8 +47,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.demo.fake_actor import free_port
-from service.store.migrate import upgrade
+from service.demo.fake_actor import free_port  # noqa: E402 - after the path insert
+from service.store.migrate import upgrade  # noqa: E402
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 CANDIDATES = 2
@@ -63,7 +63,8 @@ POISON = [
         {"role": "user", "content": "q"},
         {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": "get_order"}]},
         {"role": "tool", "tool_call_id": "c1", "content": "x"}]}).encode(),
-    json.dumps({"model": "rank", "messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]}).encode(),
+    json.dumps({"model": "rank",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]}).encode(),
     json.dumps({"model": "rank", "messages": [{"role": "user", "content": "tool nul"}],
                 "tools": [{"type": "function", "function": {"name": "get\u0000x", "parameters": {}}}]}).encode(),
 ]
@@ -133,6 +134,7 @@ class Harness:
         wait_up(self.base + "/healthz")
 
     def signal(self, sig: int) -> None:
+        assert self.proxy is not None, "start() first"
         self.proxy.send_signal(sig)
         self.proxy.wait(timeout=30)
 
@@ -161,10 +163,13 @@ class Harness:
     def count(self, ids: list[str]) -> tuple[int, int]:
         """(answered turns stored, duplicate rows among them)."""
         with psycopg.connect(self.db_url) as conn:
-            rows, distinct = conn.execute("SELECT count(*), count(DISTINCT id) FROM turns WHERE id = ANY(%s)",
-                                          (ids,)).fetchone()
-            cands = conn.execute("SELECT count(*) - count(DISTINCT (turn_id, idx)) FROM candidates "
-                                 "WHERE turn_id = ANY(%s)", (ids,)).fetchone()[0]
+            turns = conn.execute("SELECT count(*), count(DISTINCT id) FROM turns WHERE id = ANY(%s)",
+                                 (ids,)).fetchone()
+            dupes = conn.execute("SELECT count(*) - count(DISTINCT (turn_id, idx)) FROM candidates "
+                                 "WHERE turn_id = ANY(%s)", (ids,)).fetchone()
+        assert turns is not None and dupes is not None  # aggregates always return a row
+        rows, distinct = turns
+        cands = dupes[0]
         return distinct, rows - distinct + cands
 
     def wait_stored(self, ids: list[str], timeout: float) -> tuple[int, int]:
@@ -248,6 +253,7 @@ async def _restart_after(h: Harness, sig: int) -> str:
 
 async def _redis_down(h: Harness, seconds: float) -> str:
     port = int(h.env["TURNGATE_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    assert h.redis is not None, "the harness runs its own Redis"
     h.redis.kill()
     h.redis.wait()
     await asyncio.sleep(3)

@@ -64,13 +64,13 @@ async def httpx_post(url: str):
 
     async def post(body: bytes) -> tuple[int, dict[str, str]]:
         resp = await client.post(url, content=body, headers={"content-type": "application/json"})
-        return resp.status_code, resp.headers
+        return resp.status_code, dict(resp.headers)
     return post, client.aclose
 
 
 async def lean_post(url: str):
     u = httpx.URL(url)
-    client = LeanClient(u.host, u.port)
+    client = LeanClient(u.host, u.port or 80)
 
     async def post(body: bytes) -> tuple[int, dict[str, str]]:
         status, headers, _ = await client.post(u.path, body)
@@ -169,7 +169,8 @@ def main() -> None:
            "TURNGATE_UPSTREAM_POOL_SHARDS": str(args.pool_shards), "PYTHONPATH": str(ROOT)}
     if args.shadow_backlog is not None:
         env["TURNGATE_SHADOW_MAX_BACKLOG"] = str(args.shadow_backlog)
-    targets = {"direct": ("direct upstream", actor_url + "/chat/completions", None)}
+    targets: dict[str, tuple[str, str, str | None]] = {
+        "direct": ("direct upstream", actor_url + "/chat/completions", None)}
     lean = args.apparatus == "lean"
     upstream = [str(ROOT / "bench" / "_lean_http.py")] if lean else ["-m", "service.demo.fake_actor"]
     procs = [
@@ -188,7 +189,8 @@ def main() -> None:
                        shadow=("turngate shadow N=4", proxy, "shadow"))
         rows = [targets["pass_" if t == "pass" else t] for t in args.targets.split(",")]
         uvloop.run(load(proxy, "rank", 4, 1.0, lean))  # warm up connections and code paths
-        print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, stub critic {args.critic_ms:.1f} ms, "
+        print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, "
+              f"stub critic {args.critic_ms:.1f} ms, "
               f"{args.pool_shards} upstream pool(s), {args.seconds:.0f} s per row, {os.cpu_count()} cores, "
               f"{args.apparatus} apparatus\n")
         print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"

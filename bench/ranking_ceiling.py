@@ -1,6 +1,6 @@
 """How far cheap text statistics get on the ranking sets: a reference point for the critic.
 
-On the AlpacaEval best-of-N sets (/work/shared/data/best-of-n), the critic's pick is compared with
+On the AlpacaEval best-of-N sets (../shared/data/best-of-n), the critic's pick is compared with
 a random pick, the longest answer and the best possible. This asks what a ranker that *sees*
 every answer whole, but only through a few text statistics (length and structure), reaches with
 the same protocol as ``turngate critic train --folds 5``: the same folds (``data.fold_of``, seed
@@ -9,7 +9,7 @@ than 0.05, the pick scored on the held-out fold's prompts. Printed beside the de
 cross-validated figure (read from its ``critic.json``), and beside the longest answer as the critic
 sees it: the answer's tokens in the bundle's own input, which the rendering cuts at ``max_length``.
 
-    python bench/ranking_ceiling.py [--data /work/shared/data/best-of-n] [--folds 5] [--view-lengths 512]
+    python bench/ranking_ceiling.py [--data ../shared/data/best-of-n] [--folds 5] [--view-lengths 512]
 
 Numpy and the tokenizer (no torch); seconds.
 """

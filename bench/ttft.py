@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import openai
@@ -48,12 +49,13 @@ def wait_up(url: str, seconds: float = 60) -> None:
 
 async def one(client: openai.AsyncOpenAI, model: str) -> tuple[float, float]:
     started = time.perf_counter()
-    first = None
-    stream = await client.chat.completions.create(model=model, messages=USER, stream=True)
+    first: float | None = None
+    stream = await client.chat.completions.create(model=model, messages=cast(Any, USER), stream=True)
     async for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:
             first = time.perf_counter() - started
-    return first, time.perf_counter() - started
+    total = time.perf_counter() - started
+    return (total if first is None else first), total  # no content at all: the first byte is the last
 
 
 async def measure(base_url: str, model: str, repeats: int) -> tuple[float, float]:
@@ -94,8 +96,9 @@ def main() -> None:
         wait_up(f"http://127.0.0.1:{proxy_port}/healthz")
         commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=False).stdout.strip() or "?"
-        print(f"upstream: first word after {args.first * 1000:.0f} ms, {args.words} words {args.chunk_delay * 1000:.0f} ms "
-              f"apart; turngate from {src} ({commit}); median of {args.repeats} sequential streams\n")
+        print(f"upstream: first word after {args.first * 1000:.0f} ms, {args.words} words "
+              f"{args.chunk_delay * 1000:.0f} ms apart; turngate from {src} ({commit}); "
+              f"median of {args.repeats} sequential streams\n")
         print(f"{'target':<24}{'TTFT ms':>10}{'total ms':>10}")
         proxy = f"http://127.0.0.1:{proxy_port}/v1"
         for name, url, model in (("direct upstream", actor_url, "fake"), ("turngate passthrough", proxy, "pass"),

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.demo.fake_actor import free_port  # noqa: E402
-from service.upstream.client import UpstreamClient, make_http_clients
+from service.upstream.client import UpstreamClient, make_http_clients  # noqa: E402
 
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "Book the cheapest flight to Lisbon."}]}
 

@@ -140,11 +140,12 @@ def ranking_group(row: dict[str, Any], source: str) -> Group:
 
 def load_groups(paths: list[Path], seed: int = 0, val_fraction: float = 0.2) -> tuple[list[Group], list[Group]]:
     """(train, validation) groups of every file, split by task / prompt."""
-    train, val = [], []
+    train: list[Group] = []
+    val: list[Group] = []
     for f in data_files(paths):
         rows = _rows(f)
-        groups = [ranking_group(r, f.name) if is_ranking_set(r) else None for r in rows]
-        groups = [[g] if g else turn_groups(r, f.name) for g, r in zip(groups, rows)]
+        ranked = [ranking_group(r, f.name) if is_ranking_set(r) else None for r in rows]
+        groups = [[g] if g else turn_groups(r, f.name) for g, r in zip(ranked, rows)]
         flat = [g for gs in groups for g in gs]
         held = split_keys([g.key for g in flat], seed, val_fraction)
         for g in flat:

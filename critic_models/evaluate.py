@@ -77,7 +77,8 @@ class Bundle:
         out: list[np.ndarray] = []
         i = 0
         while i < len(feeds):
-            chunk, n = [], 0
+            chunk: list[dict[str, np.ndarray]] = []
+            n = 0
             while i < len(feeds) and (not chunk or n + len(feeds[i]["input_ids"]) <= max_batch):
                 chunk.append(feeds[i])
                 n += len(feeds[i]["input_ids"])
@@ -159,7 +160,7 @@ def figures(groups: list[data.Group], scores: list[np.ndarray], seed: int = 0) -
         judged = [(e, s) for _, e, s in sub if e.gold_match is not None]
         per_file[source] = {
             "turns": len(sub), "conversations": len({g.row_id for g, _, _ in sub}),
-            "turn_auc_vs_outcome": auc([s for *_, s in sub], [e.reward >= 1 for _, e, _ in sub]),
+            "turn_auc_vs_outcome": auc([s for *_, s in sub], [(e.reward or 0.0) >= 1 for _, e, _ in sub]),
             "write_turns_judged": len(judged),
             "write_auc_vs_gold": auc([s for _, s in judged], [bool(e.gold_match) for e, _ in judged]),
         }
@@ -257,7 +258,8 @@ def format_table(r: dict[str, Any]) -> str:
         lines += ["", (f"picks (tool-call questions drawn {p['draws']} times as groups of {p['set_size']}; "
                        f"ranking sets whole; write calls alone):"), pick_eval.format_table(p)]
     h = r.get("threshold_hints") or {}
-    lines += ["", f"threshold hints: accept {f(h.get('accept_threshold'))}, intervene {f(h.get('intervene_threshold'))}"]
+    lines += ["", f"threshold hints: accept {f(h.get('accept_threshold'))}, "
+                  f"intervene {f(h.get('intervene_threshold'))}"]
     return "\n".join(lines)
 
 

@@ -132,8 +132,8 @@ def export_bundle(run: Path, out: Path, precision: str = "int8", name: str = NAM
                                  max_length) if groups else render.encode_batch(
         tok, [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello"}] * 2, None, max_length)
     bert = model.config
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         export_onnx(model, sample, tmp / "raw.onnx")
         fused = optimize(tmp / "raw.onnx", tmp / "fp32.onnx", bert.num_attention_heads, bert.hidden_size, False)
         variant = None

@@ -116,7 +116,8 @@ def crossval(encoded: list[Encoded], groups: list[data.Group], x: torch.Tensor, 
 
     def rows(f: int, inside: bool) -> torch.Tensor:
         """The sequences of fold f (inside) or of every other fold."""
-        return torch.tensor([r for i, k in enumerate(fold) if (k == f) == inside for r in range(starts[i], starts[i + 1])])
+        return torch.tensor([r for i, k in enumerate(fold) if (k == f) == inside
+                             for r in range(starts[i], starts[i + 1])])
 
     logits = torch.zeros(len(x))
     for f in tqdm(range(cfg.folds), desc="cross-validate", unit="fold"):

@@ -140,7 +140,8 @@ def sibling_items(rows: list[dict[str, Any]], source: str) -> list[Item]:
                 cands = [m] + [o for o in others if o is not None]
                 if len(cands) < 2:
                     continue
-                labels = [float(all(matches_gold(c, gold) for c in write_calls(x))) for x in cands]
+                labels: list[float | None] = [float(all(matches_gold(c, gold) for c in write_calls(x)))
+                                              for x in cands]
                 out.append(Item(key, source, features.kind_of(msgs[:i], cands, row.get("tools")), msgs[:i],
                                 row.get("tools"), cands, labels, "write-siblings"))
     return out
@@ -212,7 +213,7 @@ def fill_logits(items: list[Item], scorer: Scorer | None, cache: dict[str, float
         if missing:
             todo.append((it, ks, missing))
     probs = scorer([(it.messages, [it.candidates[i] for i in f], it.tools) for it, _, f in todo])
-    for (it, ks, f), p in zip(todo, probs):
+    for (_, ks, f), p in zip(todo, probs):
         p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
         cache.update({ks[i]: float(x) for i, x in zip(f, np.log(p / (1 - p)))})
     for it, ks in zip(items, keys):

@@ -164,7 +164,7 @@ def _hints(groups: list[FeatureGroup], scores: list[np.ndarray]) -> dict[str, An
     s = [float(x) for g, sc in zip(groups, scores) if g.kind != "text" for x, y in zip(sc, g.labels)
          if not np.isnan(y)]
     y = [bool(v >= 0.5) for g in groups if g.kind != "text" for v in g.labels if not np.isnan(v)]
-    hints = threshold_hints(s, y) if s else {"accept_threshold": None, "intervene_threshold": None}
+    hints: dict[str, Any] = threshold_hints(s, y) if s else {"accept_threshold": None, "intervene_threshold": None}
     hints["note"] = ("from held-out tool-call candidates scored by the head: accept is the lowest score above "
                      "which >= 90% were valid; intervene maximises TPR-FPR, at most accept")
     return hints

@@ -43,6 +43,8 @@ class BertConfig:
 
 
 class Embeddings(nn.Module):
+    position_ids: torch.Tensor  # a buffer (register_buffer below)
+
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=0)
@@ -96,14 +98,26 @@ class DenseNorm(nn.Module):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
+class _Attention(nn.Module):
+    """A holder, so that parameter names are those of Hugging Face's checkpoints (attention.self.*)."""
+
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.self = SelfAttention(c)
+        self.output = DenseNorm(c.hidden_size, c)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+
+
 class Layer(nn.Module):
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
-        self.attention = nn.Module()
-        self.attention.self = SelfAttention(c)
-        self.attention.output = DenseNorm(c.hidden_size, c)
-        self.intermediate = nn.Module()
-        self.intermediate.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.attention = _Attention(c)
+        self.intermediate = _Intermediate(c)
         self.output = DenseNorm(c.intermediate_size, c)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

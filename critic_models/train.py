@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from critic_models import data
+from critic_models.data import RANKING_BCE_WEIGHT  # by name: the field `data` shadows the module in the config
 from critic_models.frozen import frozen_fit
 from critic_models.model import BertConfig, CrossEncoder, load_pretrained
 from critic_models.sequences import Encoded, collate, encode_group, loss_fn
@@ -59,7 +60,7 @@ class TrainConfig:
     head_epochs: int = 300  # full-batch passes when the encoder is frozen
     head_weight_decay: float = 1e-2
     int8_noise_weight: float = 100.0  # head fit: penalty on the logit variance int8 noise would cause
-    ranking_pointwise_weight: float = data.RANKING_BCE_WEIGHT  # > 0 only to measure why it is 0
+    ranking_pointwise_weight: float = RANKING_BCE_WEIGHT  # > 0 only to measure why it is 0
     folds: int = 0  # frozen encoder: also cross-validate the head recipe over all the data (0 = off)
     tiny: dict[str, Any] | None = field(default=None)  # a randomly initialised BertConfig (tests)
 
@@ -100,7 +101,8 @@ def parity_groups(val: list[data.Group], seed: int, limit: int = 64) -> list[dic
     as they are, and per conversation one turn's context with its reply and three other replies
     of the same conversation."""
     rng = random.Random(seed)
-    out, by_row = [], {}
+    out: list[dict[str, Any]] = []
+    by_row: dict[str, list[Any]] = {}
     for g in val:
         if len(g.examples) > 1:
             out.append({"messages": g.context, "candidates": [e.candidate for e in g.examples], "tools": g.tools})

@@ -6,15 +6,19 @@ import asyncio
 import gc
 import logging
 from contextlib import asynccontextmanager
+from typing import cast
 
+import httpcore
 from fastapi import FastAPI
 
-from service.api import admin, errors, health, metrics, openai, openapi
+from service import config_summary, installed_version
+from service.api import admin, errors, forward, health, metrics, openai, openapi
 from service.api import critic as critic_api
 from service.api import feedback as feedback_api
 from service.api.deps import Services
 from service.api.limits import BodySizeLimit
 from service.api.protocol import ChatCompletionRequest
+from service.api.requests import RequestContext
 from service.critic.base import Critic, CriticSlot
 from service.critic.registry import CriticActivator, load_critic
 from service.gate.pipeline import Gate
@@ -23,25 +27,33 @@ from service.settings import Settings
 from service.store.base import TurnSink
 from service.store.factory import make_sink
 from service.telemetry import critic_info, exposition
+from service.telemetry.tracing import Tracing
+from service.telemetry.tracing import from_environment as tracing_from_environment
 from service.upstream.client import UpstreamClient, make_http_clients
 
 log = logging.getLogger("turngate")
 
 
 def create_app(settings: Settings | None = None, *, critic: Critic | None = None,
-               sink: TurnSink | None = None) -> FastAPI:
-    """The ASGI app. `critic` and `sink` override what settings would build (tests, benchmarks)."""
+               sink: TurnSink | None = None, tracing: Tracing | None = None) -> FastAPI:
+    """The ASGI app. `critic`, `sink` and `tracing` override what settings and the environment
+    would build (tests, benchmarks)."""
     settings = settings or Settings()
+    tracing = tracing or tracing_from_environment()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        upstream = UpstreamClient(make_http_clients(settings.upstream_pool_shards))
-        critics = CriticSlot(critic or await asyncio.to_thread(load_critic, settings))
+        pools = make_http_clients(settings.upstream_pool_shards)
+        if tracing is not None:  # TracedPool offers the pool methods the client calls (stream, aclose)
+            pools = cast(list[httpcore.AsyncConnectionPool], [tracing.pool(p) for p in pools])
+        upstream = UpstreamClient(pools)
+        critics = CriticSlot(critic if critic is not None else await asyncio.to_thread(load_critic, settings))
         turn_sink = sink or make_sink(settings)
         await turn_sink.start()
-        gate = Gate(upstream, critics, turn_sink, settings.shadow_max_backlog)
+        gate = Gate(upstream, critics, turn_sink, settings.shadow_max_backlog, tracing)
         limiter = make_limiter(settings.redis_url, settings.rate_limit_per_minute, settings.redis_max_connections)
-        app.state.services = Services(settings, gate, critics, turn_sink, limiter)
+        app.state.services = Services(settings, gate, critics, turn_sink, limiter,
+                                      forward.Forwarder(upstream.pools))
         app.state.critic_labels = critic_info.publish(critics.current)
         app.state.critic_activator = CriticActivator(critics, settings, owns_current=critic is None,
                                                      labels=app.state.critic_labels)
@@ -50,8 +62,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         # ~80 ms every few seconds under load (bench/overhead.py p99).
         gc.collect()
         gc.freeze()
-        log.info("turngate ready: routes=%s critic=%s/%s on %s", [r.alias for r in settings.routes],
-                 critics.current.name, critics.current.version, critics.current.provider)
+        summary = config_summary.effective(settings, critics.current)
+        log.info("turngate ready: %s", config_summary.one_line(summary), extra={"config": summary})
         try:
             yield
         finally:
@@ -62,15 +74,18 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
             if limiter is not None:
                 await limiter.close()
             exposition.process_exit()
+            if tracing is not None:
+                await asyncio.to_thread(tracing.shutdown)  # flushes the last spans
 
-    app = FastAPI(title="turngate", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="turngate", version=installed_version(), lifespan=lifespan)
     errors.install(app)
-    app.include_router(openai.router)
-    app.include_router(feedback_api.router)
-    app.include_router(critic_api.router)
-    app.include_router(admin.router)
-    app.include_router(health.router)
-    app.include_router(metrics.router)
+    routers = [openai.router, forward.router, feedback_api.router, critic_api.router, admin.router, health.router,
+               metrics.router]
+    for router in routers:
+        app.include_router(router)
     openapi.install(app, [ChatCompletionRequest])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    # Outermost: the ids and the request count cover every answer, the body limit's 413 included.
+    paths = {getattr(route, "path", "{") for router in routers for route in router.routes}
+    app.add_middleware(RequestContext, paths={p for p in paths if "{" not in p}, tracing=tracing)
     return app

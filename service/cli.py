@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -12,32 +13,53 @@ app = typer.Typer(help="turngate: gate every turn of an LLM agent with a trained
                   no_args_is_help=True, add_completion=False)
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from service import installed_version
+
+        typer.echo(f"turngate {installed_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def options(debug: bool = typer.Option(False, "--debug", help="On failure, show the traceback instead of one "
-                                                               "line (also TURNGATE_DEBUG=1).")) -> None:
-    """Options for every command (read by cli_errors.run)."""
+                                                               "line (also TURNGATE_DEBUG=1)."),
+            version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                         help="Print turngate's version and exit.")) -> None:
+    """Options for every command (--debug is read by cli_errors.run)."""
 
 
 @app.command()
 def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
           port: int = typer.Option(8000, help="Port to listen on."),
           workers: int = typer.Option(1, help="Worker processes."),
-          log_level: str = typer.Option("info")) -> None:
+          log_level: str | None = typer.Option(None, help="debug|info|warning|error; default TURNGATE_LOG_LEVEL "
+                                                          "(info)."),
+          log_format: str | None = typer.Option(None, help="plain|json; default TURNGATE_LOG_FORMAT (plain).")) -> None:
     """Run the proxy on the settings from TURNGATE_* variables (embedded defaults otherwise)."""
+    import logging.config
+
     import uvicorn
 
     from service.preflight import check_before_serving
     from service.settings import Settings
+    from service.telemetry.logs import log_config
     from service.telemetry.multiproc import for_workers
 
-    # Settings, database, critic bundle and spool checked once here, before any worker starts.
-    for warning in check_before_serving(Settings()):
+    overrides: dict[str, Any] = {k: v for k, v in (("log_level", log_level), ("log_format", log_format))
+                                 if v is not None}
+    settings = Settings(**overrides)
+    # Settings, database, critic bundle and spool checked once here, before any worker starts (and
+    # before logging is set up: a refusal is the one line cli_errors prints, not log lines around it).
+    for warning in check_before_serving(settings):
         typer.echo(f"turngate: warning: {warning}", err=True)
+    logging_config = log_config(settings.log_level, settings.log_format)
+    logging.config.dictConfig(logging_config)
 
     # Several workers: metrics go through files in a shared directory, set up before they start.
     with for_workers(workers):
         uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level)
+                    log_config=logging_config, log_level=settings.log_level)
 
 
 @app.command()
@@ -61,7 +83,7 @@ def replay(files: list[Path] = typer.Argument(..., help="Trajectory JSONL files.
     from service.gate import replay as rp
     from service.settings import Settings
 
-    settings = Settings(**({"critic": str(critic)} if critic else {}))
+    settings = Settings(critic=str(critic)) if critic else Settings()
     scorer = load_critic(settings)
     rows = rp.load_rows(files)
     turns = asyncio.run(rp.score_turns(rows, scorer))
@@ -69,14 +91,15 @@ def replay(files: list[Path] = typer.Argument(..., help="Trajectory JSONL files.
     typer.echo(f"critic: {scorer.name} {scorer.version} on {scorer.provider}")
     typer.echo(rp.format_table(table, turns))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({"critic": [scorer.name, scorer.version], "rows": table}, indent=2))
+    (out / "report.json").write_text(json.dumps({"critic": [scorer.name, scorer.version], "rows": table,
+                                                 "unlabelled": rp.unlabelled(turns)}, indent=2))
     if rp.plot(table, out / "curve.png"):
         typer.echo(f"wrote {out / 'report.json'} and {out / 'curve.png'}")
     else:
         typer.echo(f"wrote {out / 'report.json'} (no PNG: matplotlib comes with the `train` extra)")
 
 
-from service import cli_critic, cli_errors, cli_store  # sub-commands, after the root app exists
+from service import cli_critic, cli_errors, cli_store  # noqa: E402 - sub-commands, after the root app exists
 
 app.add_typer(cli_critic.app, name="critic")
 cli_store.register(app)

@@ -123,19 +123,22 @@ def evaluate(bundle: Path = typer.Argument(..., help="Critic bundle folder."),
              split: str = typer.Option("val", help="val (held-out tasks/prompts/questions) | train | all."),
              draws: int = typer.Option(10, help="Groups drawn per tool-call question."),
              set_size: int = typer.Option(4, help="Candidates per drawn tool-call group (the gate's N)."),
-             record: bool = typer.Option(False, help="Write the figures and threshold hints into critic.json.")) -> None:
+             record: bool = typer.Option(False, help="Write the figures and threshold hints into critic.json."),
+             ) -> None:
     """Does rank mode pay? The bundle, as served, against the first candidate, a majority vote, the
     longest reply, random and the oracle, with bootstrap 95% intervals; and AUCs per source."""
     from critic_models.evaluate import format_table, run
 
     result = run(bundle, data, out, split, record, draws, set_size)
     typer.echo(format_table(result))
-    typer.echo(f"\nwrote {out / 'eval.json'}, {out / 'picks.json'}, {out / 'picks.png'} and {out / 'calibration.png'}")
+    typer.echo(f"\nwrote {out / 'eval.json'}, {out / 'picks.json'}, {out / 'picks.png'} and "
+               f"{out / 'calibration.png'}")
 
 
 @app.command()
 def score(file: Path = typer.Argument(..., help="Score requests: one JSON object, a JSON list of them, or JSONL "
-                                                  "({\"messages\", \"candidates\", \"tools\"?} as POST /v1/critic/score)."),
+                                                  "({\"messages\", \"candidates\", \"tools\"?} as POST "
+                                                  "/v1/critic/score)."),
           bundle: Path | None = typer.Option(None, "--bundle", help="Critic bundle; default: the configured "
                                                                      "(TURNGATE_CRITIC) or shipped one.")) -> None:
     """Score candidate replies with a critic bundle; prints one JSON line of scores per request."""
@@ -153,7 +156,7 @@ def score(file: Path = typer.Argument(..., help="Score requests: one JSON object
     for i, req in enumerate(requests):
         if not isinstance(req, dict) or not req.get("messages") or not req.get("candidates"):
             raise typer.BadParameter(f"request {i}: needs non-empty 'messages' and 'candidates'", param_hint="FILE")
-    critic = load_critic(Settings(**({"critic": str(bundle)} if bundle else {})))
+    critic = load_critic(Settings(critic=str(bundle)) if bundle else Settings())
     typer.echo(f"critic: {critic.name} {critic.version} on {critic.provider}", err=True)
 
     async def score_all() -> list[list[float]]:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 DB_WHERE = "--url or TURNGATE_DATABASE_URL"
 
 
-def one_line(text: str) -> str:
+def one_line(text: object) -> str:
     return re.sub(r"\s+", " ", str(text)).strip()
 
 

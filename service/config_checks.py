@@ -125,7 +125,7 @@ def secrets_in(values: Mapping[str, Any], name: Callable[[str, str], str]) -> li
     for field in ("database_url", "redis_url"):
         try:
             password = make_url(values[field]).password if isinstance(values.get(field), str) else None
-        except Exception:  # noqa: BLE001 - an unparsable URL is reported where it is used
+        except Exception:
             password = None
         if password is not None:
             add("the password in " + name(field, ""), password, False)

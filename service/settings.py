@@ -38,6 +38,8 @@ log = logging.getLogger("turngate.settings")
 Mode = Literal["passthrough", "rank", "shadow"]
 Sampling = Literal["fixed", "adaptive"]
 OnExhausted = Literal["best", "block", "error"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["plain", "json"]
 
 DEFAULT_BLOCK_MESSAGE = (
     "I'm not able to proceed with that safely right now. Let me hand this over to a human agent."
@@ -66,8 +68,8 @@ class GatePolicy(BaseModel):
     @model_validator(mode="after")
     def _thresholds_agree(self) -> GatePolicy:
         # Below intervene, above accept: adaptive sampling would stop at a candidate the gate then rejects.
-        if None not in (self.accept_threshold, self.intervene_threshold) and \
-                self.accept_threshold < self.intervene_threshold:
+        accept, intervene = self.accept_threshold, self.intervene_threshold
+        if accept is not None and intervene is not None and accept < intervene:
             raise ValueError(f"accept_threshold ({self.accept_threshold}) must not be below "
                              f"intervene_threshold ({self.intervene_threshold})")
         return self
@@ -103,6 +105,9 @@ class RouteSettings(BaseModel):
     @property
     def n(self) -> int:
         return 1 if self.mode == "passthrough" else self.candidates
+
+
+CATCH_ALL = "*"  # the alias of the route that serves every model name no other route has
 
 
 def env_name(field: str) -> str:
@@ -256,6 +261,8 @@ class Settings(BaseSettings):
     keepalive_interval_s: float = 5.0
     upstream_pool_shards: int = Field(16, ge=1, le=256)  # see service.upstream.client.make_http_clients
     shadow_max_backlog: int = Field(8, ge=0)  # shadow turns ranked in the background at once, per process
+    log_level: LogLevel = "info"  # `turngate serve`'s logs, uvicorn's included
+    log_format: LogFormat = "plain"  # plain lines, or one JSON object per line
 
     routes: list[RouteSettings] = Field(default_factory=list)
 
@@ -271,6 +278,11 @@ class Settings(BaseSettings):
 
         is_sqlite(v)  # raises, naming the schemes turngate takes
         return v
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -295,8 +307,23 @@ class Settings(BaseSettings):
         return {r.alias: r for r in self.routes}
 
     def route_for(self, model: str) -> RouteSettings | None:
-        """The route for a requested model name; a route aliased '*' catches every other name."""
-        return self.routes_by_alias.get(model) or self.routes_by_alias.get("*")
+        """The route for a requested model name; a route aliased '*' catches every other name.
+
+        The catch-all sends the upstream the name the client asked for, unless it names an
+        upstream_model itself; its alias (the metric label) stays '*' whatever the name.
+        """
+        route = self.routes_by_alias.get(model)
+        if route is not None:
+            return route
+        catch_all = self.routes_by_alias.get(CATCH_ALL)
+        if catch_all is None or catch_all.upstream_model:
+            return catch_all
+        return catch_all.model_copy(update={"upstream_model": model})
+
+    @property
+    def listed_models(self) -> list[str]:
+        """The model names /v1/models lists: every alias but the catch-all's."""
+        return [r.alias for r in self.routes if r.alias != CATCH_ALL]
 
 
 _SECRET_FIELDS = {"admin_key", "api_keys", "upstream_api_key", "database_url", "redis_url"}

@@ -10,6 +10,7 @@ The packages are in the `dev` extra; the tests skip where they are not installed
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import openai
 import pytest
@@ -24,7 +25,7 @@ USAGE = {"prompt_tokens": 300, "completion_tokens": 40, "total_tokens": 340,
          "prompt_tokens_details": {"cached_tokens": 128, "audio_tokens": 0},
          "completion_tokens_details": {"reasoning_tokens": 16, "audio_tokens": 0,
                                        "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
-ROUTES = [{"mode": "rank", "candidates": 2}, {"mode": "passthrough"}]
+ROUTES: list[dict[str, Any]] = [{"mode": "rank", "candidates": 2}, {"mode": "passthrough"}]
 
 
 def weather_agent_actor(body, attempt) -> Reply:

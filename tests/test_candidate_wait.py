@@ -10,6 +10,7 @@ import time
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from sqlalchemy import select
 
 from service.app import create_app
@@ -23,7 +24,7 @@ from tests.conftest import TableCritic
 from tests.test_metrics import delta, scrape
 from tests.test_store_support import db_url, make_pg_db, shared_pg_db  # noqa: F401 - fixtures
 
-USER = [{"role": "user", "content": "Where is my order?"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Where is my order?"}]
 
 
 def ask(url: str):

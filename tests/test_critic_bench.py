@@ -29,7 +29,8 @@ def test_bench_prints_latency_and_throughput_tables(tmp_path, capsys):
                        "--throughput-lengths", "32"])
     out = capsys.readouterr().out
     assert "tiny-critic 1" in out and "provider in use: CPUExecutionProvider" in out
-    cells = re.findall(r"^\| (\d+) \| (\d+)(?: \(bundle max_length\))? \| (\d+) \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| ([\d.-]+) \|", out,
+    cells = re.findall(r"^\| (\d+) \| (\d+)(?: \(bundle max_length\))? \| (\d+) \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| "
+                       r"[\d.]+ \| ([\d.-]+) \|", out,
                        re.MULTILINE)
     assert {(n, t) for n, t, *_ in cells} == {("1", "32"), ("3", "32"), ("1", "48"), ("3", "48"),
                                                ("1", "40"), ("3", "40")}  # + the bundle's own max_length

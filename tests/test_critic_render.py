@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ def tokenizer() -> tokenizers.Tokenizer:
 
 
 def _conversation(turns: int) -> list[dict]:
-    msgs = [{"role": "system", "content": "You are an airline agent. " * 40}]
+    msgs: list[dict[str, Any]] = [{"role": "system", "content": "You are an airline agent. " * 40}]
     for i in range(turns):
         msgs.append({"role": "user", "content": f"question number {i} about reservation alpha{i}"})
         msgs.append({"role": "assistant", "content": None, "tool_calls": [{

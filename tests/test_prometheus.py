@@ -79,7 +79,7 @@ def prometheus(tmp_path_factory) -> Iterator[tuple[str, str, dict]]:
             _wait(lambda: httpx.get(url + "/-/ready", timeout=2).status_code == 200, proc, tmp, "ready")
             _wait(lambda: _value(url, 'up{job="turngate"}') == 1, proc, tmp, "a first scrape",
                   lambda: f"{_targets(url)}\nturngate log:\n{(tmp / 'serve.log').read_text()[-2000:]}")
-            sent = {}
+            sent: dict[str, int] = {}
             for _ in range(3):  # traffic over a few scrapes, so rates have two samples to work with
                 for route, n in drive_traffic(turngate_url).items():
                     sent[route] = sent.get(route, 0) + n

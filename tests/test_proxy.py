@@ -91,7 +91,7 @@ def test_empty_and_truncated_candidates_are_vetoed(gateway, scripted):
 def test_streaming_replays_the_chosen_text(gateway, scripted):
     long_text = "word " * 60
     scripted.fn = lambda body, i: Reply([assistant(long_text if i == 1 else "short")])
-    with gateway(critic=TableCritic({"word": 0.8})) as (url, sink):
+    with gateway(critic=TableCritic({"word": 0.8})) as (url, _sink):
         stream = client(url).chat.completions.create(model="gpt-test", messages=USER, stream=True,
                                                      stream_options={"include_usage": True})
         chunks = list(stream)
@@ -166,7 +166,7 @@ def test_upstream_that_supports_n_gets_one_request(gateway, scripted, actor):
 
 def test_partial_upstream_failure_ranks_what_came_back(gateway, scripted):
     scripted.fn = lambda body, i: Reply(status=500) if i % 2 else Reply([assistant(f"ok {i}")])
-    with gateway() as (url, sink):
+    with gateway() as (url, _sink):
         raw = client(url).chat.completions.with_raw_response.create(model="gpt-test", messages=USER)
     assert raw.parse().choices[0].message.content.startswith("ok")
     assert raw.headers["x-turngate-candidates"] == "2"
@@ -181,9 +181,8 @@ def test_partial_upstream_failure_ranks_what_came_back(gateway, scripted):
 ])
 def test_upstream_failures_map_to_openai_errors(gateway, scripted, reply, status, error_cls, code):
     scripted.fn = lambda body, i: reply
-    with gateway() as (url, sink):
-        with pytest.raises(error_cls) as info:
-            client(url).chat.completions.create(model="gpt-test", messages=USER)
+    with gateway() as (url, sink), pytest.raises(error_cls) as info:
+        client(url).chat.completions.create(model="gpt-test", messages=USER)
     err = info.value
     assert err.status_code == status
     assert err.body["message"]  # the envelope: {"error": {"message", "type", "param", "code"}}
@@ -221,7 +220,7 @@ def test_client_disconnect_cancels_upstream_calls(gateway, scripted, actor):
 
 def test_passthrough_makes_one_call_and_does_not_score(gateway, scripted, actor):
     critic = TableCritic({})
-    with gateway(critic=critic, mode="passthrough") as (url, sink):
+    with gateway(critic=critic, mode="passthrough") as (url, _sink):
         raw = client(url).chat.completions.with_raw_response.create(model="gpt-test", messages=USER)
     assert raw.headers["x-turngate-decision"] == "passthrough"
     assert "x-turngate-score" not in raw.headers
@@ -248,7 +247,7 @@ def test_shadow_returns_candidate_zero_and_scores_all(gateway, scripted):
     ({"model": "gpt-test"}, "messages"),
     ({"model": "gpt-test", "messages": []}, "messages"),
     ({"model": "gpt-test", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ({"model": "gpt-test", "messages": USER, "n": 3}, "n"),
+    ({"model": "gpt-test", "messages": USER, "n": 5}, "n"),  # more than the route's 4 candidates
     ({"model": "gpt-test", "messages": USER, "tools": [{"type": "function", "function": {}}]},
      "tools[0].function.name"),
 ])
@@ -294,7 +293,7 @@ def test_models_and_health(gateway):
 
 
 def test_unreachable_upstream_is_502(gateway):
-    with gateway(upstream_base_url="http://127.0.0.1:1/v1") as (url, sink):
-        with pytest.raises(openai.InternalServerError) as info:
-            client(url).chat.completions.create(model="gpt-test", messages=USER)
+    with gateway(upstream_base_url="http://127.0.0.1:1/v1") as (url, _sink), \
+            pytest.raises(openai.InternalServerError) as info:
+        client(url).chat.completions.create(model="gpt-test", messages=USER)
     assert info.value.status_code == 502 and info.value.code == "upstream_connect"

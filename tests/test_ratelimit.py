@@ -11,13 +11,14 @@ import httpx
 import openai
 import pytest
 import redis
+from openai.types.chat import ChatCompletionMessageParam
 
 from service.app import create_app
 from service.demo.fake_actor import serve_in_thread
 from service.settings import RouteSettings, Settings
 from tests.test_metrics import delta, scrape
 
-USER = [{"role": "user", "content": "hi"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def ask(url: str, key: str):
@@ -96,3 +97,25 @@ def test_a_redis_outage_logs_one_warning_per_interval_and_counts_every_error(act
     warnings = [r for r in caplog.records if r.name == "service.limits.ratelimit"]
     assert len(warnings) == 1 and "redis" in warnings[0].getMessage().lower()
     assert delta(before, after, "turngate_redis_errors_total", op="ratelimit") == 20
+
+
+async def test_a_connection_redis_closed_is_retried_not_counted_as_an_outage():
+    """Redis closing a pooled connection (a restart, an idle timeout) costs one retry, not a request
+    let through unchecked."""
+    from prometheus_client import REGISTRY
+
+    from service.limits.ratelimit import RedisLimiter
+
+    limiter = RedisLimiter("redis://127.0.0.1:6379/0", per_minute=2, prefix=f"turngate:test:{uuid.uuid4().hex}",
+                           max_connections=1)
+    admin = redis.Redis(host="127.0.0.1", port=6379)
+    errors = REGISTRY.get_sample_value("turngate_redis_errors_total", {"op": "ratelimit"}) or 0.0
+    try:
+        assert (await limiter.hit("k")).allowed
+        admin.execute_command("CLIENT", "KILL", "ID", await limiter.redis.client_id())  # the pool's one connection
+        verdicts = [await limiter.hit("k") for _ in range(2)]
+        assert [v.allowed for v in verdicts] == [True, False]  # counted: the third request is over the budget
+        assert (REGISTRY.get_sample_value("turngate_redis_errors_total", {"op": "ratelimit"}) or 0.0) == errors
+    finally:
+        admin.close()
+        await limiter.close()

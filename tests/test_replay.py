@@ -55,3 +55,32 @@ def test_cli_writes_report_and_curve(tmp_path):
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert [r["threshold"] for r in report["rows"]] == [0.3, 0.6]
     assert (tmp_path / "rep" / "curve.png").stat().st_size > 1000
+
+
+async def test_conversations_without_an_outcome_are_left_out_of_the_outcome_rates():
+    """What `turngate export` writes before any feedback: `reward: null`. Not a failure."""
+    unlabelled = conv("pending", None, [call("cancel_reservation", {"reservation_id": "RESA"})], GOLD)
+    del unlabelled["reward"]
+    done = {"role": "assistant", "content": "Done: RESA is cancelled."}
+    rows = [*ROWS, conv("pending-null", None, [done], GOLD), unlabelled]
+    critic = TableCritic({"RESB": 0.1, "RESA": 0.9, "confirm": 0.6})
+    turns = await replay.score_turns(rows, critic)
+    rows_at = {r["threshold"]: r for r in replay.report(turns, [0.5, 0.7])}
+    # The same rates as without the two unlabelled conversations (their turns score 0.9: never flagged).
+    assert rows_at[0.5]["flag_rate_failed"] == 0.5 and rows_at[0.5]["flag_rate_solved"] == 0.0
+    assert rows_at[0.7]["conversations_flagged_failed"] == 1.0
+    assert rows_at[0.7]["conversations_flagged_solved"] == 1.0
+    assert rows_at[0.7]["turns_flagged"] == 3  # all turns still count where outcomes do not matter
+    assert rows_at[0.5]["write_recall"] == 1.0 and rows_at[0.5]["write_precision"] == 1.0
+    head = replay.format_table(replay.report(turns, [0.5]), turns).splitlines()[0]
+    assert "2 conversations (2 turns) without an outcome, left out of the outcome rates" in head
+
+
+def test_cli_says_how_many_it_left_out(tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [*ROWS, conv("new", None, [call("x", {})], GOLD)]))
+    result = CliRunner().invoke(app, ["replay", str(data), "--out", str(tmp_path / "rep"), "--thresholds", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "1 conversation (1 turn) without an outcome, left out of the outcome rates" in result.output
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["unlabelled"] == {"conversations": 1, "turns": 1}

@@ -7,13 +7,14 @@ import asyncio
 import time
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from service.demo.fake_actor import Reply, assistant
 from tests.conftest import TableCritic
 from tests.test_metrics import delta, scrape
 from tests.test_metrics_serve import total
 
-USER = [{"role": "user", "content": "Refund order 7."}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Refund order 7."}]
 
 
 class SlowCritic(TableCritic):

@@ -27,7 +27,7 @@ def _terminate(name: str) -> None:
 def _stored(url: str, ids: list[str]) -> tuple[int, int, set[str]]:
     with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT id FROM turns WHERE id = ANY(%s)", (ids,)).fetchall()
-        cands = conn.execute("SELECT count(*) FROM candidates WHERE turn_id = ANY(%s)", (ids,)).fetchone()[0]
+        (cands,) = conn.execute("SELECT count(*) FROM candidates WHERE turn_id = ANY(%s)", (ids,)).fetchone() or (0,)
     return len(rows), cands, {r[0] for r in rows}
 
 
@@ -99,7 +99,8 @@ def test_embedded_sqlite_store_migrates_itself_and_records_turns(actor, tmp_path
             model="gpt-test", messages=[{"role": "user", "content": "hello"}],
             extra_headers={"x-turngate-conversation-id": "embedded-1"})
         turn_id = raw.headers["x-turngate-turn-id"]
-        fb = httpx.post(base + "/v1/feedback", json={"turn_id": turn_id, "reward": 1}, headers={"authorization": "Bearer k"})
+        fb = httpx.post(base + "/v1/feedback", json={"turn_id": turn_id, "reward": 1},
+                        headers={"authorization": "Bearer k"})
         assert fb.status_code == 200, fb.text
     # The app has shut down: the queue was drained into the file.
     with sqlite3.connect(db) as conn:

@@ -17,7 +17,7 @@ from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  #
 
 async def _rows(sink: StoreSink, sql: str, **params) -> list:
     async with sink.engine.connect() as conn:
-        return (await conn.execute(text(sql), params)).all()
+        return list((await conn.execute(text(sql), params)).all())
 
 
 def _journaled(spool) -> list[dict]:
@@ -26,6 +26,7 @@ def _journaled(spool) -> list[dict]:
 
 def _die(sink: StoreSink) -> None:
     """What the kernel does to a killed process's files: closed (locks released), nothing retired."""
+    assert sink._task is not None and sink._syncer is not None, "a started sink"
     sink._task.cancel()
     sink._syncer.cancel()
     sink.spool.release_all()

@@ -71,7 +71,8 @@ async def test_live_turns_export_with_candidates_scores_and_latest_reward(db_url
     assert await sink.flush()
     from service.store.feedback import FeedbackIn, record_feedback
     for reward in (0.2, 0.9):  # the latest wins
-        await record_feedback(sink, FeedbackIn(second.turn_id, None, reward, "solved", None, "api", None, "k1"))  # record()'s key
+        # key k1: record()'s
+        await record_feedback(sink, FeedbackIn(second.turn_id, None, reward, "solved", None, "api", None, "k1"))
     await sink.stop()
 
     lines = _export(db_url, route="gpt-test")

@@ -18,7 +18,7 @@ from service.store.sink import StoreSink
 from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
 
 # The shared trajectories (never copied into the repo): $TURNGATE_TRAJECTORIES, else shared/ beside
-# the checkout (/work/shared next to /work/main).
+# the checkout (../shared beside the clone).
 TRAJECTORIES = Path(os.environ.get("TURNGATE_TRAJECTORIES")
                     or Path(__file__).resolve().parents[2] / "shared" / "data" / "trajectories")
 needs_trajectories = pytest.mark.skipif(not TRAJECTORIES.is_dir(),
@@ -38,7 +38,7 @@ def as_turns(traj: dict, **hint) -> list:
 
 async def _rows(sink: StoreSink, sql: str, **params) -> list:
     async with sink.engine.connect() as conn:
-        return (await conn.execute(text(sql), params)).all()
+        return list((await conn.execute(text(sql), params)).all())
 
 
 @needs_trajectories

@@ -6,6 +6,7 @@ client polls /healthz; the gateway must keep answering it fast and settle the tu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -13,16 +14,18 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from service.demo.fake_actor import Reply, assistant
 from tests.conftest import TableCritic
 from tests.test_metrics import delta, scrape
 
-USER = [{"role": "user", "content": "Look it up."}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Look it up."}]
 HEALTHZ_LIMIT_S = 0.1
 
 
@@ -39,10 +42,11 @@ def calls_lookup(*values: str):
 class Turn(threading.Thread):
     """One chat turn on its own thread, so the test can poll /healthz meanwhile."""
 
-    def __init__(self, url: str, tools: list[dict]) -> None:
+    def __init__(self, url: str, tools: list[Any]) -> None:
         super().__init__(daemon=True)
-        self.url, self.tools = url, tools
-        self.reply = self.error = None
+        self.url, self.tools = url, tools  # hostile schemas: not openai's typed params
+        self.reply: Any = None
+        self.error: Exception | None = None
         self.seconds = 0.0
 
     def run(self) -> None:
@@ -51,7 +55,7 @@ class Turn(threading.Thread):
         try:
             self.reply = client.chat.completions.with_raw_response.create(
                 model="gpt-test", messages=USER, tools=self.tools)
-        except Exception as e:  # noqa: BLE001 - reported by the test
+        except Exception as e:
             self.error = e
         self.seconds = time.perf_counter() - started
 
@@ -99,10 +103,8 @@ def tarpit() -> Iterator[tuple[str, list[socket.socket]]]:
 
     def accept() -> None:
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 accepted.append(server.accept()[0])
-            except TimeoutError:
-                pass
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()

@@ -48,7 +48,8 @@ def start(gateway, mode: str, **route):
 
 
 def ask(url: str, stream: bool, **kw):
-    return client(url).chat.completions.with_raw_response.create(
+    # stream is a bool here, not a literal: no overload of the SDK's create() matches that statically
+    return client(url).chat.completions.with_raw_response.create(  # type: ignore[call-overload]
         model="gpt-test", messages=USER, logprobs=True, top_logprobs=2, stream=stream,
         **({"stream_options": {"include_usage": True}} if stream else {}), **kw)
 
@@ -228,9 +229,9 @@ def custom_call(sql: str) -> dict:
 
 def test_custom_tools_are_forwarded_and_their_calls_gated(gateway, scripted, actor):
     history = USER + [custom_call("select 1"), {"role": "tool", "tool_call_id": "call_sql", "content": "1"}]
+    unknown = {"id": "c", "type": "custom", "custom": {"name": "drop_db", "input": ""}}
     scripted.fn = lambda body, i: Reply([custom_call(f"select {i}")] if i % 2 else
-                                        [{"role": "assistant", "content": None, "tool_calls": [
-                                            {"id": "c", "type": "custom", "custom": {"name": "drop_db", "input": ""}}]}])
+                                        [{"role": "assistant", "content": None, "tool_calls": [unknown]}])
     with gateway(critic=TableCritic({"select 3": 0.9})) as (url, sink):
         reply = client(url).chat.completions.create(
             model="gpt-test", messages=history, tools=[CUSTOM_TOOL, FUNCTION_TOOL],

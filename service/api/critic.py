@@ -7,6 +7,7 @@ scores with the same critic, micro-batched with live turns.
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field, field_validator
@@ -58,8 +59,9 @@ class ScoreResponse(BaseModel):
 async def score(body: ScoreRequest, services: ServicesDep, _: ClientKeyDep) -> ScoreResponse:
     """The candidates of one call are one group: agreement features see them all."""
     critic = services.critics.current  # one critic for the whole request, even across a swap
-    # The messages are the client's dicts as validated (TypedDicts): scored as sent.
-    messages, candidates, tools = body.messages, body.candidates, body.tools
+    # The messages are the client's dicts as validated (TypedDicts, plain dicts at run time): scored as sent.
+    messages, candidates = cast(list[dict[str, Any]], body.messages), cast(list[dict[str, Any]], body.candidates)
+    tools = cast(list[dict[str, Any]] | None, body.tools)
     found = await assess(critic, messages, candidates, tools)
     reasons = await asyncio.to_thread(explain, messages, candidates, tools)
     return ScoreResponse(

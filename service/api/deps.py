@@ -23,6 +23,7 @@ class Services:
     critics: CriticSlot
     sink: TurnSink
     limiter: Any = None  # service.limits.ratelimit.*Limiter, None when unlimited
+    forwarder: Any = None  # service.api.forward.Forwarder: the endpoints passed to the upstream ungated
 
 
 # Dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency on

@@ -88,6 +88,20 @@ def from_rejection(exc: TurnRejected) -> APIError:
                     headers={"x-turngate-turn-id": exc.record.turn_id, "x-turngate-decision": "rejected"})
 
 
+def from_http(request: Request, exc: HTTPException) -> APIError:
+    """Starlette's own refusals (no route for the path, a method the path does not take, a body
+    service.api.jsonroute could not parse) in the envelope, each with a code a client can test."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        return APIError(404, f"Unknown request URL: {where}. turngate serves the OpenAI API under /v1 "
+                             "(chat/completions, completions, embeddings, responses, models).", code="unknown_url")
+    if exc.status_code == 405:
+        return APIError(405, f"Method not allowed: {where}.", code="method_not_allowed",
+                        headers=dict(exc.headers or {}))
+    return APIError(exc.status_code, str(exc.detail), code="invalid_json" if exc.status_code == 400 else None,
+                    headers=dict(exc.headers or {}))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api(_: Request, exc: APIError):
@@ -106,9 +120,8 @@ def install(app: FastAPI) -> None:
         return from_rejection(exc).response()
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException):
-        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type_).response()
+    async def _http(request: Request, exc: HTTPException):
+        return from_http(request, exc).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

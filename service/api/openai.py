@@ -1,14 +1,14 @@
-"""POST /v1/chat/completions and GET /v1/models."""
+"""POST /v1/chat/completions, GET /v1/models and GET /v1/models/{id}."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
@@ -19,8 +19,10 @@ from service.api.deps import ClientKeyDep, LimitedKeyDep, ServicesDep
 from service.api.errors import APIError, from_validation
 from service.api.jsonroute import parse_error_message
 from service.api.protocol import ChatCompletionRequest, ErrorBody, may_refer
-from service.gate.pipeline import Relay, TurnRequest
+from service.api.requests import note_route, note_turn
+from service.gate.pipeline import Relay, TurnRequest, TurnResult
 from service.gate.record import ConversationHint, new_turn_id
+from service.settings import RouteSettings
 
 router = APIRouter()
 
@@ -29,14 +31,6 @@ CONVERSATION_HEADER = "x-turngate-conversation-id"
 
 class ClientGone(Exception):
     pass
-
-
-@router.get("/v1/models")
-async def list_models(services: ServicesDep, _: ClientKeyDep) -> dict:
-    created = int(time.time())
-    return {"object": "list", "data": [
-        {"id": r.alias, "object": "model", "created": created, "owned_by": "turngate"}
-        for r in services.settings.routes]}
 
 
 # The body is declared for the OpenAPI document (service.api.openapi adds the models) but read raw:
@@ -53,6 +47,31 @@ _PARSE_OFF_LOOP_BYTES = 256 * 1024
 _PARSE_OFF_LOOP_BYTES_WITH_REFS = 8 * 1024
 
 
+def _model(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "turngate"}
+
+
+@router.get("/v1/models")
+async def list_models(services: ServicesDep, _: ClientKeyDep) -> dict:
+    """The route aliases; a catch-all route ('*') serves any other name but lists none."""
+    created = int(time.time())
+    return {"object": "list", "data": [_model(alias, created) for alias in services.settings.listed_models]}
+
+
+@router.get("/v1/models/{model_id:path}", responses={404: _ERRORS[404]})
+async def retrieve_model(model_id: Annotated[str, Path(max_length=256)], services: ServicesDep,
+                         _: ClientKeyDep) -> dict:
+    """One model by name: any alias, or any name when a catch-all route is configured."""
+    if services.settings.route_for(model_id) is None:
+        raise _unknown_model(model_id)
+    return _model(model_id, int(time.time()))
+
+
+def _unknown_model(name: str) -> APIError:
+    return APIError(404, f"The model {name!r} does not exist on this gateway.", code="model_not_found",
+                    param="model")
+
+
 @router.post("/v1/chat/completions", openapi_extra=_REQUEST_BODY, responses=_ERRORS)
 async def chat_completions(request: Request, services: ServicesDep, key: LimitedKeyDep) -> Response:
     """An OpenAI Chat Completions request, gated; unknown fields pass through to the upstream unchanged."""
@@ -63,13 +82,15 @@ async def chat_completions(request: Request, services: ServicesDep, key: Limited
     payload = await asyncio.to_thread(_parse, raw, refs) if off_loop else _parse(raw, refs)
     route = services.settings.route_for(payload["model"])
     if route is None:
-        raise APIError(404, f"The model {payload['model']!r} does not exist on this gateway.",
-                       code="model_not_found", param="model")
+        raise _unknown_model(payload["model"])
+    note_route(request, route.alias)
+    _check_n(payload, route)
     turn = TurnRequest(
         turn_id=new_turn_id(), route=route, body=payload, client_key=key.key,
         conversation=ConversationHint(header_id=request.headers.get(CONVERSATION_HEADER),
                                       user=payload.get("user"), metadata=payload.get("metadata"),
                                       key_id=key.key_id))
+    note_turn(request, turn.turn_id)
     logprobs = bool(payload.get("logprobs"))
     keepalive_s = services.settings.keepalive_interval_s
     if payload.get("stream") and route.mode == "passthrough":
@@ -84,12 +105,36 @@ async def chat_completions(request: Request, services: ServicesDep, key: Limited
         except ClientGone:
             return Response(status_code=499)
         result = task.result()
-        return JSONResponse(replies.completion_body(result, route.alias, logprobs),
-                            headers=replies.decision_headers(result))
+        return JSONResponse(_with_choices(result, route.alias, logprobs), headers=replies.decision_headers(result))
     include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
     return await _stream(request, task, turn, keepalive_s,
                          lambda result: (replies.decision_headers(result), _iter(replies.replay_chunks(
                              replies.completion_body(result, route.alias, logprobs), include_usage))))
+
+
+def _check_n(payload: dict[str, Any], route: RouteSettings) -> None:
+    """`n` choices: passthrough forwards any n (and streams them as the upstream sends them); a gated
+    route returns its best n candidates, so n cannot exceed the candidates it samples. A gated
+    stream replays one reply: n > 1 there is refused."""
+    n = payload.get("n") or 1
+    if n == 1:
+        return
+    if route.mode != "passthrough" and n > route.candidates:
+        raise APIError(400, f"n={n} is more than the {route.candidates} candidates this model's route samples; "
+                            f"ask for at most {route.candidates}.", code="invalid_value", param="n")
+    if payload.get("stream") and route.mode != "passthrough":
+        raise APIError(400, "n > 1 cannot be streamed through this gateway; ask without stream for several "
+                            "choices.", code="invalid_value", param="n")
+
+
+def _with_choices(result: TurnResult, alias: str, logprobs: bool) -> dict[str, Any]:
+    """The reply body with every choice of the turn (`n`), each built as the chosen one is."""
+    body = replies.completion_body(result, alias, logprobs)
+    if len(result.choices) > 1:
+        body["choices"] = [{**replies.completion_body(TurnResult(result.record, c), alias, logprobs)["choices"][0],
+                            "index": i}
+                           for i, c in enumerate(result.choices)]
+    return body
 
 
 def _parse(raw: bytes, refs: bool = True) -> dict:
@@ -133,7 +178,7 @@ async def _until_done(request: Request, task: asyncio.Task, timeout: float | Non
 
 
 async def _stream(request: Request, task: asyncio.Task, turn: TurnRequest, keepalive_s: float,
-                  respond: Callable[[Any], tuple[dict[str, str], AsyncIterator[bytes]]]) -> Response:
+                  respond: Callable[[Any], tuple[dict[str, str], AsyncGenerator[bytes, None]]]) -> Response:
     """SSE. `task` yields what `respond` turns into headers and chunks: a gated turn's result, whose
     chosen reply is replayed (ranking needs whole candidates), or a passthrough Relay, whose
     upstream stream is relayed as it comes.
@@ -152,7 +197,7 @@ async def _stream(request: Request, task: asyncio.Task, turn: TurnRequest, keepa
         return StreamingResponse(_ending_in_errors(chunks), media_type="text/event-stream", headers=headers,
                                  background=BackgroundTask(_close_unread, task))
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=keepalive_s)
@@ -172,13 +217,13 @@ async def _stream(request: Request, task: asyncio.Task, turn: TurnRequest, keepa
                              background=BackgroundTask(_close_unread, task))
 
 
-async def _ending_in_errors(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _ending_in_errors(chunks: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
     """The chunks; a failure among them ends the stream with an error event (replies.error_event)."""
     try:
         async with aclosing(chunks):
             async for chunk in chunks:
                 yield chunk
-    except Exception as e:  # noqa: BLE001 - the status line is gone: the event is all a client can read
+    except Exception as e:
         yield replies.error_event(e)
 
 
@@ -188,6 +233,6 @@ async def _close_unread(task: asyncio.Task) -> None:
         await task.result().aclose()
 
 
-async def _iter(chunks) -> AsyncIterator[bytes]:
+async def _iter(chunks) -> AsyncGenerator[bytes, None]:
     for chunk in chunks:
         yield chunk

@@ -135,7 +135,9 @@ class ChatCompletionRequest(_Open):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=1, description="turngate returns one gated reply")
+    n: int | None = Field(None, ge=1, description="Choices: passthrough forwards n; a gated route returns its best "
+                                                  "n candidates (n at most the route's candidates; fewer when fewer "
+                                                  "pass)")
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 from service.api.errors import APIError, from_rejection, from_upstream
@@ -58,7 +58,8 @@ def decision_headers(result: TurnResult) -> dict[str, str]:
         "x-turngate-rounds": str(record.rounds),
         # Standard Server-Timing: lets clients and benchmarks split the latency per request.
         "server-timing": f"upstream;dur={record.latency_upstream_ms or 0:.3f}, "
-                         f"critic;dur={record.latency_critic_ms or 0:.3f}, total;dur={record.latency_total_ms or 0:.3f}",
+                         f"critic;dur={record.latency_critic_ms or 0:.3f}, "
+                         f"total;dur={record.latency_total_ms or 0:.3f}",
     }
     if chosen.record.score is not None:
         headers["x-turngate-score"] = f"{chosen.record.score:.4f}"
@@ -81,7 +82,7 @@ def as_comment(headers: dict[str, str]) -> bytes:
     return (": " + " ".join(f"{k}={v}" for k, v in headers.items()) + "\n\n").encode()
 
 
-async def relayed(events: AsyncIterator[Event], include_usage: bool, logprobs: bool) -> AsyncIterator[bytes]:
+async def relayed(events: AsyncIterator[Event], include_usage: bool, logprobs: bool) -> AsyncGenerator[bytes, None]:
     """A passthrough stream's events as the upstream wrote them, less what turngate asked for and
     the client did not: the usage chunk (turngate always asks, to count tokens) and the logprobs a
     route keeps."""
@@ -159,10 +160,11 @@ def replay_chunks(body: dict[str, Any], include_usage: bool) -> Iterator[bytes]:
 def _content_pieces(content: str, entries: Any) -> list[tuple[str, list | None]]:
     """Content in deltas of about _CONTENT_PIECE characters, each with the logprobs of its tokens.
     Cut along the tokens where they spell the content; otherwise all logprobs go with the first."""
+    pieces: list[tuple[str, list | None]] = []
     if isinstance(entries, list) and entries and all(isinstance(e, dict) and isinstance(e.get("token"), str)
                                                      for e in entries) \
             and "".join(e["token"] for e in entries) == content:
-        pieces, text, group = [], "", []
+        text, group = "", []
         for e in entries:
             text += e["token"]
             group.append(e)
@@ -172,7 +174,7 @@ def _content_pieces(content: str, entries: Any) -> list[tuple[str, list | None]]
         if group:
             pieces.append((text, group))
         return pieces
-    pieces = [(content[i:i + _CONTENT_PIECE], None) for i in range(0, len(content), _CONTENT_PIECE)]
+    pieces += [(content[i:i + _CONTENT_PIECE], None) for i in range(0, len(content), _CONTENT_PIECE)]
     if pieces and isinstance(entries, list) and entries:
         pieces[0] = (pieces[0][0], entries)
     return pieces

@@ -18,6 +18,7 @@ workers are busy, turns accumulate into the next batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import Callable
@@ -145,6 +146,7 @@ class MicroBatcher:
             except BaseException:
                 state.slots.release()
                 raise
+            assert first is not None  # without a timeout _next waits for a job
             batch, rows, width = [first], first.rows, first.width
             deadline = first.queued_at + self.max_wait_s
             while self.fits(rows + 1, width):
@@ -173,7 +175,7 @@ class MicroBatcher:
                 if not job.future.done():
                     job.future.set_result(scores[at:at + job.rows])
                 at += job.rows
-        except Exception as e:  # noqa: BLE001 - every turn of the batch hears about it
+        except Exception as e:
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(e)
@@ -185,10 +187,8 @@ class MicroBatcher:
         self._closed = True
         for state in list(self._states.values()):
             if state.collector is not None and not state.collector.done():
-                try:
+                with contextlib.suppress(RuntimeError):  # that loop is already closed
                     state.collector.get_loop().call_soon_threadsafe(state.collector.cancel)
-                except RuntimeError:  # that loop is already closed
-                    pass
 
 
 def merge(feeds: list[Feed], pad: dict[str, int]) -> Feed:

@@ -3,9 +3,10 @@
 A bundle is ``model.onnx``, ``tokenizer.json`` and ``critic.json``; a bundle of format 2
 (``bundle_format`` in the manifest) also holds ``head.json``, the feature head that combines the
 encoder's logit with the turn features (service.critic.head). Format-1 bundles (no
-``bundle_format``) score with the encoder alone. ``read_bundle`` checks the files and the manifest; ``check_model_io`` checks an onnxruntime session's inputs and outputs
-against the contract. Both raise ``BundleError`` with a message that names the bundle and says
-what to fix, because the usual reader is an operator who just pointed turngate at a folder.
+``bundle_format``) score with the encoder alone. ``read_bundle`` checks the files and the manifest;
+``check_model_io`` checks an onnxruntime session's inputs and outputs against the contract. Both
+raise ``BundleError`` with a message that names the bundle and says what to fix, because the usual
+reader is an operator who just pointed turngate at a folder.
 """
 
 from __future__ import annotations

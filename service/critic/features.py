@@ -212,7 +212,8 @@ class History:
 
 
 def history(messages: list[Message]) -> History:
-    since_user, made, last_calls = True, set(), []
+    since_user, last_calls = True, []
+    made: set[tuple] = set()
     failed: set[tuple] = set()
     for m in messages:
         role = m.get("role")

@@ -106,7 +106,8 @@ def parse(data: Any, where: str = HEAD_FILE) -> Head:
             raise HeadError(f"{where}: head {kind!r}: mean/scale/weights must be finite, one per feature")
         if any(s <= 0 for s in vecs[1]):
             raise HeadError(f"{where}: head {kind!r}: every scale must be positive")
-        heads[kind] = Linear(names, *vecs, bias=bias)
+        mean, scale, weights = vecs
+        heads[kind] = Linear(names, mean, scale, weights, bias)
     meta = {k: v for k, v in data.items() if k not in ("format", "features_version", "heads")}
     return Head(heads, data["features_version"], meta)
 

@@ -37,7 +37,7 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 CPU_RUN_TOKENS = 2048
 _SMOKE_MESSAGES = [{"role": "system", "content": "You are a helpful agent."},
                    {"role": "user", "content": "Please check the status of order 1234."}]
-_SMOKE_CANDIDATES = [{"role": "assistant", "content": "Order 1234 shipped yesterday."},
+_SMOKE_CANDIDATES: list[dict[str, Any]] = [{"role": "assistant", "content": "Order 1234 shipped yesterday."},
                      {"role": "assistant", "tool_calls": [{"type": "function", "function": {
                          "name": "get_order", "arguments": "{\"order_id\": \"1234\"}"}}]}]
 

@@ -47,7 +47,8 @@ def tool_defs(rows: list[dict]) -> list[dict]:
 
 
 def main(path: str) -> None:
-    rows = [json.loads(line) for line in open(path)]
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
     tools = tool_defs(rows)
     by_task = defaultdict(list)
     for r in rows:
@@ -57,10 +58,10 @@ def main(path: str) -> None:
             trials = by_task[task]
             good = next(t for t in trials if t["reward"] == 1.0)
             at = first_write(good["messages"])
-            candidates = []
+            candidates: list[dict] = []
             for t in trials:
                 i = first_write(t["messages"])
-                msg = t["messages"][i if i is not None else min(at, len(t["messages"]) - 1)]
+                msg = t["messages"][i if i is not None else min(at or 0, len(t["messages"]) - 1)]
                 if msg["role"] != "assistant" or any(c["message"] == msg for c in candidates):
                     continue
                 candidates.append({"message": msg, "trial": t["trial"], "reward": t["reward"],

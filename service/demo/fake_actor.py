@@ -3,7 +3,9 @@
 The demo serves recorded candidates with it; tests script its replies per request; benchmarks give
 it a fixed latency. It speaks just enough of the Chat Completions API for turngate and the
 `openai` client: POST /v1/chat/completions (with `n`, `stream`, `stream_options`, `logprobs` and
-`top_logprobs`) and GET /v1/models. Like OpenAI's, its replies carry usage with its details, a
+`top_logprobs`) and GET /v1/models; and, for the endpoints turngate forwards without gating,
+POST /v1/embeddings, /v1/completions and /v1/responses (JSON, or SSE events `stream_gap_s` apart
+when the request streams). Like OpenAI's, its chat replies carry usage with its details, a
 request id and rate-limit headers, and `service_tier` / `system_fingerprint` where the script sets them.
 
 Streams send one chunk per token (words, for the fake), `chunk_delay_s` apart; a request without
@@ -13,11 +15,13 @@ Streams send one chunk per token (words, for the fake), `chunk_delay_s` apart; a
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import itertools
 import json
 import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -153,9 +157,16 @@ class FakeActor:
         self.in_flight = 0
         self.disconnected = 0  # requests whose caller hung up before the reply
         self._counter = itertools.count()
+        # The forwarded endpoints: (path, body, headers) of each request, the status to answer with
+        # (an error envelope when >= 400) and the gap between streamed events.
+        self.forwarded: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+        self.forwarded_status = 200
+        self.stream_gap_s = 0.0
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/models", self._models, methods=["GET"]),
+            *[Route(f"/v1/{name}", self._forwarded, methods=["POST"])
+              for name in ("embeddings", "completions", "responses")],
         ])
 
     async def _models(self, request: Request) -> Response:
@@ -213,6 +224,78 @@ class FakeActor:
             raise
         finally:
             self.in_flight -= 1
+
+
+    async def _forwarded(self, request: Request) -> Response:
+        body = await request.json()
+        endpoint = request.url.path.rsplit("/", 1)[1]
+        self.forwarded.append((endpoint, body, dict(request.headers)))
+        if self.forwarded_status >= 400:
+            return JSONResponse({"error": {"message": f"fake actor error {self.forwarded_status}",
+                                           "type": "invalid_request_error", "param": None, "code": "fake_error"}},
+                                status_code=self.forwarded_status, headers={"retry-after": "3"})
+        model = body.get("model", "fake")
+        if endpoint == "embeddings":
+            return JSONResponse(_embeddings(body, model))
+        if not body.get("stream"):
+            text = "fake text"
+            return JSONResponse(_completion(model, text) if endpoint == "completions" else _response(model, text))
+        events = _completion_events(model) if endpoint == "completions" else _response_events(model)
+        return StreamingResponse(self._spaced(events), media_type="text/event-stream")
+
+    async def _spaced(self, events: list[str]):
+        for i, event in enumerate(events):
+            if i and self.stream_gap_s:
+                await asyncio.sleep(self.stream_gap_s)
+            yield event.encode()
+
+
+STREAM_WORDS = ["one ", "two ", "three"]  # the text of a streamed completion or response, in events
+
+
+def _embeddings(body: dict[str, Any], model: str) -> dict[str, Any]:
+    inputs = body.get("input")
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    data = []
+    for i, text in enumerate(inputs):
+        vector = [float(len(str(text))), float(i), 0.5]
+        if body.get("encoding_format") == "base64":
+            value: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        else:
+            value = vector
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 3, "total_tokens": 3}}
+
+
+def _completion(model: str, text: str, finish: str | None = "stop") -> dict[str, Any]:
+    return {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+
+def _completion_events(model: str) -> list[str]:
+    chunks = [_completion(model, word, None) for word in STREAM_WORDS] + [_completion(model, "", "stop")]
+    return [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+
+
+def _response(model: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": "resp_fake", "object": "response", "created_at": int(time.time()), "model": model,
+            "status": status, "output": [{"type": "message", "id": "msg_fake", "role": "assistant",
+                                          "status": status, "content": [{"type": "output_text", "text": text,
+                                                                         "annotations": []}]}],
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+
+
+def _response_events(model: str) -> list[str]:
+    def event(kind: str, **data: Any) -> str:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+    events = [event("response.created", response=_response(model, "", "in_progress"), sequence_number=0)]
+    for i, word in enumerate(STREAM_WORDS, 1):
+        events.append(event("response.output_text.delta", item_id="msg_fake", output_index=0, content_index=0,
+                            delta=word, sequence_number=i))
+    events.append(event("response.completed", response=_response(model, "".join(STREAM_WORDS)),
+                        sequence_number=len(STREAM_WORDS) + 1))
+    return events
 
 
 async def _hung_up_during(request: Request, delay_s: float) -> bool:

@@ -2,8 +2,9 @@
 
 Starts a simulated actor that answers each recorded τ-bench turn with the candidate replies the
 real agent produced across trials (service/demo/sample.jsonl; see NOTICE.md), starts turngate in
-front of it with the default critic, runs the turns through the real `openai` client and prints
-what the gate saw and chose.
+front of it with the default critic, sends the turns over HTTP as any OpenAI client would and
+prints what the gate saw and chose. It needs nothing beyond turngate's own dependencies (httpx,
+not the `openai` package), so it runs right after `pip install turngate`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import openai
+import httpx
 
 from service.app import create_app
 from service.critic.registry import load_critic
@@ -57,13 +58,14 @@ def run_demo(limit: int = 4, print_fn=print) -> list[dict]:
         settings = Settings(routes=[route])
         critic = load_critic(settings)
         with serve_in_thread(create_app(settings, critic=critic, sink=sink)) as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="demo", max_retries=0)
             print_fn(f"critic: {critic.name} {critic.version} on {critic.provider}\n")
-            for turn in turns:
-                raw = client.chat.completions.with_raw_response.create(
-                    model="demo-agent", messages=turn["messages"], tools=turn["tools"])
-                record = next(r for r in sink.records if r.turn_id == raw.headers["x-turngate-turn-id"])
-                rows.append(_show(turn, record, raw.headers, print_fn))
+            with httpx.Client(base_url=url + "/v1", headers={"authorization": "Bearer demo"}, timeout=60) as client:
+                for turn in turns:
+                    raw = client.post("/chat/completions", json={
+                        "model": "demo-agent", "messages": turn["messages"], "tools": turn["tools"]})
+                    raw.raise_for_status()
+                    record = next(r for r in sink.records if r.turn_id == raw.headers["x-turngate-turn-id"])
+                    rows.append(_show(turn, record, raw.headers, print_fn))
     return rows
 
 

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,8 @@ from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, U
 from service.gate.selection import Candidate
 from service.settings import RouteSettings
 from service.store.base import TurnSink
-from service.telemetry import metrics
+from service.telemetry import metrics, spans
+from service.telemetry.tracing import Tracing
 from service.upstream import streaming
 from service.upstream.client import UpstreamClient, UpstreamError, UpstreamStream, samples_of
 
@@ -61,11 +63,23 @@ class TurnRequest:
     def tools(self) -> list[dict[str, Any]] | None:
         return self.body.get("tools")
 
+    @property
+    def n(self) -> int:
+        """Choices the client asked for (service.api.openai has checked it against the route)."""
+        return int(self.body.get("n") or 1)
+
 
 @dataclass
 class TurnResult:
     record: TurnRecord
     chosen: Candidate
+    # What the client gets, `chosen` first: one candidate, or up to the `n` the client asked for
+    # (passthrough: the upstream's n choices; rank: the best that passed; shadow: the first sampled).
+    choices: list[Candidate] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.choices:
+            self.choices = [self.chosen]
 
 
 @dataclass
@@ -75,16 +89,23 @@ class _Clock:
     critic_s: float = 0.0
 
 
-def _note(record: TurnRecord, errors: list[UpstreamError]) -> None:
-    record.upstream_errors.extend(UpstreamFailure.of(e.kind, e.message) for e in errors)
+def _note(record: TurnRecord, got: sampling.Sampled) -> None:
+    """What came back besides candidates: the failed calls, and the tokens the calls billed."""
+    record.upstream_errors.extend(UpstreamFailure.of(e.kind, e.message) for e in got.errors)
+    for kind, value in (("prompt", got.prompt_tokens), ("completion", got.completion_tokens)):
+        if value is not None:
+            name = f"{kind}_tokens"
+            setattr(record, name, (getattr(record, name) or 0) + value)
+            metrics.TOKENS.labels(record.route, kind).inc(value)
 
 
 class Gate:
     def __init__(self, upstream: UpstreamClient, critics: CriticSlot, sink: TurnSink,
-                 shadow_max_backlog: int = 8) -> None:
+                 shadow_max_backlog: int = 8, tracing: Tracing | None = None) -> None:
         self.upstream = upstream
         self.critics = critics
         self.sink = sink
+        self.tracing = tracing  # None: no spans at all (service.telemetry.tracing)
         # Shadow turns whose other candidates are still being sampled or scored, at most this many:
         # beyond it a shadow turn is shed (one call, recorded unscored), so background work cannot
         # grow with the load and take the CPU the replies need.
@@ -96,18 +117,32 @@ class Gate:
         route = req.route
         critic = self.critics.current  # one critic for the whole turn, even across a hot swap
         record = self._new_record(req, critic)
+        if self.tracing is None:
+            return await self._run(req, record, critic)
+        with self.tracing.span("turngate.turn", {
+                "turngate.turn_id": record.turn_id, "turngate.route": route.alias, "turngate.mode": route.mode,
+                "gen_ai.operation.name": "chat", "gen_ai.request.model": route.model}) as span:
+            try:
+                return await self._run(req, record, critic)
+            finally:
+                span.set_attributes(spans.turn_outcome(record))
+                if record.error is not None:
+                    self.tracing.failed(span, record.decision, record.error)
+
+    async def _run(self, req: TurnRequest, record: TurnRecord, critic) -> TurnResult:
+        route = req.route
         clock = _Clock()
         deadline = time.monotonic() + route.deadline_s
         deferred = False
         try:
             if route.mode == "passthrough":
                 record.critic_name = record.critic_version = None
-                chosen = await self._passthrough(req, record, clock, deadline)
+                choices = await self._passthrough(req, record, clock, deadline)
             elif route.mode == "shadow":
-                chosen, deferred = await self._shadow(req, record, clock, deadline, critic)
+                choices, deferred = await self._shadow(req, record, clock, deadline, critic)
             else:
-                chosen = await self._rank(req, record, clock, deadline, critic)
-            return TurnResult(record, chosen)
+                choices = await self._rank(req, record, clock, deadline, critic)
+            return TurnResult(record, choices[0], choices)
         except asyncio.CancelledError:
             record.decision, record.error = "cancelled", "client disconnected"
             raise
@@ -147,7 +182,7 @@ class Gate:
             if isinstance(e, UpstreamError):
                 metrics.UPSTREAM_ERRORS.labels(route.alias, e.kind).inc()
                 record.decision, record.error = "error", e.message
-                _note(record, [e])
+                _note(record, sampling.Sampled(errors=[e]))
             else:
                 record.decision, record.error = "cancelled", "client disconnected"
             self._finish(record, clock)
@@ -158,37 +193,41 @@ class Gate:
     # -- modes ------------------------------------------------------------------------------
 
     async def _passthrough(self, req: TurnRequest, record: TurnRecord, clock: _Clock,
-                           deadline: float) -> Candidate:
-        cands = await self._sample(req, req.body, 1, 0, record, clock, deadline)
+                           deadline: float) -> list[Candidate]:
+        # The client's `n` goes upstream as it is: one call, its choices returned in the upstream's order.
+        cands = await self._sample(req, req.body, req.n, 0, record, clock, deadline, one_call=True)
         record.decision = "passthrough"
-        return self._choose(record, cands[0])
+        self._choose(record, cands[0])
+        return cands
 
     async def _shadow(self, req: TurnRequest, record: TurnRecord, clock: _Clock, deadline: float,
-                      critic) -> tuple[Candidate, bool]:
-        """Return the first call's reply as soon as it is in; rank everything in the background.
+                      critic) -> tuple[list[Candidate], bool]:
+        """Return the first call's reply (the first `n` candidates when the client asks for n) as soon
+        as it is in; rank everything in the background.
 
-        Returns the reply and whether the record is left to the background ranking to enqueue.
-        When the backlog is full the turn is shed: one upstream call, the record enqueued unscored.
+        Returns the replies and whether the record is left to the background ranking to enqueue.
+        When the backlog is full the turn is shed: the calls the reply needs, the record enqueued unscored.
         """
-        route = req.route
+        route, n = req.route, req.n
         ranked = self.shadow_backlog < self.shadow_max_backlog
         if ranked:
             self._shadow_slot(+1)
         else:
             metrics.SHADOW_SHED.labels(route.alias).inc()
         started = time.monotonic()
-        tasks = sampling.start(self.upstream, route, req.body, route.n if ranked else 1, req.client_key,
-                               deadline)
+        tasks = sampling.start(self.upstream, route, req.body, route.n if ranked else n, req.client_key,
+                               deadline, tracing=self.tracing)
+        shown = 1 if route.upstream_supports_n else n  # the calls whose replies the client gets
         t0 = time.perf_counter()
         try:
-            first = await sampling.collect(tasks[:1], deadline, route, started)
-            _note(record, first.errors)
-            if not first.samples:  # the first call failed: fall back to the first that did not
-                rest = await sampling.collect(tasks[1:], deadline, route, started)
-                _note(record, rest.errors)
+            first = await sampling.collect(tasks[:shown], deadline, route, started)
+            _note(record, first)
+            if not first.samples:  # the first calls failed: fall back to those that did not
+                rest = await sampling.collect(tasks[shown:], deadline, route, started)
+                _note(record, rest)
                 if not rest.samples:
                     raise sampling.most_telling(first.errors + rest.errors)
-                first.samples = rest.samples[:1]
+                first.samples = rest.samples
                 tasks = []
         except BaseException:
             sampling.cancel(tasks)
@@ -197,43 +236,44 @@ class Gate:
             raise
         first_in = time.monotonic()
         clock.upstream_s += time.perf_counter() - t0
-        chosen = selection.from_samples(first.samples[:1], 0, 0, route.record_logprobs)[0]
+        # Every sample in so far is a candidate (an n-call brings all N at once); the first n are shown.
+        got = selection.from_samples(first.samples, 0, 0, route.record_logprobs)
         record.decision = "shadow"
-        record.candidates.append(chosen.record)
-        self._choose(record, chosen)
+        record.candidates.extend(c.record for c in got)
+        self._choose(record, got[0])
         if ranked:
-            self._spawn(self._shadow_rank(req, record, chosen, tasks[1:], deadline, critic, started, first_in))
-        return chosen, ranked
+            self._spawn(self._shadow_rank(req, record, got, tasks[shown:], deadline, critic, started, first_in))
+        return got[:n], ranked
 
     def _shadow_slot(self, change: int) -> None:
         self.shadow_backlog += change
         metrics.SHADOW_BACKLOG.inc(change)
 
-    async def _shadow_rank(self, req: TurnRequest, record: TurnRecord, first: Candidate,
+    async def _shadow_rank(self, req: TurnRequest, record: TurnRecord, first: list[Candidate],
                            tasks: list[asyncio.Task], deadline: float, critic, started: float,
                            first_in: float) -> None:
         try:
             rest = await sampling.collect(tasks, deadline, req.route, started, first_in)
-            _note(record, rest.errors)
-            cands = [first] + selection.from_samples(rest.samples, 1, 0, req.route.record_logprobs)
+            _note(record, rest)
+            cands = first + selection.from_samples(rest.samples, len(first), 0, req.route.record_logprobs)
             record.candidates = [c.record for c in cands]
             await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
-            record.latency_critic_ms = 1000 * await selection.score(critic, req.messages, cands, req.tools,
-                                                                    req.route.alias)
+            record.latency_critic_ms = 1000 * await self._score(critic, req, cands)
             metrics.CANDIDATES.labels(req.route.alias).observe(len(cands))
-        except Exception:  # noqa: BLE001 - the client already has its reply; keep the record
+        except Exception:
             log.exception("shadow ranking failed for %s", record.turn_id)
         finally:
             self._shadow_slot(-1)
             self._enqueue(record)
 
     async def _rank(self, req: TurnRequest, record: TurnRecord, clock: _Clock, deadline: float,
-                    critic) -> Candidate:
+                    critic) -> list[Candidate]:
         route, policy = req.route, req.route.policy
         body = req.body
         notes: list[str] = []
         seen: list[Candidate] = []
         chosen, decision = None, "ranked"
+        choices: list[Candidate] = []
         for round_no in range(policy.max_interventions + 1):
             if round_no:
                 metrics.INTERVENTIONS.labels(route.alias).inc()
@@ -242,11 +282,11 @@ class Gate:
             cands, early = await self._sample_round(req, body, round_no, record, clock, deadline, critic)
             seen += cands
             record.rounds = round_no + 1
-            top = selection.best(cands)
-            passed = top is not None and (policy.intervene_threshold is None or top.score is None
-                                          or top.score >= policy.intervene_threshold)
-            if passed:
-                chosen = top
+            # The client's n: the best of this round that the gate would return on their own.
+            choices = [c for c in selection.ranked(cands) if policy.intervene_threshold is None or c.score is None
+                       or c.score >= policy.intervene_threshold][:req.n]
+            if choices:
+                chosen = choices[0]
                 decision = "intervened" if round_no else ("accepted" if early else "ranked")
                 break
             if round_no == policy.max_interventions or time.monotonic() >= deadline:
@@ -254,9 +294,10 @@ class Gate:
             notes.append(feedback.build(cands, req.messages, req.tools, policy.guidance))
             record.feedback.append(notes[-1])
         if chosen is None:
-            return self._exhausted(req, record, seen)
+            return [self._exhausted(req, record, seen)]
         record.decision = decision
-        return self._choose(record, chosen)
+        self._choose(record, chosen)
+        return choices
 
     async def _sample_round(self, req: TurnRequest, body: dict[str, Any], round_no: int, record: TurnRecord,
                             clock: _Clock, deadline: float, critic) -> tuple[list[Candidate], bool]:
@@ -271,7 +312,8 @@ class Gate:
         early = False
         if first_n < n:
             top = selection.best(cands)
-            if top is not None and top.score is not None and top.score >= policy.accept_threshold:
+            accept = policy.accept_threshold  # set: first_n < n only under adaptive sampling with one
+            if top is not None and top.score is not None and accept is not None and top.score >= accept:
                 early = True
                 record.candidates_saved += n - first_n
                 metrics.CANDIDATES_SAVED.labels(route.alias).inc(n - first_n)
@@ -281,24 +323,24 @@ class Gate:
                 await selection.check_structure(more, req.tools, req.body.get("tool_choice"), route.alias)
                 cands += more
                 # Rescored together: agreement is a feature of the whole round.
-                clock.critic_s += await selection.score(critic, req.messages, cands, req.tools, route.alias)
+                clock.critic_s += await self._score(critic, req, cands)
         return cands, early
 
     async def _evaluate(self, req: TurnRequest, body: dict[str, Any], cands: list[Candidate], clock: _Clock,
                         critic) -> None:
         await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
         # The critic judges the candidate against the conversation the client sent, not our feedback.
-        clock.critic_s += await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
+        clock.critic_s += await self._score(critic, req, cands)
 
     async def _sample(self, req: TurnRequest, body: dict[str, Any], n: int, round_no: int,
-                      record: TurnRecord, clock: _Clock, deadline: float, required: bool = True
-                      ) -> list[Candidate]:
+                      record: TurnRecord, clock: _Clock, deadline: float, required: bool = True,
+                      one_call: bool | None = None) -> list[Candidate]:
         t0 = time.perf_counter()
         started = time.monotonic()
-        tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline)
+        tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline, one_call, self.tracing)
         got = await sampling.collect(tasks, deadline, req.route, started)
         clock.upstream_s += time.perf_counter() - t0
-        _note(record, got.errors)
+        _note(record, got)
         if not got.samples and required and not record.candidates:
             raise sampling.most_telling(got.errors)
         cands = selection.from_samples(got.samples, len(record.candidates), round_no, req.route.record_logprobs)
@@ -337,33 +379,43 @@ class Gate:
         record.latency_upstream_ms = clock.upstream_s * 1000
         if record.mode != "shadow":
             record.latency_critic_ms = clock.critic_s * 1000
-        prompt = [c.prompt_tokens for c in record.candidates if c.prompt_tokens is not None]
-        completion = [c.completion_tokens for c in record.candidates if c.completion_tokens is not None]
-        record.prompt_tokens = sum(prompt) if prompt else None
-        record.completion_tokens = sum(completion) if completion else None
         route, mode = record.route, record.mode
         metrics.TURNS.labels(route, mode, record.decision).inc()
         metrics.REQUEST_DURATION.labels(route, mode).observe(total)
         metrics.OVERHEAD.labels(route, mode).observe(max(0.0, total - clock.upstream_s - clock.critic_s))
         if record.mode != "shadow" and record.candidates:
             metrics.CANDIDATES.labels(route).observe(len(record.candidates))
-        for kind, value in (("prompt", record.prompt_tokens), ("completion", record.completion_tokens)):
-            if value:
-                metrics.TOKENS.labels(route, kind).inc(value)
+
+    async def _score(self, critic, req: TurnRequest, cands: list[Candidate]) -> float:
+        """selection.score, in a span when tracing."""
+        if self.tracing is None:
+            return await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
+        with self.tracing.span("turngate.critic", spans.critic(critic, cands)) as span:
+            spent = await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
+            span.set_attributes(spans.scores(cands))
+            return spent
 
     def _enqueue(self, record: TurnRecord) -> None:
         if record.upstream_errors and record.error is None:
             metrics.TURNS_PARTIAL.labels(record.route).inc()
-        try:
-            self.sink.enqueue(record)
-        except Exception:  # noqa: BLE001 - logging must never fail a turn
-            log.exception("could not enqueue turn %s", record.turn_id)
+        with self._store_span("enqueue", record):
+            try:
+                self.sink.enqueue(record)
+            except Exception:
+                log.exception("could not enqueue turn %s", record.turn_id)
 
     def _hold(self, record: TurnRecord) -> None:
-        try:
-            self.sink.hold(record)
-        except Exception:  # logging must never fail a turn
-            log.exception("could not journal turn %s", record.turn_id)
+        with self._store_span("hold", record):
+            try:
+                self.sink.hold(record)
+            except Exception:  # logging must never fail a turn
+                log.exception("could not journal turn %s", record.turn_id)
+
+    def _store_span(self, how: str, record: TurnRecord) -> AbstractContextManager:
+        if self.tracing is None:
+            return nullcontext()
+        return self.tracing.span("turngate.store", {"turngate.store.op": how, "turngate.turn_id": record.turn_id,
+                                                    "turngate.candidates": len(record.candidates)})
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -399,7 +451,7 @@ class Relay:
         except UpstreamError as e:
             metrics.UPSTREAM_ERRORS.labels(record.route, e.kind).inc()
             record.decision, record.error = "error", e.message
-            _note(record, [e])
+            _note(record, sampling.Sampled(errors=[e]))
             raise
         except Exception as e:
             record.decision, record.error = "error", f"relaying the stream failed: {e!r}"[:500]

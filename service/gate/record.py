@@ -70,7 +70,7 @@ class TurnRecord:
     turn_id: str
     route: str
     mode: str
-    upstream_model: str
+    upstream_model: str | None  # None: an imported turn whose agent model is not known
     request_messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None
     decision: str = "error"  # see service.gate.decisions

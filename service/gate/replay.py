@@ -5,6 +5,10 @@ the micro-batcher can merge them). A turn is *flagged* at threshold t when its s
 which is what `intervene_threshold = t` would act on. Per threshold the report gives the flag rate
 in failed vs successful conversations, and, on write tool calls of trajectories with gold actions,
 the precision and recall of flags against "the call matches no gold action".
+
+A conversation without a reward (what `turngate export` writes before feedback arrives) has no
+outcome: its turns count in the flag totals and against gold actions, not in the outcome rates,
+and the report says how many were left out.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 @dataclass
 class ScoredTurn:
     conversation: str
-    reward: float
+    reward: float | None  # None: no outcome recorded yet
     score: float
     write: bool  # the reply makes at least one write call
     bad_write: bool | None  # a write call matching no gold action (None: no gold to judge by)
@@ -40,7 +44,8 @@ async def score_turns(rows: list[dict[str, Any]], critic: Critic, concurrency: i
         writes = write_calls(message)
         gold = gold_of(row)
         bad = (not all(matches_gold(c, gold) for c in writes)) if writes and gold else None
-        return ScoredTurn(row["id"], float(row.get("reward") or 0.0), score, bool(writes), bad)
+        reward = row.get("reward")
+        return ScoredTurn(row["id"], None if reward is None else float(reward), score, bool(writes), bad)
 
     jobs = [one(row, i) for row in rows for i, m in enumerate(row["messages"])
             if m.get("role") == "assistant" and i > 0]
@@ -48,17 +53,18 @@ async def score_turns(rows: list[dict[str, Any]], critic: Critic, concurrency: i
 
 
 def report(turns: list[ScoredTurn], thresholds=DEFAULT_THRESHOLDS) -> list[dict[str, Any]]:
-    failed = [t for t in turns if t.reward < 1]
-    solved = [t for t in turns if t.reward >= 1]
+    failed = [t for t in turns if t.reward is not None and t.reward < 1]
+    solved = [t for t in turns if t.reward is not None and t.reward >= 1]
     judged = [t for t in turns if t.bad_write is not None]
     rows = []
     for th in thresholds:
-        flagged_bad = sum(t.score < th and t.bad_write for t in judged)
+        flagged_bad = sum(t.score < th and bool(t.bad_write) for t in judged)
         flagged = sum(t.score < th for t in judged)
         bad = sum(bool(t.bad_write) for t in judged)
-        convs = {}
-        for t in turns:
-            convs[t.conversation] = (convs.get(t.conversation, (False, t.reward))[0] or t.score < th, t.reward)
+        convs: dict[str, tuple[bool, float]] = {}  # conversation -> (any turn flagged, reward)
+        for t in failed + solved:
+            reward = t.reward or 0.0  # not None: failed and solved have an outcome
+            convs[t.conversation] = (convs.get(t.conversation, (False, reward))[0] or t.score < th, reward)
         rows.append({
             "threshold": th,
             "turns_flagged": sum(t.score < th for t in turns),
@@ -72,6 +78,12 @@ def report(turns: list[ScoredTurn], thresholds=DEFAULT_THRESHOLDS) -> list[dict[
     return rows
 
 
+def unlabelled(turns: list[ScoredTurn]) -> dict[str, int]:
+    """How many conversations (and their turns) had no outcome and were left out of the outcome rates."""
+    left_out = [t for t in turns if t.reward is None]
+    return {"conversations": len({t.conversation for t in left_out}), "turns": len(left_out)}
+
+
 def _share(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
@@ -81,8 +93,15 @@ def format_table(rows: list[dict[str, Any]], turns: list[ScoredTurn]) -> str:
         return "  -  " if v is None else f"{v:.3f}"
 
     judged = sum(t.bad_write is not None for t in turns)
+    left_out = unlabelled(turns)
+    without = ""
+    if left_out["conversations"]:
+        c, n = left_out["conversations"], left_out["turns"]
+        without = (f"; {c} conversation{'s' * (c != 1)} ({n} turn{'s' * (n != 1)}) without an outcome, "
+                   "left out of the outcome rates")
     head = (f"{len(turns)} assistant turns in {len({t.conversation for t in turns})} conversations; "
-            f"{judged} write calls judged against gold actions ({sum(bool(t.bad_write) for t in turns)} bad)\n"
+            f"{judged} write calls judged against gold actions ({sum(bool(t.bad_write) for t in turns)} bad)"
+            f"{without}\n"
             f"{'thresh':>7}{'flagged':>9}{'rate fail':>11}{'rate ok':>9}{'conv fail':>11}{'conv ok':>9}"
             f"{'w.prec':>8}{'w.recall':>9}")
     lines = [head]

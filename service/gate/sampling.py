@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 from service.settings import RouteSettings
-from service.telemetry import metrics
+from service.telemetry import metrics, spans
+from service.telemetry.tracing import Tracing
 from service.upstream.client import Sample, UpstreamClient, UpstreamError
 
 
@@ -24,20 +26,55 @@ from service.upstream.client import Sample, UpstreamClient, UpstreamError
 class Sampled:
     samples: list[Sample] = field(default_factory=list)
     errors: list[UpstreamError] = field(default_factory=list)
+    # Tokens the upstream billed for these calls, from each call's usage (None: no call reported any).
+    # Per call, not per sample: one call with n=N reports its prompt once and its N completions together.
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def add_usage(self, samples: list[Sample]) -> None:
+        """Counts one call's usage (the samples one call returned)."""
+        usage = samples[0].response.get("usage") if samples else None
+        if not isinstance(usage, dict):
+            return
+        for kind in ("prompt_tokens", "completion_tokens"):
+            value = usage.get(kind)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, kind, (getattr(self, kind) or 0) + value)
 
 
 def start(upstream: UpstreamClient, route: RouteSettings, body: dict[str, Any], n: int,
-          client_key: str | None, deadline: float) -> list[asyncio.Task[list[Sample]]]:
-    """Fire the upstream calls for n candidates; each task yields one or more samples."""
+          client_key: str | None, deadline: float, one_call: bool | None = None,
+          tracing: Tracing | None = None) -> list[asyncio.Task[list[Sample]]]:
+    """Fire the upstream calls for n candidates; each task yields one or more samples.
+
+    `one_call`: ask for all n in one request (default: when the route says its upstream takes `n`).
+    """
     timeout = max(0.001, min(route.attempt_timeout_s, deadline - time.monotonic()))
-    if route.upstream_supports_n and n > 1:
-        calls = [upstream.complete(route, body, n, client_key, timeout)]
-    else:
-        calls = [upstream.complete(route, body, 1, client_key, timeout) for _ in range(n)]
-    return [asyncio.ensure_future(_observed(route.alias, call)) for call in calls]
+    per_call = n if (route.upstream_supports_n if one_call is None else one_call) and n > 1 else 1
+    return [asyncio.ensure_future(_observed(route, per_call, upstream.complete(route, body, per_call, client_key,
+                                                                                timeout), tracing))
+            for _ in range(n // per_call)]
 
 
-async def _observed(route: str, call) -> list[Sample]:
+async def _observed(route: RouteSettings, n: int, call: Awaitable[list[Sample]],
+                    tracing: Tracing | None) -> list[Sample]:
+    if tracing is None:
+        return await _measured(route.alias, call)
+    # A client span per upstream call; current while the call runs, so its traceparent goes upstream.
+    with tracing.span(f"chat {route.model}", spans.upstream_call(route, n), client=True) as span:
+        try:
+            samples = await _measured(route.alias, call)
+        except UpstreamError as e:
+            tracing.failed(span, e.kind, e.message)
+            raise
+        except asyncio.CancelledError:
+            span.set_attribute("turngate.cancelled", True)  # given up by the candidate wait, or the client left
+            raise
+        span.set_attributes(spans.upstream_result(samples))
+        return samples
+
+
+async def _measured(route: str, call: Awaitable[list[Sample]]) -> list[Sample]:
     try:
         samples = await call
     except UpstreamError as e:
@@ -96,6 +133,7 @@ async def collect(tasks: list[asyncio.Task[list[Sample]]], deadline: float, rout
                               else UpstreamError("connect", f"upstream call failed: {exc!r}"))
         else:
             out.samples.extend(task.result())
+            out.add_usage(task.result())
     return out
 
 

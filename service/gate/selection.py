@@ -70,7 +70,7 @@ async def score(critic: Critic, messages: list[dict[str, Any]], cands: list[Cand
     started = time.perf_counter()
     try:
         found = await assess(critic, messages, [c.record.message for c in cands], tools, [c.ok for c in cands])
-    except Exception:  # noqa: BLE001 - degrade to structural selection, and say so in the log
+    except Exception:
         log.exception("critic %s failed; selecting on structural checks only", critic.name)
         return time.perf_counter() - started
     for c, a in zip(cands, found, strict=True):
@@ -80,9 +80,12 @@ async def score(critic: Critic, messages: list[dict[str, Any]], cands: list[Cand
     return time.perf_counter() - started
 
 
+def ranked(cands: list[Candidate]) -> list[Candidate]:
+    """The candidates that passed the structural checks, best score first; ties keep sampling order
+    (the actor's own first choice first)."""
+    return sorted((c for c in cands if c.ok), key=lambda c: -1.0 if c.score is None else -c.score)
+
+
 def best(cands: list[Candidate]) -> Candidate | None:
-    live = [c for c in cands if c.ok]
-    if not live:
-        return None
-    # max() keeps the first of equal keys, so ties go to the earlier candidate
-    return max(live, key=lambda c: -1.0 if c.score is None else c.score)
+    top = ranked(cands)
+    return top[0] if top else None

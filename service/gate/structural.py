@@ -119,7 +119,7 @@ def _check_custom_call(call: dict[str, Any], custom: frozenset[str], forced: tup
         return Verdict(False, "unknown_tool", f"the custom tool {name!r} is not among the declared tools")
     if forced and forced != ("custom", name):
         return Verdict(False, "tool_choice", f"tool_choice demands {forced[1]!r} but the reply calls {name!r}")
-    if not isinstance(spec.get("input"), str):
+    if not isinstance(spec, dict) or not isinstance(spec.get("input"), str):
         return Verdict(False, "bad_json", f"the input of {name} is not text")
     return OK
 

@@ -203,7 +203,8 @@ def _build(schema_json: str):
         return None
     base = validators.validator_for(schema)
     try:
-        base.check_schema(schema, format_checker=None)
+        # format_checker: a keyword of jsonschema >= 4.19 that the protocol in the stubs lacks
+        base.check_schema(schema, format_checker=None)  # type: ignore[call-arg]
     except SchemaError:
         return None
     with_unevaluated = not _mentions(schema, ("patternProperties",))
@@ -340,11 +341,11 @@ def _cycle(edges: dict[int, list[int]]) -> int | None:
     for start, children in edges.items():
         if start in state:
             continue
-        path = [(start, iter(children))]
+        path: list[tuple[int, Iterator[int]]] = [(start, iter(children))]
         state[start] = 1
         while path:
-            node, children = path[-1]
-            child = next(children, None)
+            node, pending = path[-1]
+            child = next(pending, None)
             if child is None:
                 state[node] = 2
                 path.pop()

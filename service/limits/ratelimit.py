@@ -61,19 +61,20 @@ class RedisLimiter:
     def __init__(self, url: str, per_minute: int, prefix: str = "turngate:rl", max_connections: int = 64,
                  warn_interval_s: float = 30.0) -> None:
         import redis.asyncio as redis
+        from redis.asyncio.retry import Retry  # the asyncio client awaits its retries: not redis.retry's
         from redis.backoff import NoBackoff
         from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.retry import Retry
 
         self.per_minute = per_minute
         self.prefix = prefix
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=POOL_WAIT_S, socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S)
         # One immediate retry on a broken connection (a pooled one that Redis closed, e.g. after a
         # restart), none on a timeout: each would add REDIS_TIMEOUT_S to every request of an outage.
-        self.redis = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1,
-                                                                   supported_errors=(RedisConnectionError,)))
+        # A connection setting: given to Redis() beside an explicit pool, it would be ignored.
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=POOL_WAIT_S, socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+        self.redis = redis.Redis(connection_pool=pool)
         self._outage = ThrottledWarning(log, warn_interval_s)
 
     async def hit(self, key_id: str) -> Verdict:
@@ -81,8 +82,10 @@ class RedisLimiter:
         key = f"{self.prefix}:{key_id}:{window}"
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                count, _ = await pipe.incr(key).expire(key, WINDOW_S + 5).execute()
-        except Exception as e:  # noqa: BLE001 - fail open, but visibly
+                pipe.incr(key)
+                pipe.expire(key, WINDOW_S + 5)
+                count, _ = await pipe.execute()
+        except Exception as e:
             metrics.REDIS_ERRORS.labels("ratelimit").inc()
             self._outage.warning("rate limiter: redis unavailable (%s); letting requests through",
                                  type(e).__name__)

@@ -45,7 +45,7 @@ def blame(error: BaseException) -> str:
 def _chain(error: BaseException) -> Iterator[BaseException]:
     """The error, what SQLAlchemy wrapped (`orig`) and the causes, each once."""
     seen: set[int] = set()
-    todo = [error]
+    todo: list[BaseException | None] = [error]
     while todo:
         e = todo.pop(0)
         if e is None or id(e) in seen:

@@ -140,6 +140,7 @@ def _fitters(table: Table) -> dict[str, tuple]:
         got = {}
         for col in table.c:
             t = col.type
+            bound: Any  # a length, a (low, high) range, or None
             if isinstance(t, JSON):
                 kind, bound = "json", None
             elif isinstance(t, String):  # Text is a String without a length

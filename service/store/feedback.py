@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.store.boundary import fit_text
-from service.store.models import Conversation, Feedback, Turn
+from service.store.models import EXTERNAL_ID_CHARS, Conversation, Feedback, Turn
 
 
 class UnknownTarget(Exception):
@@ -57,7 +57,7 @@ async def _turn_conversation(conn, turn_id: str, key_id: str | None) -> str | No
 
 
 async def _conversation(conn, cid: str, key_id: str | None) -> str | None:
-    stored = fit_text(cid, Conversation.__table__.c.external_id.type.length)  # stored cut, the same way
+    stored = fit_text(cid, EXTERNAL_ID_CHARS)  # stored cut, the same way
     q = (select(Conversation.id)
          .where(or_(Conversation.id == cid, Conversation.external_id == stored), _owned(Conversation.key_id, key_id))
          .order_by(Conversation.last_seen.desc()).limit(1))
@@ -116,7 +116,7 @@ async def _resolve(sink, conn, fb: FeedbackIn, wait_s: float) -> str | None:
             pending = getattr(sink, "pending_ids", {})
             if fb.turn_id in pending and pending[fb.turn_id] == fb.key_id:
                 return None
-        else:
+        elif fb.conversation_id:
             conv = await _conversation(conn, fb.conversation_id, fb.key_id)
             if conv is not None:
                 return conv

@@ -46,7 +46,7 @@ def encode_quarantined(error: str, *, record: TurnRecord | None = None, raw: byt
     if record is not None:
         try:
             env["turn"] = record.to_dict()
-        except Exception as e:  # noqa: BLE001 - keep what can be kept
+        except Exception as e:
             env["raw"], env["error"] = repr(record)[:1_000_000], f"{error}; unserializable: {e}"
     if raw is not None:
         env["raw"] = raw.decode("utf-8", "surrogateescape")  # exact bytes back via surrogateescape

@@ -11,11 +11,14 @@ import service
 
 
 def migrations_dir() -> Path:
-    """migrations/ beside the package (a checkout) or in the working directory (the image's /app)."""
-    for base in (Path(service.__file__).resolve().parent.parent, Path.cwd()):
-        if (base / "migrations" / "env.py").is_file():
-            return base / "migrations"
-    raise FileNotFoundError("cannot find turngate's migrations/ folder (run from the install directory)")
+    """Alembic's folder: inside the installed package (setup.py ships the repository's migrations/
+    as service/migrations), else migrations/ beside the package in a checkout or editable install."""
+    package = Path(service.__file__).resolve().parent
+    for folder in (package / "migrations", package.parent / "migrations"):
+        if (folder / "env.py").is_file():
+            return folder
+    raise FileNotFoundError(f"turngate's migrations are missing from {package} (a broken install? "
+                            "reinstall turngate)")
 
 
 def alembic_config(url: str) -> Config:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -35,9 +36,15 @@ NAMING = {"ix": "ix_%(table_name)s_%(column_0_N_name)s", "uq": "uq_%(table_name)
           "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s", "pk": "pk_%(table_name)s"}
 
 
+EXTERNAL_ID_CHARS = 200  # conversations.external_id: longer ids are stored cut (service.store.boundary)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map: ClassVar[dict] = {dict[str, Any]: JSONType, list[Any]: JSONType, datetime: DateTime(timezone=True)}
+    type_annotation_map: ClassVar[dict] = {dict[str, Any]: JSONType, list[Any]: JSONType,
+                                           datetime: DateTime(timezone=True)}
+    # Every model here is mapped to a Table (SQLAlchemy types __table__ as any FromClause).
+    __table__: ClassVar[Table]
 
 
 class Conversation(Base):
@@ -48,7 +55,7 @@ class Conversation(Base):
     last_seen: Mapped[datetime] = mapped_column(index=True)
     route: Mapped[str | None] = mapped_column(String(200))
     key_id: Mapped[str | None] = mapped_column(String(64))
-    external_id: Mapped[str | None] = mapped_column(String(200), index=True)  # the client's own id
+    external_id: Mapped[str | None] = mapped_column(String(EXTERNAL_ID_CHARS), index=True)  # the client's own id
     # What an import carried beside the messages (source, task_id, gold_actions, ...), for export.
     attributes: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 

@@ -22,6 +22,7 @@ start (or another worker) to replay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -111,7 +112,7 @@ class StoreSink:
         """Journals the turn (one os.write), then queues it. Never raises, never waits."""
         try:
             data = lines.encode_turn(record)
-        except Exception as e:  # noqa: BLE001 - a record nothing can serialize (e.g. nested past recursion)
+        except Exception as e:
             self._set_aside(record, e)
             return
         try:
@@ -169,17 +170,18 @@ class StoreSink:
         self._syncer = asyncio.create_task(self._sync_loop(), name="turngate-spool-sync")
 
     async def stop(self) -> None:
-        if self._task is None:
+        if self._task is None or self._wake is None:
             return
         self._stopping = True
         self._wake.set()
         try:
             await asyncio.wait_for(self._task, self.drain_timeout_s)
-        except (TimeoutError, Exception):  # noqa: BLE001 - what is left stays in the journal
+        except (TimeoutError, Exception):
             log.warning("store writer did not drain in %.0fs; the rest stays in the spool", self.drain_timeout_s)
         self._task = None
-        self._syncer.cancel()
-        await asyncio.gather(self._syncer, return_exceptions=True)
+        if self._syncer is not None:
+            self._syncer.cancel()
+            await asyncio.gather(self._syncer, return_exceptions=True)
         await asyncio.to_thread(self._close_journal)
         self.queue.clear()
         metrics.LOG_QUEUE_DEPTH.set(0)
@@ -192,7 +194,7 @@ class StoreSink:
 
     async def flush(self, timeout_s: float = 5.0) -> bool:
         """Asks the writer for a flush now and waits for it; True when the queue was written."""
-        if self._task is None:
+        if self._task is None or self._wake is None or self._flushed is None:
             return False
         # One whole iteration that starts after this call: the next one, or the one after if busy.
         target = self._flushes + (2 if self._busy else 1)
@@ -214,12 +216,12 @@ class StoreSink:
 
     # -- the writer ------------------------------------------------------------------------------
     async def _run(self) -> None:
+        wake, flushed = self._wake, self._flushed
+        assert wake is not None and flushed is not None  # made by start(), which runs this
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.flush_interval_s)
+            wake.clear()
             stopping = self._stopping
             self._busy = True
             try:
@@ -228,9 +230,9 @@ class StoreSink:
                 log.exception("store writer iteration failed")
             finally:
                 self._busy = False
-            async with self._flushed:
+            async with flushed:
                 self._flushes += 1
-                self._flushed.notify_all()
+                flushed.notify_all()
             if stopping:
                 return
 
@@ -348,7 +350,7 @@ class StoreSink:
             batch = await (prepared or asyncio.to_thread(prepare, records, self._pg))
             async with self.engine.begin() as conn:
                 await write_batch(conn, batch, self._cache, critics)
-        except Exception as e:  # noqa: BLE001 - blamed by the caller (service.store.blame)
+        except Exception as e:
             metrics.DB_WRITE_ERRORS.inc()
             self._cache.clear()  # links it put may name conversations that were rolled back
             return e
@@ -431,7 +433,7 @@ class StoreSink:
         for lineno, line in raw:
             try:
                 record, provisional = lines.decode_turn(line)
-            except Exception as e:  # noqa: BLE001 - any malformed line, from any release
+            except Exception as e:
                 log.warning("spool %s line %d unreadable, quarantined: %s", reader.path.name, lineno, e)
                 self.quarantine.add(f"unreadable spool line: {type(e).__name__}: {e}"[:2000], raw=line,
                                     source=f"{reader.path.name}:{lineno}")

@@ -14,6 +14,7 @@ by whoever sees it first. Replay is idempotent: the turn id is the primary key.
 
 from __future__ import annotations
 
+import builtins  # Spool.bytes (a property) shadows the type inside the class
 import fcntl
 import json
 import logging
@@ -77,7 +78,7 @@ class Spool:
         metrics.SPOOL_BYTES.set(self.bytes)
 
     # -- the request path ------------------------------------------------------------------------
-    def append(self, data: bytes, keep: bool) -> Segment:
+    def append(self, data: builtins.bytes, keep: bool) -> Segment:
         """Writes whole lines to the current segment (opened if none); no fsync. keep: the caller
         holds the turn in memory until it is written (a reference on the segment); otherwise the
         segment is flagged for replay from disk. Both under the lock that retirement takes."""
@@ -96,7 +97,7 @@ class Spool:
                 self._unsynced_since = time.monotonic()
         return seg
 
-    def append_detached(self, data: bytes) -> None:
+    def append_detached(self, data: builtins.bytes) -> None:
         """Writes lines to a segment of their own, on disk and released at once (the sink is not
         running: before start, after stop). Blocking; rare."""
         seg = self._create()

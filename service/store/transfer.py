@@ -43,7 +43,8 @@ def trajectory_records(traj: dict[str, Any], now: float) -> tuple[str, list[Turn
     """(conversation id, one record per assistant message, the messages after the last one)."""
     conv = conversation_id_for_external(str(traj["id"]), None)
     msgs = traj.get("messages") or []
-    records, last = [], -1
+    records: list[TurnRecord] = []
+    last = -1
     for i, m in enumerate(msgs):
         if m.get("role") != "assistant":
             continue
@@ -157,6 +158,8 @@ def _lines(conn, conversations) -> Iterator[dict[str, Any]]:
             .order_by(Feedback.created_at, Feedback.id))
     for f in conn.execute(fb_q):
         cid = f.conversation_id or turn_conv.get(f.turn_id)
+        if cid is None:  # feedback on a turn outside these conversations (the query keeps none such)
+            continue
         o = outcome.setdefault(cid, {"reward": None, "label": None})
         if f.reward is not None:
             o["reward"] = f.reward  # ordered by time: the latest wins

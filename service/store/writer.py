@@ -26,7 +26,8 @@ class LinkCache:
     """A small LRU of prefix hash -> conversation id in front of the conversation_links table."""
 
     def __init__(self, size: int = 100_000) -> None:
-        self.size, self._d = size, OrderedDict()
+        self.size = size
+        self._d: OrderedDict[str, str] = OrderedDict()
 
     def get(self, key: str) -> str | None:
         v = self._d.get(key)
@@ -124,12 +125,12 @@ async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCach
             found[k.link_hash] = links[k.link_hash] = conv  # a later turn of this batch may need it
         row["conversation_id"] = conv
         at = row["created_at"]
-        c = conversations.get(conv)
-        if c is None:
+        seen = conversations.get(conv)
+        if seen is None:
             conversations[conv] = {"id": conv, "first_seen": at, "last_seen": at, "route": row["route"],
                                    "key_id": cf["key_id"], "external_id": cf["external_id"]}
         else:
-            c["first_seen"], c["last_seen"] = min(c["first_seen"], at), max(c["last_seen"], at)
+            seen["first_seen"], seen["last_seen"] = min(seen["first_seen"], at), max(seen["last_seen"], at)
 
     # Conversations first, sorted, so that replicas upserting the same conversations take row locks
     # in one order. PostgreSQL: unnest/COPY through asyncpg (SQLAlchemy's per-row parameter
@@ -155,11 +156,11 @@ async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCach
             await conn.execute(_insert(conn, Candidate).on_conflict_do_nothing(), prepared.candidates)
     if links:
         now = datetime.now(UTC)
-        rows = [{"prefix_hash": h, "conversation_id": c, "created_at": now} for h, c in sorted(links.items())]
+        link_rows = [{"prefix_hash": h, "conversation_id": c, "created_at": now} for h, c in sorted(links.items())]
         if conn.dialect.name == "postgresql" and prepared.encoded:
-            await _pg_bulk(raw, ConversationLink.__table__, rows)
+            await _pg_bulk(raw, ConversationLink.__table__, link_rows)
         else:
-            await conn.execute(_insert(conn, ConversationLink).on_conflict_do_nothing(), rows)
+            await conn.execute(_insert(conn, ConversationLink).on_conflict_do_nothing(), link_rows)
     await _note_critics(conn, prepared.turns, seen_critics)
     for h, c in links.items():
         cache.put(h, c)

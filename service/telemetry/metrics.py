@@ -11,6 +11,10 @@ from prometheus_client import Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
+REQUESTS = Counter("turngate_requests_total",
+                   "HTTP requests answered, refusals before the gate included: by route alias ('none' before "
+                   "a route is known), endpoint (the path template, 'other' for unknown paths) and status",
+                   ["route", "endpoint", "status"])
 TURNS = Counter("turngate_turns_total", "Turns served, by route, mode and decision",
                 ["route", "mode", "decision"])
 REQUEST_DURATION = Histogram("turngate_request_duration_seconds", "Whole turn latency seen by the client",

@@ -94,13 +94,16 @@ class Assembler:
                 self._add_choice(c)
 
     def _add_choice(self, c: dict[str, Any]) -> None:
-        state = self._choices.setdefault(c.get("index", 0) if isinstance(c.get("index"), int) else 0, _Choice())
-        delta = c.get("delta") if isinstance(c.get("delta"), dict) else {}
+        at = c.get("index")
+        state = self._choices.setdefault(at if isinstance(at, int) else 0, _Choice())
+        raw = c.get("delta")
+        delta: dict[str, Any] = raw if isinstance(raw, dict) else {}
         for key, value in delta.items():
             if key == "tool_calls" and isinstance(value, list):
                 for call in value:
                     if isinstance(call, dict):
-                        index = call.get("index") if isinstance(call.get("index"), int) else len(state.calls)
+                        given = call.get("index")
+                        index = given if isinstance(given, int) else len(state.calls)
                         _merge(state.calls.setdefault(index, {}), {k: v for k, v in call.items() if k != "index"})
             elif isinstance(value, str) and key != "role":
                 state.message[key] = (state.message.get(key) or "") + value
