@@ -116,6 +116,20 @@ def test_malformed_candidates_do_not_break_the_features():
     assert len(reasons.explain(ask("hello"), weird, TOOLS)) == 3
 
 
+def test_arguments_nested_past_any_stack_stay_a_string():
+    """A candidate is client data on the score API: arguments nested 100,000 deep must not raise a
+    recursion error in the features, the reasons or the encoder's rendering."""
+    from service.critic import render
+
+    deep = call("cancel_reservation")
+    deep["tool_calls"][0]["function"]["arguments"] = "[" * 100_000 + "]" * 100_000
+    msgs = ask("Cancel XK42LP.")
+    rows = named(features.compute(msgs, [deep, deep], TOOLS))
+    assert rows[0]["call_support"] == 1.0 and rows[0]["schema_ok"] == 0.0
+    assert "not valid JSON" in reasons.explain(msgs, [deep], TOOLS)[0]
+    assert render.render_candidate(deep).startswith("[assistant] cancel_reservation([[[[")
+
+
 def test_the_reason_names_the_disagreement_and_the_invented_value():
     cands = [call("cancel_reservation", reservation_id="XK42LP")] * 3 + [call("cancel_reservation",
                                                                            reservation_id="ZZ9999")]

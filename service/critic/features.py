@@ -14,7 +14,6 @@ confirmed, the call that just failed repeated.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -22,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from service import wirejson
 from service.gate import structural
 from service.gate.actions import is_write
 
@@ -111,8 +111,8 @@ def parse_calls(message: Message) -> list[Call]:
         if not isinstance(fn, dict):
             continue
         raw = fn.get("arguments")
-        try:
-            args = json.loads(raw) if isinstance(raw, str) else raw
+        try:  # the bounded parser: arguments nested past 200 levels stay a string, no recursion error
+            args = wirejson.loads(raw) if isinstance(raw, str) else raw
         except ValueError:
             args = raw
         out.append(Call(str(fn.get("name")), args))

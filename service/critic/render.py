@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from service import wirejson
+
 FORMAT_VERSION = 2  # 2: the system prompt's head survives a cut context
 
 SYSTEM_HEAD_CHARS = 400
@@ -58,7 +60,7 @@ def _call_text(call: dict[str, Any]) -> str:
     fn = call.get("function") or {}
     raw = fn.get("arguments")
     try:
-        args = json.loads(raw) if isinstance(raw, str) else raw
+        args = wirejson.loads(raw) if isinstance(raw, str) else raw  # bounded: depth 200, no NaN
         args = json.dumps(args, separators=(",", ":"), ensure_ascii=False)
     except (json.JSONDecodeError, TypeError, ValueError):
         args = str(raw)
