@@ -130,6 +130,17 @@ def test_arguments_nested_past_any_stack_stay_a_string():
     assert render.render_candidate(deep).startswith("[assistant] cancel_reservation([[[[")
 
 
+def test_a_huge_candidate_costs_bounded_work():
+    """100,000 argument values against a 4 MB conversation: the grounding looks up the first few
+    values in the conversation's newest part, so the work stays bounded (it took 3.6 s of CPU)."""
+    huge = call("cancel_reservation", ids=[f"v{i}" for i in range(100_000)])
+    msgs = [{"role": "user", "content": "x" * 19_000}] * 200
+    started = time.process_time()
+    features.compute(msgs, [huge] * 8, TOOLS)
+    reasons.explain(msgs, [huge] * 8, TOOLS)
+    assert time.process_time() - started < 1.5
+
+
 def test_the_reason_names_the_disagreement_and_the_invented_value():
     cands = [call("cancel_reservation", reservation_id="XK42LP")] * 3 + [call("cancel_reservation",
                                                                            reservation_id="ZZ9999")]

@@ -18,6 +18,7 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,9 @@ _STRUCTURE = re.compile(r"^\s*(?:[-*+] |\d+[.)] |#{1,6} |```)", re.MULTILINE)
 _ERROR = re.compile(r"\berror\b|\bfailed\b|\binvalid\b|\bnot found\b|\bexception\b", re.IGNORECASE)
 _TEXT_CAP = 20_000  # characters of a message searched or tokenized: bounded work per turn
 _CONSENSUS_CHARS = 3_000
+_CONVERSATION_CHARS = 200_000  # the newest part of a long conversation, where grounding is looked for
+_VALUES = 64  # argument values of a candidate looked up in the conversation
+_ARGS_CHARS = 20_000  # longer arguments (a file's content, say) are compared whole, not parsed
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,8 @@ def parse_calls(message: Message) -> list[Call]:
         if not isinstance(fn, dict):
             continue
         raw = fn.get("arguments")
-        try:  # the bounded parser: arguments nested past 200 levels stay a string, no recursion error
-            args = wirejson.loads(raw) if isinstance(raw, str) else raw
+        try:  # the bounded parser (nesting past 200 levels stays a string); a huge payload stays opaque
+            args = wirejson.loads(raw) if isinstance(raw, str) and len(raw) <= _ARGS_CHARS else raw
         except ValueError:
             args = raw
         out.append(Call(str(fn.get("name")), args))
@@ -175,22 +179,28 @@ def conversation_text(messages: list[Message]) -> str:
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
                 parts.append(fn["arguments"][:_TEXT_CAP])
-    return "\n".join(parts).lower()
+    return "\n".join(parts)[-_CONVERSATION_CHARS:].lower()
 
 
-def _scalars(value: Any) -> list[Any]:
+def _scalars(value: Any) -> Iterator[Any]:
     if isinstance(value, dict):
-        return [x for v in value.values() for x in _scalars(v)]
-    if isinstance(value, list):
-        return [x for v in value for x in _scalars(v)]
-    return [value]
+        for v in value.values():
+            yield from _scalars(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _scalars(v)
+    else:
+        yield value
 
 
 def value_strings(calls: list[Call]) -> list[str]:
-    """The argument values a call passes, as they would be written in the conversation."""
-    out = []
+    """The argument values a call passes, as they would be written in the conversation (the first
+    _VALUES of them: bounded work whatever the candidate holds)."""
+    out: list[str] = []
     for c in calls:
         for x in _scalars(c.args):
+            if len(out) >= _VALUES:
+                return out
             if isinstance(x, bool) or x is None:
                 continue
             if isinstance(x, int):
@@ -198,7 +208,7 @@ def value_strings(calls: list[Call]) -> list[str]:
             elif isinstance(x, float):  # 5.0 is written 5
                 out.append(str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x))
             elif isinstance(x, str) and x.strip():
-                out.append(x.strip())
+                out.append(x.strip()[:_TEXT_CAP])
     return out
 
 
