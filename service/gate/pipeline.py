@@ -477,6 +477,9 @@ class Relay:
             samples = []
         cands = selection.from_samples(samples, 0, 0, self._req.route.record_logprobs)
         record.candidates.extend(c.record for c in cands)
+        billed = sampling.Sampled()
+        billed.add_usage(samples)  # the stream's usage chunk: what the turn cost, as on every path
+        _note(record, billed)
         if cands:
             self._gate._choose(record, cands[0])
         self._gate._finish(record, clock)
