@@ -160,12 +160,12 @@ def train_head(cfg: HeadConfig) -> dict[str, Any]:
 
 
 def _hints(groups: list[FeatureGroup], scores: list[np.ndarray]) -> dict[str, Any]:
-    """Threshold hints on the head's scale, from held-out labelled tool-call candidates."""
+    """Threshold hints on the head's scale, from held-out labelled candidates of tool and agent turns."""
     s = [float(x) for g, sc in zip(groups, scores) if g.kind != "text" for x, y in zip(sc, g.labels)
          if not np.isnan(y)]
     y = [bool(v >= 0.5) for g in groups if g.kind != "text" for v in g.labels if not np.isnan(v)]
     hints: dict[str, Any] = threshold_hints(s, y) if s else {"accept_threshold": None, "intervene_threshold": None}
-    hints["note"] = ("from held-out tool-call candidates scored by the head: accept is the lowest score above "
+    hints["note"] = ("from held-out tool and agent candidates scored by the head: accept is the lowest score above "
                      "which >= 90% were valid; intervene maximises TPR-FPR, at most accept")
     return hints
 
