@@ -19,6 +19,7 @@ from service.api.deps import Services
 from service.api.limits import BodySizeLimit
 from service.api.protocol import ChatCompletionRequest
 from service.api.requests import RequestContext
+from service.control.plane import ControlPlane
 from service.critic.base import Critic, CriticSlot
 from service.critic.registry import CriticActivator, load_critic
 from service.gate.pipeline import Gate
@@ -52,14 +53,18 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         await turn_sink.start()
         gate = Gate(upstream, critics, turn_sink, settings.shadow_max_backlog, tracing)
         limiter = make_limiter(settings.redis_url, settings.rate_limit_per_minute, settings.redis_max_connections)
+        engine = getattr(turn_sink, "engine", None)  # the control plane lives in the store's database
+        control = ControlPlane(engine, settings.redis_url, settings.control_poll_s) if engine is not None else None
         app.state.services = Services(settings, gate, critics, turn_sink, limiter,
-                                      forward.Forwarder(upstream.pools))
+                                      forward.Forwarder(upstream.pools), control)
         app.state.critic_labels = critic_info.publish(critics.current)
         app.state.critic_activator = CriticActivator(critics, settings, owns_current=critic is None,
                                                      labels=app.state.critic_labels)
         # Everything built so far (modules, app, critic session) lives as long as the process. Freezing
         # it keeps the cyclic GC from rescanning it: a full collection over it stalled the event loop
         # ~80 ms every few seconds under load (bench/overhead.py p99).
+        if control is not None:
+            await control.start()  # after the reloaders above registered (none yet)
         gc.collect()
         gc.freeze()
         summary = config_summary.effective(settings, critics.current)
@@ -67,6 +72,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         try:
             yield
         finally:
+            if control is not None:
+                await control.stop()
             await gate.drain()
             await turn_sink.stop()
             await app.state.critic_activator.aclose()

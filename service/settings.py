@@ -257,6 +257,8 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any client key is accepted
     rate_limit_per_minute: int | None = None  # per client key; shared through Redis when set
     redis_max_connections: int = Field(64, ge=1)  # per process; a burst beyond it waits for one
+    key_hash_secret: SecretStr | None = None  # keys issued through the admin API are stored as HMACs under it
+    control_poll_s: float = Field(1.0, gt=0, le=60)  # how often a replica checks for control-plane changes
     max_request_bytes: int = 4 * 1024 * 1024
     keepalive_interval_s: float = 5.0
     upstream_pool_shards: int = Field(16, ge=1, le=256)  # see service.upstream.client.make_http_clients
@@ -326,7 +328,7 @@ class Settings(BaseSettings):
         return [r.alias for r in self.routes if r.alias != CATCH_ALL]
 
 
-_SECRET_FIELDS = {"admin_key", "api_keys", "upstream_api_key", "database_url", "redis_url"}
+_SECRET_FIELDS = {"admin_key", "api_keys", "key_hash_secret", "upstream_api_key", "database_url", "redis_url"}
 
 
 def describe_invalid(error: ValidationError) -> str:

@@ -48,7 +48,8 @@ def shared_pg_db(make_pg_db) -> str:
     return make_pg_db()
 
 
-TABLES = "conversations, turns, candidates, feedback, conversation_links, critic_versions"
+TABLES = ("conversations, turns, candidates, feedback, conversation_links, critic_versions, api_keys, route_overrides, "
+          "audit_log")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

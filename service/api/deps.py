@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from service.api.errors import APIError
+from service.control.key_policy import KeyPolicy
 from service.critic.base import CriticSlot
 from service.gate.pipeline import Gate
 from service.settings import Settings
@@ -24,6 +25,7 @@ class Services:
     sink: TurnSink
     limiter: Any = None  # service.limits.ratelimit.*Limiter, None when unlimited
     forwarder: Any = None  # service.api.forward.Forwarder: the endpoints passed to the upstream ungated
+    control: Any = None  # service.control.plane.ControlPlane; None without a database store
 
 
 # Dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency on
@@ -47,7 +49,8 @@ def _same_key(given: str, expected: str) -> bool:
 @dataclass
 class ClientKey:
     key: str | None
-    key_id: str | None  # a digest prefix: enough to group traffic, useless to an attacker
+    key_id: str | None  # a digest prefix (or, for an issued key, its id): groups traffic, useless to an attacker
+    policy: KeyPolicy | None = None  # set for a key issued through the admin API
 
 
 async def client_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> ClientKey:

@@ -164,3 +164,52 @@ class CriticVersion(Base):
     manifest: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime]
     activated_at: Mapped[datetime | None]
+
+
+class ApiKey(Base):
+    """A client key issued through the admin API. Only an HMAC of the secret is stored (keyed with
+    the server-side TURNGATE_KEY_HASH_SECRET), and its first characters to tell keys apart.
+    A deleted key keeps its row (revoked_at set): its traffic and spend stay attributable."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    prefix: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    routes: Mapped[list[Any] | None] = mapped_column(JSONType)  # allowed aliases; None = every route
+    rpm: Mapped[int | None]
+    tpm: Mapped[int | None]
+    budget_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    budget_period: Mapped[str | None] = mapped_column(String(8))  # "day" | "month"
+    expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class RouteOverride(Base):
+    """A route set through the admin API. It replaces the YAML route of the same alias; `deleted`
+    removes one (the YAML file only seeds routes)."""
+
+    __tablename__ = "route_overrides"
+
+    alias: Mapped[str] = mapped_column(String(200), primary_key=True)
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # RouteSettings fields; None when deleted
+    deleted: Mapped[bool] = mapped_column(default=False)
+    updated_at: Mapped[datetime]
+
+
+class AuditEntry(Base):
+    """Every control-plane change: who, when, what, before and after (secrets masked). Its id is
+    also the control plane's generation: a replica that sees a higher one reloads."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))  # e.g. key.create, route.put, critic.activate
+    target: Mapped[str | None] = mapped_column(String(200))
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
