@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import openai
@@ -187,6 +188,21 @@ def test_an_intervention_round_is_billed_and_charged(actor, scripted):
     assert record.prompt_tokens + record.completion_tokens == summed(range(8))["total_tokens"]
 
 
+def test_a_shadow_reply_reports_the_calls_it_waited_for_and_the_key_is_charged_all(actor, scripted):
+    scripted.fn = per_call
+    meter = MemorySpendMeter()
+    policy = KeyPolicy(id="key-shadow", name="shadow", budget_tokens=10**9, budget_period="day")
+    with serve(actor[1], meter, {"sk-shadow": policy}, mode="shadow") as (url, _):
+        raw = ask(url, "sk-shadow")
+        give_up = time.monotonic() + 5
+        while read(meter, "key-shadow").spent < sum(1040 + 2 * i for i in range(4)):
+            assert time.monotonic() < give_up
+            time.sleep(0.02)
+    got = raw.parse().usage
+    assert got.candidates == 1 and got.total_tokens == got.chosen["total_tokens"]  # the first call's
+    assert read(meter, "key-shadow").spent == sum(1040 + 2 * i for i in range(4))  # all four
+
+
 def test_passthrough_usage_is_the_upstreams_and_its_stream_is_charged(actor, scripted):
     scripted.fn = per_call
     meter = MemorySpendMeter()
@@ -320,3 +336,11 @@ def test_a_key_without_a_policy_is_metered_not_limited(actor):
             assert time.monotonic() < give_up
             time.sleep(0.02)
     assert read(meter, "sk-plain-key").spent == 120
+
+
+def test_budget_periods_are_calendar_periods_in_utc():
+    december = datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+    assert period_of("day", december) == ("2026-12-31", datetime(2027, 1, 1, tzinfo=UTC))
+    assert period_of("month", december) == ("2026-12", datetime(2027, 1, 1, tzinfo=UTC))
+    assert period_of("month", datetime(2027, 1, 31, 12, tzinfo=UTC).timestamp()) == \
+        ("2027-01", datetime(2027, 2, 1, tzinfo=UTC))

@@ -100,6 +100,7 @@ class MemorySpendMeter(_Clocked):
         super().__init__(window_s, slots)
         self._window: dict[tuple[str, int], int] = {}
         self._totals: dict[tuple[str, BudgetPeriod, str], int] = {}
+        self._labels: tuple[str, ...] = ()  # the periods _totals holds
 
     async def charge(self, key_id: str, tokens: int) -> None:
         now = time.time()
@@ -107,12 +108,12 @@ class MemorySpendMeter(_Clocked):
         if len(self._window) > 10_000:  # drop slots that left the window; keys are bounded by it
             self._window = {k: v for k, v in self._window.items() if k[1] > slot - self.slots}
         self._window[(key_id, slot)] = self._window.get((key_id, slot), 0) + tokens
-        for period in PERIODS:
-            label, _ = period_of(period, now)
+        labels = tuple(period_of(period, now)[0] for period in PERIODS)
+        if labels != self._labels:  # a new day: forget the totals of periods that ended
+            self._totals = {k: v for k, v in self._totals.items() if k[2] in labels}
+            self._labels = labels
+        for period, label in zip(PERIODS, labels, strict=True):
             key = (key_id, period, label)
-            if key not in self._totals and len(self._totals) > 10_000:  # a new period began: forget the old
-                current = {period_of(p, now)[0] for p in PERIODS}
-                self._totals = {k: v for k, v in self._totals.items() if k[2] in current}
             self._totals[key] = self._totals.get(key, 0) + tokens
 
     async def read(self, key_id: str, period: BudgetPeriod | None) -> Reading:
