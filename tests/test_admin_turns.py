@@ -187,7 +187,7 @@ def test_pages_cover_every_turn_once_with_ties_on_created_at(admin_only):
         seen: list[str] = []
         cursor = None
         for _ in range(50):
-            more = {"cursor": cursor} if cursor else {}
+            more: dict[str, str] = {"cursor": cursor} if cursor else {}
             page = ok(admin_get(base, "/v1/admin/turns", limit=limit, **params, **more))
             assert len(page["data"]) <= limit
             seen += [t["id"] for t in page["data"]]
