@@ -129,6 +129,7 @@ def test_the_inspector_in_a_headless_browser(inspector):
             page.click("#signout")
             expect(page.locator("#signin")).to_be_visible()
             assert page.evaluate("sessionStorage.length") == 0
+            expect(page.locator("#turns tbody tr")).to_have_count(0)  # nothing seen under the key stays
         finally:
             browser.close()
     assert shot.stat().st_size > 0

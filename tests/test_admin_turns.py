@@ -143,10 +143,12 @@ def test_a_turn_opened_shows_request_candidates_decision_and_feedback(gateway_db
 
 def test_unknown_turn_is_404_in_the_envelope(gateway_db):
     base, _ = gateway_db
-    for turn_id in ("turn-nope", "x" * 300, "a%00b"):
+    for turn_id in ("turn-nope", "a%00b"):
         got = admin_get(base, f"/v1/admin/turns/{turn_id}")
         assert got.status_code == 404, got.text
         assert got.json()["error"]["code"] == "turn_not_found" and got.json()["error"]["param"] == "turn_id"
+    too_long = admin_get(base, "/v1/admin/turns/" + "x" * 65)  # longer than any stored id
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "turn_id", too_long.text
 
 
 # -- pages -----------------------------------------------------------------------------------------
@@ -276,6 +278,8 @@ BAD_QUERIES = [
     ("/v1/admin/turns", {"since": "0001-01-01T00:00:00+05:00"}, "since"),  # before year 1 in UTC
     ("/v1/admin/turns", {"cursor": "not-a-cursor"}, "cursor"),
     ("/v1/admin/turns", {"cursor": base64.urlsafe_b64encode(b'["2026-01-01T00:00:00", 5]').decode()}, "cursor"),
+    ("/v1/admin/turns", {"cursor": base64.urlsafe_b64encode(b'["2026-01-01T00:00:00", "\\ud800"]').decode()},
+     "cursor"),  # a lone surrogate: not a string the database can take
     ("/v1/admin/turns", {"route": "a\x00b"}, "route"),
     ("/v1/admin/turns", {"key_id": "k" * 65}, "key_id"),
     ("/v1/admin/stats", {"since": "soon"}, "since"),

@@ -11,7 +11,7 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -214,11 +214,12 @@ async def list_turns(
 
 
 @router.get("/turns/{turn_id}", response_model=TurnDetail)
-async def get_turn(turn_id: str, services: ServicesDep) -> dict:
+async def get_turn(turn_id: Annotated[str, Path(max_length=64, description="The reply's x-turngate-turn-id")],
+                   services: ServicesDep) -> dict:
     """One turn whole: the request, every round's candidates, the decision, and its feedback."""
     engine = _engine(services)
     found = None
-    if len(turn_id) <= 64 and "\x00" not in turn_id:  # longer ids are never stored
+    if "\x00" not in turn_id:  # never stored (PostgreSQL refuses a NUL in text)
         found = await _query(inspect.get_turn(engine, turn_id))
     if found is None:
         raise APIError(404, f"No turn with id {turn_id[:100]!r}.", "not_found_error", "turn_not_found", "turn_id")

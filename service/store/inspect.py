@@ -56,8 +56,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         at, turn_id = json.loads(raw)
         if not isinstance(at, str) or not isinstance(turn_id, str) or "\x00" in turn_id:
             raise BadCursor(cursor)
+        turn_id.encode()  # a lone surrogate cannot be sent to the database (UnicodeEncodeError)
         return as_utc(datetime.fromisoformat(at)), turn_id
-    except (binascii.Error, ValueError, TypeError, OverflowError, UnicodeDecodeError) as e:
+    except (binascii.Error, ValueError, TypeError, OverflowError) as e:  # Unicode errors are ValueErrors
         raise BadCursor(cursor) from e
 
 
