@@ -206,6 +206,25 @@ def test_pages_cover_every_turn_once_with_ties_on_created_at(admin_only):
     assert ok(admin_get(base, "/v1/admin/turns", limit=23))["next_cursor"] is None
 
 
+def test_previews_find_the_last_user_message_and_show_tool_calls(admin_only):
+    base, url, spool = admin_only
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_order", "arguments": '{"id": "7"}'}}
+    parts = [{"type": "text", "text": "part one"}, {"type": "text", "text": "two"}]
+    # Eleven earlier exchanges: the last user message is found by position, not by text order of indexes.
+    earlier = [m for i in range(11) for m in ({"role": "user", "content": f"old {i}"},
+                                              {"role": "assistant", "content": f"reply {i}"})]
+    agent = record([{"role": "system", "content": "sys"}, *earlier, {"role": "user", "content": parts},
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "shipped"}],
+                   {"role": "assistant", "content": None, "tool_calls": [call]})
+    no_user = record([{"role": "system", "content": "only a system prompt"}], "hello")
+    write_records(url, spool, [agent, no_user])
+    got = {t["id"]: t for t in ok(admin_get(base, "/v1/admin/turns"))["data"]}
+    assert got[agent.turn_id]["last_user_message"] == "part one two"
+    assert got[agent.turn_id]["chosen_reply"] == 'get_order({"id": "7"})'
+    assert got[no_user.turn_id]["last_user_message"] is None and got[no_user.turn_id]["chosen_reply"] == "hello"
+
+
 # -- stats -----------------------------------------------------------------------------------------
 def turn(route: str, decision: str, *, rounds: int = 1, n: int = 4, saved: int = 0, prompt: int = 100,
          completion: int = 20, age_s: float = 60.0, key: str = CLIENT_A) -> TurnRecord:

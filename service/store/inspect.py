@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, or_, select
+from sqlalchemy import ColumnElement, and_, case, exists, func, literal_column, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import aliased
 
-from service.store.models import Candidate, Conversation, Feedback, Turn
+from service.store.models import Candidate, Conversation, Feedback, JSONType, Turn
 
 PREVIEW_CHARS = 200
 
@@ -78,6 +78,21 @@ def _where(f: TurnFilter) -> list[Any]:
     return conds
 
 
+# The last user message of each listed turn, picked in the database: a page of agent turns would
+# otherwise carry every turn's whole history (often 100 kB each) out of it for a 200-character preview.
+_LAST_USER = {
+    "postgresql": "(SELECT m FROM jsonb_array_elements(CASE WHEN jsonb_typeof(turns.request_messages) = 'array' "
+                  "THEN turns.request_messages ELSE '[]'::jsonb END) WITH ORDINALITY AS e(m, i) "
+                  "WHERE m->>'role' = 'user' ORDER BY i DESC LIMIT 1)",
+    "sqlite": "(SELECT value FROM json_each(turns.request_messages) WHERE json_type(turns.request_messages) = 'array' "
+              "AND json_extract(value, '$.role') = 'user' ORDER BY key DESC LIMIT 1)",
+}
+
+
+def _last_user_message(dialect: str) -> ColumnElement[Any]:
+    return literal_column(_LAST_USER[dialect], JSONType).label("last_user")
+
+
 async def list_turns(engine: AsyncEngine, f: TurnFilter, limit: int,
                      cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """One page of turn summaries, newest first, and the cursor of the next page (None at the end).
@@ -91,7 +106,7 @@ async def list_turns(engine: AsyncEngine, f: TurnFilter, limit: int,
     has_feedback = exists().where(Feedback.turn_id == Turn.id).correlate(Turn)
     q = (select(Turn.id, Turn.created_at, Turn.route, Turn.mode, Turn.decision, Turn.chosen_index, Turn.rounds,
                 Turn.latency_total_ms, Turn.prompt_tokens, Turn.completion_tokens, Turn.conversation_id,
-                Turn.request_messages, Conversation.key_id, chosen.message.label("chosen_message"),
+                _last_user_message(engine.dialect.name), Conversation.key_id, chosen.message.label("chosen_message"),
                 chosen.score.label("chosen_score"), n_candidates.label("candidates"),
                 has_feedback.label("has_feedback"))
          .join(Conversation, Conversation.id == Turn.conversation_id)
@@ -109,7 +124,7 @@ async def list_turns(engine: AsyncEngine, f: TurnFilter, limit: int,
         "latency_total_ms": finite(r.latency_total_ms),
         "tokens": {"prompt": r.prompt_tokens, "completion": r.completion_tokens},
         "key_id": r.key_id, "conversation_id": r.conversation_id,
-        "last_user_message": preview(last_user_text(r.request_messages)),
+        "last_user_message": preview(message_text(r.last_user)),
         "chosen_reply": preview(message_text(r.chosen_message)) if r.chosen_message is not None else None,
         "has_feedback": bool(r.has_feedback),
     } for r in page]
@@ -249,15 +264,6 @@ def message_text(message: Any) -> str | None:
             args = fn.get("arguments")
             parts.append(f"{fn.get('name')}({args if isinstance(args, str) else json.dumps(args)})")
     return " ".join(parts) if parts else None
-
-
-def last_user_text(messages: Any) -> str | None:
-    if not isinstance(messages, list):
-        return None
-    for m in reversed(messages):
-        if isinstance(m, dict) and m.get("role") == "user":
-            return message_text(m)
-    return None
 
 
 def finite(x: float | None) -> float | None:
