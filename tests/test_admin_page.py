@@ -18,7 +18,10 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from service.gate.decisions import Decision
-from tests.inspector_support import ADMIN, N, chat, numbered_choices, store_gateway, wait_stored
+from service.gate.record import CandidateRecord
+from tests.inspector_support import ADMIN, CLIENT_A, N, chat, key_id, numbered_choices, store_gateway, wait_stored
+from tests.test_admin_turns import write_records
+from tests.test_store_support import record
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("TURNGATE_TEST_ARTIFACTS") or ROOT / "test-artifacts")
@@ -32,6 +35,10 @@ def inspector(actor, scripted, tmp_path) -> Iterator[str]:
     _, actor_url = actor
     with store_gateway(actor_url, f"sqlite:///{tmp_path}/store.db", tmp_path / "spool") as (base, _):
         yield base
+
+
+needs_chromium = pytest.mark.skipif(CHROMIUM is None,
+                                    reason="chromium is not installed (Debian: apt-get install chromium)")
 
 
 def _csp_hash(text: str) -> str:
@@ -62,7 +69,7 @@ def _sign_in(page: Page, key: str) -> None:
     page.click("#signin-form button[type=submit]")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
+@needs_chromium
 def test_the_inspector_in_a_headless_browser(inspector):
     turn_id = chat(inspector, "where is my order?")
     xss_id = chat(inspector, "echo:" + XSS)
@@ -133,3 +140,47 @@ def test_the_inspector_in_a_headless_browser(inspector):
         finally:
             browser.close()
     assert shot.stat().st_size > 0
+
+
+@needs_chromium
+def test_an_intervened_turn_opened_by_its_address_shows_its_rounds_vetoes_and_feedback(inspector, tmp_path):
+    r = record([{"role": "user", "content": "cancel order 9"}], "cancelled", n=4, key_id=key_id(CLIENT_A))
+    veto = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "cancel", "arguments": "{bad json"}}]}
+    r.candidates = [
+        CandidateRecord(index=0, round=0, message=veto, verdict="veto", veto_reason="bad_json",
+                        veto_detail="arguments are not JSON"),
+        CandidateRecord(index=1, round=0, message={"role": "assistant", "content": "maybe later"}, score=0.1),
+        CandidateRecord(index=2, round=1, message={"role": "assistant", "content": "cancelled"}, score=0.8),
+        CandidateRecord(index=3, round=1, message={"role": "assistant", "content": "done?"}, score=0.4)]
+    r.decision, r.rounds, r.chosen_index = "intervened", 2, 2
+    r.feedback = ["Your previous replies were judged unlikely to help: call the tool with valid JSON."]
+    write_records(f"sqlite:///{tmp_path}/store.db", tmp_path / "writer-spool", [r])
+    given = httpx.post(inspector + "/v1/feedback", json={"turn_id": r.turn_id, "reward": 1.0, "label": "resolved"},
+                       headers={"authorization": f"Bearer {CLIENT_A}"})
+    assert given.status_code == 200, given.text
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{inspector}/admin#turn={r.turn_id}")
+            _sign_in(page, ADMIN)
+            detail = page.locator("#detail")
+            expect(detail).to_contain_text("Turn " + r.turn_id)  # straight to the turn the address names
+            rounds = detail.locator(".cands")
+            expect(rounds).to_have_count(2)
+            expect(rounds.nth(0).locator(".cand")).to_have_count(2)
+            expect(rounds.nth(1).locator(".cand")).to_have_count(2)
+            expect(rounds.nth(0).locator(".cand.vetoed")).to_contain_text("veto: bad_json")
+            expect(rounds.nth(0).locator(".cand.vetoed")).to_contain_text("arguments are not JSON")
+            expect(rounds.nth(0).locator(".cand.vetoed")).to_contain_text("{bad json")
+            expect(rounds.nth(1).locator(".cand.chosen")).to_contain_text("cancelled")
+            expect(detail.locator(".intervention")).to_contain_text("call the tool with valid JSON")
+            expect(detail).to_contain_text("intervened")
+            expect(detail.locator(".fb")).to_contain_text("resolved")
+            expect(detail.locator(".fb")).to_contain_text("reward 1.00")
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "admin-inspector-intervened.png"), full_page=True)
+        finally:
+            browser.close()
