@@ -362,3 +362,13 @@ def _decision_literals(target: ast.expr, value: ast.expr) -> set[str]:
 
 def _strings(value: ast.expr) -> set[str]:
     return {n.value for n in ast.walk(value) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
+def test_the_api_document_declares_the_inspector_replies():
+    doc = create_app(Settings(admin_key=ADMIN)).openapi()
+    replies = {path: doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+               for path in ("/v1/admin/turns", "/v1/admin/turns/{turn_id}", "/v1/admin/stats")}
+    assert replies == {"/v1/admin/turns": "#/components/schemas/TurnPage",
+                       "/v1/admin/turns/{turn_id}": "#/components/schemas/TurnDetail",
+                       "/v1/admin/stats": "#/components/schemas/StatsReply"}
+    assert doc["components"]["schemas"]["Decision"]["enum"] == [d.value for d in Decision]
