@@ -12,7 +12,7 @@ import httpcore
 from fastapi import FastAPI
 
 from service import config_summary, installed_version
-from service.api import admin, errors, forward, health, metrics, openai, openapi
+from service.api import admin, admin_page, admin_turns, errors, forward, health, metrics, openai, openapi
 from service.api import critic as critic_api
 from service.api import feedback as feedback_api
 from service.api.deps import Services
@@ -90,8 +90,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
 
     app = FastAPI(title="turngate", version=installed_version(), lifespan=lifespan)
     errors.install(app)
-    routers = [openai.router, forward.router, feedback_api.router, critic_api.router, admin.router, health.router,
-               metrics.router]
+    routers = [openai.router, forward.router, feedback_api.router, critic_api.router, admin.router,
+               admin_turns.router, admin_page.router, health.router, metrics.router]
     for router in routers:
         app.include_router(router)
     openapi.install(app, [ChatCompletionRequest])

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # What the wheel is built from (pyproject.toml and setup.py say how).
 PACKAGE_SOURCES = ["pyproject.toml", "setup.py", "README.md", "service", "critic_models", "migrations"]
 # Modules of the optional extras, hidden from the installed turngate.
-EXTRAS_ONLY = ["openai", "pytest", "torch", "matplotlib", "schemathesis"]
+EXTRAS_ONLY = ["openai", "pytest", "torch", "matplotlib", "schemathesis", "playwright"]
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,8 @@ def test_serve_from_another_folder(installed):
         assert ready is not None, proc.communicate(timeout=10)[0] if proc.poll() is not None else "no answer"
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
         assert (work / "served.db").exists()
+        page = httpx.get(f"http://127.0.0.1:{port}/admin", timeout=5)  # package data: the inspector page
+        assert page.status_code == 200 and "turn inspector" in page.text
     finally:
         proc.send_signal(signal.SIGINT)
         try:

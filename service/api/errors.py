@@ -53,7 +53,9 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
 def _param(loc) -> str | None:
     """OpenAI's spelling of a location, `messages[0].content[1].text`, without pydantic's union tags."""
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
+        if i == 0 and part in ("query", "path", "header"):  # where a parameter came from: `limit`, not `query.limit`
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         elif part != "body" and not _is_tag(part):
