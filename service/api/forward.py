@@ -20,7 +20,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from service import wirejson
-from service.api.deps import LimitedKeyDep, ServicesDep
+from service.api.access import route_for_key
+from service.api.deps import ClientKey, LimitedKeyDep, ServicesDep
 from service.api.errors import APIError, from_upstream
 from service.api.jsonroute import parse_error_message
 from service.api.protocol import ErrorBody
@@ -76,7 +77,7 @@ class Forwarder:
 
 def _make_endpoint(endpoint: str):
     async def forward(request: Request, services: ServicesDep, key: LimitedKeyDep) -> Response:
-        return await _forward(request, services, key.key, endpoint)
+        return await _forward(request, services, key, endpoint)
 
     forward.__name__ = f"forward_{endpoint}"
     forward.__doc__ = (f"Forwarded to the upstream of the route named by `model` ({endpoint}), not gated; "
@@ -88,14 +89,12 @@ for _endpoint in ENDPOINTS:
     router.post(f"/v1/{_endpoint}", openapi_extra=_BODY, responses=_ERRORS)(_make_endpoint(_endpoint))
 
 
-async def _forward(request: Request, services: Any, client_key: str | None, endpoint: str) -> Response:
+async def _forward(request: Request, services: Any, key: ClientKey, endpoint: str) -> Response:
     raw = await request.body()
     payload = _parse(raw)
     asked = payload["model"]
-    route = services.settings.route_for(asked)
-    if route is None:
-        raise APIError(404, f"The model {asked!r} does not exist on this gateway.", code="model_not_found",
-                       param="model")
+    route = route_for_key(services.settings, key, asked)
+    client_key = key.key
     note_route(request, route.alias)
     content = raw if route.model == asked else json.dumps({**payload, "model": route.model}).encode()
     tracing = services.gate.tracing
