@@ -55,6 +55,12 @@ class ClientKey:
     key_id: str | None  # a digest prefix (or, for an issued key, its id): groups traffic, useless to an attacker
     policy: KeyPolicy | None = None  # set for a key issued through the admin API
 
+    @property
+    def upstream_key(self) -> str | None:
+        """The bearer sent upstream by a route without a key of its own: the client's own key, never
+        one turngate issued (a third party has no business seeing it, and could not use it)."""
+        return None if self.policy is not None else self.key
+
 
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode("latin-1", "replace")).hexdigest()[:12]

@@ -94,7 +94,7 @@ async def _forward(request: Request, services: Any, key: ClientKey, endpoint: st
     payload = _parse(raw)
     asked = payload["model"]
     route = route_for_key(services.settings, key, asked)
-    client_key = key.key
+    client_key = key.upstream_key
     note_route(request, route.alias)
     content = raw if route.model == asked else json.dumps({**payload, "model": route.model}).encode()
     tracing = services.gate.tracing

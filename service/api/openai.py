@@ -79,7 +79,7 @@ async def chat_completions(request: Request, services: ServicesDep, key: Limited
     note_route(request, route.alias)
     _check_n(payload, route)
     turn = TurnRequest(
-        turn_id=new_turn_id(), route=route, body=payload, client_key=key.key,
+        turn_id=new_turn_id(), route=route, body=payload, client_key=key.upstream_key,
         conversation=ConversationHint(header_id=request.headers.get(CONVERSATION_HEADER),
                                       user=payload.get("user"), metadata=payload.get("metadata"),
                                       key_id=key.key_id))
