@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         engine = getattr(turn_sink, "engine", None)  # the control plane lives in the store's database
         control = ControlPlane(engine, settings.redis_url, settings.control_poll_s) if engine is not None else None
         hash_secret = settings.key_hash_secret
-        keys = KeyCache(hash_secret.get_secret_value() if hash_secret else None)
+        keys = KeyCache(hash_secret.get_secret_value() if hash_secret else None, needs_load=control is not None)
         if control is not None:
             control.on_change("keys", keys.reload)
         app.state.services = Services(settings, gate, critics, turn_sink, limiter,

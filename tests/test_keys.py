@@ -39,7 +39,7 @@ from service.store.engine import make_sync_engine
 from service.store.models import ApiKey, AuditEntry
 from service.store.sink import StoreSink
 from tests.conftest import TableCritic
-from tests.test_store_support import db_url, make_pg_db, shared_pg_db  # noqa: F401 - fixtures
+from tests.test_store_support import db_url, make_pg_db, pg_admin, shared_pg_db  # noqa: F401 - fixtures
 
 ADMIN = "adm-7f3c9a1e5b2d4f60a8c1"
 HASH_SECRET = "hs-0b8e2f6a9c4d1e7f3a5b"
@@ -241,6 +241,19 @@ def test_invalid_fields_are_400_in_the_envelope(gateway, body, param):
         if param is None:
             assert "budget_tokens" in error["message"] and "budget_period" in error["message"]
         assert admin(base, "GET").json()["data"] == []
+
+
+def test_the_largest_values_and_any_text_are_stored_as_given(gateway):
+    with gateway() as base:
+        body = {"name": "agent \u00e9\u4e2d\U0001f600 'quoted' \"x\"", "routes": ["gpt-test", "*", "\u00e9" * 200],
+                "rpm": 2**31 - 1, "tpm": 2**31 - 1, "budget_tokens": 2**63 - 1, "budget_period": "day",
+                "expires_at": "9999-12-30T23:59:59.999999+05:00"}
+        created = create(base, **body)
+        shown = admin(base, "GET", f"/{created['id']}").json()
+        for field in ("name", "routes", "rpm", "tpm", "budget_tokens", "budget_period"):
+            assert shown[field] == body[field], field
+        assert datetime.fromisoformat(shown["expires_at"]) == datetime.fromisoformat(body["expires_at"])
+        assert chat(base, created["key"]) == "hi"
 
 
 def test_patch_changes_the_fields_given_and_null_clears(gateway, db_url):
@@ -465,3 +478,28 @@ def test_the_cli_creates_lists_and_revokes_keys(gateway, db_url):
             (err,) = failed.stderr.splitlines()
             assert err.startswith("turngate: error: ") and says in err, (args, err)
     assert db_rows(db_url, text("select count(*) from api_keys"))[0][0] == 1
+
+
+def test_a_replica_that_cannot_read_its_keys_refuses_rather_than_opens(actor, make_pg_db, tmp_path):
+    """A replica started while the database is away cannot tell issued keys (or whether keys are
+    required): it answers 503 to every key but the static ones until it has read them."""
+    url = make_pg_db()
+    name = url.rsplit("/", 1)[1]
+    with replica(actor[1], url, tmp_path / "a") as a:
+        created = create(a)
+    pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    try:
+        with replica(actor[1], url, tmp_path / "b", api_keys=[STATIC]) as b:
+            for key in (created["key"], "sk-stranger", None):
+                headers = {"authorization": f"Bearer {key}"} if key else {}
+                resp = httpx.get(b + "/v1/models", headers=headers, timeout=10)
+                assert resp.status_code == 503 and resp.json()["error"]["code"] == "keys_unavailable"
+            assert chat(b, STATIC) == "hi"  # the static keys need no database
+            ready = httpx.get(b + "/readyz", timeout=10)
+            assert ready.status_code == 503 and ready.json()["keys"] == {"loaded": False}
+            pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            within(5.0, lambda: status_of(b, created["key"]) == 200)
+            assert status_of(b, "sk-stranger") == 401
+            assert httpx.get(b + "/readyz", timeout=10).json()["keys"] == {"loaded": True}
+    finally:
+        pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')

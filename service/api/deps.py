@@ -73,6 +73,9 @@ async def client_key(request: Request, services: Annotated[Services, Depends(get
     allowed = services.settings.api_keys
     if key and allowed and any(_same_key(key, k) for k in allowed):
         return ClientKey(key, _digest(key))
+    if not services.keys.ready:  # fail closed: an open gateway would let revoked keys and strangers in
+        raise APIError(503, "Client keys are not loaded yet (the database is unreachable); retry shortly.",
+                       "server_error", "keys_unavailable", headers={"retry-after": "1"})
     issued = services.keys.lookup(key) if key else None
     now = datetime.now(UTC)
     if issued is not None:

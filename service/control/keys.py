@@ -191,8 +191,9 @@ def _policy(row: Any) -> KeyPolicy:
 class KeyCache:
     """Every issued key of the database, by HMAC, on this replica."""
 
-    def __init__(self, hash_secret: str | None) -> None:
+    def __init__(self, hash_secret: str | None, needs_load: bool = False) -> None:
         self.hash_secret = hash_secret
+        self._loaded = not needs_load
         self._by_hash: dict[str, IssuedKey] = {}
         # Whether some issued key is usable, in O(1) per request: one that never expires, or the
         # latest expiry among the others.
@@ -207,6 +208,13 @@ class KeyCache:
         latest = max((e for e in live if e is not None), default=None)
         # Swapped together: a request sees the old state or the new one, never a mix.
         self._by_hash, self._forever, self._latest_expiry = by_hash, forever, latest
+        self._loaded = True
+
+    @property
+    def ready(self) -> bool:
+        """False while a replica that issues keys (a hash secret set) has not read them yet (its
+        database was away at start): it cannot tell an issued key, or whether keys are required."""
+        return self._loaded or self.hash_secret is None
 
     def lookup(self, key: str) -> IssuedKey | None:
         """The issued key whose secret `key` is, revoked or expired included; None for any other string."""
