@@ -24,7 +24,7 @@ from service.control import keys
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/admin/keys", dependencies=[AdminDep], route_class=WireJSONRoute, tags=["admin"])
+router = APIRouter(prefix="/v1/admin/keys", dependencies=[AdminDep], route_class=WireJSONRoute)
 
 _INT32 = 2**31 - 1
 _INT64 = 2**63 - 1
