@@ -25,6 +25,7 @@ from service.critic.base import Critic, CriticSlot
 from service.critic.registry import CriticActivator, load_critic
 from service.gate.pipeline import Gate
 from service.limits.ratelimit import make_limiter
+from service.limits.spend import SpendMeter, make_meter
 from service.settings import Settings
 from service.store.base import TurnSink
 from service.store.factory import make_sink
@@ -37,9 +38,10 @@ log = logging.getLogger("turngate")
 
 
 def create_app(settings: Settings | None = None, *, critic: Critic | None = None,
-               sink: TurnSink | None = None, tracing: Tracing | None = None) -> FastAPI:
-    """The ASGI app. `critic`, `sink` and `tracing` override what settings and the environment
-    would build (tests, benchmarks)."""
+               sink: TurnSink | None = None, tracing: Tracing | None = None,
+               spend: SpendMeter | None = None) -> FastAPI:
+    """The ASGI app. `critic`, `sink`, `tracing` and `spend` override what settings and the
+    environment would build (tests, benchmarks)."""
     settings = settings or Settings()
     tracing = tracing or tracing_from_environment()
 
@@ -52,7 +54,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         critics = CriticSlot(critic if critic is not None else await asyncio.to_thread(load_critic, settings))
         turn_sink = sink or make_sink(settings)
         await turn_sink.start()
-        gate = Gate(upstream, critics, turn_sink, settings.shadow_max_backlog, tracing)
+        meter = spend or make_meter(settings.redis_url, settings.redis_max_connections)
+        gate = Gate(upstream, critics, turn_sink, settings.shadow_max_backlog, tracing, meter)
         limiter = make_limiter(settings.redis_url, settings.rate_limit_per_minute, settings.redis_max_connections)
         engine = getattr(turn_sink, "engine", None)  # the control plane lives in the store's database
         control = ControlPlane(engine, settings.redis_url, settings.control_poll_s) if engine is not None else None
@@ -61,7 +64,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         if control is not None:
             control.on_change("keys", keys.reload)
         app.state.services = Services(settings, gate, critics, turn_sink, limiter,
-                                      forward.Forwarder(upstream.pools), control, keys)
+                                      forward.Forwarder(upstream.pools), control, spend=meter, keys=keys)
         app.state.critic_labels = critic_info.publish(critics.current)
         app.state.critic_activator = CriticActivator(critics, settings, owns_current=critic is None,
                                                      labels=app.state.critic_labels)
@@ -85,6 +88,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
             await upstream.aclose()
             if limiter is not None:
                 await limiter.close()
+            await meter.close()  # after gate.drain: the last turns' charges are in
             exposition.process_exit()
             if tracing is not None:
                 await asyncio.to_thread(tracing.shutdown)  # flushes the last spans

@@ -96,6 +96,9 @@ class RouteSettings(BaseModel):
     # Ask the upstream for every candidate's token logprobs and keep them on the turn record (the
     # client gets them only when it asked for logprobs itself).
     record_logprobs: bool = False
+    # What a reply's `usage` counts: "billed", every call of the turn (what the upstream bills, with
+    # the chosen candidate's own under usage.chosen), or "chosen", the chosen candidate's call alone.
+    usage_reported: Literal["billed", "chosen"] = "billed"
     policy: GatePolicy = Field(default_factory=GatePolicy)
 
     @property

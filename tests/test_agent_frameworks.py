@@ -2,7 +2,8 @@
 Agents SDK (its chat-completions model) and LangChain (ChatOpenAI with bound tools), against the
 fake upstream, in rank and passthrough mode, JSON and streamed. Each loop calls a function tool,
 gets its result back to the actor, and ends with a text answer; the usage details the upstream
-reported (cached and reasoning tokens) reach the framework's own usage accounting.
+reported (cached and reasoning tokens) reach the framework's own usage accounting, every call the
+turn billed (a rank turn's candidates too).
 
 The packages are in the `dev` extra; the tests skip where they are not installed.
 """
@@ -26,6 +27,11 @@ USAGE = {"prompt_tokens": 300, "completion_tokens": 40, "total_tokens": 340,
          "completion_tokens_details": {"reasoning_tokens": 16, "audio_tokens": 0,
                                        "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
 ROUTES: list[dict[str, Any]] = [{"mode": "rank", "candidates": 2}, {"mode": "passthrough"}]
+
+
+def calls(route: dict[str, Any]) -> int:
+    """Upstream calls per turn: what a turn's usage counts."""
+    return route["candidates"] if route["mode"] == "rank" else 1
 
 
 def weather_agent_actor(body, attempt) -> Reply:
@@ -73,8 +79,9 @@ async def test_openai_agents_sdk_loop(gateway, scripted, actor, route, streamed)
     assert tool_results(actor[0].requests) and tool_results(actor[0].requests)[0] == sky_of("Paris")
     usage = result.context_wrapper.usage
     assert usage.requests == 2
-    assert usage.input_tokens_details.cached_tokens == 2 * 128  # turngate used to report 0
-    assert usage.output_tokens_details.reasoning_tokens == 2 * 16
+    assert usage.input_tokens_details.cached_tokens == 2 * 128 * calls(route)  # turngate used to report 0
+    assert usage.output_tokens_details.reasoning_tokens == 2 * 16 * calls(route)
+    assert usage.input_tokens == 2 * 300 * calls(route)
     assert [r.decision for r in sink.records] == (["ranked"] * 2 if route["mode"] == "rank" else ["passthrough"] * 2)
 
 
@@ -111,6 +118,7 @@ def test_langchain_tool_loop(gateway, scripted, actor, route, streamed):
         answer = ask(messages)
     assert answer.content == "It is sunny in Paris." and not answer.tool_calls
     assert tool_results(actor[0].requests)[0] == sky_of("Paris")
-    assert answer.usage_metadata["input_token_details"]["cache_read"] == 128
-    assert answer.usage_metadata["output_token_details"]["reasoning"] == 16
+    assert answer.usage_metadata["input_token_details"]["cache_read"] == 128 * calls(route)
+    assert answer.usage_metadata["output_token_details"]["reasoning"] == 16 * calls(route)
+    assert answer.usage_metadata["total_tokens"] == 340 * calls(route)
     assert len(sink.records) == 2

@@ -404,6 +404,19 @@ def test_a_keys_rpm_holds_across_replicas_through_redis(actor, db_url, tmp_path)
             assert counters and store.delete(*counters) >= 1
 
 
+def test_an_issued_keys_token_budget_is_enforced(gateway):
+    """The budget set through the admin API reaches the spend check (service.limits.spend)."""
+    with gateway() as base:
+        created = create(base, budget_tokens=1, budget_period="day")
+        assert chat(base, created["key"]) == "hi"  # a turn in flight is never cut; its bill lands after it
+        within(5.0, lambda: status_of(base, created["key"]) == 429)
+        with pytest.raises(openai.RateLimitError) as info:
+            chat(base, created["key"])
+        assert info.value.code == "budget_exceeded"
+        admin(base, "PATCH", f"/{created['id']}", json={"budget_tokens": None})
+        within(2.0, lambda: status_of(base, created["key"]) == 200)
+
+
 # -- the sliding window ---------------------------------------------------------------------------------
 
 async def _slide(limiter, monkeypatch) -> None:

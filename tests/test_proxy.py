@@ -99,7 +99,8 @@ def test_streaming_replays_the_chosen_text(gateway, scripted):
     assert text == long_text
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # really streamed in pieces
     assert chunks[-2].choices[0].finish_reason == "stop"
-    assert chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].usage.completion_tokens == 4 * 5  # every candidate's call billed
+    assert chunks[-1].usage.chosen["completion_tokens"] == 5  # the chosen one's own
 
 
 def test_streaming_replays_tool_calls(gateway, scripted):

@@ -1,5 +1,6 @@
 """Wire fidelity, through the real openai client: what the upstream says reaches the client (usage
-with its details, logprobs, service_tier, system_fingerprint, request id and rate-limit headers) in
+with its details, summed over every call a rank turn billed; logprobs, service_tier,
+system_fingerprint, request id and rate-limit headers) in
 JSON and streamed replies, on passthrough and rank routes; passthrough streams are relayed as they
 arrive; what agents send reaches the upstream; a failure after a stream began ends in an error event.
 """
@@ -25,6 +26,19 @@ def usage(i: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": 128, "audio_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 16 + i, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+
+
+def billed(mode: str, i: int) -> dict:
+    """The usage a reply reports: a passthrough call's as sent; a rank turn's four calls summed, the
+    chosen call's own under `chosen`."""
+    if mode == "passthrough":
+        return usage(i)
+    return {"prompt_tokens": 4 * 1200, "completion_tokens": sum(40 + k for k in range(4)),
+            "total_tokens": sum(1240 + k for k in range(4)),
+            "prompt_tokens_details": {"cached_tokens": 4 * 128, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": sum(16 + k for k in range(4)), "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+            "chosen": usage(i), "candidates": 4}
 
 
 def rich(body, i) -> Reply:
@@ -74,15 +88,21 @@ def test_what_the_upstream_says_reaches_the_client(gateway, scripted, mode, stre
         assert got_logprobs == expected_logprobs
         assert {c["service_tier"] for c in chunks} == {"default"}
         assert {c["system_fingerprint"] for c in chunks} == {f"fp_{i}"}
-        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage(i)
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == billed(mode, i)
     else:
         body = raw.http_response.json()
         assert body["choices"][0]["message"]["content"] == text
         assert body["choices"][0]["logprobs"] == {"content": expected_logprobs, "refusal": None}
-        assert body["usage"] == usage(i)  # the details included, unchanged
+        assert body["usage"] == billed(mode, i)  # the details included
         assert body["service_tier"] == "default" and body["system_fingerprint"] == f"fp_{i}"
-        assert reply.usage.prompt_tokens_details.cached_tokens == 128
-        assert reply.usage.completion_tokens_details.reasoning_tokens == 16 + i
+        details = billed(mode, i)
+        assert reply.usage.prompt_tokens_details.cached_tokens == details["prompt_tokens_details"]["cached_tokens"]
+        assert reply.usage.completion_tokens_details.reasoning_tokens == \
+            details["completion_tokens_details"]["reasoning_tokens"]
+    if stream and mode == "passthrough":  # relayed: its headers leave before its usage exists
+        assert "x-turngate-billed-tokens" not in raw.headers
+    else:
+        assert raw.headers["x-turngate-billed-tokens"] == str(billed(mode, i)["total_tokens"])
     # The chosen call's rate-limit headers as they are, its request id under x-upstream-request-id.
     assert raw.headers["x-ratelimit-remaining-requests"] == str(499 - i)
     assert raw.headers["x-ratelimit-remaining-tokens"] == str(90_000 - i)

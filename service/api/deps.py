@@ -15,6 +15,8 @@ from service.control.key_policy import KeyPolicy
 from service.control.keys import KeyCache
 from service.critic.base import CriticSlot
 from service.gate.pipeline import Gate
+from service.limits import spend
+from service.limits.spend import SpendMeter
 from service.settings import Settings
 from service.store.base import TurnSink
 
@@ -28,6 +30,7 @@ class Services:
     limiter: Any = None  # service.limits.ratelimit.*Limiter, None when unlimited
     forwarder: Any = None  # service.api.forward.Forwarder: the endpoints passed to the upstream ungated
     control: Any = None  # service.control.plane.ControlPlane; None without a database store
+    spend: SpendMeter | None = None  # tokens per client key (service.limits.spend)
     keys: KeyCache = field(default_factory=lambda: KeyCache(None))  # keys issued through the admin API
 
 
@@ -100,7 +103,24 @@ async def rate_limited(key: Annotated[ClientKey, Depends(client_key)],
             raise APIError(429, "Rate limit reached for this API key; retry after the window resets.",
                            "rate_limit_error", "rate_limit_exceeded",
                            headers={"retry-after": str(verdict.retry_after_s)})
+    await within_spend(key, services)
     return key
+
+
+async def within_spend(key: ClientKey, services: Services) -> None:
+    """429 when the key's policy has a tokens-per-minute limit its last minute reached, or a token
+    budget its period spent. Only issued keys have a policy; the others are metered, not limited."""
+    if key.policy is None or key.key_id is None or services.spend is None:
+        return
+    refusal = await spend.refusal(services.spend, key.key_id, key.policy)
+    if refusal is None:
+        return
+    if refusal.code == "budget_exceeded":
+        # OpenAI's type for a spent quota; x-should-retry tells its SDKs not to retry before the reset.
+        raise APIError(429, refusal.message, "insufficient_quota", refusal.code,
+                       headers={"retry-after": str(refusal.retry_after_s), "x-should-retry": "false"})
+    raise APIError(429, refusal.message, "rate_limit_error", refusal.code,
+                   headers={"retry-after": str(refusal.retry_after_s)})
 
 
 async def admin_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> None:

@@ -5,7 +5,8 @@ API through it. These requests are not turns the critic can judge (no chat candi
 they go to the upstream of the route their `model` names, as sent: the body unchanged but for the
 model name the route sends upstream, the route's upstream key (or the client's own), and the reply
 relayed as it comes, JSON whole and SSE streams chunk by chunk. They are counted
-(turngate_requests_total, by endpoint), not stored as turns.
+(turngate_requests_total, by endpoint), not stored as turns; the tokens their usage reports are
+charged to the client key's spend after the reply (service.api.forwarded_usage).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 import httpcore
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from service import wirejson
+from service.api import forwarded_usage
 from service.api.access import route_for_key
 from service.api.deps import ClientKey, LimitedKeyDep, ServicesDep
 from service.api.errors import APIError, from_upstream
@@ -110,10 +113,14 @@ async def _forward(request: Request, services: Any, key: ClientKey, endpoint: st
             await resp.aread()
             raise _error(services.gate.upstream, route, resp)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in resp.headers if k.lower() in _RELAYED_HEADERS}
+        meter = forwarded_usage.Meter(services.spend, key.key_id)
         if headers.get("content-type", "").startswith("text/event-stream"):
             closing, resp = resp, None  # the stream closes it
-            return StreamingResponse(_relay(closing), status_code=closing.status, headers=headers)
-        return Response(await resp.aread(), status_code=resp.status, headers=headers)
+            return StreamingResponse(_relay(closing, meter.tap()), status_code=closing.status, headers=headers,
+                                     background=BackgroundTask(meter.charge))
+        content = await resp.aread()
+        return Response(content, status_code=resp.status, headers=headers,
+                        background=BackgroundTask(meter.charge_body, content))  # after the reply is sent
     except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError) as e:
         raise UpstreamError("connect" if not isinstance(e, httpcore.TimeoutException) else "timeout",
                             f"upstream reply broke off: {type(e).__name__}") from e
@@ -122,10 +129,11 @@ async def _forward(request: Request, services: Any, key: ClientKey, endpoint: st
             await resp.aclose()
 
 
-async def _relay(resp: httpcore.Response) -> AsyncIterator[bytes]:
+async def _relay(resp: httpcore.Response, tap: forwarded_usage.Tap) -> AsyncIterator[bytes]:
     """The upstream's SSE bytes as they arrive; the upstream connection closes with the client's."""
     try:
         async for chunk in resp.aiter_stream():
+            tap.feed(chunk)
             yield chunk
     finally:
         await resp.aclose()

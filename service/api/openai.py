@@ -98,11 +98,12 @@ async def chat_completions(request: Request, services: ServicesDep, key: Limited
         except ClientGone:
             return Response(status_code=499)
         result = task.result()
-        return JSONResponse(_with_choices(result, route.alias, logprobs), headers=replies.decision_headers(result))
+        return JSONResponse(_with_choices(result, route, logprobs), headers=replies.decision_headers(result))
     include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
     return await _stream(request, task, turn, keepalive_s,
                          lambda result: (replies.decision_headers(result), _iter(replies.replay_chunks(
-                             replies.completion_body(result, route.alias, logprobs), include_usage))))
+                             replies.completion_body(result, route.alias, logprobs, route.usage_reported),
+                             include_usage))))
 
 
 def _check_n(payload: dict[str, Any], route: RouteSettings) -> None:
@@ -120,11 +121,12 @@ def _check_n(payload: dict[str, Any], route: RouteSettings) -> None:
                             "choices.", code="invalid_value", param="n")
 
 
-def _with_choices(result: TurnResult, alias: str, logprobs: bool) -> dict[str, Any]:
+def _with_choices(result: TurnResult, route: RouteSettings, logprobs: bool) -> dict[str, Any]:
     """The reply body with every choice of the turn (`n`), each built as the chosen one is."""
-    body = replies.completion_body(result, alias, logprobs)
+    body = replies.completion_body(result, route.alias, logprobs, route.usage_reported)
     if len(result.choices) > 1:
-        body["choices"] = [{**replies.completion_body(TurnResult(result.record, c), alias, logprobs)["choices"][0],
+        body["choices"] = [{**replies.completion_body(TurnResult(result.record, c), route.alias,
+                                                      logprobs)["choices"][0],
                             "index": i}
                            for i, c in enumerate(result.choices)]
     return body

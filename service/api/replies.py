@@ -1,12 +1,12 @@
 """The turn as the client sees it: a ChatCompletion body, x-turngate-* headers, SSE chunks (a gated
 reply replayed, a passthrough stream relayed), and the error event that ends a stream that failed.
 
-What turngate does not decide about passes unchanged: the upstream's body fields (usage with its
-details, service_tier, system_fingerprint, vendor fields), the chosen choice's own fields
-(logprobs), and its call's forwarded headers (service.upstream.client.forwarded_headers). What it
-decides: the one choice (index 0), its message, id/created/model when the upstream gave none, and
-leaving out what turngate asked for and the client did not (logprobs a route keeps, the usage chunk
-of a stream).
+What turngate does not decide about passes unchanged: the upstream's body fields (service_tier,
+system_fingerprint, vendor fields), the chosen choice's own fields (logprobs), and its call's
+forwarded headers (service.upstream.client.forwarded_headers). What it decides: the one choice
+(index 0), its message, `usage` (the whole turn's: reported_usage), id/created/model when the
+upstream gave none, and leaving out what turngate asked for and the client did not (logprobs a
+route keeps, the usage chunk of a stream).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 _CONTENT_PIECE = 64  # characters per replayed content delta
 
 
-def completion_body(result: TurnResult, alias: str, logprobs: bool = True) -> dict[str, Any]:
-    """The chosen reply as a ChatCompletion; `logprobs`: whether the client asked for them."""
+def completion_body(result: TurnResult, alias: str, logprobs: bool = True,
+                    usage_reported: str = "billed") -> dict[str, Any]:
+    """The chosen reply as a ChatCompletion; `logprobs`: whether the client asked for them;
+    `usage_reported`: the route's choice of usage (reported_usage)."""
     chosen, record = result.chosen, result.record
     sample = chosen.sample
     upstream = dict(sample.response) if sample else {}
@@ -43,8 +45,20 @@ def completion_body(result: TurnResult, alias: str, logprobs: bool = True) -> di
         "created": upstream.get("created") or int(record.created_at),
         "model": upstream.get("model") or alias,
         "choices": [choice],
-        "usage": upstream.get("usage"),  # the chosen call's, as the upstream sent it
+        "usage": reported_usage(result, upstream.get("usage"), usage_reported),
     }
+
+
+def reported_usage(result: TurnResult, chosen: Any, usage_reported: str) -> Any:
+    """The reply's `usage`. "billed": every call of the turn summed, details included, so a client or a
+    spend tracker that reads usage counts what the upstream billed; the chosen candidate's call's own
+    usage under `chosen` and the candidates sampled under `candidates` (extra fields: OpenAI's SDKs
+    keep them). "chosen": the chosen call's usage as the upstream sent it. A passthrough turn made
+    one call: its usage is the upstream's, unchanged."""
+    billed = result.billed
+    if usage_reported == "chosen" or result.record.mode == "passthrough" or billed is None or billed.usage is None:
+        return chosen
+    return {**billed.usage, "chosen": chosen, "candidates": billed.candidates}
 
 
 def decision_headers(result: TurnResult) -> dict[str, str]:
@@ -63,6 +77,9 @@ def decision_headers(result: TurnResult) -> dict[str, str]:
     }
     if chosen.record.score is not None:
         headers["x-turngate-score"] = f"{chosen.record.score:.4f}"
+    billed = result.billed.total_tokens if result.billed is not None else None
+    if billed is not None:
+        headers["x-turngate-billed-tokens"] = str(billed)  # every call's, whatever usage_reported says
     return headers
 
 

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.critic.base import CriticSlot
-from service.gate import feedback, sampling, selection
+from service.gate import feedback, sampling, selection, usage
 from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, UpstreamFailure
 from service.gate.selection import Candidate
+from service.limits.spend import SpendMeter
 from service.settings import RouteSettings
 from service.store.base import TurnSink
 from service.telemetry import metrics, spans
@@ -76,6 +77,8 @@ class TurnResult:
     # What the client gets, `chosen` first: one candidate, or up to the `n` the client asked for
     # (passthrough: the upstream's n choices; rank: the best that passed; shadow: the first sampled).
     choices: list[Candidate] = field(default_factory=list)
+    # The usage of every call made by the time the reply left (shadow: the calls it waited for).
+    billed: usage.Billed | None = None
 
     def __post_init__(self) -> None:
         if not self.choices:
@@ -101,8 +104,9 @@ def _note(record: TurnRecord, got: sampling.Sampled) -> None:
 
 class Gate:
     def __init__(self, upstream: UpstreamClient, critics: CriticSlot, sink: TurnSink,
-                 shadow_max_backlog: int = 8, tracing: Tracing | None = None) -> None:
+                 shadow_max_backlog: int = 8, tracing: Tracing | None = None, spend: SpendMeter | None = None) -> None:
         self.upstream = upstream
+        self.spend = spend  # charged each finished turn's tokens, under its client key
         self.critics = critics
         self.sink = sink
         self.tracing = tracing  # None: no spans at all (service.telemetry.tracing)
@@ -142,7 +146,7 @@ class Gate:
                 choices, deferred = await self._shadow(req, record, clock, deadline, critic)
             else:
                 choices = await self._rank(req, record, clock, deadline, critic)
-            return TurnResult(record, choices[0], choices)
+            return TurnResult(record, choices[0], choices, usage.billed(record.candidates))
         except asyncio.CancelledError:
             record.decision, record.error = "cancelled", "client disconnected"
             raise
@@ -403,6 +407,22 @@ class Gate:
                 self.sink.enqueue(record)
             except Exception:
                 log.exception("could not enqueue turn %s", record.turn_id)
+        self._charge(record)
+
+    def _charge(self, record: TurnRecord) -> None:
+        """The turn's tokens, every call's, to its client key's spend: in the background (the reply does
+        not wait for Redis), and never failing the turn (the meter fails open on its own)."""
+        key_id, tokens = record.conversation.key_id, (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+        if self.spend is None or key_id is None or tokens <= 0:
+            return
+        self._spawn(self._charged(self.spend, key_id, tokens, record.turn_id))
+
+    @staticmethod
+    async def _charged(meter: SpendMeter, key_id: str, tokens: int, turn_id: str) -> None:
+        try:
+            await meter.charge(key_id, tokens)
+        except Exception:
+            log.exception("could not charge turn %s to its key", turn_id)
 
     def _hold(self, record: TurnRecord) -> None:
         with self._store_span("hold", record):
