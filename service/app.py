@@ -12,13 +12,14 @@ import httpcore
 from fastapi import FastAPI
 
 from service import config_summary, installed_version
-from service.api import admin, admin_page, admin_turns, errors, forward, health, metrics, openai, openapi
+from service.api import admin, admin_keys, admin_page, admin_turns, errors, forward, health, metrics, openai, openapi
 from service.api import critic as critic_api
 from service.api import feedback as feedback_api
 from service.api.deps import Services
 from service.api.limits import BodySizeLimit
 from service.api.protocol import ChatCompletionRequest
 from service.api.requests import RequestContext
+from service.control.keys import KeyCache
 from service.control.plane import ControlPlane
 from service.critic.base import Critic, CriticSlot
 from service.critic.registry import CriticActivator, load_critic
@@ -58,8 +59,12 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         limiter = make_limiter(settings.redis_url, settings.rate_limit_per_minute, settings.redis_max_connections)
         engine = getattr(turn_sink, "engine", None)  # the control plane lives in the store's database
         control = ControlPlane(engine, settings.redis_url, settings.control_poll_s) if engine is not None else None
+        hash_secret = settings.key_hash_secret
+        keys = KeyCache(hash_secret.get_secret_value() if hash_secret else None, needs_load=control is not None)
+        if control is not None:
+            control.on_change("keys", keys.reload)
         app.state.services = Services(settings, gate, critics, turn_sink, limiter,
-                                      forward.Forwarder(upstream.pools), control, meter)
+                                      forward.Forwarder(upstream.pools), control, spend=meter, keys=keys)
         app.state.critic_labels = critic_info.publish(critics.current)
         app.state.critic_activator = CriticActivator(critics, settings, owns_current=critic is None,
                                                      labels=app.state.critic_labels)
@@ -67,7 +72,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         # it keeps the cyclic GC from rescanning it: a full collection over it stalled the event loop
         # ~80 ms every few seconds under load (bench/overhead.py p99).
         if control is not None:
-            await control.start()  # after the reloaders above registered (none yet)
+            await control.start()  # after the reloaders above registered
         gc.collect()
         gc.freeze()
         summary = config_summary.effective(settings, critics.current)
@@ -90,7 +95,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
 
     app = FastAPI(title="turngate", version=installed_version(), lifespan=lifespan)
     errors.install(app)
-    routers = [openai.router, forward.router, feedback_api.router, critic_api.router, admin.router,
+    routers = [openai.router, forward.router, feedback_api.router, critic_api.router, admin.router, admin_keys.router,
                admin_turns.router, admin_page.router, health.router, metrics.router]
     for router in routers:
         app.include_router(router)

@@ -19,6 +19,10 @@ def one_line(text: object) -> str:
     return re.sub(r"\s+", " ", str(text)).strip()
 
 
+class CommandFailed(Exception):
+    """A failure the command has put in words already (with its fix)."""
+
+
 class DatabaseProblem(Exception):
     """A database failure put in words; `waitable` when the server did not answer at all (it may
     be down for a while), as opposed to answering with a refusal that waiting will not change."""
@@ -64,7 +68,7 @@ def explain(exc: BaseException) -> str:
     from service.critic.bundle import BundleError
     from service.settings import Settings, SettingsError, describe_invalid
 
-    if isinstance(exc, SettingsError | DatabaseProblem):
+    if isinstance(exc, SettingsError | DatabaseProblem | CommandFailed):
         return one_line(exc)
     if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
         return one_line(describe_invalid(exc))

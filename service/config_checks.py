@@ -87,7 +87,7 @@ def unknown_variables(environ: Mapping[str, str], known: set[str]) -> list[str]:
 def weak_secret(value: str, *, ours: bool) -> str | None:
     """Why `value` must not be used as a secret, or None.
 
-    `ours`: a secret turngate's operator chooses (admin key, client keys), so it must also be long
+    `ours`: a secret turngate's operator chooses (admin key, client keys, the key hash secret), so it must also be long
     and varied; other secrets (an upstream key, a database password) are only checked for being
     an example value left in place, since their owner decides their form.
     """
@@ -116,6 +116,7 @@ def secrets_in(values: Mapping[str, Any], name: Callable[[str, str], str]) -> li
             found.append((where, str(value), ours))
 
     add(name("admin_key", ""), values.get("admin_key"), True)
+    add(name("key_hash_secret", ""), values.get("key_hash_secret"), True)  # who knows it can test guessed keys
     keys = values.get("api_keys")  # "a,b" from the environment, a list from the file
     keys = keys.split(",") if isinstance(keys, str) else keys if isinstance(keys, list) else []
     keys = [str(k).strip() for k in keys if str(k).strip()]

@@ -33,7 +33,9 @@ EXAMPLES_WITH_CRITIC = 30
 def gateway_settings(actor_url: str) -> Settings:
     route = RouteSettings(alias="gpt-test", upstream_base_url=actor_url, upstream_model="actor",
                           candidates=2, mode="rank", attempt_timeout_s=5, deadline_s=10)
-    return Settings(routes=[route], api_keys=[KEY], admin_key=KEY, keepalive_interval_s=0.5)
+    # The key hash secret lets the admin API issue keys: the keys endpoints are fuzzed past that check.
+    return Settings(routes=[route], api_keys=[KEY], admin_key=KEY, keepalive_interval_s=0.5,
+                    key_hash_secret="fuzz-key-hash-secret-5c1e")
 
 
 # The document the server serves: building the app does not start it.

@@ -33,7 +33,8 @@ def test_in_process_limit_per_key(gateway):
         with pytest.raises(openai.RateLimitError) as info:
             ask(url, "sk-a")
         assert info.value.code == "rate_limit_exceeded"
-        assert 0 < int(info.value.response.headers["retry-after"]) <= 60
+        # The sliding window: this minute's 3 still weigh in the next one, until 2 of them slid out (<= 80 s).
+        assert 0 < int(info.value.response.headers["retry-after"]) <= 80
         ask(url, "sk-b")  # another key has its own budget
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from service.api.errors import APIError
 from service.control.key_policy import KeyPolicy
+from service.control.keys import KeyCache
 from service.critic.base import CriticSlot
 from service.gate.pipeline import Gate
 from service.limits import spend
@@ -29,6 +31,7 @@ class Services:
     forwarder: Any = None  # service.api.forward.Forwarder: the endpoints passed to the upstream ungated
     control: Any = None  # service.control.plane.ControlPlane; None without a database store
     spend: SpendMeter | None = None  # tokens per client key (service.limits.spend)
+    keys: KeyCache = field(default_factory=lambda: KeyCache(None))  # keys issued through the admin API
 
 
 # Dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency on
@@ -55,21 +58,47 @@ class ClientKey:
     key_id: str | None  # a digest prefix (or, for an issued key, its id): groups traffic, useless to an attacker
     policy: KeyPolicy | None = None  # set for a key issued through the admin API
 
+    @property
+    def upstream_key(self) -> str | None:
+        """The bearer sent upstream by a route without a key of its own: the client's own key, never
+        one turngate issued (a third party has no business seeing it, and could not use it)."""
+        return None if self.policy is not None else self.key
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode("latin-1", "replace")).hexdigest()[:12]
+
 
 async def client_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> ClientKey:
+    """The caller's key. A key of TURNGATE_API_KEYS, or a live key issued through the admin API;
+    any key (or none) when neither the list is set nor any issued key is live."""
     key = _bearer(request)
     allowed = services.settings.api_keys
-    if allowed and not (key and any(_same_key(key, k) for k in allowed)):
+    if key and allowed and any(_same_key(key, k) for k in allowed):
+        return ClientKey(key, _digest(key))
+    if not services.keys.ready:  # fail closed: an open gateway would let revoked keys and strangers in
+        raise APIError(503, "Client keys are not loaded yet (the database is unreachable); retry shortly.",
+                       "server_error", "keys_unavailable", headers={"retry-after": "1"})
+    issued = services.keys.lookup(key) if key else None
+    now = datetime.now(UTC)
+    if issued is not None:
+        refusal = issued.refusal(now)  # revoked or expired: refused even where keys are not required
+        if refusal:
+            raise APIError(401, refusal, code="invalid_api_key")
+        return ClientKey(key, issued.policy.id, issued.policy)
+    if allowed or services.keys.any_active(now):
         raise APIError(401, "Incorrect API key provided." if key else "Missing bearer API key.",
                        code="invalid_api_key")
-    return ClientKey(key, hashlib.sha256(key.encode("latin-1", "replace")).hexdigest()[:12] if key else None)
+    return ClientKey(key, _digest(key) if key else None)
 
 
 async def rate_limited(key: Annotated[ClientKey, Depends(client_key)],
                        services: Annotated[Services, Depends(get_services)]) -> ClientKey:
-    """The client key, once its request budget allows one more request (429 otherwise)."""
-    if services.limiter is not None:
-        verdict = await services.limiter.hit(key.key_id or "anonymous")
+    """The client key, once its request budget allows one more request (429 otherwise): an issued
+    key's own rpm, else TURNGATE_RATE_LIMIT_PER_MINUTE."""
+    per_minute = (key.policy.rpm if key.policy is not None else None) or services.settings.rate_limit_per_minute
+    if services.limiter is not None and per_minute:
+        verdict = await services.limiter.hit(key.key_id or "anonymous", per_minute)
         if not verdict.allowed:
             raise APIError(429, "Rate limit reached for this API key; retry after the window resets.",
                            "rate_limit_error", "rate_limit_exceeded",

@@ -23,6 +23,7 @@ from starlette.background import BackgroundTask
 
 from service import wirejson
 from service.api import forwarded_usage
+from service.api.access import route_for_key
 from service.api.deps import ClientKey, LimitedKeyDep, ServicesDep
 from service.api.errors import APIError, from_upstream
 from service.api.jsonroute import parse_error_message
@@ -92,14 +93,11 @@ for _endpoint in ENDPOINTS:
 
 
 async def _forward(request: Request, services: Any, key: ClientKey, endpoint: str) -> Response:
-    client_key = key.key
     raw = await request.body()
     payload = _parse(raw)
     asked = payload["model"]
-    route = services.settings.route_for(asked)
-    if route is None:
-        raise APIError(404, f"The model {asked!r} does not exist on this gateway.", code="model_not_found",
-                       param="model")
+    route = route_for_key(services.settings, key, asked)
+    client_key = key.upstream_key
     note_route(request, route.alias)
     content = raw if route.model == asked else json.dumps({**payload, "model": route.model}).encode()
     tracing = services.gate.tracing

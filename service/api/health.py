@@ -18,9 +18,13 @@ async def healthz() -> dict:
 @router.get("/readyz")
 async def readyz(services: ServicesDep) -> JSONResponse:
     critic = services.critics.current
-    ready = getattr(services.sink, "ready", True)
+    # Keys not read yet (the database was away at start): every issued key would get 503 here, so
+    # the load balancer should send the traffic to a replica that has them.
+    keys_ready = services.keys.ready
+    ready = getattr(services.sink, "ready", True) and keys_ready
     body = {
         "status": "ready" if ready else "degraded",
+        "keys": {"loaded": keys_ready},
         "critic": {"name": critic.name, "version": critic.version, "provider": critic.provider},
         "routes": [{"alias": r.alias, "mode": r.mode, "candidates": r.n} for r in services.settings.routes],
     }

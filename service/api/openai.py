@@ -15,6 +15,7 @@ from starlette.background import BackgroundTask
 
 from service import wirejson
 from service.api import replies
+from service.api.access import models_for_key, route_for_key
 from service.api.deps import ClientKeyDep, LimitedKeyDep, ServicesDep
 from service.api.errors import APIError, from_validation
 from service.api.jsonroute import parse_error_message
@@ -52,24 +53,18 @@ def _model(name: str, created: int) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(services: ServicesDep, _: ClientKeyDep) -> dict:
-    """The route aliases; a catch-all route ('*') serves any other name but lists none."""
+async def list_models(services: ServicesDep, key: ClientKeyDep) -> dict:
+    """The route aliases (those the key may use); a catch-all route ('*') serves any other name but lists none."""
     created = int(time.time())
-    return {"object": "list", "data": [_model(alias, created) for alias in services.settings.listed_models]}
+    return {"object": "list", "data": [_model(alias, created) for alias in models_for_key(services.settings, key)]}
 
 
 @router.get("/v1/models/{model_id:path}", responses={404: _ERRORS[404]})
 async def retrieve_model(model_id: Annotated[str, Path(max_length=256)], services: ServicesDep,
-                         _: ClientKeyDep) -> dict:
-    """One model by name: any alias, or any name when a catch-all route is configured."""
-    if services.settings.route_for(model_id) is None:
-        raise _unknown_model(model_id)
+                         key: ClientKeyDep) -> dict:
+    """One model by name: any alias, or any name when a catch-all route is configured (that the key may use)."""
+    route_for_key(services.settings, key, model_id)
     return _model(model_id, int(time.time()))
-
-
-def _unknown_model(name: str) -> APIError:
-    return APIError(404, f"The model {name!r} does not exist on this gateway.", code="model_not_found",
-                    param="model")
 
 
 @router.post("/v1/chat/completions", openapi_extra=_REQUEST_BODY, responses=_ERRORS)
@@ -80,13 +75,11 @@ async def chat_completions(request: Request, services: ServicesDep, key: Limited
     # Walking a schema's refs costs about 0.7 ms per KB of schema: more than a few KB of it goes off the loop.
     off_loop = len(raw) > (_PARSE_OFF_LOOP_BYTES_WITH_REFS if refs else _PARSE_OFF_LOOP_BYTES)
     payload = await asyncio.to_thread(_parse, raw, refs) if off_loop else _parse(raw, refs)
-    route = services.settings.route_for(payload["model"])
-    if route is None:
-        raise _unknown_model(payload["model"])
+    route = route_for_key(services.settings, key, payload["model"])
     note_route(request, route.alias)
     _check_n(payload, route)
     turn = TurnRequest(
-        turn_id=new_turn_id(), route=route, body=payload, client_key=key.key,
+        turn_id=new_turn_id(), route=route, body=payload, client_key=key.upstream_key,
         conversation=ConversationHint(header_id=request.headers.get(CONVERSATION_HEADER),
                                       user=payload.get("user"), metadata=payload.get("metadata"),
                                       key_id=key.key_id))

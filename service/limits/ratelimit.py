@@ -1,4 +1,12 @@
-"""Per-client request limits: a fixed one-minute window per API key.
+"""Per-client request limits: a sliding one-minute window per API key.
+
+The window is a sliding-window counter over two fixed buckets (this minute's and the last one's):
+the requests counted are this minute's plus the last minute's weighted by how much of it the
+sliding window still covers. Unlike a fixed window it never lets twice the limit through around a
+minute boundary, and it holds two integers per key, not one entry per request. A refused request is
+not counted, so a client that keeps retrying is let through again as soon as its rate allows.
+
+The limit is per call: an issued key's own rpm, else TURNGATE_RATE_LIMIT_PER_MINUTE (service.api.deps).
 
 In-process by default (one replica). With TURNGATE_REDIS_URL the counters live in Redis, so every
 replica behind the load balancer enforces the same budget. If Redis fails, requests are let through
@@ -13,6 +21,7 @@ up (redis-py's default pool raises "Too many connections" past 100 concurrent ca
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -39,31 +48,69 @@ class Verdict:
     retry_after_s: int = 0
 
 
-def _window(now: float) -> tuple[int, int]:
+def _buckets(now: float) -> tuple[int, float]:
+    """(this minute's bucket start, the weight of the last minute's bucket in the sliding window)."""
     start = int(now // WINDOW_S) * WINDOW_S
-    return start, start + WINDOW_S - int(now)
+    return start, 1.0 - (now - start) / WINDOW_S
+
+
+def _admits(previous: int, current: int, weight: float, limit: int) -> bool:
+    return previous * weight + current + 1 <= limit
+
+
+def _retry_after(previous: int, current: int, now: float, limit: int) -> int:
+    """Whole seconds until one more request fits, both buckets decaying as the window slides."""
+    start = int(now // WINDOW_S) * WINDOW_S
+    elapsed = now - start
+    if current + 1 <= limit:  # the last minute's share is what is over: wait for it to slide out
+        wait = WINDOW_S * (1 - (limit - current - 1) / previous) - elapsed
+    else:  # this minute alone is full: into the next one, until this minute's share has slid out
+        wait = WINDOW_S - elapsed + WINDOW_S * (1 - (limit - 1) / current)
+    return max(1, math.ceil(wait))
 
 
 class MemoryLimiter:
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int | None = None) -> None:
         self.per_minute = per_minute
         self._counts: dict[tuple[str, int], int] = {}
 
-    async def hit(self, key_id: str) -> Verdict:
-        window, retry = _window(time.time())
-        if len(self._counts) > 10_000:  # drop old windows; keys are bounded by the window
-            self._counts = {k: v for k, v in self._counts.items() if k[1] == window}
-        count = self._counts.get((key_id, window), 0) + 1
-        self._counts[(key_id, window)] = count
-        return Verdict(count <= self.per_minute, retry)
+    async def hit(self, key_id: str, limit: int | None = None) -> Verdict:
+        limit = limit or self.per_minute
+        if not limit:
+            return Verdict(True)
+        now = time.time()
+        bucket, weight = _buckets(now)
+        if len(self._counts) > 10_000:  # drop buckets the window no longer covers
+            self._counts = {k: v for k, v in self._counts.items() if k[1] >= bucket - WINDOW_S}
+        previous = self._counts.get((key_id, bucket - WINDOW_S), 0)
+        current = self._counts.get((key_id, bucket), 0)
+        if not _admits(previous, current, weight, limit):
+            return Verdict(False, _retry_after(previous, current, now, limit))
+        self._counts[(key_id, bucket)] = current + 1
+        return Verdict(True)
 
     async def close(self) -> None:
         return None
 
 
+# Reads both buckets and counts the request only if it fits, atomically: replicas racing on one key
+# cannot both take the last slot. KEYS: this bucket, the last one. ARGV: limit, weight, ttl.
+# Returns {admitted (1/0), this bucket's count, the last bucket's count}.
+_SLIDING_WINDOW = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
+if previous * tonumber(ARGV[2]) + current + 1 > tonumber(ARGV[1]) then
+  return {0, current, previous}
+end
+redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {1, current + 1, previous}
+"""
+
+
 class RedisLimiter:
-    def __init__(self, url: str, per_minute: int, prefix: str = "turngate:rl", max_connections: int = 64,
-                 warn_interval_s: float = 30.0) -> None:
+    def __init__(self, url: str, per_minute: int | None = None, prefix: str = "turngate:rl",
+                 max_connections: int = 64, warn_interval_s: float = 30.0) -> None:
         import redis.asyncio as redis
         from redis.asyncio.retry import Retry  # the asyncio client awaits its retries: not redis.retry's
         from redis.backoff import NoBackoff
@@ -79,30 +126,34 @@ class RedisLimiter:
             socket_connect_timeout=REDIS_TIMEOUT_S,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
         self.redis = redis.Redis(connection_pool=pool)
+        self._script = self.redis.register_script(_SLIDING_WINDOW)  # EVALSHA, loaded on first use
         self._outage = ThrottledWarning(log, warn_interval_s)
 
-    async def hit(self, key_id: str) -> Verdict:
-        window, retry = _window(time.time())
-        key = f"{self.prefix}:{key_id}:{window}"
+    async def hit(self, key_id: str, limit: int | None = None) -> Verdict:
+        limit = limit or self.per_minute
+        if not limit:
+            return Verdict(True)
+        now = time.time()
+        bucket, weight = _buckets(now)
+        keys = [f"{self.prefix}:{key_id}:{bucket}", f"{self.prefix}:{key_id}:{bucket - WINDOW_S}"]
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, WINDOW_S + 5)
-                count, _ = await pipe.execute()
+            admitted, current, previous = await self._script(keys=keys, args=[limit, repr(weight), 2 * WINDOW_S + 5])
         except Exception as e:
             metrics.REDIS_ERRORS.labels("ratelimit").inc()
             self._outage.warning("rate limiter: redis unavailable (%s); letting requests through",
                                  type(e).__name__)
             return Verdict(True)
-        return Verdict(count <= self.per_minute, retry)
+        if admitted:
+            return Verdict(True)
+        return Verdict(False, _retry_after(int(previous), int(current), now, limit))
 
     async def close(self) -> None:
         await self.redis.aclose(close_connection_pool=True)  # the pool is ours, not the client's
 
 
 def make_limiter(redis_url: str | None, per_minute: int | None, redis_max_connections: int = 64):
-    if not per_minute:
-        return None
+    """Always a limiter: a key issued at run time may bring its own rpm where no global limit is set.
+    With no limit for a request, `hit` returns at once (no Redis call)."""
     if redis_url:
         return RedisLimiter(redis_url, per_minute, max_connections=redis_max_connections)
     return MemoryLimiter(per_minute)
