@@ -71,7 +71,7 @@ def _digest(key: str) -> str:
 
 async def client_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> ClientKey:
     """The caller's key. A key of TURNGATE_API_KEYS, or a live key issued through the admin API;
-    any key (or none) when neither the list is set nor any issued key is live."""
+    any key (or none) when neither the list is set nor any key was ever issued."""
     key = _bearer(request)
     allowed = services.settings.api_keys
     if key and allowed and any(_same_key(key, k) for k in allowed):
@@ -86,7 +86,7 @@ async def client_key(request: Request, services: Annotated[Services, Depends(get
         if refusal:
             raise APIError(401, refusal, code="invalid_api_key")
         return ClientKey(key, issued.policy.id, issued.policy)
-    if allowed or services.keys.any_active(now):
+    if allowed or services.keys.any_issued:
         raise APIError(401, "Incorrect API key provided." if key else "Missing bearer API key.",
                        code="invalid_api_key")
     return ClientKey(key, _digest(key) if key else None)

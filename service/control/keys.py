@@ -195,19 +195,11 @@ class KeyCache:
         self.hash_secret = hash_secret
         self._loaded = not needs_load
         self._by_hash: dict[str, IssuedKey] = {}
-        # Whether some issued key is usable, in O(1) per request: one that never expires, or the
-        # latest expiry among the others.
-        self._forever = False
-        self._latest_expiry: datetime | None = None
 
     async def reload(self, conn: AsyncConnection) -> None:
         rows = (await conn.execute(select(ApiKey))).all()
         by_hash = {r.secret_hash: IssuedKey(_policy(r), r.revoked_at is not None) for r in rows}
-        live = [k.policy.expires_at for k in by_hash.values() if not k.revoked]
-        forever = any(e is None for e in live)
-        latest = max((e for e in live if e is not None), default=None)
-        # Swapped together: a request sees the old state or the new one, never a mix.
-        self._by_hash, self._forever, self._latest_expiry = by_hash, forever, latest
+        self._by_hash = by_hash  # one assignment: a request sees the old keys or the new ones
         self._loaded = True
 
     @property
@@ -223,9 +215,11 @@ class KeyCache:
         # A dict lookup by HMAC: its timing depends on the HMAC, which tells nothing without the hash secret.
         return self._by_hash.get(hash_key(self.hash_secret, key))
 
-    def any_active(self, now: datetime) -> bool:
-        """Some issued key is neither revoked nor expired: client keys are then required."""
-        return self._forever or (self._latest_expiry is not None and self._latest_expiry > now)
+    @property
+    def any_issued(self) -> bool:
+        """A key was ever issued: client keys are required from then on. Revoking the last one must
+        not open the gateway to anyone."""
+        return bool(self._by_hash)
 
     def __len__(self) -> int:
         return len(self._by_hash)
