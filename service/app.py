@@ -12,14 +12,16 @@ import httpcore
 from fastapi import FastAPI
 
 from service import config_summary, installed_version
-from service.api import admin, errors, forward, health, metrics, openai, openapi
+from service.api import admin, admin_routes, errors, forward, health, metrics, openai, openapi
 from service.api import critic as critic_api
 from service.api import feedback as feedback_api
 from service.api.deps import Services
 from service.api.limits import BodySizeLimit
 from service.api.protocol import ChatCompletionRequest
 from service.api.requests import RequestContext
+from service.control.critic_sync import CriticSync
 from service.control.plane import ControlPlane
+from service.control.routes import route_reloader
 from service.critic.base import Critic, CriticSlot
 from service.critic.registry import CriticActivator, load_critic
 from service.gate.pipeline import Gate
@@ -64,7 +66,10 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         # it keeps the cyclic GC from rescanning it: a full collection over it stalled the event loop
         # ~80 ms every few seconds under load (bench/overhead.py p99).
         if control is not None:
-            await control.start()  # after the reloaders above registered (none yet)
+            control.on_change("routes", route_reloader(settings))
+            app.state.critic_sync = CriticSync(app.state.critic_activator)
+            control.on_change("critic", app.state.critic_sync.reload)
+            await control.start()  # after the reloaders above registered
         gc.collect()
         gc.freeze()
         summary = config_summary.effective(settings, critics.current)
@@ -86,8 +91,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
 
     app = FastAPI(title="turngate", version=installed_version(), lifespan=lifespan)
     errors.install(app)
-    routers = [openai.router, forward.router, feedback_api.router, critic_api.router, admin.router, health.router,
-               metrics.router]
+    routers = [openai.router, forward.router, feedback_api.router, critic_api.router, admin.router,
+               admin_routes.router, health.router, metrics.router]
     for router in routers:
         app.include_router(router)
     openapi.install(app, [ChatCompletionRequest])
