@@ -90,12 +90,16 @@ def route_reloader(settings: Settings) -> Reloader:
 
     async def reload(conn: AsyncConnection) -> None:
         routes = overlay(seed, await _rows(conn))
-        if routes == list(settings.route_table.routes):
+        old = settings.route_table.by_alias
+        if routes == list(old.values()):
             return
-        if not routes:
-            log.error("no routes left to serve: every model name gets 404 until a route is PUT")
         settings.serve_routes(routes)
-        log.info("routes now served: %s", ", ".join(f"{r.alias} ({r.mode}, N={r.n})" for r in routes) or "none")
+        new = settings.route_table.by_alias
+        changes = [f"-{a}" for a in old if a not in new] + [
+            f"{'~' if a in old else '+'}{a} ({r.mode}, N={r.n})" for a, r in new.items() if old.get(a) != r]
+        log.info("routes changed: %s; %d served", ", ".join(changes), len(new))
+        if not routes:
+            log.error("no routes left to serve: every model name gets 404 until a route is put")
 
     return reload
 
