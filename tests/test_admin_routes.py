@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -224,3 +227,64 @@ def test_the_spec_stored_holds_the_key_for_the_upstream(db_url, tmp_path, alias)
         engine.dispose()
         assert spec["upstream_api_key"] == "sk-new-" + "1" * 20
         assert admin.get("/routes").json()["data"][0]["upstream_api_key"] == "***1111"
+
+
+def turngate(*args: str, key: str | None = ADMIN) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TURNGATE_")}
+    if key is not None:
+        env["TURNGATE_ADMIN_KEY"] = key
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_the_routes_commands(tmp_path):
+    url = f"sqlite:///{tmp_path}/store.db"
+    from service.store.migrate import upgrade
+
+    upgrade(url)
+    with gateway(url, tmp_path) as (base, _):
+        listed = turngate("routes", "list", "--url", base)
+        assert listed.returncode == 0, listed.stderr
+        lines = listed.stdout.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("agent rank N=3 -> http://127.0.0.1:")
+        assert f"key=***{UPSTREAM_KEY[-4:]}" in lines[0] and "(config)" in lines[0]
+        assert UPSTREAM_KEY not in listed.stdout
+        assert lines[1].startswith("plain passthrough N=1") and "key=client" in lines[1]
+
+        actor_url = lines[0].split("-> ")[1].split()[0]
+        good = tmp_path / "routes.yaml"
+        good.write_text(f"""
+routes:
+  - alias: agent
+    upstream_base_url: {actor_url}
+    upstream_api_key: "***{UPSTREAM_KEY[-4:]}"
+    candidates: 2
+    policy: {{intervene_threshold: 0.3, max_interventions: 1}}
+  - alias: team/bot
+    upstream_base_url: {actor_url}
+    mode: passthrough
+""")
+        applied = turngate("routes", "apply", str(good), "--url", base)
+        assert applied.returncode == 0, applied.stderr
+        assert applied.stdout.splitlines() == [
+            f"put agent rank N=2 -> {actor_url} model=agent key=***{UPSTREAM_KEY[-4:]} intervene_threshold=0.3 "
+            "max_interventions=1 (admin)",
+            f"put team/bot passthrough N=1 -> {actor_url} model=team/bot key=client (admin)"]
+        assert chat(base, "agent").headers["x-turngate-candidates"] == "2"
+        assert chat(base, "team/bot").headers["x-turngate-decision"] == "passthrough"
+
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"routes:\n  - alias: agent\n    upstream_base_url: {actor_url}\n    candidats: 5\n")
+        failed = turngate("routes", "apply", str(bad), "--url", base)
+        assert failed.returncode == 1 and failed.stdout == ""
+        assert failed.stderr.strip() == f"turngate: error: {bad}: routes[0]: candidats: Extra inputs are not " \
+                                        "permitted; nothing was applied"
+        assert chat(base, "agent").headers["x-turngate-candidates"] == "2"
+
+        for args, key, says in [(("routes", "list", "--url", base), "wrong-key", "refused the admin key"),
+                                (("routes", "list", "--url", base), None, "set TURNGATE_ADMIN_KEY"),
+                                (("routes", "list", "--url", "http://127.0.0.1:9"), ADMIN, "cannot reach the gateway"),
+                                (("routes", "apply", str(tmp_path / "none.yaml"), "--url", base), ADMIN,
+                                 "No such file")]:
+            out = turngate(*args, key=key)
+            assert out.returncode == 1 and len(out.stderr.splitlines()) == 1 and says in out.stderr, out.stderr
