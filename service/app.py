@@ -21,7 +21,7 @@ from service.api.protocol import ChatCompletionRequest
 from service.api.requests import RequestContext
 from service.control.critic_sync import CriticSync
 from service.control.plane import ControlPlane
-from service.control.routes import route_reloader
+from service.control.routes import RouteSync
 from service.critic.base import Critic, CriticSlot
 from service.critic.registry import CriticActivator, load_critic
 from service.gate.pipeline import Gate
@@ -66,7 +66,8 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         # it keeps the cyclic GC from rescanning it: a full collection over it stalled the event loop
         # ~80 ms every few seconds under load (bench/overhead.py p99).
         if control is not None:
-            control.on_change("routes", route_reloader(settings))
+            app.state.route_sync = RouteSync(settings)
+            control.on_change("routes", app.state.route_sync.reload)
             app.state.critic_sync = CriticSync(app.state.critic_activator)
             control.on_change("critic", app.state.critic_sync.reload)
             await control.start()  # after the reloaders above registered

@@ -5,9 +5,10 @@ replica reloads (service.control.plane): within the poll interval, at once with 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Body, Path
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi import APIRouter, Body, Path, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.api.deps import AdminDep, Services, ServicesDep
@@ -48,6 +49,19 @@ class RouteBody(RouteSettings):
     alias: str | None = Field(  # type: ignore[assignment]  # the path names the route
         None, description="Optional; when given it must be the alias in the path.")
 
+    @field_validator("upstream_base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        # A typo here would take the route down on every replica within 2 s: refuse it now.
+        try:
+            parts = urlsplit(v)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("must be an http:// or https:// URL with a host, e.g. https://api.openai.com/v1")
+        return v
+
     @model_validator(mode="after")
     def _fits_the_database(self) -> RouteBody:
         values = self.model_dump(exclude={"upstream_api_key"})
@@ -76,9 +90,8 @@ class RouteDeleted(BaseModel):
     deleted: Literal[True] = True
 
 
-def _view(services: Services, route: RouteSettings) -> RouteView:
-    seeded = {r.alias: r for r in services.settings.seed_routes}.get(route.alias)
-    return RouteView(**{**store.shown(route), "source": "config" if seeded == route else "admin"})
+def _view(route: RouteSettings, by_admin: bool) -> RouteView:
+    return RouteView(**{**store.shown(route), "source": "admin" if by_admin else "config"})
 
 
 def _control(services: Services):
@@ -98,9 +111,11 @@ def _not_found(alias: str) -> APIError:
 
 
 @router.get("/routes", responses=_ERRORS)
-async def list_routes(services: ServicesDep) -> RouteList:
+async def list_routes(services: ServicesDep, request: Request) -> RouteList:
     """Every route this replica serves now, with its policy."""
-    return RouteList(data=[_view(services, r) for r in services.settings.route_table.routes])
+    sync: store.RouteSync | None = getattr(request.app.state, "route_sync", None)
+    by_admin = sync.by_admin if sync is not None else frozenset()
+    return RouteList(data=[_view(r, r.alias in by_admin) for r in services.settings.route_table.routes])
 
 
 def _resolve_key(body: RouteBody, current: RouteSettings | None) -> Any:
@@ -136,7 +151,7 @@ async def put_route(alias: AliasPath, body: Annotated[RouteBody, Body()], servic
     except SQLAlchemyError as e:
         raise _unavailable(e) from None
     await control.changed()
-    return _view(services, route)
+    return _view(route, by_admin=True)
 
 
 @router.delete("/routes/{alias:path}", responses=_ERRORS)

@@ -18,7 +18,6 @@ from sqlalchemy import delete, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.control.plane import Reloader
 from service.settings import RouteSettings, Settings
 from service.store.models import RouteOverride
 
@@ -84,24 +83,28 @@ async def _rows(conn: AsyncConnection, alias: str | None = None) -> list[RouteOv
     return list((await conn.execute(query)).all())  # type: ignore[arg-type]  # rows read by attribute
 
 
-def route_reloader(settings: Settings) -> Reloader:
+class RouteSync:
     """The control-plane reloader that keeps `settings` serving the effective routes."""
-    seed = settings.seed_routes  # captured before the first change
 
-    async def reload(conn: AsyncConnection) -> None:
-        routes = overlay(seed, await _rows(conn))
-        old = settings.route_table.by_alias
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.seed = settings.seed_routes  # captured before the first change
+        self.by_admin: frozenset[str] = frozenset()  # aliases a route_overrides row sets (or deletes)
+
+    async def reload(self, conn: AsyncConnection) -> None:
+        rows = await _rows(conn)
+        routes = overlay(self.seed, rows)
+        self.by_admin = frozenset(row.alias for row in rows)
+        old = self.settings.route_table.by_alias
         if routes == list(old.values()):
             return
-        settings.serve_routes(routes)
-        new = settings.route_table.by_alias
+        self.settings.serve_routes(routes)
+        new = self.settings.route_table.by_alias
         changes = [f"-{a}" for a in old if a not in new] + [
             f"{'~' if a in old else '+'}{a} ({r.mode}, N={r.n})" for a, r in new.items() if old.get(a) != r]
         log.info("routes changed: %s; %d served", ", ".join(changes), len(new))
         if not routes:
             log.error("no routes left to serve: every model name gets 404 until a route is put")
-
-    return reload
 
 
 async def lock_routes(conn: AsyncConnection) -> None:
