@@ -141,6 +141,9 @@ def test_invalid_routes_are_refused_naming_the_field(db_url, tmp_path):  # noqa:
             assert error["param"] == param and (param or "NUL") in error["message"], error
         assert admin.put("/routes/agent", content=b'{"deadline_s": NaN}').status_code == 400
         assert admin.put("/routes/" + "a" * 201, json={}).status_code == 400
+        for alias in ("a%0Bb", "a%1Bb", "a%E2%80%A8b"):  # a vertical tab, ESC, a line separator
+            reply = admin.put("/routes/" + alias, json={})
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == "alias", reply.text
         # Nothing changed, nothing audited.
         assert chat(base, "agent").headers["x-turngate-candidates"] == "3"
         assert audit_rows(db_url) == []

@@ -4,6 +4,7 @@ replica reloads (service.control.plane): within the poll interval, at once with 
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -130,14 +131,20 @@ def _resolve_key(body: RouteBody, current: RouteSettings | None) -> Any:
                    code="invalid_value")
 
 
+def _check_alias(alias: str) -> None:
+    # A model name is printable: control characters and line breaks would reach logs and metric labels.
+    if any(unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") for ch in alias):
+        raise APIError(400, "alias: control characters and line breaks are not allowed in a model name",
+                       param="alias", code="invalid_value")
+
+
 @router.put("/routes/{alias:path}", responses=_ERRORS)
 async def put_route(alias: AliasPath, body: Annotated[RouteBody, Body()], services: ServicesDep) -> RouteView:
     """Create or replace the route `alias` (a whole route: fields left out take their defaults)."""
     if body.alias is not None and body.alias != alias:
         raise APIError(400, f"alias: the body says {body.alias!r} but the path says {alias!r}", param="alias",
                        code="invalid_value")
-    if "\x00" in alias:
-        raise APIError(400, "alias: a NUL character cannot be stored", param="alias", code="invalid_value")
+    _check_alias(alias)
     control = _control(services)
     try:
         async with control.engine.begin() as conn:
