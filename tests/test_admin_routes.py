@@ -131,6 +131,7 @@ def test_invalid_routes_are_refused_naming_the_field(db_url, tmp_path):  # noqa:
         cases = [({"candidate": 3}, "candidate"), ({"candidates": 0}, "candidates"),
                  ({"mode": "best"}, "mode"), ({"policy": {"treshold": 1}}, "policy.treshold"),
                  ({"alias": "other"}, "alias"), ({"upstream_api_key": "***abcd"}, "upstream_api_key"),
+                 ({"upstream_api_key": "sk-your-key-here"}, "upstream_api_key"),
                  ({"upstream_base_url": "api.openai.com/v1"}, "upstream_base_url"),
                  ({"upstream_base_url": "http://[::1"}, "upstream_base_url"),
                  ({"policy": {"guidance": "a\x00b"}}, None)]

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Body, Path, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy.exc import SQLAlchemyError
 
+from service import config_checks
 from service.api.deps import AdminDep, Services, ServicesDep
 from service.api.errors import APIError
 from service.api.jsonroute import WireJSONRoute
@@ -119,10 +120,16 @@ async def list_routes(services: ServicesDep, request: Request) -> RouteList:
     return RouteList(data=[_view(r, r.alias in by_admin) for r in services.settings.route_table.routes])
 
 
-def _resolve_key(body: RouteBody, current: RouteSettings | None) -> Any:
-    """The masked value GET shows means "keep the stored key"; any other '***...' is a mistake."""
+def _resolve_key(body: RouteBody, current: RouteSettings | None, dev: bool) -> Any:
+    """The masked value GET shows means "keep the stored key"; any other '***...' is a mistake, and
+    an example value is refused as it is in the YAML file (unless TURNGATE_DEV)."""
     given = body.upstream_api_key
-    if given is None or not given.get_secret_value().startswith(store.MASK):
+    if given is None:
+        return None
+    if not given.get_secret_value().startswith(store.MASK):
+        if not dev and (why := config_checks.weak_secret(given.get_secret_value(), ours=False)):
+            raise APIError(400, f"upstream_api_key {why}: send the real key", param="upstream_api_key",
+                           code="invalid_value")
         return given
     if current is not None and store.mask_key(current.upstream_api_key) == given.get_secret_value():
         return current.upstream_api_key
@@ -151,7 +158,8 @@ async def put_route(alias: AliasPath, body: Annotated[RouteBody, Body()], servic
             await store.lock_routes(conn)
             current = (await store.effective(conn, services.settings.seed_routes)).get(alias)
             fields = body.model_dump(exclude={"alias", "upstream_api_key"})
-            route = RouteSettings(alias=alias, upstream_api_key=_resolve_key(body, current), **fields)
+            key = _resolve_key(body, current, services.settings.dev)
+            route = RouteSettings(alias=alias, upstream_api_key=key, **fields)
             await store.upsert(conn, alias, store.stored(route), deleted=False)
             before = store.shown(current) if current is not None else None
             await audit(conn, "admin", "route.put", alias, before, store.shown(route))
