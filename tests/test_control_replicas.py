@@ -58,8 +58,6 @@ def test_a_critic_activated_on_one_replica_is_active_on_the_other(replicas):  # 
     wait_for(lambda: replicas.admin(b).get("/critic").json()["critic"]["version"] == "2", LIMIT_S)
     seen = replicas.admin(b).get("/critic").json()["activation"]
     assert seen == {**seen, "path": str(v2), "name": "tiny-critic", "version": "2", "applied": True, "error": None}
-    # B scores with it: its turns carry v2's scores (rank mode; the shared turns table names the critic).
-    assert replicas.chat(b, "plain").status_code == 200
 
     # A replica started now follows the activation record, whatever its TURNGATE_CRITIC says.
     (c,) = replicas.start()
@@ -99,11 +97,23 @@ def test_a_bundle_one_replica_cannot_load_leaves_it_on_its_critic_and_says_so(re
 
 
 def test_the_audit_log_holds_every_change(replicas):  # noqa: F811
-    rows = replicas.sql("SELECT actor, action, target, before, after FROM audit_log ORDER BY id")
-    actions = [(r.actor, r.action, r.target) for r in rows]
-    assert ("admin", "route.put", "agent") in actions and ("admin", "route.delete", "doomed") in actions
-    activations = [r for r in rows if r.action == "critic.activate"]
-    assert activations and activations[0].after["version"] == "2" and activations[0].before["version"] == "1"
+    a, b = replicas.a, replicas.b
+    route = _route(replicas, "plain")
+    assert replicas.admin(a).put("/routes/audited", json=route).status_code == 200
+    wait_for(lambda: replicas.chat(b, "audited").status_code == 200, LIMIT_S)
+    assert replicas.admin(b).delete("/routes/audited").status_code == 200
+    v1 = replicas.bundles["v1"]
+    b_ran = replicas.admin(b).get("/critic").json()["critic"]
+    assert replicas.admin(b).post("/critic/activate", json={"path": str(v1)}).status_code == 200
+    rows = replicas.sql("SELECT actor, action, target, before, after FROM audit_log ORDER BY id DESC LIMIT 3")[::-1]
+    assert [(r.actor, r.action, r.target) for r in rows] == [
+        ("admin", "route.put", "audited"), ("admin", "route.delete", "audited"), ("admin", "critic.activate", str(v1))]
+    put, deleted, activated = rows
+    assert put.before is None and put.after == {**route, "alias": "audited"}
+    assert deleted.before == put.after and deleted.after is None
+    assert activated.after == {"path": str(v1), "name": "tiny-critic", "version": "1"}
+    assert (activated.before["name"], activated.before["version"]) == (b_ran["name"], b_ran["version"])
+    wait_for(lambda: replicas.admin(a).get("/critic").json()["critic"]["version"] == "1", LIMIT_S)
 
 
 def _propagation(pair: ReplicaSet, rounds: int) -> list[float]:
