@@ -12,15 +12,29 @@ import httpcore
 from fastapi import FastAPI
 
 from service import config_summary, installed_version
-from service.api import admin, admin_keys, admin_page, admin_turns, errors, forward, health, metrics, openai, openapi
+from service.api import (
+    admin,
+    admin_keys,
+    admin_page,
+    admin_routes,
+    admin_turns,
+    errors,
+    forward,
+    health,
+    metrics,
+    openai,
+    openapi,
+)
 from service.api import critic as critic_api
 from service.api import feedback as feedback_api
 from service.api.deps import Services
 from service.api.limits import BodySizeLimit
 from service.api.protocol import ChatCompletionRequest
 from service.api.requests import RequestContext
+from service.control.critic_sync import CriticSync
 from service.control.keys import KeyCache
 from service.control.plane import ControlPlane
+from service.control.routes import RouteSync
 from service.critic.base import Critic, CriticSlot
 from service.critic.registry import CriticActivator, load_critic
 from service.gate.pipeline import Gate
@@ -68,11 +82,15 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         app.state.critic_labels = critic_info.publish(critics.current)
         app.state.critic_activator = CriticActivator(critics, settings, owns_current=critic is None,
                                                      labels=app.state.critic_labels)
+        if control is not None:
+            app.state.route_sync = RouteSync(settings)
+            control.on_change("routes", app.state.route_sync.reload)
+            app.state.critic_sync = CriticSync(app.state.critic_activator)
+            control.on_change("critic", app.state.critic_sync.reload)
+            await control.start()  # after the reloaders above registered
         # Everything built so far (modules, app, critic session) lives as long as the process. Freezing
         # it keeps the cyclic GC from rescanning it: a full collection over it stalled the event loop
         # ~80 ms every few seconds under load (bench/overhead.py p99).
-        if control is not None:
-            await control.start()  # after the reloaders above registered
         gc.collect()
         gc.freeze()
         summary = config_summary.effective(settings, critics.current)
@@ -96,7 +114,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
     app = FastAPI(title="turngate", version=installed_version(), lifespan=lifespan)
     errors.install(app)
     routers = [openai.router, forward.router, feedback_api.router, critic_api.router, admin.router, admin_keys.router,
-               admin_turns.router, admin_page.router, health.router, metrics.router]
+               admin_routes.router, admin_turns.router, admin_page.router, health.router, metrics.router]
     for router in routers:
         app.include_router(router)
     openapi.install(app, [ChatCompletionRequest])

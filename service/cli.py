@@ -99,10 +99,11 @@ def replay(files: list[Path] = typer.Argument(..., help="Trajectory JSONL files.
         typer.echo(f"wrote {out / 'report.json'} (no PNG: matplotlib comes with the `train` extra)")
 
 
-from service import cli_critic, cli_errors, cli_keys, cli_store  # noqa: E402 - sub-commands, after the root app exists
+from service import cli_critic, cli_errors, cli_keys, cli_routes, cli_store  # noqa: E402 - sub-commands, after the root app exists
 
 app.add_typer(cli_critic.app, name="critic")
 app.add_typer(cli_keys.app, name="keys")
+app.add_typer(cli_routes.app, name="routes")
 cli_store.register(app)
 
 

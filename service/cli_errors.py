@@ -65,10 +65,11 @@ def database_problem(exc: BaseException) -> DatabaseProblem | None:
 
 def explain(exc: BaseException) -> str:
     """One line for any failure of a command, with the fix where the failure is a known kind."""
+    from service.cli_routes import AdminAPIProblem
     from service.critic.bundle import BundleError
     from service.settings import Settings, SettingsError, describe_invalid
 
-    if isinstance(exc, SettingsError | DatabaseProblem | CommandFailed):
+    if isinstance(exc, SettingsError | DatabaseProblem | CommandFailed | AdminAPIProblem):
         return one_line(exc)
     if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
         return one_line(describe_invalid(exc))

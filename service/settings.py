@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     TypeAdapter,
     ValidationError,
@@ -111,6 +111,18 @@ class RouteSettings(BaseModel):
 
 
 CATCH_ALL = "*"  # the alias of the route that serves every model name no other route has
+
+
+class RouteTable:
+    """The routes served now, by alias. Never changed in place: a change builds a new table and
+    swaps the one reference (Settings.serve_routes), so a lookup sees the old routes or the new,
+    never half of each; a turn keeps the RouteSettings object it started with."""
+
+    __slots__ = ("by_alias", "routes")
+
+    def __init__(self, routes: list[RouteSettings]) -> None:
+        self.routes: tuple[RouteSettings, ...] = tuple(routes)
+        self.by_alias: dict[str, RouteSettings] = {r.alias: r for r in routes}
 
 
 def env_name(field: str) -> str:
@@ -269,7 +281,9 @@ class Settings(BaseSettings):
     log_level: LogLevel = "info"  # `turngate serve`'s logs, uvicorn's included
     log_format: LogFormat = "plain"  # plain lines, or one JSON object per line
 
-    routes: list[RouteSettings] = Field(default_factory=list)
+    routes: list[RouteSettings] = Field(default_factory=list)  # at start: the seed; then what is served
+    _table: RouteTable | None = PrivateAttr(None)
+    _seed: tuple[RouteSettings, ...] | None = PrivateAttr(None)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -307,9 +321,29 @@ class Settings(BaseSettings):
             raise ValueError(f"route aliases must be unique, got {aliases}")
         return self
 
-    @cached_property
+    @property
+    def route_table(self) -> RouteTable:
+        if self._table is None:
+            self._table = RouteTable(self.routes)
+        return self._table
+
+    @property
+    def seed_routes(self) -> tuple[RouteSettings, ...]:
+        """The routes of the YAML file / environment, before any change made through the admin API."""
+        if self._seed is None:
+            self._seed = tuple(self.routes)
+        return self._seed
+
+    def serve_routes(self, routes: list[RouteSettings]) -> None:
+        """Serve `routes` from now on (the control plane's route reloader calls it)."""
+        self.seed_routes  # noqa: B018 - captured before the first change
+        table = RouteTable(routes)
+        self._table = table  # the one reference lookups read: the swap is atomic
+        self.routes = list(table.routes)  # for readers that list them (readyz, the config summary)
+
+    @property
     def routes_by_alias(self) -> dict[str, RouteSettings]:
-        return {r.alias: r for r in self.routes}
+        return self.route_table.by_alias
 
     def route_for(self, model: str) -> RouteSettings | None:
         """The route for a requested model name; a route aliased '*' catches every other name.
@@ -317,10 +351,11 @@ class Settings(BaseSettings):
         The catch-all sends the upstream the name the client asked for, unless it names an
         upstream_model itself; its alias (the metric label) stays '*' whatever the name.
         """
-        route = self.routes_by_alias.get(model)
+        by_alias = self.route_table.by_alias  # one table for the whole lookup
+        route = by_alias.get(model)
         if route is not None:
             return route
-        catch_all = self.routes_by_alias.get(CATCH_ALL)
+        catch_all = by_alias.get(CATCH_ALL)
         if catch_all is None or catch_all.upstream_model:
             return catch_all
         return catch_all.model_copy(update={"upstream_model": model})
@@ -328,7 +363,7 @@ class Settings(BaseSettings):
     @property
     def listed_models(self) -> list[str]:
         """The model names /v1/models lists: every alias but the catch-all's."""
-        return [r.alias for r in self.routes if r.alias != CATCH_ALL]
+        return [r.alias for r in self.route_table.routes if r.alias != CATCH_ALL]
 
 
 _SECRET_FIELDS = {"admin_key", "api_keys", "key_hash_secret", "upstream_api_key", "database_url", "redis_url"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api.deps import ServicesDep
@@ -16,7 +16,7 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz")
-async def readyz(services: ServicesDep) -> JSONResponse:
+async def readyz(services: ServicesDep, request: Request) -> JSONResponse:
     critic = services.critics.current
     # Keys not read yet (the database was away at start): every issued key would get 503 here, so
     # the load balancer should send the traffic to a replica that has them.
@@ -28,6 +28,10 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         "critic": {"name": critic.name, "version": critic.version, "provider": critic.provider},
         "routes": [{"alias": r.alias, "mode": r.mode, "candidates": r.n} for r in services.settings.routes],
     }
+    sync = getattr(request.app.state, "critic_sync", None)
+    if sync is not None and sync.activation is not None and not sync.activation.applied:
+        # Still ready: the replica serves with the critic it has, as it did before the activation.
+        body["critic_activation_failed"] = sync.activation.as_dict()
     health = getattr(services.sink, "health", None)
     if callable(health):
         # A database outage does not make the replica unready: turns spool to disk meanwhile, and

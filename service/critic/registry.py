@@ -65,17 +65,28 @@ class CriticActivator:
     def __init__(self, slot: CriticSlot, settings: Settings, *, owns_current: bool,
                  labels: critic_info.Labels | None = None) -> None:
         self.slot, self.settings = slot, settings
-        self.grace_s = (settings.critic_swap_grace_s if settings.critic_swap_grace_s is not None
-                        else max(r.deadline_s for r in settings.routes) + 5)
+        # The bundle folder the current critic came from (None: handed in by the caller).
+        self.path: str | None = None
+        if owns_current:
+            shipped = shipped_bundle()
+            self.path = settings.critic or (str(shipped) if shipped is not None else None)
         self.labels = labels
         self._owned: set[int] = {id(slot.current)} if owns_current else set()
         self._retiring: dict[asyncio.Task, Critic] = {}
         self._lock = asyncio.Lock()
 
+    @property
+    def grace_s(self) -> float:
+        """How long a swapped-out critic stays open: the longest deadline of the routes served now."""
+        if self.settings.critic_swap_grace_s is not None:
+            return self.settings.critic_swap_grace_s
+        return max((r.deadline_s for r in self.settings.route_table.routes), default=0.0) + 5
+
     async def activate(self, path: str | Path) -> Critic:
         async with self._lock:  # one load at a time: two would each hold a session in memory
             new = await asyncio.to_thread(open_bundle, path, self.settings)
             old = self.slot.swap(new)
+            self.path = str(path)
             self._owned.add(id(new))
             self.labels = critic_info.publish(new, self.labels)
             log.info("critic swapped: %s/%s -> %s/%s on %s; the old one closes in %.0f s", old.name,
