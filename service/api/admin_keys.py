@@ -21,6 +21,8 @@ from service.api.errors import APIError
 from service.api.jsonroute import WireJSONRoute
 from service.api.protocol import ErrorBody
 from service.control import keys
+from service.control.key_policy import BudgetPeriod
+from service.limits import spend as spend_meter
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,17 @@ class KeyView(BaseModel):
     revoked: bool
 
 
+class KeySpend(BaseModel):
+    period: Literal["day", "month"] = Field(description="The budget's period (month when the key has no budget).")
+    tokens: int | None = Field(description="Tokens billed to the key in the current period (UTC); null when "
+                                           "the meter cannot tell (Redis unreachable).")
+    tokens_last_minute: int | None
+
+
+class KeyDetail(KeyView):
+    spend: KeySpend = Field(description="What the key spent, as the limits see it: every candidate and round.")
+
+
 class KeyCreated(KeyView):
     key: str = Field(description="The secret, shown this once: give it to the client as its API key.")
 
@@ -185,10 +198,16 @@ async def list_keys(services: ServicesDep) -> KeyList:
 
 
 @router.get("/{key_id}", responses=_ERRORS)
-async def get_key(key_id: KeyId, services: ServicesDep) -> KeyView:
+async def get_key(key_id: KeyId, services: ServicesDep) -> KeyDetail:
+    """One key, with its spend in the current budget period and the last minute."""
     engine = _engine(services)
     with _store():
-        return KeyView(**await keys.get_key(engine, key_id))
+        view = await keys.get_key(engine, key_id)
+    period: BudgetPeriod = view.get("budget_period") or "month"
+    meter = services.spend
+    spent = await spend_meter.spend(meter, key_id, period) if meter is not None else None
+    last_minute = await spend_meter.tpm_used(meter, key_id) if meter is not None else None
+    return KeyDetail(**view, spend=KeySpend(period=period, tokens=spent, tokens_last_minute=last_minute))
 
 
 @router.patch("/{key_id}", responses=_ERRORS)
