@@ -75,6 +75,33 @@ class GatePolicy(BaseModel):
         return self
 
 
+class LLMCriticSettings(BaseModel):
+    """A language model that judges a turn's candidates (any OpenAI-compatible endpoint): called by
+    the cascade when the encoder critic is unsure (service/gate/cascade.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["llm"] = "llm"
+    base_url: str
+    model: str
+    api_key: SecretStr | None = None
+    rubric: str = ""  # what the judge is told to check, beside the built-in instructions; "" = those alone
+    rubric_version: str = Field("1", min_length=1, max_length=64)  # recorded with every judgement
+    timeout_s: float = Field(10.0, gt=0, le=600)
+
+
+class CascadeSettings(BaseModel):
+    """When the encoder critic's ranking is left to the LLM critic, and how much of it a route may buy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    margin: float = Field(0.1, ge=0, le=1)  # unsure: the top two scores are closer than this
+    min_agreement: float = Field(0.5, ge=0, le=1)  # unsure: fewer candidates than this share make the top pick's calls
+    on_write: bool = True  # unsure: the top pick makes a write call (service.gate.actions.is_write)
+    max_share: float = Field(0.2, ge=0, le=1)  # at most this share of the route's turns go to the judge
+    max_tokens_per_hour: int | None = Field(None, ge=1)  # and at most this many judge tokens an hour, per process
+
+
 class RouteSettings(BaseModel):
     """One model alias a client can ask for, and the upstream actor behind it."""
 
@@ -100,6 +127,9 @@ class RouteSettings(BaseModel):
     # the chosen candidate's own under usage.chosen), or "chosen", the chosen candidate's call alone.
     usage_reported: Literal["billed", "chosen"] = "billed"
     policy: GatePolicy = Field(default_factory=GatePolicy)
+    # An LLM critic consulted when the encoder is unsure, within the cascade's budget; None = encoder alone.
+    llm_critic: LLMCriticSettings | None = None
+    cascade: CascadeSettings = Field(default_factory=CascadeSettings)
 
     @property
     def model(self) -> str:
@@ -366,7 +396,8 @@ class Settings(BaseSettings):
         return [r.alias for r in self.route_table.routes if r.alias != CATCH_ALL]
 
 
-_SECRET_FIELDS = {"admin_key", "api_keys", "key_hash_secret", "upstream_api_key", "database_url", "redis_url"}
+_SECRET_FIELDS = {"admin_key", "api_keys", "key_hash_secret", "upstream_api_key", "api_key", "database_url",
+                  "redis_url"}
 
 
 def describe_invalid(error: ValidationError) -> str:

@@ -22,7 +22,7 @@ def admin_operations(base: str) -> list[tuple[str, str]]:
 
 def call(base: str, method: str, path: str, key: str | None) -> httpx.Response:
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    body = {} if method in ("POST", "PUT", "PATCH") else None
+    body: dict | None = {} if method in ("POST", "PUT", "PATCH") else None
     return httpx.request(method, base + path, headers=headers, json=body, timeout=10)
 
 

@@ -49,7 +49,7 @@ def shared_pg_db(make_pg_db) -> str:
 
 
 TABLES = ("conversations, turns, candidates, feedback, conversation_links, critic_versions, api_keys, route_overrides, "
-          "audit_log")
+          "audit_log, candidate_labels")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -89,6 +89,11 @@ class Turn(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # Candidate calls that failed or were given up while the turn still answered: [{kind, message}].
     upstream_errors: Mapped[list[Any] | None] = mapped_column(JSONType)
+    # Which critic chose ("encoder", "llm"; None where no critic ran), and where the cascade called the
+    # LLM critic: why (margin, agreement, write) and whether its pick was the encoder's.
+    decided_by: Mapped[str | None] = mapped_column(String(16))
+    judge_reason: Mapped[str | None] = mapped_column(String(32))
+    critics_agreed: Mapped[bool | None]
     created_at: Mapped[datetime] = mapped_column(index=True)
 
 
@@ -113,6 +118,8 @@ class Candidate(Base):
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # the upstream's, details included
     logprobs: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # kept when the route says record_logprobs
     upstream_request_id: Mapped[str | None] = mapped_column(String(200))  # the upstream's x-request-id
+    judge_score: Mapped[float | None]  # the LLM critic's, when the cascade called it on this turn
+    judge_reason: Mapped[str | None] = mapped_column(Text)  # its one-sentence reason
 
 
 class Feedback(Base):
@@ -140,6 +147,23 @@ class Feedback(Base):
     client_id: Mapped[str | None] = mapped_column(String(200))  # the client's idempotency id
     key_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class CandidateLabel(Base):
+    """A label for one logged candidate, for training: a teacher judge's score (`turngate critic
+    label`), a structural veto, or an outcome. One per candidate and labeller: `labeler` names who
+    ("judge:<model>@<rubric_version>", "veto", "outcome"), so relabelling with a new rubric adds rows."""
+
+    __tablename__ = "candidate_labels"
+    __table_args__ = (UniqueConstraint("turn_id", "candidate_idx", "labeler"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    turn_id: Mapped[str] = mapped_column(String(64), index=True)
+    candidate_idx: Mapped[int]
+    labeler: Mapped[str] = mapped_column(String(200))
+    score: Mapped[float]  # in [0, 1]: how good the candidate is
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
 
 
 class ConversationLink(Base):
