@@ -7,6 +7,7 @@ fitted here, column by column, from the table's own types:
   database can encode) become U+FFFD; a value that is not a string becomes its str();
 - bounded text (ids, names): a value over the column's length keeps its head and ends in a hash of
   the whole value, so it stays deterministic and distinct (threading by a long explicit id works);
+- booleans: anything but True or False becomes NULL;
 - integers outside the column's range, non-numbers and non-finite floats become NULL (0 where the
   column allows no NULL);
 - JSON: the same for every string and key nested anywhere; keys become strings; non-finite numbers
@@ -24,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, BigInteger, DateTime, Float, Integer, String, Table, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Integer, String, Table, Text
 
 REPLACEMENT = "\ufffd"
 MAX_DEPTH = 200  # JSON nesting kept; deeper values become a marker string
@@ -153,6 +154,8 @@ def _fitters(table: Table) -> dict[str, tuple]:
                 kind, bound = "float", None
             elif isinstance(t, DateTime):
                 kind, bound = "time", None
+            elif isinstance(t, Boolean):
+                kind, bound = "bool", None
             else:  # pragma: no cover - a new column type needs a rule here
                 raise TypeError(f"no fitting rule for {table.name}.{col.name} ({t!r})")
             got[col.name] = (kind, bound, col.nullable)
@@ -180,6 +183,8 @@ def fit_row(table: Table, row: dict[str, Any], encode_json: bool = False) -> dic
             v = fit_json(v, encode_json)
             if v is None and not nullable and encode_json:
                 v = "null"  # what SQLAlchemy's JSON type writes for None on the other path
+        elif kind == "bool":
+            v = v if isinstance(v, bool) else None if nullable else False
         elif kind == "time" and not isinstance(v, datetime):
             v = fit_time(v if v is not None else time.time())
         row[name] = v
