@@ -17,11 +17,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
 
+from service.critic import features
 from service.critic.llm_critic import JudgeError, Judgement, LLMCritic
 from service.gate import selection
 from service.gate.cascade import Doubt, doubt, writes
@@ -45,6 +46,35 @@ def top_agreement(c: CandidateRecord) -> float | None:
         return None
     value = f.get("call_support")
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def reply_key(message: dict[str, Any]) -> tuple:
+    """What makes two samples the same reply: the same calls (names and arguments, whatever their call
+    ids) and the same text."""
+    calls = features.parse_calls(message) if isinstance(message, dict) else []
+    return features.signature(calls), features.content_text(message) if isinstance(message, dict) else ""
+
+
+def round_doubt(messages: Sequence[dict[str, Any]], scores: Sequence[float | None],
+                feats: Sequence[dict[str, Any] | None], cfg: CascadeSettings) -> tuple[Doubt | None, int]:
+    """The cascade's doubt over one round's candidates that passed the structural checks (the gate's
+    rule; `turngate replay` should call this on logged rounds to count alike): (why, the encoder's
+    top pick). A missing encoder score counts as 0. Identical replies count once in the margin: the
+    actor's samples agreeing is no tie between them."""
+    if not messages:
+        return None, 0
+    vals = [s if s is not None else 0.0 for s in scores]
+    top = max(range(len(vals)), key=lambda i: (vals[i], -i))  # the first of the best, as selection.ranked
+    distinct: dict[tuple, float] = {}
+    for m, v in zip(messages, vals):
+        key = reply_key(m)
+        distinct[key] = max(v, distinct.get(key, v))
+    mine = reply_key(messages[top])
+    margin_scores = [vals[top]] + [v for k, v in distinct.items() if k != mine]
+    f = feats[top]
+    agreement = top_agreement(CandidateRecord(index=top, round=0, message=messages[top],
+                                              features=f if isinstance(f, dict) else None))
+    return doubt(margin_scores, 0, agreement, writes(messages[top]), cfg), top
 
 
 class CascadeBudget:
@@ -134,9 +164,9 @@ async def consult(desk: JudgeDesk, route: RouteSettings, record: TurnRecord, mes
     if critic is None or not passed:
         return 0.0
     record.decided_by, record.judge_reason, record.critics_agreed = "encoder", None, None
-    top = passed[0]
-    scores = [c.score if c.score is not None else 0.0 for c in passed]  # no encoder score: it is unsure
-    why: Doubt | None = doubt(scores, 0, top_agreement(top.record), writes(top.record.message), route.cascade)
+    why, at = round_doubt([c.record.message for c in passed], [c.score for c in passed],
+                          [c.record.features for c in passed], route.cascade)
+    top = passed[at]
     budget = desk.budget(route.alias)
     if why is None:
         budget.sure()
