@@ -287,3 +287,17 @@ def test_round_doubt_counts_identical_samples_once():
     low = {"call_support": 0.25, "alone": 0.0}
     assert round_doubt([call, assistant("y")], [0.9, 0.1], [low, None], cfg) == ("agreement", 0)
     assert round_doubt([call], [0.9], [{"call_support": 1.0, "alone": 1.0}], cfg) == (None, 0)
+
+
+def test_shadow_mode_judges_in_the_background(gateway, scripted):
+    judge = FakeJudge({"beta": 0.9}, default=0.1)
+    scripted.fn = tie_replies
+    with serve_judge(judge) as judge_url, gateway(critic=TableCritic(TIE_CRITIC, 0.1), mode="shadow", **route(
+            judge_url, alias="gpt-shadow")) as (url, sink):
+        raw = ask(url, "gpt-shadow")
+        assert raw.parse().choices[0].message.content == "alpha"  # candidate 0, unchanged
+    assert len(judge.requests) == 1
+    record = sink.records[0]
+    assert record.decision == "shadow" and record.chosen_index == 0
+    assert (record.decided_by, record.judge_reason, record.critics_agreed) == ("llm", "margin", False)
+    assert [c.judge_score for c in record.candidates] == [0.1, 0.9, 0.1, 0.1]
