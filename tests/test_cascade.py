@@ -7,6 +7,7 @@ key never shows."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from service.store.sink import StoreSink
 from tests.conftest import TableCritic
 from tests.inspector_support import ADMIN, ADMIN_HEADERS, wait_stored
 from tests.judge_support import JUDGE_KEY, FakeJudge, FeatureCritic, answer, serve_judge
+from tests.test_admin_routes import audit_rows
 from tests.test_store_support import db_url, make_pg_db, shared_pg_db  # noqa: F401 - fixtures
 
 USER = [{"role": "user", "content": "Please help with reservation ABC123."}]
@@ -235,6 +237,9 @@ def test_the_record_reaches_the_database_and_the_inspector(db_url, tmp_path, act
             body = {k: v for k, v in view.items() if k not in ("source", "upstream_api_key")}
             put = httpx.put(base + "/v1/admin/routes/gpt-test", headers=ADMIN_HEADERS, json=body)
             assert put.status_code == 200, put.text
+            wrong = {**body, "llm_critic": {**body["llm_critic"], "api_key": "***zzzz"}}
+            refused = httpx.put(base + "/v1/admin/routes/gpt-test", headers=ADMIN_HEADERS, json=wrong)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "llm_critic.api_key"
             time.sleep(0.5)  # the route reloads
             ask(base + "/v1")
     assert (shown["decided_by"], shown["judge_reason"], shown["critics_agreed"]) == ("llm", "margin", False)
@@ -245,6 +250,9 @@ def test_the_record_reaches_the_database_and_the_inspector(db_url, tmp_path, act
     assert view["llm_critic"]["api_key"] == "***" + JUDGE_KEY[-4:]
     assert JUDGE_KEY not in put.text
     assert judge.keys == [f"Bearer {JUDGE_KEY}"] * 2
+    audited = [json.dumps([a.before, a.after]) for a in audit_rows(db_url)]
+    assert audited and not any(JUDGE_KEY in a for a in audited)
+    assert all(JUDGE_KEY[-4:] in a for a in audited)  # masked, not dropped
     assert not leaks(caplog)
 
 
