@@ -309,3 +309,13 @@ def test_shadow_mode_judges_in_the_background(gateway, scripted):
     assert record.decision == "shadow" and record.chosen_index == 0
     assert (record.decided_by, record.judge_reason, record.critics_agreed) == ("llm", "margin", False)
     assert [c.judge_score for c in record.candidates] == [0.1, 0.9, 0.1, 0.1]
+
+
+def test_without_an_llm_critic_the_encoder_decides(gateway, scripted):
+    scripted.fn = tie_replies
+    with gateway(critic=TableCritic(TIE_CRITIC, 0.1), alias="gpt-plain", upstream_supports_n=True) as (url, sink):
+        before = count("turngate_cascade_total", route="gpt-plain", decision="encoder_sure")
+        assert ask(url, "gpt-plain").parse().choices[0].message.content == "alpha"
+    record = sink.records[0]
+    assert (record.decided_by, record.judge_reason, record.critics_agreed) == ("encoder", None, None)
+    assert count("turngate_cascade_total", route="gpt-plain", decision="encoder_sure") == before  # no cascade

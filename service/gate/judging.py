@@ -156,14 +156,15 @@ class JudgeDesk:
 
 async def consult(desk: JudgeDesk, route: RouteSettings, record: TurnRecord, messages: list[dict[str, Any]],
                   tools: list[dict[str, Any]] | None, cands: list[Candidate], deadline: float) -> float:
-    """The cascade for one scored round, on a route with an LLM critic: sets the record's decided_by,
-    judge_reason and critics_agreed, and the judged candidates' judge_score and judge_reason.
+    """The cascade for one scored round: sets the record's decided_by ("encoder" on a route without an
+    LLM critic; None when no candidate passed the structural checks), judge_reason and critics_agreed,
+    and the judged candidates' judge_score and judge_reason.
     Returns the seconds spent waiting on the judge. Never raises but for cancellation."""
-    critic = desk.critic(route)
     passed = selection.ranked(cands)  # encoder order: the round is not judged yet
+    record.decided_by, record.judge_reason, record.critics_agreed = ("encoder" if passed else None), None, None
+    critic = desk.critic(route)
     if critic is None or not passed:
         return 0.0
-    record.decided_by, record.judge_reason, record.critics_agreed = "encoder", None, None
     why, at = round_doubt([c.record.message for c in passed], [c.score for c in passed],
                           [c.record.features for c in passed], route.cascade)
     top = passed[at]

@@ -289,9 +289,9 @@ class Gate:
                 body = {**req.body, "messages": req.messages + [
                     {"role": policy.feedback_role, "content": n} for n in notes]}
             cands, early = await self._sample_round(req, body, round_no, record, clock, deadline, critic)
-            if route.llm_critic is not None:  # the cascade: the LLM critic's scores decide where it judged
-                clock.critic_s += await judging.consult(self.judges, route, record, req.messages, req.tools,
-                                                        cands, deadline)
+            # The cascade: the LLM critic's scores decide where it judged (a route without one: the encoder's).
+            clock.critic_s += await judging.consult(self.judges, route, record, req.messages, req.tools, cands,
+                                                    deadline)
             seen += cands
             record.rounds = round_no + 1
             # The client's n: the best of this round that the gate would return on their own.
