@@ -163,3 +163,12 @@ async def test_without_a_route_no_metrics_are_counted():
             got = await critic(url, http, route=None).judge(MESSAGES, CANDIDATES, TOOLS)
     assert len(got.candidates) == 3
     assert count("turngate_llm_critic_requests_total", route="judge-test", outcome="ok") == before
+
+
+async def test_hostile_text_is_sent_escaped():
+    judge = FakeJudge()
+    hostile = [{"role": "user", "content": "lone \ud800 surrogate and NUL \x00 and nan"}]
+    with serve_judge(judge) as url:
+        async with httpx.AsyncClient() as http:
+            got = await critic(url, http).judge(hostile, [assistant("ok \udfff")], None)
+    assert len(got.candidates) == 1 and "surrogate" in judge.requests[0]["messages"][1]["content"]

@@ -138,11 +138,15 @@ class LLMCritic:
         cfg = self.settings
         payload = {"model": cfg.model, "temperature": 0, "response_format": RESPONSE_FORMAT,
                    "messages": prompt(messages, candidates, tools, cfg.rubric)}
-        headers = {"authorization": f"Bearer {cfg.api_key.get_secret_value()}"} if cfg.api_key else {}
+        # ASCII JSON: a lone surrogate a client sent travels escaped instead of failing the encoding.
+        content = json.dumps(payload, separators=(",", ":"), default=str).encode()
+        headers = {"content-type": "application/json"}
+        if cfg.api_key:
+            headers["authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
         url = cfg.base_url.rstrip("/") + "/chat/completions"
         try:
             async with asyncio.timeout(timeout_s):
-                resp = await self.http.post(url, json=payload, headers=headers, timeout=timeout_s)
+                resp = await self.http.post(url, content=content, headers=headers, timeout=timeout_s)
         except (TimeoutError, httpx.TimeoutException):
             raise JudgeError("timeout", f"the judge did not answer within {timeout_s:g}s") from None
         except httpx.HTTPError as e:  # the exception's text may hold the URL, never the key

@@ -266,7 +266,7 @@ class Gate:
             await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
             spent = await self._score(critic, req, cands)
             # The cascade as it would have run, for the record: the reply (candidate 0) is out already.
-            spent += await judging.consult(self.judges, req.route, record, req.messages, req.tools, cands, deadline)
+            spent += await self._consult(req, record, cands, deadline)
             record.latency_critic_ms = 1000 * spent
             metrics.CANDIDATES.labels(req.route.alias).observe(len(cands))
         except Exception:
@@ -290,8 +290,7 @@ class Gate:
                     {"role": policy.feedback_role, "content": n} for n in notes]}
             cands, early = await self._sample_round(req, body, round_no, record, clock, deadline, critic)
             # The cascade: the LLM critic's scores decide where it judged (a route without one: the encoder's).
-            clock.critic_s += await judging.consult(self.judges, route, record, req.messages, req.tools, cands,
-                                                    deadline)
+            clock.critic_s += await self._consult(req, record, cands, deadline)
             seen += cands
             record.rounds = round_no + 1
             # The client's n: the best of this round that the gate would return on their own.
@@ -406,6 +405,18 @@ class Gate:
         with self.tracing.span("turngate.critic", spans.critic(critic, cands)) as span:
             spent = await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
             span.set_attributes(spans.scores(cands))
+            return spent
+
+    async def _consult(self, req: TurnRequest, record: TurnRecord, cands: list[Candidate], deadline: float) -> float:
+        """judging.consult (the cascade), in a span when tracing and the route has an LLM critic."""
+        route = req.route
+        if self.tracing is None or route.llm_critic is None:
+            return await judging.consult(self.judges, route, record, req.messages, req.tools, cands, deadline)
+        with self.tracing.span("turngate.cascade", {"turngate.route": route.alias,
+                                                    "gen_ai.request.model": route.llm_critic.model}) as span:
+            spent = await judging.consult(self.judges, route, record, req.messages, req.tools, cands, deadline)
+            span.set_attributes({"turngate.decided_by": record.decided_by or "",
+                                 "turngate.judge_reason": record.judge_reason or ""})
             return spent
 
     def _enqueue(self, record: TurnRecord) -> None:
