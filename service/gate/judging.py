@@ -193,7 +193,8 @@ async def consult(desk: JudgeDesk, route: RouteSettings, record: TurnRecord, mes
     for c, j in zip(passed, got.candidates, strict=True):
         c.record.judge_score, c.record.judge_reason = j.score, j.reason
     record.decided_by, record.judge_reason = "llm", why
-    record.critics_agreed = selection.ranked(cands)[0] is top
+    # Agreed: the judge's pick is the encoder's reply (a sample identical to it counts as the same).
+    record.critics_agreed = reply_key(selection.ranked(cands)[0].record.message) == reply_key(top.record.message)
     return time.perf_counter() - started
 
 
