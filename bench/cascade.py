@@ -98,13 +98,14 @@ def figures(groups: list[Group], cfg: CascadeSettings) -> dict[str, float | int]
     sent = np.array([w is not None for w in why])
     agree = enc == best
     mixed = np.array([g.labels.min() < g.labels.max() for g in groups])
+    nan = float("nan")
     return {"groups": len(groups), "sent": float(sent.mean()),
             **{f"sent_{r}": float(np.mean([w == r for w in why])) for r in ("margin", "agreement", "write")},
             "encoder": float(enc.mean()), "cascade": float(np.where(sent, best, enc).mean()),
             "oracle": float(best.mean()), "agree": float(agree.mean()),
-            "trusted": int((~sent).sum()), "agree_trusted": float(agree[~sent].mean()) if (~sent).any() else float("nan"),
+            "trusted": int((~sent).sum()), "agree_trusted": float(agree[~sent].mean()) if (~sent).any() else nan,
             "mixed_trusted": int((~sent & mixed).sum()),
-            "agree_mixed_trusted": float(agree[~sent & mixed].mean()) if (~sent & mixed).any() else float("nan")}
+            "agree_mixed_trusted": float(agree[~sent & mixed].mean()) if (~sent & mixed).any() else nan}
 
 
 def scored_groups(bundle: Bundle, files: list[Path], draws: int, set_size: int, seed: int, limit: int | None,
