@@ -9,15 +9,21 @@ import importlib.util
 import io
 import json
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import openai
 import pytest
 from typer.testing import CliRunner
 
+from service.app import create_app
 from service.cli import app
+from service.critic.registry import load_critic
+from service.demo.fake_actor import Reply, assistant, serve_in_thread
 from service.gate import replay_cascade as rc
 from service.gate.record import CandidateRecord
+from service.settings import RouteSettings, Settings
 from service.store.sink import StoreSink
 from service.store.transfer import export_trajectories
 from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
@@ -157,6 +163,52 @@ async def test_turns_written_through_the_store_replay_from_its_export(db_url, tm
     [both, reads] = [rc.replay(turns, rc.parse_setting(s)) for s in ("max_share=1", "on_write=false,max_share=1")]
     assert both["by_reason"] == {"margin": 1, "agreement": 0, "write": 1}
     assert reads["by_reason"] == {"margin": 1, "agreement": 0, "write": 0}
+
+
+TOOLS = [{"type": "function", "function": {"name": n, "parameters": {
+    "type": "object", "properties": {k: {"type": "string"}}, "required": [k]}}}
+    for n, k in (("get_weather", "city"), ("cancel_reservation", "reservation_id"))]
+
+
+def test_a_served_run_exported_from_the_store_replays(actor, scripted, tmp_path):
+    """Turns served by the gate with the shipped critic (its features logged), exported by
+    `turngate export`: four samples making the same write call are in doubt only for on_write;
+    four making the same read are sure (the same reply four times: no margin, full agreement)."""
+    _, actor_url = actor
+
+    def reply(body, i):
+        ask = body["messages"][-1]["content"]
+        return Reply([assistant(None, [("cancel_reservation", {"reservation_id": "RESA"})] if "cancel" in ask
+                                else [("get_weather", {"city": "Paris"})])])
+
+    scripted.fn = reply
+    url = f"sqlite:///{tmp_path}/store.db"
+    route = RouteSettings(alias="gpt-test", upstream_base_url=actor_url, candidates=4, mode="rank",
+                          attempt_timeout_s=10, deadline_s=20)
+    sink = StoreSink(url, tmp_path / "spool", flush_interval_s=0.05)
+    with serve_in_thread(create_app(Settings(routes=[route], database_url=url), critic=load_critic(Settings()),
+                                    sink=sink)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
+        ids = []
+        for ask in ("weather in Paris?", "cancel RESA please"):
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-test", messages=[{"role": "user", "content": ask}], tools=TOOLS)
+            ids.append(raw.headers["x-turngate-turn-id"])
+        deadline = time.monotonic() + 10
+        while any(i in sink.pending_ids for i in ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    out = tmp_path / "export.jsonl"
+    assert CliRunner().invoke(app, ["export", "--out", str(out), "--url", url]).exit_code == 0
+    turns = rc.load_turns([json.loads(x) for x in out.read_text().splitlines()])
+    assert len(turns) == 2 and all(len(t.replies) == 4 and t.scores is not None for t in turns)
+    assert all(a == 1.0 for t in turns for a in t.agreement)  # the critic's logged call_support
+    res = CliRunner().invoke(app, ["replay", str(out), "--out", str(tmp_path / "rep"),
+                                   "--cascade", "max_share=1;on_write=false,max_share=1"])
+    assert res.exit_code == 0, res.output
+    writes, none = json.loads((tmp_path / "rep" / "cascade.json").read_text())["results"]
+    assert writes["sent"] == 1 and writes["by_reason"]["write"] == 1 and none["sent"] == 0
+    (cancel,) = [t for t in turns if "cancel_reservation" in json.dumps(t.replies)]
+    assert writes["judge_tokens"] == cancel.judge_tokens() > 4 * rc.REPLY_TOKENS_PER_CANDIDATE
 
 
 def _bench():
