@@ -126,10 +126,10 @@ def scored_groups(bundle: Bundle, files: list[Path], draws: int, set_size: int, 
     if cache_path:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_text(json.dumps({"encoder": encoder_id, "logits": cache}))
+    if bundle.head is None:
+        raise SystemExit("a format-2 bundle (encoder + head) is needed: the cascade reads the served scores")
     out = []
     for g in head_data.groups(items, draws, seed + 1, sizes=(set_size,)):  # eval's draws: seed + 1
-        if bundle.head is None:
-            raise SystemExit("a format-2 bundle (encoder + head) is needed: the cascade reads the served scores")
         scores = np.array([sigmoid(x) for x in head_fit.logits(bundle.head.linear(g.kind), g.rows)])
         if np.isnan(g.labels).any() or g.kind == "text":
             continue
