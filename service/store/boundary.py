@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, BigInteger, DateTime, Float, Integer, String, Table, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Integer, String, Table, Text
 
 REPLACEMENT = "\ufffd"
 MAX_DEPTH = 200  # JSON nesting kept; deeper values become a marker string
@@ -153,6 +153,8 @@ def _fitters(table: Table) -> dict[str, tuple]:
                 kind, bound = "float", None
             elif isinstance(t, DateTime):
                 kind, bound = "time", None
+            elif isinstance(t, Boolean):  # e.g. turns.critics_agreed (migration 0006)
+                kind, bound = "bool", None
             else:  # pragma: no cover - a new column type needs a rule here
                 raise TypeError(f"no fitting rule for {table.name}.{col.name} ({t!r})")
             got[col.name] = (kind, bound, col.nullable)
@@ -182,5 +184,7 @@ def fit_row(table: Table, row: dict[str, Any], encode_json: bool = False) -> dic
                 v = "null"  # what SQLAlchemy's JSON type writes for None on the other path
         elif kind == "time" and not isinstance(v, datetime):
             v = fit_time(v if v is not None else time.time())
+        elif kind == "bool":
+            v = None if v is None else bool(v)
         row[name] = v
     return row
