@@ -291,6 +291,8 @@ def promote(bundle: Path = typer.Argument(..., help="The new bundle (from `train
             min_turns: int = typer.Option(20, "--min-turns", help="Refuse with fewer held-out labelled turns."),
             force: bool = typer.Option(False, "--force", help="Activate even with too few held-out turns "
                                        "(never when the new bundle is worse)."),
+            labeler: list[str] = typer.Option([], "--labeler", help="Judge both by these labels (labeller prefixes, "
+                                              "as train-head); default: those BUNDLE was trained on."),
             database_url: str | None = DATABASE_URL) -> None:
     """Evaluate BUNDLE and the gateway's active critic on the logged turns BUNDLE's training held out;
     activate BUNDLE on every replica unless it is worse (or the turns are too few)."""
@@ -311,7 +313,7 @@ def promote(bundle: Path = typer.Argument(..., help="The new bundle (from `train
     if not str(active_path) or not (active_path / "critic.json").is_file():
         raise CommandFailed(f"the active critic's bundle ({active_path or 'no path given'}) is not readable here: "
                             "pass --active PATH")
-    turns = [t for t in _labelled_turns(database_url, list(info.get("labelers") or []))
+    turns = [t for t in _labelled_turns(database_url, labeler or list(info.get("labelers") or []))
              if rule.held(t.conversation_id)]
     turns = promotion.evaluable(turns)
     new_q, active_q = promotion.quality(bundle, turns), promotion.quality(active_path, turns)

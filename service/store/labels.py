@@ -167,8 +167,9 @@ def labelled_turns(engine: Engine, window: Window, labelers: Sequence[str] = ())
         for i in range(0, len(ids), CHUNK):
             part = _load(conn, ids[i:i + CHUNK])
             found: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
-            lq = select(CandidateLabel).where(CandidateLabel.turn_id.in_([t.turn_id for t in part]))
-            for lab in conn.execute(lq).scalars():
+            lq = select(CandidateLabel.turn_id, CandidateLabel.candidate_idx, CandidateLabel.labeler,
+                        CandidateLabel.score).where(CandidateLabel.turn_id.in_([t.turn_id for t in part]))
+            for lab in conn.execute(lq):
                 if not labelers or any(lab.labeler.startswith(p) for p in labelers):
                     found[(lab.turn_id, lab.candidate_idx)][lab.labeler] = lab.score
             for t in part:
