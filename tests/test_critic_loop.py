@@ -35,6 +35,7 @@ from service.settings import RouteSettings, Settings
 from service.store.engine import make_sync_engine
 from service.store.migrate import upgrade
 from tests.test_critic_serving_bundles import build_bundle
+from tests.test_store_support import make_pg_db  # noqa: F401 - fixture
 
 pytest.importorskip("torch")  # the tiny encoder bundle is exported from a torch model
 
@@ -104,11 +105,14 @@ def wait_for_turns(db: str, n: int) -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def loop(tmp_path_factory) -> Iterator[Loop]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def loop(request, tmp_path_factory) -> Iterator[Loop]:
     root = tmp_path_factory.mktemp("loop")
-    db = f"sqlite:///{root}/store.db"
-    upgrade(db)
+    if request.param == "sqlite":
+        db = f"sqlite:///{root}/store.db"
+        upgrade(db)
+    else:
+        db = request.getfixturevalue("make_pg_db")()
     active = build_bundle(root / "bundles" / "encoder", version="enc3", seed=3)
     judge = Judge(frozenset({FAIL_500, FAIL_GARBAGE}))
     with ExitStack() as stack:
@@ -156,7 +160,8 @@ def test_labels_resume_and_failed_turns_wait_for_the_next_run(loop):
     for turn_id, labels in by_turn.items():
         assert sorted(s for _, s, _ in labels) == [0.0, 0.0, 1.0]
         for idx, score, reason in labels:
-            content = json.loads(messages[f"{turn_id}:{idx}"])["content"]
+            message = messages[f"{turn_id}:{idx}"]  # JSON text on SQLite, JSONB on PostgreSQL
+            content = (message if isinstance(message, dict) else json.loads(message))["content"]
             assert ("good" in content) == (score == 1.0)
             assert reason in ("it is the good one", "it is not the good one")
 
