@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import insert
@@ -18,6 +19,7 @@ from service.critic.judge_request import JudgeError, judge_body, parse_content
 from service.store.engine import make_async_engine, make_sync_engine
 from service.store.labels import Window, label_of, labelled_turns, write_labels
 from service.store.models import Feedback
+from service.store.prune import prune
 from service.store.writer import LinkCache, prepare, utc, write_batch
 from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
 
@@ -105,6 +107,9 @@ def test_a_judge_label_outranks_a_veto_and_an_outcome(db_url):
         (only_v1,) = labelled_turns(engine, Window(), ["judge:m@1", "veto"])
         assert [label_of(x) for x in only_v1.labels] == [None, 0.2, 0.0]
         assert labelled_turns(engine, Window(), ["judge:other"]) == []
+        prune(db_url, timedelta(0))  # retention takes a conversation's labels with its turns
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM candidate_labels").scalar() == 0
     finally:
         engine.dispose()
 
