@@ -258,18 +258,18 @@ def label(judge_url: str | None = typer.Option(None, "--judge-url", help="The ju
     url = _database_url(database_url)
     now = datetime.now(UTC)
     window = Window(_when(since, now) if since else None, _when(until, now) if until else None, route)
+    if judge_url and not judge_model:
+        raise typer.BadParameter("the judge's model name", param_hint="--judge-model")
+    if judge_model and not judge_url:
+        raise typer.BadParameter("--judge-model needs --judge-url", param_hint="--judge-url")
     if rubric_file is not None:
         rubric = rubric_file.read_text()
     if vetoes or outcomes:
         counts = teacher.label_structural(url, window)
         parts = [f"{counts['veto']} vetoes" if vetoes else "", f"{counts['outcome']} outcomes" if outcomes else ""]
         typer.echo("structural labels: " + ", ".join(p for p in parts if p), err=True)
-    if not judge_url:
-        if judge_model:
-            raise typer.BadParameter("--judge-model needs --judge-url", param_hint="--judge-url")
+    if not judge_url or not judge_model:
         return
-    if not judge_model:
-        raise typer.BadParameter("the judge's model name", param_hint="--judge-model")
     key = None
     if judge_key_env:
         key = os.environ.get(judge_key_env)

@@ -144,3 +144,12 @@ def test_a_fenced_judgement_is_read_in_index_order():
     got = parse_content('```json\n{"candidates": [{"index": 1, "score": 0, "reason": "no"}, '
                         '{"index": 0, "score": 1, "reason": "yes"}]}\n```', 2)
     assert [(j.index, j.score, j.reason) for j in got] == [(0, 1.0, "yes"), (1, 0.0, "no")]
+
+
+async def test_the_pacer_spaces_requests_at_the_rate():
+    from critic_models.teacher import Pacer
+
+    pacer = Pacer(20.0)
+    started = time.monotonic()
+    await asyncio.gather(*(pacer.wait() for _ in range(6)))
+    assert 0.25 - 0.02 <= time.monotonic() - started < 1.0  # five gaps of 50 ms after the first
