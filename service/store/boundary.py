@@ -153,7 +153,7 @@ def _fitters(table: Table) -> dict[str, tuple]:
                 kind, bound = "float", None
             elif isinstance(t, DateTime):
                 kind, bound = "time", None
-            elif isinstance(t, Boolean):  # e.g. turns.critics_agreed (migration 0006)
+            elif isinstance(t, Boolean):
                 kind, bound = "bool", None
             else:  # pragma: no cover - a new column type needs a rule here
                 raise TypeError(f"no fitting rule for {table.name}.{col.name} ({t!r})")
@@ -182,9 +182,11 @@ def fit_row(table: Table, row: dict[str, Any], encode_json: bool = False) -> dic
             v = fit_json(v, encode_json)
             if v is None and not nullable and encode_json:
                 v = "null"  # what SQLAlchemy's JSON type writes for None on the other path
+        elif kind == "bool":
+            v = None if v is None else bool(v) if isinstance(v, bool | int) else None
+            if v is None and not nullable:
+                v = False
         elif kind == "time" and not isinstance(v, datetime):
             v = fit_time(v if v is not None else time.time())
-        elif kind == "bool":
-            v = None if v is None else bool(v)
         row[name] = v
     return row
