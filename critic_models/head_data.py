@@ -243,7 +243,8 @@ def groups(items: list[Item], draws: int, seed: int, sizes: tuple[int, ...] = DE
             labels = np.array([math.nan if it.labels[i] is None else it.labels[i] for i in idx])
             lengths = np.array([_chars(it.candidates[i]) for i in idx], dtype=np.float64)
             out.append(FeatureGroup(it.key, it.source, turn.kind, np.asarray(turn.rows, dtype=np.float64),
-                                    labels, it.category, d, lengths, it.pointwise))
+                                    labels, it.category, d, lengths, it.pointwise,
+                                    [it.candidates[i] for i in idx]))
     return out
 
 

@@ -16,6 +16,7 @@ Plus L2 on the weights. Full-batch gradient descent with Adam, deterministic.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,7 @@ class FeatureGroup:
     draw: int = 0  # which sampled subset of the question's replies (tool-call sets)
     lengths: np.ndarray | None = None  # characters of each reply (the longest-answer baseline)
     pointwise: bool = True  # False: the labels only rank within the group (win probabilities)
+    replies: list[dict[str, Any]] | None = None  # the candidates' messages (what the cascade's rule reads)
 
 
 @dataclass

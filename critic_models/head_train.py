@@ -118,12 +118,18 @@ def fittable(groups: list[FeatureGroup], agent_head: bool) -> list[FeatureGroup]
     return [g for g in groups if agent_head or g.category not in ("write", "write-siblings")]
 
 
-def train_head(cfg: HeadConfig) -> dict[str, Any]:
+def train_head(cfg: HeadConfig, extra: tuple[list[head_data.Item], list[head_data.Item]] | None = None
+               ) -> dict[str, Any]:
+    """`extra`: (training, held-out) items split by the caller (logged turns from the store, held out
+    by conversation: critic_models.store_data), added to the files' own split."""
     started = time.monotonic()
     encoder = Bundle.load(Path(cfg.encoder))
     files = data.data_files([Path(p) for p in cfg.data])
     items = head_data.load_items(files)
     train, val = head_data.split(items, cfg.seed, cfg.val_fraction)
+    if extra is not None:
+        train, val = train + extra[0], val + extra[1]
+        items = train + val
     cache = _read_cache(cfg.logits_cache, encoder)
     head_data.fill_logits(items, encoder.encoder_scores, cache)
     if cfg.logits_cache:

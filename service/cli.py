@@ -74,14 +74,24 @@ def demo(turns: int = typer.Option(4, help="How many recorded turns to run throu
 def replay(files: list[Path] = typer.Argument(..., help="Trajectory JSONL files."),
            thresholds: str = typer.Option(",".join(map(str, DEFAULT_THRESHOLDS)), help="Comma-separated."),
            critic: Path | None = typer.Option(None, help="Critic bundle; default: the configured one."),
-           out: Path = typer.Option(Path("replay-report"), help="Folder for report.json and curve.png.")) -> None:
-    """What the gate would have flagged on recorded conversations, per threshold."""
+           out: Path = typer.Option(Path("replay-report"), help="Folder for report.json and curve.png."),
+           cascade: list[str] | None = typer.Option(
+               None, "--cascade", help="A cascade setting to replay on `turngate export` files instead, e.g. "
+                                       "\"margin=0.1,min_agreement=0.5,on_write=true,max_share=0.2\" (repeat it, or "
+                                       "separate settings with ';', to compare them). Reads the logged scores: no "
+                                       "critic runs.")) -> None:
+    """What the gate would have flagged on recorded conversations, per threshold; with --cascade,
+    what each cascade setting would have sent to the LLM critic, cost and changed."""
     import asyncio
     import json
 
     from service.critic.registry import load_critic
     from service.gate import replay as rp
     from service.settings import Settings
+
+    if cascade:
+        _replay_cascade(files, cascade, out)
+        return
 
     settings = Settings(critic=str(critic)) if critic else Settings()
     scorer = load_critic(settings)
@@ -97,6 +107,28 @@ def replay(files: list[Path] = typer.Argument(..., help="Trajectory JSONL files.
         typer.echo(f"wrote {out / 'report.json'} and {out / 'curve.png'}")
     else:
         typer.echo(f"wrote {out / 'report.json'} (no PNG: matplotlib comes with the `train` extra)")
+
+
+def _replay_cascade(files: list[Path], values: list[str], out: Path) -> None:
+    import json
+
+    from service.gate import replay as rp
+    from service.gate import replay_cascade as rc
+
+    try:
+        settings = rc.parse_settings(values)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--cascade") from None
+    if not settings:
+        raise typer.BadParameter("no setting given", param_hint="--cascade")
+    turns = rc.load_turns(rp.load_rows(files))
+    if not turns:
+        raise typer.BadParameter("no assistant turns in these files", param_hint="FILES")
+    results = [rc.replay(turns, cfg) for cfg in settings]
+    typer.echo(rc.format_table(results))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cascade.json").write_text(json.dumps({"results": results}, indent=2))
+    typer.echo(f"wrote {out / 'cascade.json'}")
 
 
 from service import cli_critic, cli_errors, cli_keys, cli_routes, cli_store  # noqa: E402 - sub-commands, after the root app exists

@@ -271,12 +271,13 @@ def test_budget_share_window_and_tokens_per_hour():
     now = [1000.0]
     budget = CascadeBudget(window=4, clock=lambda: now[0])
     cfg = CascadeSettings(max_share=0.5, max_tokens_per_hour=300)
-    assert [budget.admit(cfg) for _ in range(4)] == [True, False, True, False]
+    assert [budget.admit(cfg) for _ in range(4)] == [False, True, False, True]
     budget.sure()  # a sure ranking widens the share's denominator; the window keeps the last 4
-    assert budget.share == 0.25  # [judged, no, no, no]
+    assert budget.share == 0.5  # [judged, no, judged, no]
+    budget.sure()
     budget.spend(300)
     assert budget.tokens_last_hour() == 300
-    assert budget.admit(cfg) is False  # the share allows it, the tokens do not
+    assert budget.admit(cfg) is False  # the share allows it (2 of 5), the tokens do not
     now[0] += 3601
     assert budget.tokens_last_hour() == 0 and budget.admit(cfg) is True
     never = CascadeSettings(max_share=0.0)

@@ -32,3 +32,13 @@ def test_writes_reads_the_tool_names_and_survives_malformed_calls():
     assert writes(call("cancel_reservation")) and not writes(call("get_user_details"))
     assert not writes({"role": "assistant", "content": "hi"})
     assert not writes({"role": "assistant", "tool_calls": ["x", {"function": "cancel"}, {"function": {"name": 3}}]})
+
+
+def test_the_margin_is_to_another_reply_when_the_replies_are_given():
+    """Samples making the very same call score the same: that is agreement, not a close call."""
+    same, other = call("get_user_details"), call("get_order")
+    assert doubt([0.9, 0.9, 0.5], 0, agreement=0.67, top_writes=False, cfg=CFG) == "margin"  # scores alone
+    assert doubt([0.9, 0.9, 0.5], 0, agreement=0.67, top_writes=False, cfg=CFG, replies=[same, same, other]) is None
+    assert doubt([0.9, 0.9, 0.85], 0, agreement=0.67, top_writes=False, cfg=CFG,
+                 replies=[same, same, other]) == "margin"
+    assert doubt([0.9, 0.9], 0, agreement=1.0, top_writes=False, cfg=CFG, replies=[same, same]) is None

@@ -22,10 +22,9 @@ from typing import Any
 
 import httpx
 
-from service.critic import features
 from service.critic.llm_critic import JudgeError, Judgement, LLMCritic
 from service.gate import selection
-from service.gate.cascade import Doubt, doubt, writes
+from service.gate.cascade import Doubt, doubt, same_reply, writes
 from service.gate.record import CandidateRecord, TurnRecord, UpstreamFailure
 from service.gate.selection import Candidate
 from service.settings import CascadeSettings, LLMCriticSettings, RouteSettings
@@ -48,33 +47,19 @@ def top_agreement(c: CandidateRecord) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def reply_key(message: dict[str, Any]) -> tuple:
-    """What makes two samples the same reply: the same calls (names and arguments, whatever their call
-    ids) and the same text."""
-    calls = features.parse_calls(message) if isinstance(message, dict) else []
-    return features.signature(calls), features.content_text(message) if isinstance(message, dict) else ""
-
-
 def round_doubt(messages: Sequence[dict[str, Any]], scores: Sequence[float | None],
                 feats: Sequence[dict[str, Any] | None], cfg: CascadeSettings) -> tuple[Doubt | None, int]:
-    """The cascade's doubt over one round's candidates that passed the structural checks (the gate's
-    rule; `turngate replay` should call this on logged rounds to count alike): (why, the encoder's
-    top pick). A missing encoder score counts as 0. Identical replies count once in the margin: the
-    actor's samples agreeing is no tie between them."""
+    """The cascade's doubt over one round's candidates that passed the structural checks: (why, the
+    encoder's top pick). `doubt` with the replies, so the margin is to the best *other* reply, as
+    `turngate replay` asks it (service/gate/replay_cascade.py). A missing encoder score counts as 0."""
     if not messages:
         return None, 0
     vals = [s if s is not None else 0.0 for s in scores]
     top = max(range(len(vals)), key=lambda i: (vals[i], -i))  # the first of the best, as selection.ranked
-    distinct: dict[tuple, float] = {}
-    for m, v in zip(messages, vals):
-        key = reply_key(m)
-        distinct[key] = max(v, distinct.get(key, v))
-    mine = reply_key(messages[top])
-    margin_scores = [vals[top]] + [v for k, v in distinct.items() if k != mine]
     f = feats[top]
     agreement = top_agreement(CandidateRecord(index=top, round=0, message=messages[top],
                                               features=f if isinstance(f, dict) else None))
-    return doubt(margin_scores, 0, agreement, writes(messages[top]), cfg), top
+    return doubt(vals, top, agreement, writes(messages[top]), cfg, list(messages)), top
 
 
 class CascadeBudget:
@@ -100,8 +85,9 @@ class CascadeBudget:
         self._note(False)
 
     def admit(self, cfg: CascadeSettings) -> bool:
-        """An unsure ranking: may the judge be asked? Counted either way."""
-        ok = self._count < cfg.max_share * (len(self._judged) + 1) and (
+        """An unsure ranking: may the judge be asked? While the judged share of the window, this ranking
+        included, stays within max_share (as `turngate replay` counts it). Counted either way."""
+        ok = self._count + 1 <= cfg.max_share * (len(self._judged) + 1) + 1e-9 and (
             cfg.max_tokens_per_hour is None or self.tokens_last_hour() < cfg.max_tokens_per_hour)
         self._note(ok)
         return ok
@@ -194,7 +180,7 @@ async def consult(desk: JudgeDesk, route: RouteSettings, record: TurnRecord, mes
         c.record.judge_score, c.record.judge_reason = j.score, j.reason
     record.decided_by, record.judge_reason = "llm", why
     # Agreed: the judge's pick is the encoder's reply (a sample identical to it counts as the same).
-    record.critics_agreed = reply_key(selection.ranked(cands)[0].record.message) == reply_key(top.record.message)
+    record.critics_agreed = same_reply(selection.ranked(cands)[0].record.message, top.record.message)
     return time.perf_counter() - started
 
 

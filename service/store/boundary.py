@@ -184,7 +184,9 @@ def fit_row(table: Table, row: dict[str, Any], encode_json: bool = False) -> dic
             if v is None and not nullable and encode_json:
                 v = "null"  # what SQLAlchemy's JSON type writes for None on the other path
         elif kind == "bool":
-            v = v if isinstance(v, bool) else None if nullable else False
+            v = None if v is None else bool(v) if isinstance(v, bool | int) else None
+            if v is None and not nullable:
+                v = False
         elif kind == "time" and not isinstance(v, datetime):
             v = fit_time(v if v is not None else time.time())
         row[name] = v

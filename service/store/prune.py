@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, or_, select
 
 from service.store.engine import make_sync_engine
-from service.store.models import Candidate, Conversation, ConversationLink, Feedback, Turn
+from service.store.models import Candidate, CandidateLabel, Conversation, ConversationLink, Feedback, Turn
 
 
 def prune(url: str, older_than: timedelta, batch: int = 1000) -> dict[str, int]:
@@ -25,6 +25,7 @@ def prune(url: str, older_than: timedelta, batch: int = 1000) -> dict[str, int]:
                 turn_ids = select(Turn.id).where(Turn.conversation_id.in_(ids))
                 conn.execute(delete(Feedback).where(or_(Feedback.conversation_id.in_(ids),
                                                         Feedback.turn_id.in_(turn_ids))))
+                conn.execute(delete(CandidateLabel).where(CandidateLabel.turn_id.in_(turn_ids)))
                 conn.execute(delete(Candidate).where(Candidate.turn_id.in_(turn_ids)))
                 counts["turns"] += conn.execute(delete(Turn).where(Turn.conversation_id.in_(ids))).rowcount
                 conn.execute(delete(ConversationLink).where(ConversationLink.conversation_id.in_(ids)))
