@@ -101,6 +101,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
             if control is not None:
                 await control.stop()
             await gate.drain()
+            await gate.judges.aclose()  # the LLM critics' HTTP client
             await turn_sink.stop()
             await app.state.critic_activator.aclose()
             await upstream.aclose()

@@ -41,6 +41,9 @@ def _route(route: RouteSettings) -> dict[str, Any]:
         out["intervene_threshold"] = policy.intervene_threshold
         out["max_interventions"] = policy.max_interventions
         out["sampling"] = policy.sampling
+        if route.llm_critic is not None:  # the cascade's judge (its key never shown)
+            out["llm_critic"] = f"{route.llm_critic.model} at {masked_url(route.llm_critic.base_url)}"
+            out["judge_max_share"] = route.cascade.max_share
     return out
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Body, Path, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from sqlalchemy.exc import SQLAlchemyError
 
 from service import config_checks
@@ -19,7 +19,7 @@ from service.api.jsonroute import WireJSONRoute
 from service.api.protocol import ErrorBody
 from service.control import routes as store
 from service.control.plane import audit
-from service.settings import RouteSettings
+from service.settings import LLMCriticSettings, RouteSettings
 
 router = APIRouter(prefix="/v1/admin", dependencies=[AdminDep], route_class=WireJSONRoute, tags=["admin"])
 
@@ -41,6 +41,14 @@ def _storable(value: Any, where: str) -> None:
             _storable(v, f"{where}.{k}" if where else str(k))
 
 
+def _is_http_url(v: str) -> bool:
+    try:
+        parts = urlsplit(v)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        return False
+
+
 class RouteBody(RouteSettings):
     """A whole route: the fields of a YAML route. Fields left out take their defaults, as in the YAML
     file; `upstream_api_key` left out means "forward each client's own key". To keep the stored key
@@ -55,26 +63,29 @@ class RouteBody(RouteSettings):
     @classmethod
     def _http_url(cls, v: str) -> str:
         # A typo here would take the route down on every replica within 2 s: refuse it now.
-        try:
-            parts = urlsplit(v)
-            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-        except ValueError:
-            ok = False
-        if not ok:
+        if not _is_http_url(v):
             raise ValueError("must be an http:// or https:// URL with a host, e.g. https://api.openai.com/v1")
         return v
 
     @model_validator(mode="after")
     def _fits_the_database(self) -> RouteBody:
-        values = self.model_dump(exclude={"upstream_api_key"})
-        key = self.upstream_api_key.get_secret_value() if self.upstream_api_key else None
-        _storable({**values, "upstream_api_key": key}, "")
+        if self.llm_critic is not None and not _is_http_url(self.llm_critic.base_url):
+            raise ValueError("llm_critic.base_url must be an http:// or https:// URL with a host")
+        _storable(store.stored(self), "")  # every field, the keys in clear
         return self
 
 
-class RouteView(RouteSettings):
-    """A route as this replica serves it, its upstream key masked."""
+class LLMCriticView(LLMCriticSettings):
+    """A route's LLM critic, its key masked."""
 
+    api_key: str | None = Field(  # type: ignore[assignment]  # shown masked, never in clear
+        None, description="Masked: '***' and the key's last 4 characters; null when the critic has none.")
+
+
+class RouteView(RouteSettings):
+    """A route as this replica serves it, its keys masked."""
+
+    llm_critic: LLMCriticView | None = None
     upstream_api_key: str | None = Field(  # type: ignore[assignment]  # shown masked, never in clear
         None, description="Masked: '***' and the key's last 4 characters; null when the route forwards "
                           "each client's own key.")
@@ -120,22 +131,20 @@ async def list_routes(services: ServicesDep, request: Request) -> RouteList:
     return RouteList(data=[_view(r, r.alias in by_admin) for r in services.settings.route_table.routes])
 
 
-def _resolve_key(body: RouteBody, current: RouteSettings | None, dev: bool) -> Any:
+def _resolve_key(given: SecretStr | None, current: SecretStr | None, dev: bool,
+                 name: str = "upstream_api_key", unset: str = "forward each client's own key") -> SecretStr | None:
     """The masked value GET shows means "keep the stored key"; any other '***...' is a mistake, and
     an example value is refused as it is in the YAML file (unless TURNGATE_DEV)."""
-    given = body.upstream_api_key
     if given is None:
         return None
     if not given.get_secret_value().startswith(store.MASK):
         if not dev and (why := config_checks.weak_secret(given.get_secret_value(), ours=False)):
-            raise APIError(400, f"upstream_api_key {why}: send the real key", param="upstream_api_key",
-                           code="invalid_value")
+            raise APIError(400, f"{name} {why}: send the real key", param=name, code="invalid_value")
         return given
-    if current is not None and store.mask_key(current.upstream_api_key) == given.get_secret_value():
-        return current.upstream_api_key
-    raise APIError(400, "upstream_api_key: this is a masked key that does not match this route's key; send the "
-                        "real key, or leave it out to forward each client's own key", param="upstream_api_key",
-                   code="invalid_value")
+    if current is not None and store.mask_key(current) == given.get_secret_value():
+        return current
+    raise APIError(400, f"{name}: this is a masked key that does not match this route's key; send the "
+                        f"real key, or leave it out to {unset}", param=name, code="invalid_value")
 
 
 def _check_alias(alias: str) -> None:
@@ -158,7 +167,13 @@ async def put_route(alias: AliasPath, body: Annotated[RouteBody, Body()], servic
             await store.lock_routes(conn)
             current = (await store.effective(conn, services.settings.seed_routes)).get(alias)
             fields = body.model_dump(exclude={"alias", "upstream_api_key"})
-            key = _resolve_key(body, current, services.settings.dev)
+            key = _resolve_key(body.upstream_api_key, current.upstream_api_key if current else None,
+                               services.settings.dev)
+            if body.llm_critic is not None:
+                held = current.llm_critic if current is not None else None
+                fields["llm_critic"]["api_key"] = _resolve_key(
+                    body.llm_critic.api_key, held.api_key if held is not None else None, services.settings.dev,
+                    "llm_critic.api_key", "call the LLM critic without a key")
             route = RouteSettings(alias=alias, upstream_api_key=key, **fields)
             await store.upsert(conn, alias, store.stored(route), deleted=False)
             before = store.shown(current) if current is not None else None

@@ -84,6 +84,8 @@ class CandidateView(BaseModel):
     tokens: Tokens
     usage: Any = Field(None, description="The upstream's usage object for this candidate's call")
     upstream_request_id: str | None
+    judge_score: float | None = Field(None, description="The LLM critic's score, where the cascade asked it")
+    judge_reason: str | None = Field(None, description="The LLM critic's one-sentence reason")
 
 
 class FeedbackView(BaseModel):
@@ -133,7 +135,14 @@ class TurnDetail(BaseModel):
     latency_ms: Latencies
     tokens: Tokens
     error: str | None
-    upstream_errors: list[Any] = Field(description="Candidate calls that failed while the turn answered")
+    upstream_errors: list[Any] = Field(description="Candidate calls that failed while the turn answered "
+                                                   "(and LLM critic calls that failed: kind judge_<outcome>)")
+    decided_by: str | None = Field(None, description="The critic whose scores chose: encoder or llm; null "
+                                                     "where no critic ranked")
+    judge_reason: str | None = Field(None, description="Why the cascade asked the LLM critic: margin, agreement "
+                                                       "or write; null when it did not")
+    critics_agreed: bool | None = Field(None, description="Where the LLM critic judged: whether its pick was "
+                                                          "the encoder's")
     candidates: list[CandidateView]
     feedback: TurnFeedback
 

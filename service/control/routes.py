@@ -39,17 +39,25 @@ def mask_key(key: SecretStr | None) -> str | None:
 
 
 def shown(route: RouteSettings) -> dict[str, Any]:
-    """The route as JSON, its upstream key masked."""
+    """The route as JSON, its keys (the upstream's, the LLM critic's) masked."""
     out = route.model_dump(mode="json")
     out["upstream_api_key"] = mask_key(route.upstream_api_key)
+    if route.llm_critic is not None:
+        out["llm_critic"]["api_key"] = mask_key(route.llm_critic.api_key)
     return out
 
 
+def _clear(key: SecretStr | None) -> str | None:
+    return key.get_secret_value() if key else None
+
+
 def stored(route: RouteSettings) -> dict[str, Any]:
-    """The route as its route_overrides.spec: every field but the alias (the row's key), the key in clear
-    (it is sent upstream; it sits in the database as it sits in the YAML file)."""
+    """The route as its route_overrides.spec: every field but the alias (the row's key), the keys in clear
+    (they are sent upstream; they sit in the database as they sit in the YAML file)."""
     out = route.model_dump(mode="json", exclude={"alias"})
-    out["upstream_api_key"] = route.upstream_api_key.get_secret_value() if route.upstream_api_key else None
+    out["upstream_api_key"] = _clear(route.upstream_api_key)
+    if route.llm_critic is not None:
+        out["llm_critic"]["api_key"] = _clear(route.llm_critic.api_key)
     return out
 
 

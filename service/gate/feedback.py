@@ -3,7 +3,9 @@
 Each distinct proposal is listed once, with the structural check it failed or the critic's score
 and its objection in the words of the turn (service.critic.reasons): which call the other
 samples agree on, which argument value occurs nowhere in the conversation, a write the user has
-not confirmed. Route-specific rules go in the route's ``guidance``, appended as written.
+not confirmed. Where the cascade asked the route's LLM critic about the round, its one-sentence
+reason for each candidate is quoted instead. Route-specific rules go in the route's ``guidance``,
+appended as written.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def build(cands: list[Candidate], messages: list[dict[str, Any]], tools: list[di
         listed.add(action)
         if not c.ok:
             lines.append(f"- You proposed {action}, which is invalid: {c.record.veto_detail}.")
+        elif c.record.judge_score is not None:  # the LLM critic judged the round: its reason, in its words
+            reason = (c.record.judge_reason or "").rstrip(".")
+            lines.append(f"- You proposed {action}, which scored {c.record.judge_score:.2f}, too low to be safe"
+                         + (f": {reason}." if reason else "."))
         elif c.score is not None:
             lines.append(f"- You proposed {action}, which scored {c.score:.2f}, too low to be safe"
                          + (f": {why}." if why else "."))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.critic.base import CriticSlot
-from service.gate import feedback, sampling, selection, usage
+from service.gate import feedback, judging, sampling, selection, usage
 from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, UpstreamFailure
 from service.gate.selection import Candidate
 from service.limits.spend import SpendMeter
@@ -104,8 +104,10 @@ def _note(record: TurnRecord, got: sampling.Sampled) -> None:
 
 class Gate:
     def __init__(self, upstream: UpstreamClient, critics: CriticSlot, sink: TurnSink,
-                 shadow_max_backlog: int = 8, tracing: Tracing | None = None, spend: SpendMeter | None = None) -> None:
+                 shadow_max_backlog: int = 8, tracing: Tracing | None = None, spend: SpendMeter | None = None,
+                 judges: judging.JudgeDesk | None = None) -> None:
         self.upstream = upstream
+        self.judges = judges or judging.JudgeDesk()  # the routes' LLM critics and their budgets
         self.spend = spend  # charged each finished turn's tokens, under its client key
         self.critics = critics
         self.sink = sink
@@ -262,7 +264,10 @@ class Gate:
             cands = first + selection.from_samples(rest.samples, len(first), 0, req.route.record_logprobs)
             record.candidates = [c.record for c in cands]
             await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
-            record.latency_critic_ms = 1000 * await self._score(critic, req, cands)
+            spent = await self._score(critic, req, cands)
+            # The cascade as it would have run, for the record: the reply (candidate 0) is out already.
+            spent += await self._consult(req, record, cands, deadline)
+            record.latency_critic_ms = 1000 * spent
             metrics.CANDIDATES.labels(req.route.alias).observe(len(cands))
         except Exception:
             log.exception("shadow ranking failed for %s", record.turn_id)
@@ -284,11 +289,14 @@ class Gate:
                 body = {**req.body, "messages": req.messages + [
                     {"role": policy.feedback_role, "content": n} for n in notes]}
             cands, early = await self._sample_round(req, body, round_no, record, clock, deadline, critic)
+            # The cascade: the LLM critic's scores decide where it judged (a route without one: the encoder's).
+            clock.critic_s += await self._consult(req, record, cands, deadline)
             seen += cands
             record.rounds = round_no + 1
             # The client's n: the best of this round that the gate would return on their own.
-            choices = [c for c in selection.ranked(cands) if policy.intervene_threshold is None or c.score is None
-                       or c.score >= policy.intervene_threshold][:req.n]
+            threshold = policy.intervene_threshold
+            choices = [c for c in selection.ranked(cands) if threshold is None or c.decisive_score is None
+                       or c.decisive_score >= threshold][:req.n]
             if choices:
                 chosen = choices[0]
                 decision = "intervened" if round_no else ("accepted" if early else "ranked")
@@ -399,8 +407,20 @@ class Gate:
             span.set_attributes(spans.scores(cands))
             return spent
 
+    async def _consult(self, req: TurnRequest, record: TurnRecord, cands: list[Candidate], deadline: float) -> float:
+        """judging.consult (the cascade), in a span when tracing and the route has an LLM critic."""
+        route = req.route
+        if self.tracing is None or route.llm_critic is None:
+            return await judging.consult(self.judges, route, record, req.messages, req.tools, cands, deadline)
+        with self.tracing.span("turngate.cascade", {"turngate.route": route.alias,
+                                                    "gen_ai.request.model": route.llm_critic.model}) as span:
+            spent = await judging.consult(self.judges, route, record, req.messages, req.tools, cands, deadline)
+            span.set_attributes({"turngate.decided_by": record.decided_by or "",
+                                 "turngate.judge_reason": record.judge_reason or ""})
+            return spent
+
     def _enqueue(self, record: TurnRecord) -> None:
-        if record.upstream_errors and record.error is None:
+        if record.error is None and any(not e.kind.startswith("judge_") for e in record.upstream_errors):
             metrics.TURNS_PARTIAL.labels(record.route).inc()
         with self._store_span("enqueue", record):
             try:

@@ -39,6 +39,9 @@ class CandidateRecord:
     # kept when the route says record_logprobs: the actor's own confidence, for the critic to learn from.
     logprobs: dict[str, Any] | None = None
     upstream_request_id: str | None = None  # the upstream's x-request-id of the call that gave it
+    # The LLM critic's score (0..1) and one-sentence reason, where the cascade asked it about this round.
+    judge_score: float | None = None
+    judge_reason: str | None = None
 
 
 @dataclass
@@ -87,6 +90,15 @@ class TurnRecord:
     feedback: list[str] = field(default_factory=list)  # intervention texts, one per round
     error: str | None = None  # set when the turn failed (the client got an error)
     upstream_errors: list[UpstreamFailure] = field(default_factory=list)  # partial failures included
+    # The cascade (service/gate/judging.py): which critic chose ("encoder" / "llm"; None where none
+    # ranked), why the LLM critic was asked ("margin", "agreement", "write"; None when it was not),
+    # whether its pick was the encoder's, and the tokens it billed: turngate's cost, never in the
+    # client's usage. A failed judge call is noted in upstream_errors, kind "judge_<outcome>".
+    decided_by: str | None = None
+    judge_reason: str | None = None
+    critics_agreed: bool | None = None
+    judge_prompt_tokens: int | None = None
+    judge_completion_tokens: int | None = None
     conversation: ConversationHint = field(default_factory=ConversationHint)
     candidates: list[CandidateRecord] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)  # unix seconds

@@ -1,7 +1,8 @@
 """Candidates of a turn: structural verdicts, critic scores, and picking the best.
 
 Selection is: structural veto first, then the highest critic score; ties go to the earlier
-candidate (the actor's own first choice).
+candidate (the actor's own first choice). Where the cascade asked the LLM critic about a round
+(service/gate/judging.py), its scores are the ones that rank and meet the thresholds.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ class Candidate:
     @property
     def score(self) -> float | None:
         return self.record.score
+
+    @property
+    def decisive_score(self) -> float | None:
+        """The score that ranks it and meets the thresholds: the LLM critic's where it judged, else the encoder's."""
+        judged = self.record.judge_score
+        return judged if judged is not None else self.record.score
 
 
 def from_samples(samples: list[Sample], first_index: int, round_no: int,
@@ -81,9 +88,9 @@ async def score(critic: Critic, messages: list[dict[str, Any]], cands: list[Cand
 
 
 def ranked(cands: list[Candidate]) -> list[Candidate]:
-    """The candidates that passed the structural checks, best score first; ties keep sampling order
-    (the actor's own first choice first)."""
-    return sorted((c for c in cands if c.ok), key=lambda c: -1.0 if c.score is None else -c.score)
+    """The candidates that passed the structural checks, best (decisive) score first; ties keep sampling
+    order (the actor's own first choice first)."""
+    return sorted((c for c in cands if c.ok), key=lambda c: -1.0 if c.decisive_score is None else -c.decisive_score)
 
 
 def best(cands: list[Candidate]) -> Candidate | None:

@@ -7,6 +7,7 @@ fitted here, column by column, from the table's own types:
   database can encode) become U+FFFD; a value that is not a string becomes its str();
 - bounded text (ids, names): a value over the column's length keeps its head and ends in a hash of
   the whole value, so it stays deterministic and distinct (threading by a long explicit id works);
+- booleans: anything but True or False becomes NULL;
 - integers outside the column's range, non-numbers and non-finite floats become NULL (0 where the
   column allows no NULL);
 - JSON: the same for every string and key nested anywhere; keys become strings; non-finite numbers

@@ -160,6 +160,7 @@ async def get_turn(engine: AsyncEngine, turn_id: str) -> dict[str, Any] | None:
                        "critic": finite(turn.latency_critic_ms)},
         "tokens": {"prompt": turn.prompt_tokens, "completion": turn.completion_tokens},
         "error": turn.error, "upstream_errors": list(turn.upstream_errors or []),
+        "decided_by": turn.decided_by, "judge_reason": turn.judge_reason, "critics_agreed": turn.critics_agreed,
         "candidates": [_candidate(c, turn.chosen_index) for c in cands],
         "feedback": {"turn": [_feedback(x) for x in fb if x.turn_id == turn_id],
                      "conversation": [_feedback(x) for x in fb if x.turn_id is None]},
@@ -172,7 +173,8 @@ def _candidate(c: Any, chosen_index: int | None) -> dict[str, Any]:
             "veto_detail": c.veto_detail, "score": finite(c.score), "features": finite_map(c.features),
             "contributions": finite_map(c.contributions), "upstream_latency_ms": finite(c.upstream_latency_ms),
             "tokens": {"prompt": c.prompt_tokens, "completion": c.completion_tokens}, "usage": c.usage,
-            "upstream_request_id": c.upstream_request_id}
+            "upstream_request_id": c.upstream_request_id, "judge_score": finite(c.judge_score),
+            "judge_reason": c.judge_reason}
 
 
 def _feedback(x: Any) -> dict[str, Any]:

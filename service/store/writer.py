@@ -88,6 +88,7 @@ def turn_row(r: TurnRecord, conversation_id: str, index: int) -> dict[str, Any]:
         "completion_tokens": r.completion_tokens, "rounds": r.rounds, "candidates_saved": r.candidates_saved,
         "feedback_texts": r.feedback or None, "error": r.error, "created_at": utc(r.created_at),
         "upstream_errors": [dataclasses.asdict(e) for e in r.upstream_errors] or None,
+        "decided_by": r.decided_by, "judge_reason": r.judge_reason, "critics_agreed": r.critics_agreed,
     }
 
 
@@ -97,7 +98,8 @@ def candidate_rows(r: TurnRecord) -> list[dict[str, Any]]:
              "veto_detail": c.veto_detail, "score": c.score, "features": c.features,
              "contributions": c.contributions, "upstream_latency_ms": c.upstream_latency_ms,
              "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "usage": c.usage,
-             "logprobs": c.logprobs, "upstream_request_id": c.upstream_request_id}
+             "logprobs": c.logprobs, "upstream_request_id": c.upstream_request_id,
+             "judge_score": c.judge_score, "judge_reason": c.judge_reason}
             for c in r.candidates]
 
 
@@ -167,7 +169,8 @@ async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCach
 
 
 _PG_ARRAY = {"STRING": "text", "VARCHAR": "text", "TEXT": "text", "INTEGER": "int4", "BIGINT": "int8",
-             "DOUBLE": "float8", "FLOAT": "float8", "DATETIME": "timestamptz", "JSON": "jsonb"}
+             "DOUBLE": "float8", "FLOAT": "float8", "DATETIME": "timestamptz", "JSON": "jsonb",
+             "BOOLEAN": "bool"}
 
 
 def _pg_type(col) -> str:

@@ -74,3 +74,15 @@ SHADOW_SHED = Counter("turngate_shadow_shed_total",
                       ["route"])
 SHADOW_BACKLOG = Gauge("turngate_shadow_backlog", "Shadow turns being sampled or scored in the background",
                        multiprocess_mode="livesum")
+LLM_CRITIC_REQUESTS = Counter("turngate_llm_critic_requests_total",
+                              "Requests to a route's LLM critic, by outcome (ok, timeout, error, invalid)",
+                              ["route", "outcome"])
+LLM_CRITIC_LATENCY = Histogram("turngate_llm_critic_latency_seconds", "One request to the LLM critic, failed ones too",
+                               ["route"], buckets=_LATENCY_BUCKETS)
+LLM_CRITIC_TOKENS = Counter("turngate_llm_critic_tokens_total",
+                            "Tokens the LLM critic billed (prompt, completion): turngate's cost, not the client's",
+                            ["route", "kind"])
+CASCADE = Counter("turngate_cascade_total",
+                  "Rankings on routes with an LLM critic, by what the cascade did: encoder_sure (the encoder "
+                  "decided alone), judged (the LLM critic was asked), over_budget (unsure, but the budget was spent)",
+                  ["route", "decision"])
