@@ -87,13 +87,14 @@ async def ask(client: httpx.AsyncClient, judge: Judge, turn: LoggedTurn) -> list
     reply = await client.post(judge.url.rstrip("/") + "/chat/completions", json=body, headers=headers,
                               timeout=judge.timeout_s)
     if reply.status_code >= 400:
-        raise JudgeError(f"the judge answered {reply.status_code}: {reply.text[:120]!r}")
+        raise JudgeError("error", f"the judge answered {reply.status_code}: {reply.text[:120]!r}")
     try:
         doc = reply.json()
     except ValueError:
-        raise JudgeError(f"the judge's reply is not JSON: {reply.text[:80]!r}") from None
-    return [{"turn_id": turn.turn_id, "candidate_idx": turn.indices[j.index], "labeler": judge.labeler,
-             "score": j.score, "reason": j.reason or None} for j in parse_reply(doc, len(turn.candidates))]
+        raise JudgeError("invalid", f"the judge's reply is not JSON: {reply.text[:80]!r}") from None
+    return [{"turn_id": turn.turn_id, "candidate_idx": turn.indices[i], "labeler": judge.labeler,
+             "score": j.score, "reason": j.reason or None}
+            for i, j in enumerate(parse_reply(doc, len(turn.candidates)))]
 
 
 async def label_turns(database_url: str, judge: Judge, window: Window, *, limit: int | None = None,

@@ -6,7 +6,6 @@ judge reply parse that keeps garbage from ever becoming a label."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from datetime import timedelta
 
@@ -120,9 +119,10 @@ def test_the_judge_request_holds_the_context_the_tools_and_every_candidate():
                                                                  {"role": "assistant", "content": "b"}],
                       tools, rubric="Prefer short answers.")
     assert body["response_format"]["json_schema"]["strict"] is True
-    assert body["messages"][0]["content"].endswith("Rubric:\nPrefer short answers.")
-    case = json.loads(body["messages"][1]["content"])
-    assert case["tools"] == tools and [c["index"] for c in case["candidates"]] == [0, 1]
+    assert body["messages"][0]["content"].endswith("Prefer short answers.")
+    case = body["messages"][1]["content"]  # the serving LLM critic's prompt: tools, conversation, candidates
+    assert '"name":"f"' in case.replace(" ", "") and "q" in case
+    assert "### Candidate 0\na" in case and "### Candidate 1\nb" in case
 
 
 @pytest.mark.parametrize("content", [
@@ -143,7 +143,7 @@ def test_a_garbage_judgement_is_refused(content):
 def test_a_fenced_judgement_is_read_in_index_order():
     got = parse_content('```json\n{"candidates": [{"index": 1, "score": 0, "reason": "no"}, '
                         '{"index": 0, "score": 1, "reason": "yes"}]}\n```', 2)
-    assert [(j.index, j.score, j.reason) for j in got] == [(0, 1.0, "yes"), (1, 0.0, "no")]
+    assert [(j.score, j.reason) for j in got] == [(1.0, "yes"), (0.0, "no")]
 
 
 async def test_the_pacer_spaces_requests_at_the_rate():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ from service.demo.fake_actor import FakeActor, Reply, assistant, serve_in_thread
 from service.settings import RouteSettings, Settings
 from service.store.engine import make_sync_engine
 from service.store.migrate import upgrade
+from tests.judge_support import judged_candidates
 from tests.test_critic_serving_bundles import build_bundle
 from tests.test_store_support import make_pg_db  # noqa: F401 - fixture
 
@@ -67,15 +69,16 @@ class Judge:
 
     def __call__(self, body: dict[str, Any], attempt: int) -> Reply:
         self.calls += 1
-        case = json.loads(body["messages"][1]["content"])
-        t = int(case["conversation"][-1]["content"].split()[-1].rstrip("."))
+        asked = re.search(r"Please answer question (\d+)\.", body["messages"][1]["content"])
+        assert asked is not None, "the judge's request holds the conversation"
+        t = int(asked.group(1))
         if t in self.failing:
             return Reply(status=500) if t == FAIL_500 else Reply([assistant("I think the second one, maybe.")])
         assert body["response_format"]["type"] == "json_schema"
         liked = "bad" if "Prefer bad" in body["messages"][0]["content"] else "good"
-        scores = [{"index": c["index"], "score": 1.0 if liked in c["reply"]["content"] else 0.0,
-                   "reason": f"it is {'the' if liked in c['reply']['content'] else 'not the'} {liked} one"}
-                  for c in case["candidates"]]
+        scores = [{"index": i, "score": 1.0 if liked in text else 0.0,
+                   "reason": f"it is {'the' if liked in text else 'not the'} {liked} one"}
+                  for i, text in enumerate(judged_candidates(body))]
         return Reply([assistant(json.dumps({"candidates": scores}))])
 
 

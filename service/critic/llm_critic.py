@@ -275,33 +275,51 @@ def parse(raw: bytes, n: int, latency_s: float, cfg: LLMCriticSettings) -> Judge
     usage = body.get("usage") if isinstance(body, dict) else None
     pt, ct = _tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens")
 
-    def invalid(why: str) -> JudgeError:
-        return JudgeError("invalid", why, pt, ct)
+    try:
+        judged = read_reply(body, n)
+    except JudgeError as e:
+        raise JudgeError("invalid", e.message, pt, ct) from None
+    return Judgement(judged, pt, ct, latency_s, cfg.model, cfg.rubric_version)
 
+
+def read_reply(body: Any, n: int) -> list[CandidateJudgement]:
+    """The judgements in a chat completion's first message, one per candidate 0..n-1 in index order;
+    JudgeError("invalid") for no message, a refusal, or an answer read_answer refuses."""
     choices = body.get("choices") if isinstance(body, dict) else None
     message = choices[0].get("message") if isinstance(choices, list) and choices and isinstance(
         choices[0], dict) else None
     if not isinstance(message, dict):
-        raise invalid("the judge's reply has no message")
+        raise JudgeError("invalid", "the judge's reply has no message")
     if message.get("refusal"):
-        raise invalid("the judge refused")
+        raise JudgeError("invalid", "the judge refused")
+    content = message.get("content")
+    if not isinstance(content, str):
+        raise JudgeError("invalid", "the judge's answer is not text")
+    return read_answer(content, n)
+
+
+def read_answer(content: str, n: int) -> list[CandidateJudgement]:
+    """The judge's JSON answer -> one judgement per candidate 0..n-1, in index order."""
+    text = content.strip()
+    if text.startswith("```"):  # some models fence JSON even when asked for a schema
+        text = text.strip("`").removeprefix("json").strip()
     try:
-        answer = json.loads(message.get("content") or "")
+        answer = json.loads(text)
     except (ValueError, TypeError):
-        raise invalid("the judge's answer is not JSON") from None
+        raise JudgeError("invalid", "the judge's answer is not JSON") from None
     entries = answer.get("candidates") if isinstance(answer, dict) else None
     if not isinstance(entries, list) or len(entries) != n:
         got = len(entries) if isinstance(entries, list) else "no"
-        raise invalid(f"the judge scored {got} candidates, not {n}")
+        raise JudgeError("invalid", f"the judge scored {got} candidates, not {n}")
     out: list[CandidateJudgement | None] = [None] * n
     for e in entries:
         index, score, reason = (e.get(k) for k in ("index", "score", "reason")) if isinstance(e, dict) else (
             None, None, None)
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n or out[index] is not None:
-            raise invalid(f"the judge's indexes are not 0 to {n - 1}, each once")
+            raise JudgeError("invalid", f"the judge's indexes are not 0 to {n - 1}, each once")
         if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score) \
                 or not 0 <= score <= 1:
-            raise invalid(f"the judge's score for candidate {index} is not a number in 0..1")
+            raise JudgeError("invalid", f"the judge's score for candidate {index} is not a number in 0..1")
         text = " ".join(reason.split()) if isinstance(reason, str) else ""
         out[index] = CandidateJudgement(float(score), _clip(text.replace("\x00", ""), REASON_CHARS))
-    return Judgement([c for c in out if c is not None], pt, ct, latency_s, cfg.model, cfg.rubric_version)
+    return [c for c in out if c is not None]
