@@ -16,10 +16,12 @@ import httpx
 import openai
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy import text
 
 from service.app import create_app
 from service.demo.fake_actor import Reply, assistant, free_port, serve_in_thread
 from service.settings import CascadeSettings, GatePolicy, LLMCriticSettings, RouteSettings, Settings
+from service.store.engine import make_sync_engine
 from service.store.sink import StoreSink
 from tests.conftest import TableCritic
 from tests.inspector_support import ADMIN, ADMIN_HEADERS, wait_stored
@@ -246,6 +248,14 @@ def test_the_record_reaches_the_database_and_the_inspector(db_url, tmp_path, act
     assert shown["chosen_index"] == 1
     assert [c["judge_score"] for c in shown["candidates"]] == [0.3, 0.9, 0.1, 0.1]
     assert shown["candidates"][1]["judge_reason"] == "because beta."
+    engine = make_sync_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            spent = conn.execute(text("SELECT judge_prompt_tokens, judge_completion_tokens FROM turns WHERE id = :t"),
+                                 {"t": turn_id}).one()
+    finally:
+        engine.dispose()
+    assert tuple(spent) == (120, 30)  # the judge's own usage, turngate's cost
     assert listed.status_code == 200 and JUDGE_KEY not in listed.text
     assert view["llm_critic"]["api_key"] == "***" + JUDGE_KEY[-4:]
     assert JUDGE_KEY not in put.text

@@ -1,5 +1,6 @@
-"""the critic loop: which critic decided a turn (turns.decided_by, judge_reason, critics_agreed), the
-LLM critic's score and reason per candidate, and candidate_labels for teacher, veto and outcome labels
+"""the critic loop: which critic decided a turn (turns.decided_by, judge_reason, critics_agreed, the
+judge's tokens), the LLM critic's score and reason per candidate, and candidate_labels for teacher,
+veto and outcome labels
 
 Revision ID: 0006
 Revises: 0005
@@ -23,6 +24,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('decided_by', sa.String(length=16), nullable=True))
         batch_op.add_column(sa.Column('judge_reason', sa.String(length=32), nullable=True))
         batch_op.add_column(sa.Column('critics_agreed', sa.Boolean(), nullable=True))
+        batch_op.add_column(sa.Column('judge_prompt_tokens', sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column('judge_completion_tokens', sa.Integer(), nullable=True))
     with op.batch_alter_table('candidates', schema=None) as batch_op:
         batch_op.add_column(sa.Column('judge_score', sa.Double(), nullable=True))
         batch_op.add_column(sa.Column('judge_reason', sa.Text(), nullable=True))
@@ -49,6 +52,8 @@ def downgrade() -> None:
         batch_op.drop_column('judge_reason')
         batch_op.drop_column('judge_score')
     with op.batch_alter_table('turns', schema=None) as batch_op:
+        batch_op.drop_column('judge_completion_tokens')
+        batch_op.drop_column('judge_prompt_tokens')
         batch_op.drop_column('critics_agreed')
         batch_op.drop_column('judge_reason')
         batch_op.drop_column('decided_by')

@@ -94,6 +94,8 @@ class Turn(Base):
     decided_by: Mapped[str | None] = mapped_column(String(16))
     judge_reason: Mapped[str | None] = mapped_column(String(32))
     critics_agreed: Mapped[bool | None]
+    judge_prompt_tokens: Mapped[int | None]  # turngate's own cost of the judge: not in the client's usage
+    judge_completion_tokens: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(index=True)
 
 

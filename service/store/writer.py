@@ -89,6 +89,7 @@ def turn_row(r: TurnRecord, conversation_id: str, index: int) -> dict[str, Any]:
         "feedback_texts": r.feedback or None, "error": r.error, "created_at": utc(r.created_at),
         "upstream_errors": [dataclasses.asdict(e) for e in r.upstream_errors] or None,
         "decided_by": r.decided_by, "judge_reason": r.judge_reason, "critics_agreed": r.critics_agreed,
+        "judge_prompt_tokens": r.judge_prompt_tokens, "judge_completion_tokens": r.judge_completion_tokens,
     }
 
 
