@@ -45,7 +45,8 @@ async def _time_to_reload(planes, seen, limit_s: float) -> float:
     before = len(seen[1])
     t0 = time.monotonic()
     await _change_on(planes[0])
-    while len(seen[1]) == before:
+    # Reloaded, and done with it: the generation is set once the reloaders have run.
+    while len(seen[1]) == before or planes[1].generation != planes[0].generation:
         assert time.monotonic() - t0 < limit_s, "the other replica never reloaded"
         await asyncio.sleep(0.01)
     return time.monotonic() - t0

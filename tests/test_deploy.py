@@ -317,7 +317,8 @@ def test_no_deploy_file_holds_a_secret_that_works(monkeypatch):
     (secret,) = k8s_docs(K8S / "secret.example.yaml")
     with pytest.raises(SettingsError) as refused:
         settings_from(secret["stringData"], monkeypatch)
-    for name in ("TURNGATE_ADMIN_KEY", "TURNGATE_UPSTREAM_API_KEY", "the password in TURNGATE_DATABASE_URL"):
+    for name in ("TURNGATE_ADMIN_KEY", "TURNGATE_KEY_HASH_SECRET", "TURNGATE_UPSTREAM_API_KEY",
+                 "the password in TURNGATE_DATABASE_URL"):
         assert name in str(refused.value)
     resources = yaml.safe_load((K8S / "base/kustomization.yaml").read_text())["resources"]
     assert not any(k8s_docs(K8S / "base" / r)[0]["kind"] == "Secret" for r in resources)
