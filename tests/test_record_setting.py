@@ -24,6 +24,7 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import bindparam, text
 
+from service import config_summary
 from service.app import create_app
 from service.demo.fake_actor import serve_in_thread
 from service.gate import recording
@@ -210,3 +211,16 @@ def test_the_setting_through_the_admin_api(tmp_path):
             time.sleep(0.05)
         listed = {r["alias"]: r for r in admin.get("/routes").json()["data"]}
         assert (listed["plain"]["record"], listed["plain"]["record_sample"]) == ("off", 0.1)
+
+
+def test_the_start_summary_names_what_each_route_records():
+    class Critic:
+        name, version, provider = "c", "1", "cpu"
+
+    settings = Settings(routes=[RouteSettings(alias="a", record="sample", record_sample=0.05),
+                                RouteSettings(alias="b", record="off"), RouteSettings(alias="c")])
+    summary = config_summary.effective(settings, Critic())
+    assert [r["record"] for r in summary["routes"]] == ["sample 0.05", "off", "all"]
+    line = config_summary.one_line(summary)
+    assert "model=a key=client record=sample:0.05;" in line and "model=b key=client record=off;" in line
+    assert "model=c key=client]" in line
