@@ -224,3 +224,22 @@ def test_the_start_summary_names_what_each_route_records():
     line = config_summary.one_line(summary)
     assert "model=a key=client record=sample:0.05;" in line and "model=b key=client record=off;" in line
     assert "model=c key=client]" in line
+
+
+def test_sqlite_json_columns_are_the_same_json_whatever_they_hold(tmp_path):
+    """The SQLite engines encode JSON columns with orjson; what orjson refuses still gets stored."""
+    from sqlalchemy import JSON, Column, MetaData, Table, insert, select
+
+    engine = make_sync_engine(f"sqlite:///{tmp_path}/j.db")
+    table = Table("j", MetaData(), Column("v", JSON))
+    values = [{"text": "café ☕", "n": [1, 2.5, None, True]}, {"big": 2**70}, {"odd": "\ud800"}]
+    try:
+        table.create(engine)
+        with engine.begin() as conn:
+            conn.execute(insert(table), [{"v": v} for v in values])
+        with engine.connect() as conn:
+            assert [r[0] for r in conn.execute(select(table.c.v))] == values
+            raw = conn.execute(text("SELECT v FROM j")).scalars().first()
+    finally:
+        engine.dispose()
+    assert raw == '{"text":"café ☕","n":[1,2.5,null,true]}'  # orjson's text, UTF-8
