@@ -35,6 +35,8 @@ def _route(route: RouteSettings) -> dict[str, Any]:
         # The catch-all forwards the name the client asked for unless it names a model itself.
         "model": route.upstream_model or ("(as asked)" if route.alias == "*" else route.alias),
         "upstream_key": "route" if route.upstream_api_key else "client",
+        # Which turns reach the store: "all", "off", or "sample <share>" (docs/store.md, "Recording less").
+        "record": f"sample {route.record_sample:g}" if route.record == "sample" else route.record,
     }
     if route.mode != "passthrough":
         out["upstream_supports_n"] = route.upstream_supports_n
@@ -66,6 +68,7 @@ def one_line(summary: dict[str, Any]) -> str:
     """The summary as `key=value` text for plain logs."""
     routes = "; ".join(
         f"{r['alias']} {r['mode']} N={r['candidates']} -> {r['upstream']} model={r['model']} key={r['upstream_key']}"
+        + ("" if r.get("record", "all") == "all" else f" record={r['record'].replace(' ', ':')}")
         for r in summary["routes"])
     critic = summary["critic"]
     db = summary["database"]

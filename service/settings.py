@@ -38,6 +38,7 @@ log = logging.getLogger("turngate.settings")
 Mode = Literal["passthrough", "rank", "shadow"]
 Sampling = Literal["fixed", "adaptive"]
 OnExhausted = Literal["best", "block", "error"]
+Record = Literal["all", "sample", "off"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["plain", "json"]
 
@@ -126,6 +127,10 @@ class RouteSettings(BaseModel):
     # What a reply's `usage` counts: "billed", every call of the turn (what the upstream bills, with
     # the chosen candidate's own under usage.chosen), or "chosen", the chosen candidate's call alone.
     usage_reported: Literal["billed", "chosen"] = "billed"
+    # Which turns go to the store: every one, a deterministic share (record_sample, by turn id, so
+    # every replica keeps the same turns), or none. Replies, metrics and spend are the same either way.
+    record: Record = "all"
+    record_sample: float = Field(0.1, gt=0, le=1)  # the share kept when record is "sample"
     policy: GatePolicy = Field(default_factory=GatePolicy)
     # An LLM critic consulted when the encoder is unsure, within the cascade's budget; None = encoder alone.
     llm_critic: LLMCriticSettings | None = None
@@ -288,6 +293,8 @@ class Settings(BaseSettings):
     mode: Mode = "rank"
     attempt_timeout_s: float = 60.0
     deadline_s: float = 120.0
+    record: Record = "all"  # the default route's; see RouteSettings
+    record_sample: float = Field(0.1, gt=0, le=1)
     policy: GatePolicy = Field(default_factory=GatePolicy)  # env: TURNGATE_<FIELD>, e.g. TURNGATE_INTERVENE_THRESHOLD
 
     critic: str | None = None  # bundle folder; None = the shipped default

@@ -83,7 +83,7 @@ async def chat_completions(request: Request, services: ServicesDep, key: Limited
         conversation=ConversationHint(header_id=request.headers.get(CONVERSATION_HEADER),
                                       user=payload.get("user"), metadata=payload.get("metadata"),
                                       key_id=key.key_id))
-    note_turn(request, turn.turn_id)
+    note_turn(request, turn.turn_id, turn.recorded)
     logprobs = bool(payload.get("logprobs"))
     keepalive_s = services.settings.keepalive_interval_s
     if payload.get("stream") and route.mode == "passthrough":

@@ -1,5 +1,6 @@
-"""Every HTTP answer: an `x-request-id` (the client's, or a new one), the turn id once a turn exists,
-and a count in turngate_requests_total{route, endpoint, status}.
+"""Every HTTP answer: an `x-request-id` (the client's, or a new one), the turn id once a turn exists
+(with `x-turngate-recorded: false` when its route does not record it), and a count in
+turngate_requests_total{route, endpoint, status}.
 
 A pure-ASGI middleware, outermost, so the answers made before any router runs (413 from the body
 limit, 404 for an unknown path) and after an unexpected exception carry the id and are counted too.
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 # headers never carry what a client chose to inject.
 _GOOD_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _ROUTE, _TURN = "turngate_route", "turngate_turn_id"  # keys in the request's scope["state"]
+_UNRECORDED = "turngate_unrecorded"
 
 
 def note_route(request: Request, alias: str) -> None:
@@ -34,9 +36,12 @@ def note_route(request: Request, alias: str) -> None:
     setattr(request.state, _ROUTE, alias)
 
 
-def note_turn(request: Request, turn_id: str) -> None:
-    """The turn this request started: its id goes on the response, an error response included."""
+def note_turn(request: Request, turn_id: str, recorded: bool = True) -> None:
+    """The turn this request started: its id goes on the response, an error response included, and
+    `x-turngate-recorded: false` when the route does not record it (feedback for it will not be found)."""
     setattr(request.state, _TURN, turn_id)
+    if not recorded:
+        setattr(request.state, _UNRECORDED, True)
 
 
 class RequestContext:
@@ -66,6 +71,8 @@ class RequestContext:
                 headers.append((b"x-request-id", request_id.encode()))
                 if state.get(_TURN) and b"x-turngate-turn-id" not in names:
                     headers.append((b"x-turngate-turn-id", state[_TURN].encode()))
+                if state.get(_UNRECORDED):
+                    headers.append((b"x-turngate-recorded", b"false"))
                 message = {**message, "headers": headers}
             await send(message)
 

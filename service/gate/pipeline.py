@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.critic.base import CriticSlot
-from service.gate import feedback, judging, sampling, selection, usage
+from service.gate import feedback, judging, recording, sampling, selection, usage
 from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, UpstreamFailure
 from service.gate.selection import Candidate
 from service.limits.spend import SpendMeter
@@ -55,6 +55,11 @@ class TurnRequest:
     body: dict[str, Any]  # the client's request, as sent (model alias included)
     client_key: str | None = None
     conversation: ConversationHint = field(default_factory=ConversationHint)
+    # Whether the store gets this turn (the route's `record` setting); decided once, by turn id.
+    recorded: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.recorded = recording.recorded(self.route, self.turn_id)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -161,9 +166,9 @@ class Gate:
         finally:
             self._finish(record, clock)
             if deferred:
-                self._hold(record)  # durable before the reply leaves; the scored record follows
+                self._hold(record, req.recorded)  # durable before the reply leaves; the scored record follows
             else:
-                self._enqueue(record)
+                self._enqueue(record, req.recorded)
 
     def _new_record(self, req: TurnRequest, critic) -> TurnRecord:
         route = req.route
@@ -192,7 +197,7 @@ class Gate:
             else:
                 record.decision, record.error = "cancelled", "client disconnected"
             self._finish(record, clock)
-            self._enqueue(record)
+            self._enqueue(record, req.recorded)
             raise
         return Relay(self, req, record, clock, deadline, stream)
 
@@ -273,7 +278,7 @@ class Gate:
             log.exception("shadow ranking failed for %s", record.turn_id)
         finally:
             self._shadow_slot(-1)
-            self._enqueue(record)
+            self._enqueue(record, req.recorded)
 
     async def _rank(self, req: TurnRequest, record: TurnRecord, clock: _Clock, deadline: float,
                     critic) -> list[Candidate]:
@@ -419,14 +424,18 @@ class Gate:
                                  "turngate.judge_reason": record.judge_reason or ""})
             return spent
 
-    def _enqueue(self, record: TurnRecord) -> None:
+    def _enqueue(self, record: TurnRecord, recorded: bool = True) -> None:
+        """The finished turn: to the store (unless its route does not record it), and to its key's spend."""
         if record.error is None and any(not e.kind.startswith("judge_") for e in record.upstream_errors):
             metrics.TURNS_PARTIAL.labels(record.route).inc()
-        with self._store_span("enqueue", record):
-            try:
-                self.sink.enqueue(record)
-            except Exception:
-                log.exception("could not enqueue turn %s", record.turn_id)
+        if recorded:
+            with self._store_span("enqueue", record):
+                try:
+                    self.sink.enqueue(record)
+                except Exception:
+                    log.exception("could not enqueue turn %s", record.turn_id)
+        else:
+            metrics.TURNS_UNRECORDED.labels(record.route).inc()
         self._charge(record)
 
     def _charge(self, record: TurnRecord) -> None:
@@ -444,7 +453,9 @@ class Gate:
         except Exception:
             log.exception("could not charge turn %s to its key", turn_id)
 
-    def _hold(self, record: TurnRecord) -> None:
+    def _hold(self, record: TurnRecord, recorded: bool = True) -> None:
+        if not recorded:
+            return  # its _enqueue, after the ranking, skips the store too (the same turn id decides)
         with self._store_span("hold", record):
             try:
                 self.sink.hold(record)
@@ -523,5 +534,5 @@ class Relay:
         if cands:
             self._gate._choose(record, cands[0])
         self._gate._finish(record, clock)
-        self._gate._enqueue(record)
+        self._gate._enqueue(record, self._req.recorded)
         await self._stream.aclose()  # last: a client gone may cancel what awaits here

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import orjson
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -17,10 +21,22 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def json_text(value: Any) -> str:
+    """JSON columns' text on SQLite. SQLAlchemy encodes them on the event loop, for every JSON column
+    of every turn written: orjson does it several times faster than json.dumps (about half the
+    writer's time on the loop with the standard library). Values reach it fitted by the record
+    boundary, whose non-finite numbers are null either way; what orjson refuses (lone surrogates,
+    huge integers: only from elsewhere) takes the standard library's path, as before."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
+
+
 def make_async_engine(url: str, *, connect_timeout_s: float = 2.0, command_timeout_s: float = 10.0,
                       pool_size: int = 4) -> AsyncEngine:
     if is_sqlite(url):
-        engine = create_async_engine(async_url(url))
+        engine = create_async_engine(async_url(url), json_serializer=json_text)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(
@@ -30,7 +46,7 @@ def make_async_engine(url: str, *, connect_timeout_s: float = 2.0, command_timeo
 
 def make_sync_engine(url: str) -> Engine:
     if is_sqlite(url):
-        engine = create_engine(sync_url(url))
+        engine = create_engine(sync_url(url), json_serializer=json_text)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(sync_url(url), pool_pre_ping=True, connect_args={"connect_timeout": 5})

@@ -29,6 +29,9 @@ UPSTREAM_ERRORS = Counter("turngate_upstream_errors_total",
 UPSTREAM_RETRIES = Counter("turngate_upstream_retries_total",
                            "Upstream calls sent again after failing before any reply byte, by reason "
                            "(connect, stale_connection)", ["route", "reason"])
+TURNS_UNRECORDED = Counter("turngate_turns_unrecorded_total",
+                           "Turns served but not sent to the store (the route's record setting: off, or sample)",
+                           ["route"])
 TURNS_PARTIAL = Counter("turngate_turns_partial_total",
                         "Turns answered although some of their candidate calls failed or were given up",
                         ["route"])
