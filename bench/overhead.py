@@ -3,14 +3,17 @@
 Three processes: a fake upstream (50 ms +- 20% by default), turngate in front of it (critic stubbed
 to a constant time, turn records written by the embedded store), and this load generator. The
 upstream and the load generator are lean raw-asyncio code (bench/_lean_http.py) so that the cores
-they share with the proxy go to the proxy. Per request:
+they share with the proxy go to the proxy. Per request (bench/_load.py):
 
-    overhead = client-observed latency - upstream time - critic time   (from the Server-Timing header)
+    added = client-observed latency - the upstream's own service time - critic time
 
-The baseline printed beside it is the same load sent straight to the fake actor. In rank mode the
-turn is compared with its limit, the slowest of its concurrent candidates plus scoring:
-ratio = turn latency / (upstream wall time + critic time); serial sampling would show ~N.
+The upstream's service time is measured inside the fake upstream, from the request fully read to
+the reply written (in a rank turn, the longest of its N calls); the critic time comes from the
+proxy's Server-Timing header (0 in passthrough). `st added` is the same from Server-Timing alone
+(latency - its `upstream` - its `critic`): what a client of a real upstream can compute.
+The baseline printed beside it is the same load sent straight to the fake actor.
 `proxy cpu/req` is the proxy process's CPU time over the row divided by its requests.
+The standard apparatus has no service times: only `st added` there.
 
     python bench/overhead.py [--latency 0.05] [--jitter 0.2] [--concurrency 1,16,64] [--seconds 8]
                              [--pool-shards 16] [--apparatus lean|standard]
@@ -40,74 +43,41 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._lean_http import LeanClient  # noqa: E402
+from bench import _load  # noqa: E402
 from service.demo.fake_actor import free_port  # noqa: E402
 
 BODY = {"messages": [{"role": "user", "content": "Book the cheapest flight to Lisbon."}]}
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+pct, timing, cpu_seconds = _load.pct, _load.timing, _load.cpu_seconds
 
 
-def timing(header: str) -> dict[str, float]:
-    out = {}
-    for part in header.split(","):
-        name, _, dur = part.strip().partition(";dur=")
-        out[name] = float(dur)
-    return out
-
-
-async def httpx_post(url: str):
-    client = httpx.AsyncClient(timeout=30)
-
-    async def post(body: bytes) -> tuple[int, dict[str, str]]:
-        resp = await client.post(url, content=body, headers={"content-type": "application/json"})
-        return resp.status_code, dict(resp.headers)
-    return post, client.aclose
-
-
-async def lean_post(url: str):
-    u = httpx.URL(url)
-    client = LeanClient(u.host, u.port or 80)
-
-    async def post(body: bytes) -> tuple[int, dict[str, str]]:
-        status, headers, _ = await client.post(u.path, body)
-        return status, headers
-    return post, client.close
-
-
-async def load(url: str, model: str | None, concurrency: int, seconds: float, lean: bool = True) -> dict:
-    """Closed loop: `concurrency` clients, each sending the next request when its last returns."""
-    latencies, overheads, limits = [], [], []
+async def httpx_load(url: str, model: str | None, concurrency: int, seconds: float) -> dict:
+    """The standard apparatus: closed loop over httpx, added latency from Server-Timing alone."""
+    latencies, st_added = [], []
     stop = time.perf_counter() + seconds
     body = json.dumps({**BODY, "model": model or "fake"}).encode()
 
     async def worker():
-        # One client (one connection) per worker: a shared httpx pool is itself the bottleneck at
-        # high concurrency (it scans every connection per request) and would be measured instead.
-        post, close = await (lean_post if lean else httpx_post)(url)
+        client = httpx.AsyncClient(timeout=30)  # one client (connection) per worker
         try:
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                status, headers = await post(body)
+                resp = await client.post(url, content=body, headers={"content-type": "application/json"})
                 elapsed = (time.perf_counter() - t0) * 1000
-                if status != 200:
-                    raise RuntimeError(f"{url} answered {status}")
+                if resp.status_code != 200:
+                    raise RuntimeError(f"{url} answered {resp.status_code}")
                 latencies.append(elapsed)
-                if "server-timing" in headers:
-                    t = timing(headers["server-timing"])
-                    overheads.append(elapsed - t["upstream"] - t["critic"])
-                    limits.append(t["upstream"] + t["critic"])
+                if "server-timing" in resp.headers:
+                    t = timing(resp.headers["server-timing"])
+                    st_added.append(elapsed - t["upstream"] - t["critic"])
         finally:
-            await close()
+            await client.aclose()
 
     started = time.perf_counter()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
-    wall = time.perf_counter() - started
-    return {"n": len(latencies), "rps": len(latencies) / wall, "latencies": latencies,
-            "overheads": overheads, "limits": limits}
+    return {"n": len(latencies), "rps": len(latencies) / (time.perf_counter() - started),
+            "latencies": latencies, "added": [], "st_added": st_added, "missing": 0}
 
 
 def counter(metrics_url: str, name: str) -> float:
@@ -115,12 +85,6 @@ def counter(metrics_url: str, name: str) -> float:
     text = httpx.get(metrics_url, timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith((name + "{", name + " ")))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_up(url: str) -> None:
@@ -135,7 +99,7 @@ def wait_up(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latency", type=float, default=0.05, help="fake upstream latency, seconds")
     ap.add_argument("--jitter", type=float, default=0.2,
@@ -152,7 +116,7 @@ def main() -> None:
     ap.add_argument("--apparatus", choices=("lean", "standard"), default="lean",
                     help="lean: raw-asyncio load generator and upstream (bench/_lean_http.py); "
                          "standard: httpx client and the Starlette fake actor (each ~1 ms CPU/request)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="turngate-bench-"))
     actor_port, proxy_port = free_port(), free_port()
@@ -188,26 +152,32 @@ def main() -> None:
         targets.update(pass_=("turngate passthrough", proxy, "pass"), rank=("turngate rank N=4", proxy, "rank"),
                        shadow=("turngate shadow N=4", proxy, "shadow"))
         rows = [targets["pass_" if t == "pass" else t] for t in args.targets.split(",")]
-        uvloop.run(load(proxy, "rank", 4, 1.0, lean))  # warm up connections and code paths
+
+        def run(url: str, model: str | None, c: int, seconds: float) -> dict:
+            if lean:
+                return uvloop.run(_load.load(url, model or "fake", c, seconds, actor_url))
+            return uvloop.run(httpx_load(url, model, c, seconds))
+        run(proxy, "rank", 4, min(1.0, args.seconds))  # warm up connections and code paths
         print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, "
               f"stub critic {args.critic_ms:.1f} ms, "
               f"{args.pool_shards} upstream pool(s), {args.seconds:.0f} s per row, {os.cpu_count()} cores, "
               f"{args.apparatus} apparatus\n")
         print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-              f"{'ovh p50':>9}{'ovh p99':>9}{'lat/limit':>10}{'proxy cpu/req ms':>18}")
+              f"{'added p50':>10}{'added p99':>10}{'st added p50':>13}{'st added p99':>13}{'proxy cpu/req ms':>18}")
         for c in [int(x) for x in args.concurrency.split(",")]:
             for name, url, model in rows:
                 shed0 = counter(metrics_url, "turngate_shadow_shed_total")
                 cpu0 = cpu_seconds(procs[1].pid)
-                r = uvloop.run(load(url, model, c, args.seconds, lean))
+                r = run(url, model, c, args.seconds)
                 cpu = (cpu_seconds(procs[1].pid) - cpu0) * 1000 / r["n"]
                 shed = counter(metrics_url, "turngate_shadow_shed_total") - shed0
                 lat = r["latencies"]
                 row = f"{name:<22}{c:>5}{r['rps']:>9.0f}{pct(lat, .5):>9.2f}{pct(lat, .99):>9.2f}"
-                if r["overheads"]:
-                    ratio = statistics.median(a / b for a, b in zip(lat, r["limits"]))
-                    row += (f"{pct(r['overheads'], .5):>9.2f}{pct(r['overheads'], .99):>9.2f}{ratio:>10.3f}"
-                            f"{cpu:>18.2f}")
+                if model is None:  # straight to the upstream: its own added latency (the apparatus's)
+                    row += f"{pct(r['added'], .5):>10.2f}{pct(r['added'], .99):>10.2f}"
+                else:
+                    row += (f"{pct(r['added'], .5):>10.2f}{pct(r['added'], .99):>10.2f}"
+                            f"{pct(r['st_added'], .5):>13.2f}{pct(r['st_added'], .99):>13.2f}{cpu:>18.2f}")
                 if model == "shadow":
                     row += f"   shed {shed / r['n']:.0%}"
                 print(row, flush=True)
