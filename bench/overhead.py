@@ -87,8 +87,8 @@ def counter(metrics_url: str, name: str) -> float:
                if line.startswith((name + "{", name + " ")))
 
 
-def wait_up(url: str) -> None:
-    deadline = time.monotonic() + 30
+def wait_up(url: str, within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(url, timeout=1).status_code < 500:
