@@ -15,7 +15,7 @@ The baseline printed beside it is the same load sent straight to the fake actor.
 `proxy cpu/req` is the proxy process's CPU time over the row divided by its requests.
 The standard apparatus has no service times: only `st added` there.
 
-    python bench/overhead.py [--latency 0.05] [--jitter 0.2] [--concurrency 1,16,64] [--seconds 8]
+    python bench/overhead.py [--latency 0.05] [--jitter 0.2] [--concurrency 1,16,64] [--seconds 8] [--rounds 1]
                              [--pool-shards 16] [--apparatus lean|standard]
                              [--targets direct,pass,rank,shadow] [--shadow-backlog 64]
 
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                          "clients fall into lock-step and reach the proxy in bursts")
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds; each cell is their median")
     ap.add_argument("--critic-ms", type=float, default=2.0, help="the stub critic's constant time")
     ap.add_argument("--pool-shards", type=int, default=16, help="upstream httpx pools (1 = one shared pool)")
     ap.add_argument("--gc-unfrozen", action="store_true",
@@ -160,26 +161,35 @@ def main(argv: list[str] | None = None) -> None:
         run(proxy, "rank", 4, min(1.0, args.seconds))  # warm up connections and code paths
         print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, "
               f"stub critic {args.critic_ms:.1f} ms, "
-              f"{args.pool_shards} upstream pool(s), {args.seconds:.0f} s per row, {os.cpu_count()} cores, "
+              f"{args.pool_shards} upstream pool(s), {args.seconds:g} s per row, {args.rounds} round(s) (medians), "
+              f"{os.cpu_count()} cores, "
               f"{args.apparatus} apparatus\n")
         print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
               f"{'added p50':>10}{'added p99':>10}{'st added p50':>13}{'st added p99':>13}{'proxy cpu/req ms':>18}")
-        for c in [int(x) for x in args.concurrency.split(",")]:
-            for name, url, model in rows:
-                shed0 = counter(metrics_url, "turngate_shadow_shed_total")
-                cpu0 = cpu_seconds(procs[1].pid)
-                r = run(url, model, c, args.seconds)
-                cpu = (cpu_seconds(procs[1].pid) - cpu0) * 1000 / r["n"]
-                shed = counter(metrics_url, "turngate_shadow_shed_total") - shed0
-                lat = r["latencies"]
-                row = f"{name:<22}{c:>5}{r['rps']:>9.0f}{pct(lat, .5):>9.2f}{pct(lat, .99):>9.2f}"
-                if model is None:  # straight to the upstream: its own added latency (the apparatus's)
-                    row += f"{pct(r['added'], .5):>10.2f}{pct(r['added'], .99):>10.2f}"
-                else:
-                    row += (f"{pct(r['added'], .5):>10.2f}{pct(r['added'], .99):>10.2f}"
-                            f"{pct(r['st_added'], .5):>13.2f}{pct(r['st_added'], .99):>13.2f}{cpu:>18.2f}")
+        concs = [int(x) for x in args.concurrency.split(",")]
+        cells: dict[tuple[int, str], list[dict]] = {}
+        for rnd in range(args.rounds):  # alternating order: drift and noise land on every target alike
+            for c in concs:
+                for name, url, model in (rows if rnd % 2 == 0 else rows[::-1]):
+                    shed0 = counter(metrics_url, "turngate_shadow_shed_total")
+                    cpu0 = cpu_seconds(procs[1].pid)
+                    r = run(url, model, c, args.seconds)
+                    cpu = (cpu_seconds(procs[1].pid) - cpu0) * 1000 / r["n"]
+                    shed = counter(metrics_url, "turngate_shadow_shed_total") - shed0
+                    lat = r["latencies"]
+                    cells.setdefault((c, name), []).append({
+                        "rps": r["rps"], "p50": pct(lat, .5), "p99": pct(lat, .99),
+                        "a50": pct(r["added"], .5), "a99": pct(r["added"], .99), "s50": pct(r["st_added"], .5),
+                        "s99": pct(r["st_added"], .99), "cpu": cpu, "shed": shed / r["n"]})
+        for c in concs:
+            for name, _, model in rows:
+                m = {k: statistics.median(cell[k] for cell in cells[(c, name)]) for k in cells[(c, name)][0]}
+                row = (f"{name:<22}{c:>5}{m['rps']:>9.0f}{m['p50']:>9.2f}{m['p99']:>9.2f}"
+                       f"{m['a50']:>10.2f}{m['a99']:>10.2f}")
+                if model is not None:  # direct: the apparatus's own added latency only
+                    row += f"{m['s50']:>13.2f}{m['s99']:>13.2f}{m['cpu']:>18.2f}"
                 if model == "shadow":
-                    row += f"   shed {shed / r['n']:.0%}"
+                    row += f"   shed {m['shed']:.0%}"
                 print(row, flush=True)
     finally:
         for p in procs:
