@@ -47,6 +47,33 @@ def test_upstream_timing_leaves_out_turngates_own_work(gateway, scripted, monkey
     assert t["total"] - t["upstream"] - t["critic"] >= 2 * own_s * 1000 * 0.9, t
 
 
+def test_a_streamed_turns_upstream_time_runs_from_the_request_written_to_the_last_piece(gateway, scripted,
+                                                                                        monkeypatch):
+    first_s, gap_s, own_s = 0.1, 0.02, 0.1
+    scripted.fn = lambda body, i: Reply([{"role": "assistant", "content": "one two three four"}], delay_s=first_s,
+                                        chunk_delay_s=gap_s)
+    payload = upstream_client._payload
+
+    def slow_payload(*args, **kwargs):
+        time.sleep(own_s)
+        return payload(*args, **kwargs)
+
+    monkeypatch.setattr(upstream_client, "_payload", slow_payload)
+    with gateway(mode="passthrough", candidates=1) as (url, sink):
+        with httpx.stream("POST", url + "/chat/completions", timeout=10, json={
+                "model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as resp:
+            text = "".join(resp.iter_text())
+        assert resp.status_code == 200 and "[DONE]" in text
+        deadline = time.monotonic() + 5
+        while not sink.records and time.monotonic() < deadline:
+            time.sleep(0.01)
+    record = sink.records[0]
+    streamed = first_s + 3 * gap_s  # four words: the first after first_s, one every gap_s after it
+    assert record.latency_upstream_ms is not None and record.latency_total_ms is not None
+    assert streamed <= record.latency_upstream_ms / 1000 < streamed + 0.08, record.latency_upstream_ms
+    assert record.latency_total_ms - record.latency_upstream_ms >= own_s * 1000 * 0.9
+
+
 def call(sent: float | None, ended: float | None) -> _Call:
     c = _Call()
     c.sent, c.received, c.ended = sent, ended, ended

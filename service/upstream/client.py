@@ -184,7 +184,7 @@ class _NotingBackend(httpcore.AsyncNetworkBackend):
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options=None) -> httpcore.AsyncNetworkStream:  # pragma: no cover
-        return await self._inner.connect_unix_socket(path, timeout=timeout, socket_options=socket_options)
+        return _TimedStream(await self._inner.connect_unix_socket(path, timeout=timeout, socket_options=socket_options))
 
     async def sleep(self, seconds: float) -> None:  # pragma: no cover - httpcore's connect retries only
         await self._inner.sleep(seconds)
