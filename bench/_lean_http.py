@@ -1,5 +1,11 @@
-"""Lean measuring apparatus for bench/overhead.py: a keep-alive HTTP/1.1 client and a fixed-latency
-OpenAI-compatible upstream, both on raw asyncio streams.
+"""Lean measuring apparatus for bench/overhead.py and bench/gateways.py: a keep-alive HTTP/1.1 client
+and a fixed-latency OpenAI-compatible upstream, both on raw asyncio streams.
+
+The upstream measures its own service time per request, from the request fully read to the reply
+written (its last chunk, for a stream): it sends it in `x-bench-service-ms` and keeps it under the
+request's bench id (`bench-id N` anywhere in the body, which every proxy forwards in the messages),
+the longest of the calls that carried it (a rank turn's N calls), for `GET /bench/service-ms`
+(returned and cleared): proxies need not forward the header.
 
 The load generator, the fake upstream and the proxy share the machine's two cores, so whatever
 CPU the apparatus burns shows up as queueing delay in the proxy's figures. httpx and a
@@ -14,6 +20,8 @@ import argparse
 import asyncio
 import json
 import random
+import re
+import time
 
 import uvloop
 
@@ -24,6 +32,25 @@ COMPLETION = json.dumps({
     "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
 }).encode()
 MODELS = b'{"object":"list","data":[{"id":"fake","object":"model","created":0,"owned_by":"bench"}]}'
+BENCH_ID = re.compile(rb"bench-id (\d+)")
+STREAM = re.compile(rb'"stream"\s*:\s*true')
+STREAM_WORDS = 8  # content chunks of a streamed reply, spread over its latency
+
+
+def sse_chunks() -> list[bytes]:
+    """A streamed reply's events: role, STREAM_WORDS words, finish, usage, [DONE]."""
+    def chunk(choices: list, usage: dict | None = None) -> bytes:
+        body = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+                "choices": choices, **({"usage": usage} if usage else {})}
+        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+    out = [chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+    out += [chunk([{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}]) for i in range(STREAM_WORDS)]
+    out.append(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+    out.append(chunk([], {"prompt_tokens": 12, "completion_tokens": STREAM_WORDS, "total_tokens": 12 + STREAM_WORDS}))
+    return out + [b"data: [DONE]\n\n"]
+
+
+SSE = sse_chunks()
 
 
 def response(status: int, body: bytes, extra: bytes = b"") -> bytes:
@@ -34,8 +61,9 @@ def response(status: int, body: bytes, extra: bytes = b"") -> bytes:
 class LeanClient:
     """One keep-alive connection; POSTs a JSON body, returns (status, lower-cased headers, body)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, headers: dict[str, str] | None = None) -> None:
         self.host, self.port = host, port
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -44,17 +72,33 @@ class LeanClient:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         reader = self.reader
         self.writer.write(f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
-                          f"content-length: {len(body)}\r\n\r\n".encode() + body)
+                          f"content-length: {len(body)}\r\n{self.extra}\r\n".encode() + body)
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         headers = {}
         for line in head[1:]:
             name, _, value = line.partition(":")
             if name:
                 headers[name.strip().lower()] = value.strip()
-        if "content-length" not in headers:
-            raise RuntimeError(f"response without content-length: {head[0]}")
-        payload = await reader.readexactly(int(headers["content-length"]))
+        if "content-length" in headers:
+            payload = await reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding") == "chunked":
+            parts = []
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                parts.append(await reader.readexactly(size))
+                await reader.readexactly(2)
+            await reader.readuntil(b"\r\n")  # the (empty) trailer
+            payload = b"".join(parts)
+        else:
+            raise RuntimeError(f"response without content-length or chunks: {head[0]}")
         return int(head[0].split()[1]), headers, payload
+
+    async def get(self, path: str) -> bytes:
+        if self.reader is None or self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"GET {path} HTTP/1.1\r\nhost: {self.host}\r\n\r\n".encode())
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+        length = int(head.split("content-length:")[1].split("\r\n")[0])
+        return await self.reader.readexactly(length)
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -63,8 +107,9 @@ class LeanClient:
 
 async def serve_upstream(port: int, latency: float, jitter: float = 0.0) -> None:
     """Answers every POST with one fixed chat completion after `latency` s, +- `jitter` of it drawn
-    uniformly; GET /v1/models too."""
+    uniformly (a stream: its chunks spread over that time); GET /v1/models and /bench/service-ms too."""
     rng = random.Random(0)
+    service_ms: dict[str, float] = {}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -75,13 +120,33 @@ async def serve_upstream(port: int, latency: float, jitter: float = 0.0) -> None
                     name, _, value = line.partition(":")
                     if name.strip().lower() == "content-length":
                         length = int(value)
-                if length:
-                    await reader.readexactly(length)
+                body = await reader.readexactly(length) if length else b""
+                if head.startswith("GET /bench/service-ms"):
+                    writer.write(response(200, json.dumps(service_ms).encode()))
+                    service_ms.clear()
+                    continue
                 if head.startswith("GET"):
                     writer.write(response(200, MODELS))
                     continue
-                await asyncio.sleep(latency * (1 + jitter * (2 * rng.random() - 1)))
-                writer.write(response(200, COMPLETION))
+                t0 = time.perf_counter()  # the request is fully read
+                delay = latency * (1 + jitter * (2 * rng.random() - 1))
+                if STREAM.search(body):
+                    await asyncio.sleep(delay / 2)  # time to the first token, then the rest spread out
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n")
+                    for i, event in enumerate(SSE):
+                        if 1 <= i <= STREAM_WORDS:
+                            await asyncio.sleep(delay / 2 / STREAM_WORDS)
+                        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                    writer.write(b"0\r\n\r\n")
+                    spent = (time.perf_counter() - t0) * 1000
+                else:
+                    await asyncio.sleep(delay)
+                    spent = (time.perf_counter() - t0) * 1000
+                    writer.write(response(200, COMPLETION, b"x-bench-service-ms: %.3f\r\n" % spent))
+                if m := BENCH_ID.search(body):
+                    key = m.group(1).decode()
+                    service_ms[key] = max(spent, service_ms.get(key, 0.0))
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 

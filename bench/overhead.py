@@ -3,16 +3,19 @@
 Three processes: a fake upstream (50 ms +- 20% by default), turngate in front of it (critic stubbed
 to a constant time, turn records written by the embedded store), and this load generator. The
 upstream and the load generator are lean raw-asyncio code (bench/_lean_http.py) so that the cores
-they share with the proxy go to the proxy. Per request:
+they share with the proxy go to the proxy. Per request (bench/_load.py):
 
-    overhead = client-observed latency - upstream time - critic time   (from the Server-Timing header)
+    added = client-observed latency - the upstream's own service time - critic time
 
-The baseline printed beside it is the same load sent straight to the fake actor. In rank mode the
-turn is compared with its limit, the slowest of its concurrent candidates plus scoring:
-ratio = turn latency / (upstream wall time + critic time); serial sampling would show ~N.
+The upstream's service time is measured inside the fake upstream, from the request fully read to
+the reply written (in a rank turn, the longest of its N calls); the critic time comes from the
+proxy's Server-Timing header (0 in passthrough). `st added` is the same from Server-Timing alone
+(latency - its `upstream` - its `critic`): what a client of a real upstream can compute.
+The baseline printed beside it is the same load sent straight to the fake actor.
 `proxy cpu/req` is the proxy process's CPU time over the row divided by its requests.
+The standard apparatus has no service times: only `st added` there.
 
-    python bench/overhead.py [--latency 0.05] [--jitter 0.2] [--concurrency 1,16,64] [--seconds 8]
+    python bench/overhead.py [--latency 0.05] [--jitter 0.2] [--concurrency 1,16,64] [--seconds 8] [--rounds 1]
                              [--pool-shards 16] [--apparatus lean|standard]
                              [--targets direct,pass,rank,shadow] [--shadow-backlog 64]
 
@@ -40,74 +43,41 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._lean_http import LeanClient  # noqa: E402
+from bench import _load  # noqa: E402
 from service.demo.fake_actor import free_port  # noqa: E402
 
 BODY = {"messages": [{"role": "user", "content": "Book the cheapest flight to Lisbon."}]}
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+pct, timing, cpu_seconds = _load.pct, _load.timing, _load.cpu_seconds
 
 
-def timing(header: str) -> dict[str, float]:
-    out = {}
-    for part in header.split(","):
-        name, _, dur = part.strip().partition(";dur=")
-        out[name] = float(dur)
-    return out
-
-
-async def httpx_post(url: str):
-    client = httpx.AsyncClient(timeout=30)
-
-    async def post(body: bytes) -> tuple[int, dict[str, str]]:
-        resp = await client.post(url, content=body, headers={"content-type": "application/json"})
-        return resp.status_code, dict(resp.headers)
-    return post, client.aclose
-
-
-async def lean_post(url: str):
-    u = httpx.URL(url)
-    client = LeanClient(u.host, u.port or 80)
-
-    async def post(body: bytes) -> tuple[int, dict[str, str]]:
-        status, headers, _ = await client.post(u.path, body)
-        return status, headers
-    return post, client.close
-
-
-async def load(url: str, model: str | None, concurrency: int, seconds: float, lean: bool = True) -> dict:
-    """Closed loop: `concurrency` clients, each sending the next request when its last returns."""
-    latencies, overheads, limits = [], [], []
+async def httpx_load(url: str, model: str | None, concurrency: int, seconds: float) -> dict:
+    """The standard apparatus: closed loop over httpx, added latency from Server-Timing alone."""
+    latencies, st_added = [], []
     stop = time.perf_counter() + seconds
     body = json.dumps({**BODY, "model": model or "fake"}).encode()
 
     async def worker():
-        # One client (one connection) per worker: a shared httpx pool is itself the bottleneck at
-        # high concurrency (it scans every connection per request) and would be measured instead.
-        post, close = await (lean_post if lean else httpx_post)(url)
+        client = httpx.AsyncClient(timeout=30)  # one client (connection) per worker
         try:
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                status, headers = await post(body)
+                resp = await client.post(url, content=body, headers={"content-type": "application/json"})
                 elapsed = (time.perf_counter() - t0) * 1000
-                if status != 200:
-                    raise RuntimeError(f"{url} answered {status}")
+                if resp.status_code != 200:
+                    raise RuntimeError(f"{url} answered {resp.status_code}")
                 latencies.append(elapsed)
-                if "server-timing" in headers:
-                    t = timing(headers["server-timing"])
-                    overheads.append(elapsed - t["upstream"] - t["critic"])
-                    limits.append(t["upstream"] + t["critic"])
+                if "server-timing" in resp.headers:
+                    t = timing(resp.headers["server-timing"])
+                    st_added.append(elapsed - t["upstream"] - t["critic"])
         finally:
-            await close()
+            await client.aclose()
 
     started = time.perf_counter()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
-    wall = time.perf_counter() - started
-    return {"n": len(latencies), "rps": len(latencies) / wall, "latencies": latencies,
-            "overheads": overheads, "limits": limits}
+    return {"n": len(latencies), "rps": len(latencies) / (time.perf_counter() - started),
+            "latencies": latencies, "added": [], "st_added": st_added, "missing": 0}
 
 
 def counter(metrics_url: str, name: str) -> float:
@@ -117,14 +87,8 @@ def counter(metrics_url: str, name: str) -> float:
                if line.startswith((name + "{", name + " ")))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_up(url: str) -> None:
-    deadline = time.monotonic() + 30
+def wait_up(url: str, within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(url, timeout=1).status_code < 500:
@@ -135,7 +99,7 @@ def wait_up(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latency", type=float, default=0.05, help="fake upstream latency, seconds")
     ap.add_argument("--jitter", type=float, default=0.2,
@@ -143,6 +107,7 @@ def main() -> None:
                          "clients fall into lock-step and reach the proxy in bursts")
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds; each cell is their median")
     ap.add_argument("--critic-ms", type=float, default=2.0, help="the stub critic's constant time")
     ap.add_argument("--pool-shards", type=int, default=16, help="upstream httpx pools (1 = one shared pool)")
     ap.add_argument("--gc-unfrozen", action="store_true",
@@ -152,7 +117,7 @@ def main() -> None:
     ap.add_argument("--apparatus", choices=("lean", "standard"), default="lean",
                     help="lean: raw-asyncio load generator and upstream (bench/_lean_http.py); "
                          "standard: httpx client and the Starlette fake actor (each ~1 ms CPU/request)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="turngate-bench-"))
     actor_port, proxy_port = free_port(), free_port()
@@ -188,28 +153,43 @@ def main() -> None:
         targets.update(pass_=("turngate passthrough", proxy, "pass"), rank=("turngate rank N=4", proxy, "rank"),
                        shadow=("turngate shadow N=4", proxy, "shadow"))
         rows = [targets["pass_" if t == "pass" else t] for t in args.targets.split(",")]
-        uvloop.run(load(proxy, "rank", 4, 1.0, lean))  # warm up connections and code paths
+
+        def run(url: str, model: str | None, c: int, seconds: float) -> dict:
+            if lean:
+                return uvloop.run(_load.load(url, model or "fake", c, seconds, actor_url))
+            return uvloop.run(httpx_load(url, model, c, seconds))
+        run(proxy, "rank", 4, min(1.0, args.seconds))  # warm up connections and code paths
         print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, "
               f"stub critic {args.critic_ms:.1f} ms, "
-              f"{args.pool_shards} upstream pool(s), {args.seconds:.0f} s per row, {os.cpu_count()} cores, "
+              f"{args.pool_shards} upstream pool(s), {args.seconds:g} s per row, {args.rounds} round(s) (medians), "
+              f"{os.cpu_count()} cores, "
               f"{args.apparatus} apparatus\n")
         print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-              f"{'ovh p50':>9}{'ovh p99':>9}{'lat/limit':>10}{'proxy cpu/req ms':>18}")
-        for c in [int(x) for x in args.concurrency.split(",")]:
-            for name, url, model in rows:
-                shed0 = counter(metrics_url, "turngate_shadow_shed_total")
-                cpu0 = cpu_seconds(procs[1].pid)
-                r = uvloop.run(load(url, model, c, args.seconds, lean))
-                cpu = (cpu_seconds(procs[1].pid) - cpu0) * 1000 / r["n"]
-                shed = counter(metrics_url, "turngate_shadow_shed_total") - shed0
-                lat = r["latencies"]
-                row = f"{name:<22}{c:>5}{r['rps']:>9.0f}{pct(lat, .5):>9.2f}{pct(lat, .99):>9.2f}"
-                if r["overheads"]:
-                    ratio = statistics.median(a / b for a, b in zip(lat, r["limits"]))
-                    row += (f"{pct(r['overheads'], .5):>9.2f}{pct(r['overheads'], .99):>9.2f}{ratio:>10.3f}"
-                            f"{cpu:>18.2f}")
+              f"{'added p50':>10}{'added p99':>10}{'st added p50':>13}{'st added p99':>13}{'proxy cpu/req ms':>18}")
+        concs = [int(x) for x in args.concurrency.split(",")]
+        cells: dict[tuple[int, str], list[dict]] = {}
+        for rnd in range(args.rounds):  # alternating order: drift and noise land on every target alike
+            for c in concs:
+                for name, url, model in (rows if rnd % 2 == 0 else rows[::-1]):
+                    shed0 = counter(metrics_url, "turngate_shadow_shed_total")
+                    cpu0 = cpu_seconds(procs[1].pid)
+                    r = run(url, model, c, args.seconds)
+                    cpu = (cpu_seconds(procs[1].pid) - cpu0) * 1000 / r["n"]
+                    shed = counter(metrics_url, "turngate_shadow_shed_total") - shed0
+                    lat = r["latencies"]
+                    cells.setdefault((c, name), []).append({
+                        "rps": r["rps"], "p50": pct(lat, .5), "p99": pct(lat, .99),
+                        "a50": pct(r["added"], .5), "a99": pct(r["added"], .99), "s50": pct(r["st_added"], .5),
+                        "s99": pct(r["st_added"], .99), "cpu": cpu, "shed": shed / r["n"]})
+        for c in concs:
+            for name, _, model in rows:
+                m = {k: statistics.median(cell[k] for cell in cells[(c, name)]) for k in cells[(c, name)][0]}
+                row = (f"{name:<22}{c:>5}{m['rps']:>9.0f}{m['p50']:>9.2f}{m['p99']:>9.2f}"
+                       f"{m['a50']:>10.2f}{m['a99']:>10.2f}")
+                if model is not None:  # direct: the apparatus's own added latency only
+                    row += f"{m['s50']:>13.2f}{m['s99']:>13.2f}{m['cpu']:>18.2f}"
                 if model == "shadow":
-                    row += f"   shed {shed / r['n']:.0%}"
+                    row += f"   shed {m['shed']:.0%}"
                 print(row, flush=True)
     finally:
         for p in procs:

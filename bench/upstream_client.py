@@ -49,7 +49,8 @@ async def per_call_us(call, calls: int) -> float:
 
 async def run(url: str, calls: int, repeats: int) -> None:
     content = json.dumps(BODY, separators=(",", ":")).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+    headers = [(b"host", url.split("/")[2].encode()), (b"content-type", b"application/json"),
+               (b"content-length", str(len(content)).encode())]
     results: dict[str, list[float]] = {"httpx.AsyncClient": [], "httpcore pool": [], "turngate _post": []}
     upstream = UpstreamClient(make_http_clients(1))
     async with httpx.AsyncClient() as client, httpcore.AsyncConnectionPool() as pool:
@@ -60,7 +61,7 @@ async def run(url: str, calls: int, repeats: int) -> None:
             json.loads((await pool.request("POST", url, headers=headers, content=content)).content)
 
         async def via_turngate():
-            json.loads((await upstream._post("bench", url, headers, content)).content)
+            json.loads((await upstream._post("bench", url, headers, content))[0].content)
 
         for _ in range(repeats):  # interleaved, so drifting machine load hits all alike
             results["httpx.AsyncClient"].append(await per_call_us(via_httpx, calls))

@@ -70,7 +70,9 @@ def decision_headers(result: TurnResult) -> dict[str, str]:
         "x-turngate-decision": record.decision,
         "x-turngate-candidates": str(sum(1 for c in record.candidates if c.upstream_latency_ms is not None)),
         "x-turngate-rounds": str(record.rounds),
-        # Standard Server-Timing: lets clients and benchmarks split the latency per request.
+        # Standard Server-Timing: lets clients and benchmarks split the latency per request. `upstream`:
+        # the time the turn's calls were out, request written to reply read (UpstreamWait), so
+        # total - upstream - critic is turngate's own time.
         "server-timing": f"upstream;dur={record.latency_upstream_ms or 0:.3f}, "
                          f"critic;dur={record.latency_critic_ms or 0:.3f}, "
                          f"total;dur={record.latency_total_ms or 0:.3f}",

@@ -34,7 +34,7 @@ from service.store.base import TurnSink
 from service.telemetry import metrics, spans
 from service.telemetry.tracing import Tracing
 from service.upstream import streaming
-from service.upstream.client import UpstreamClient, UpstreamError, UpstreamStream, samples_of
+from service.upstream.client import UpstreamClient, UpstreamError, UpstreamStream, UpstreamWait, samples_of
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +184,13 @@ class Gate:
         record = self._new_record(req, None)
         clock = _Clock()
         deadline = time.monotonic() + route.deadline_s
+        wait = UpstreamWait()
         try:
             stream = await self.upstream.open_stream(
                 route, req.body, req.client_key, max(0.001, min(route.attempt_timeout_s, deadline - time.monotonic())),
-                route.attempt_timeout_s)
+                route.attempt_timeout_s, wait)
         except BaseException as e:
-            clock.upstream_s = time.perf_counter() - clock.started
+            clock.upstream_s = wait.seconds(at=time.perf_counter())
             if isinstance(e, UpstreamError):
                 metrics.UPSTREAM_ERRORS.labels(route.alias, e.kind).inc()
                 record.decision, record.error = "error", e.message
@@ -226,10 +227,10 @@ class Gate:
         else:
             metrics.SHADOW_SHED.labels(route.alias).inc()
         started = time.monotonic()
+        wait = UpstreamWait()
         tasks = sampling.start(self.upstream, route, req.body, route.n if ranked else n, req.client_key,
-                               deadline, tracing=self.tracing)
+                               deadline, tracing=self.tracing, wait=wait)
         shown = 1 if route.upstream_supports_n else n  # the calls whose replies the client gets
-        t0 = time.perf_counter()
         try:
             first = await sampling.collect(tasks[:shown], deadline, route, started)
             _note(record, first)
@@ -246,7 +247,8 @@ class Gate:
                 self._shadow_slot(-1)
             raise
         first_in = time.monotonic()
-        clock.upstream_s += time.perf_counter() - t0
+        # The reply's calls, in: the background ones still out are not the reply's wait (unless all were).
+        clock.upstream_s += wait.seconds(at=None if tasks else time.perf_counter())
         # Every sample in so far is a candidate (an n-call brings all N at once); the first n are shown.
         got = selection.from_samples(first.samples, 0, 0, route.record_logprobs)
         record.decision = "shadow"
@@ -352,11 +354,13 @@ class Gate:
     async def _sample(self, req: TurnRequest, body: dict[str, Any], n: int, round_no: int,
                       record: TurnRecord, clock: _Clock, deadline: float, required: bool = True,
                       one_call: bool | None = None) -> list[Candidate]:
-        t0 = time.perf_counter()
         started = time.monotonic()
-        tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline, one_call, self.tracing)
+        wait = UpstreamWait()
+        tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline, one_call, self.tracing,
+                               wait)
         got = await sampling.collect(tasks, deadline, req.route, started)
-        clock.upstream_s += time.perf_counter() - t0
+        # Calls given up by collect are still out: they held the turn until now.
+        clock.upstream_s += wait.seconds(at=time.perf_counter())
         _note(record, got)
         if not got.samples and required and not record.candidates:
             raise sampling.most_telling(got.errors)
@@ -517,8 +521,8 @@ class Relay:
         record, clock = self.record, self._clock
         if record.decision == "error" and record.error is None:  # neither ended nor failed: left
             record.decision, record.error = "cancelled", "client disconnected"
-        latency = time.perf_counter() - self._stream.started
-        clock.upstream_s = time.perf_counter() - clock.started
+        latency = self._stream.last_in - self._stream.sent  # request written to the last piece in
+        clock.upstream_s = latency
         metrics.UPSTREAM_DURATION.labels(record.route).observe(latency)
         try:
             body = self._assembler.body()

@@ -19,7 +19,7 @@ from typing import Any
 from service.settings import RouteSettings
 from service.telemetry import metrics, spans
 from service.telemetry.tracing import Tracing
-from service.upstream.client import Sample, UpstreamClient, UpstreamError
+from service.upstream.client import Sample, UpstreamClient, UpstreamError, UpstreamWait
 
 
 @dataclass
@@ -44,15 +44,16 @@ class Sampled:
 
 def start(upstream: UpstreamClient, route: RouteSettings, body: dict[str, Any], n: int,
           client_key: str | None, deadline: float, one_call: bool | None = None,
-          tracing: Tracing | None = None) -> list[asyncio.Task[list[Sample]]]:
+          tracing: Tracing | None = None, wait: UpstreamWait | None = None) -> list[asyncio.Task[list[Sample]]]:
     """Fire the upstream calls for n candidates; each task yields one or more samples.
 
     `one_call`: ask for all n in one request (default: when the route says its upstream takes `n`).
+    `wait`: collects the calls' request-written-to-reply-read spans (the turn's upstream time).
     """
     timeout = max(0.001, min(route.attempt_timeout_s, deadline - time.monotonic()))
     per_call = n if (route.upstream_supports_n if one_call is None else one_call) and n > 1 else 1
     return [asyncio.ensure_future(_observed(route, per_call, upstream.complete(route, body, per_call, client_key,
-                                                                                timeout), tracing))
+                                                                                timeout, wait), tracing))
             for _ in range(n // per_call)]
 
 

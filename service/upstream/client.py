@@ -118,12 +118,49 @@ def make_http_clients(shards: int = 16, max_connections: int = 128) -> list[http
 
 
 class _Call:
-    """What the network backend saw during one upstream call."""
+    """What the network backend saw during one attempt of an upstream call."""
 
-    __slots__ = ("connected",)
+    __slots__ = ("connected", "ended", "received", "sent")
 
     def __init__(self) -> None:
         self.connected = False  # set by _NotingBackend when the call opened a new connection
+        # perf_counter() times, noted by _TimedStream: the request's last bytes handed to the socket,
+        # the latest reply bytes in. `ended`: the reply read, or the attempt failed or was given up.
+        self.sent: float | None = None
+        self.received: float | None = None
+        self.ended: float | None = None
+
+    def seconds(self) -> float:
+        """Request written to reply read: the upstream's share of this attempt."""
+        if self.sent is None or self.received is None:
+            return 0.0
+        return max(0.0, self.received - self.sent)
+
+
+class UpstreamWait:
+    """How long a turn waited on the upstream, as far as turngate can know it: the union of its
+    calls' spans, each from its request written (last byte to the socket) to its reply read (last
+    byte in), or to the moment the call failed or was given up. turngate's own work before the send
+    (body built and JSON-encoded, a pooled connection taken) and after the receive (the reply parsed,
+    the task woken) is outside every span. An event loop busy when the reply lands still counts."""
+
+    def __init__(self) -> None:
+        self._calls: list[_Call] = []
+
+    def add(self, call: _Call) -> None:
+        self._calls.append(call)
+
+    def seconds(self, at: float | None = None) -> float:
+        """The union's length; calls still out count up to `at` (None: they are left out)."""
+        spans = sorted((c.sent, c.ended if c.ended is not None else at) for c in self._calls
+                       if c.sent is not None and (c.ended is not None or at is not None))
+        total, reach = 0.0, float("-inf")
+        for start, end in spans:
+            assert end is not None
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
 
 
 _CALL: ContextVar[_Call | None] = ContextVar("turngate_upstream_call", default=None)
@@ -142,15 +179,46 @@ class _NotingBackend(httpcore.AsyncNetworkBackend):
         call = _CALL.get()
         if call is not None:
             call.connected = True
-        return await self._inner.connect_tcp(host, port, timeout=timeout, local_address=local_address,
-                                             socket_options=socket_options)
+        return _TimedStream(await self._inner.connect_tcp(host, port, timeout=timeout, local_address=local_address,
+                                                          socket_options=socket_options))
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options=None) -> httpcore.AsyncNetworkStream:  # pragma: no cover
-        return await self._inner.connect_unix_socket(path, timeout=timeout, socket_options=socket_options)
+        return _TimedStream(await self._inner.connect_unix_socket(path, timeout=timeout, socket_options=socket_options))
 
     async def sleep(self, seconds: float) -> None:  # pragma: no cover - httpcore's connect retries only
         await self._inner.sleep(seconds)
+
+
+class _TimedStream(httpcore.AsyncNetworkStream):
+    """A connection noting on the current call when its request went out and its reply came in
+    (UpstreamWait): the only place that sees the bytes cross, without httpcore's per-event trace."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = await self._inner.read(max_bytes, timeout)
+        call = _CALL.get()
+        if call is not None:
+            call.received = time.perf_counter()
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+        call = _CALL.get()
+        if call is not None and buffer:  # httpcore ends a request with an empty write
+            call.sent = time.perf_counter()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(self, ssl_context, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        return _TimedStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str):
+        return self._inner.get_extra_info(info)
 
 
 class UpstreamClient:
@@ -166,30 +234,32 @@ class UpstreamClient:
             await pool.aclose()
 
     async def complete(self, route: RouteSettings, body: dict[str, Any], n: int,
-                       client_key: str | None, timeout_s: float) -> list[Sample]:
-        """One upstream call asking for `n` choices; returns one Sample per choice."""
+                       client_key: str | None, timeout_s: float, wait: UpstreamWait | None = None) -> list[Sample]:
+        """One upstream call asking for `n` choices; returns one Sample per choice, its latency the
+        call's request-written-to-reply-read span. `wait` collects the call's attempts."""
         payload = _payload(route, body, stream=False)
         if n > 1:
             payload["n"] = n
         else:
             payload.pop("n", None)
-        started = time.perf_counter()
-        resp = await self._call(route, payload, client_key, timeout_s, stream=False)
-        return _parse(resp.content, time.perf_counter() - started, forwarded_headers(resp.headers))
+        resp, call = await self._call(route, payload, client_key, timeout_s, stream=False, wait=wait)
+        return _parse(resp.content, call.seconds(), forwarded_headers(resp.headers))
 
     async def open_stream(self, route: RouteSettings, body: dict[str, Any], client_key: str | None,
-                          timeout_s: float, idle_timeout_s: float) -> UpstreamStream:
+                          timeout_s: float, idle_timeout_s: float,
+                          wait: UpstreamWait | None = None) -> UpstreamStream:
         """A streamed call (`stream: true`), open once the upstream's status line and headers are in
         (within timeout_s); its events then come as the upstream sends them, each within
         idle_timeout_s of the one before. An error status raises here, its body read."""
         payload = _payload(route, body, stream=True)
         # turngate counts the tokens of every turn: usage is asked for whatever the client asked.
         payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        resp = await self._call(route, payload, client_key, timeout_s, stream=True)
-        return UpstreamStream(resp, forwarded_headers(resp.headers), idle_timeout_s)
+        resp, call = await self._call(route, payload, client_key, timeout_s, stream=True, wait=wait)
+        return UpstreamStream(resp, forwarded_headers(resp.headers), idle_timeout_s, call)
 
     async def _call(self, route: RouteSettings, payload: dict[str, Any], client_key: str | None,
-                    timeout_s: float, stream: bool) -> httpcore.Response:
+                    timeout_s: float, stream: bool,
+                    wait: UpstreamWait | None = None) -> tuple[httpcore.Response, _Call]:
         """POSTs the payload; a streamed reply comes back unread, anything else read whole."""
         content = json.dumps(payload, separators=(",", ":")).encode()
         key = route.upstream_api_key.get_secret_value() if route.upstream_api_key else client_key
@@ -200,7 +270,7 @@ class UpstreamClient:
             headers.append((b"authorization", f"Bearer {key}".encode()))
         try:
             async with asyncio.timeout(timeout_s):  # the whole attempt, its retry included
-                resp = await self._post(route.alias, url, headers, content, stream)
+                resp, call = await self._post(route.alias, url, headers, content, stream, wait)
                 if stream and resp.status >= 400:
                     await _read_and_close(resp)
         except (TimeoutError, httpcore.TimeoutException) as e:
@@ -211,23 +281,27 @@ class UpstreamClient:
             raise self._auth_error(route, resp)
         if resp.status >= 400:
             raise _status_error(resp)
-        return resp
+        return resp, call
 
     async def _post(self, route: str, url: str, headers: list, content: bytes,
-                    stream: bool = False) -> httpcore.Response:
+                    stream: bool = False, wait: UpstreamWait | None = None) -> tuple[httpcore.Response, _Call]:
         """POST, retried once when it failed before a byte of reply (see the module's docstring).
-        With `stream` the body is left unread: the caller reads and closes it."""
+        With `stream` the body is left unread: the caller reads and closes it (the call's span then
+        ends with the headers; the stream's events extend it)."""
         for retry in (False, True):
             call = _Call()
+            if wait is not None:
+                wait.add(call)
             token = _CALL.set(call)
-            in_body = False
+            in_body, done = False, False
             try:
                 request = httpcore.Request("POST", url, headers=headers, content=content)
                 resp = await next(self._next).handle_async_request(request)
                 in_body = True  # the status line and headers are in: never retried from here
                 if not stream:
                     await _read_and_close(resp)
-                return resp
+                done = True
+                return resp, call
             except (httpcore.NetworkError, httpcore.RemoteProtocolError) as e:
                 if isinstance(e, httpcore.ConnectError):
                     reason = "connect"  # nothing was sent
@@ -239,6 +313,8 @@ class UpstreamClient:
                     raise
                 metrics.UPSTREAM_RETRIES.labels(route, reason).inc()
             finally:
+                # A failed or cancelled attempt held the turn until now; a read one until its last byte.
+                call.ended = call.received if done and call.received is not None else time.perf_counter()
                 _CALL.reset(token)
         raise AssertionError("unreachable")
 
@@ -329,9 +405,13 @@ class UpstreamStream:
     """A streamed upstream reply, open: its forwarded headers, then its SSE events (`events`), which
     the caller must see through or close (`aclose`)."""
 
-    def __init__(self, resp: httpcore.Response, headers: dict[str, str], idle_timeout_s: float) -> None:
+    def __init__(self, resp: httpcore.Response, headers: dict[str, str], idle_timeout_s: float,
+                 call: _Call | None = None) -> None:
         self.headers = headers
-        self.started = time.perf_counter()
+        # The upstream's span (UpstreamWait's definition): request written to the latest piece in.
+        now = time.perf_counter()
+        self.sent = call.sent if call is not None and call.sent is not None else now
+        self.last_in = call.received if call is not None and call.received is not None else now
         self._resp = resp
         self._idle_timeout_s = idle_timeout_s
         content_type = next((v for k, v in resp.headers if k.lower() == b"content-type"), b"")
@@ -351,6 +431,7 @@ class UpstreamStream:
             try:
                 async with asyncio.timeout(max(wait, 0.0)):
                     piece = await anext(pieces, None)
+                self.last_in = time.perf_counter()
             except TimeoutError as e:
                 why = "the turn's deadline passed" if wait >= left else f"nothing came for {wait:g}s"
                 raise UpstreamError("timeout", f"upstream stream stalled: {why}") from e

@@ -1,0 +1,106 @@
+"""Closed-loop load for bench/overhead.py and bench/gateways.py, with the added latency of what sits
+between the client and the lean upstream (bench/_lean_http.py) measured per request:
+
+    added = client-observed latency - the upstream's own service time for that request
+            (- critic time from Server-Timing, where the proxy reports one)
+
+Each request carries a bench id in its message; the upstream keeps its service time under it (the
+longest of the calls that carried it), fetched after the run from GET /bench/service-ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+import httpx
+
+from bench._lean_http import LeanClient
+
+_IDS = itertools.count(1)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def timing(header: str) -> dict[str, float]:
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its live children so far (Linux /proc)."""
+    total = 0.0
+    for p in [pid, *children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(k) for k in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+        for k in kids:
+            out += [k, *children(k)]
+    return out
+
+
+async def service_times(upstream: str) -> dict[str, float]:
+    u = httpx.URL(upstream)
+    client = LeanClient(u.host, u.port or 80)
+    try:
+        return json.loads(await client.get("/bench/service-ms"))
+    finally:
+        await client.close()
+
+
+async def load(url: str, model: str, concurrency: int, seconds: float, upstream: str,
+               stream: bool = False, headers: dict[str, str] | None = None) -> dict:
+    """`concurrency` clients, each sending the next request when its last returned (whole: a stream
+    to its last chunk). `upstream`: the lean upstream's base URL, for its service times."""
+    u = httpx.URL(url)
+    await service_times(upstream)  # clear what an earlier row left
+    done: list[tuple[str, float, float | None, float | None]] = []  # id, latency, critic, Server-Timing upstream
+    stop = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        client = LeanClient(u.host, u.port or 80, headers)  # one connection per client
+        try:
+            while time.perf_counter() < stop:
+                rid = str(next(_IDS))
+                body = json.dumps({"model": model, "stream": stream, "messages": [
+                    {"role": "user", "content": f"Book the cheapest flight to Lisbon. bench-id {rid}"}]}).encode()
+                t0 = time.perf_counter()
+                status, got, payload = await client.post(u.path, body)
+                elapsed = (time.perf_counter() - t0) * 1000
+                if status != 200 or (stream and b"[DONE]" not in payload):
+                    raise RuntimeError(f"{url} answered {status}: {payload[:200]!r}")
+                t = timing(got["server-timing"]) if "server-timing" in got else {}
+                done.append((rid, elapsed, t.get("critic"), t.get("upstream")))
+        finally:
+            await client.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    wall = time.perf_counter() - started
+    service = await service_times(upstream)
+    added = [lat - service[rid] - (critic or 0.0) for rid, lat, critic, _ in done if rid in service]
+    st_added = [lat - up - (critic or 0.0) for _, lat, critic, up in done if up is not None]
+    return {"n": len(done), "rps": len(done) / wall, "latencies": [d[1] for d in done], "added": added,
+            "st_added": st_added, "missing": len(done) - len(added)}
