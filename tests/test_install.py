@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # What the wheel is built from (pyproject.toml and setup.py say how).
 PACKAGE_SOURCES = ["pyproject.toml", "setup.py", "README.md", "service", "critic_models", "migrations"]
 # Modules of the optional extras, hidden from the installed turngate.
-EXTRAS_ONLY = ["openai", "pytest", "torch", "matplotlib", "schemathesis", "playwright"]
+EXTRAS_ONLY = ["openai", "pytest", "torch", "matplotlib", "schemathesis", "playwright", "litellm"]
 
 
 @pytest.fixture(scope="module")
