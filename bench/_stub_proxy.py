@@ -44,11 +44,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--critic-ms", type=float, default=2.0)
+    ap.add_argument("--shipped-critic", action="store_true", help="the shipped critic (ONNX), not the stub")
     ap.add_argument("--gc-report", help="write the full-GC pauses (ms) here as JSON on exit")
     ap.add_argument("--gc-unfrozen", action="store_true",
                     help="undo the app's start-up gc.freeze(), to measure what it saves")
     args = ap.parse_args()
-    app = create_app(critic=ConstantTimeCritic(args.critic_ms / 1000))
+    app = create_app(critic=None if args.shipped_critic else ConstantTimeCritic(args.critic_ms / 1000))
     pauses: list[float] = []
     inner = app.router.lifespan_context
 

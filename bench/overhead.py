@@ -109,10 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds; each cell is their median")
     ap.add_argument("--critic-ms", type=float, default=2.0, help="the stub critic's constant time")
+    ap.add_argument("--shipped-critic", action="store_true",
+                    help="rank and shadow with the shipped critic (ONNX on this CPU) instead of the stub")
     ap.add_argument("--pool-shards", type=int, default=16, help="upstream httpx pools (1 = one shared pool)")
     ap.add_argument("--gc-unfrozen", action="store_true",
                     help="undo the proxy's start-up gc.freeze() (to compare its full-GC pauses)")
-    ap.add_argument("--targets", default="direct,pass,rank", help="rows per concurrency: direct,pass,rank,shadow")
+    ap.add_argument("--targets", default="direct,pass,rank",
+                    help="rows per concurrency: direct,pass,pass-norec (passthrough, store off),rank,shadow")
     ap.add_argument("--shadow-backlog", type=int, help="TURNGATE_SHADOW_MAX_BACKLOG (default: the setting's)")
     ap.add_argument("--apparatus", choices=("lean", "standard"), default="lean",
                     help="lean: raw-asyncio load generator and upstream (bench/_lean_http.py); "
@@ -124,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     actor_url = f"http://127.0.0.1:{actor_port}/v1"
     config = {"routes": [
         {"alias": "pass", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "passthrough"},
+        # The same without the store (record: off): the difference is what the store costs.
+        {"alias": "pass-norec", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "passthrough",
+         "record": "off"},
         {"alias": "rank", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "rank",
          "candidates": 4},
         {"alias": "shadow", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "shadow",
@@ -143,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                           *(["--jitter", str(args.jitter)] if lean else [])], env=env),
         subprocess.Popen([sys.executable, str(ROOT / "bench" / "_stub_proxy.py"), "--port", str(proxy_port),
                           "--critic-ms", str(args.critic_ms), "--gc-report", str(tmp / "gc.json"),
+                          *(["--shipped-critic"] if args.shipped_critic else []),
                           *(["--gc-unfrozen"] if args.gc_unfrozen else [])], env=env),
     ]
     try:
@@ -150,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         wait_up(f"http://127.0.0.1:{proxy_port}/healthz")
         proxy = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
         metrics_url = f"http://127.0.0.1:{proxy_port}/metrics"
-        targets.update(pass_=("turngate passthrough", proxy, "pass"), rank=("turngate rank N=4", proxy, "rank"),
+        targets.update(pass_=("turngate passthrough", proxy, "pass"),
+                       **{"pass-norec": ("passthrough, no store", proxy, "pass-norec")},
+                       rank=("turngate rank N=4", proxy, "rank"),
                        shadow=("turngate shadow N=4", proxy, "shadow"))
         rows = [targets["pass_" if t == "pass" else t] for t in args.targets.split(",")]
 
@@ -160,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
             return uvloop.run(httpx_load(url, model, c, seconds))
         run(proxy, "rank", 4, min(1.0, args.seconds))  # warm up connections and code paths
         print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, "
-              f"stub critic {args.critic_ms:.1f} ms, "
-              f"{args.pool_shards} upstream pool(s), {args.seconds:g} s per row, {args.rounds} round(s) (medians), "
+              + ("the shipped critic, " if args.shipped_critic else f"stub critic {args.critic_ms:.1f} ms, ")
+              + f"{args.pool_shards} upstream pool(s), {args.seconds:g} s per row, {args.rounds} round(s) (medians), "
               f"{os.cpu_count()} cores, "
               f"{args.apparatus} apparatus\n")
         print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
