@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from service.telemetry import metrics
 from service.telemetry.throttled import ThrottledWarning
@@ -69,6 +70,25 @@ def _retry_after(previous: int, current: int, now: float, limit: int) -> int:
     return max(1, math.ceil(wait))
 
 
+def limits_redis(url: str, max_connections: int) -> Any:
+    """A Redis client on a blocking pool of its own, for the request path's limits (this limiter, the
+    spend meter): a burst waits up to POOL_WAIT_S for a connection, each connect or command fails
+    after REDIS_TIMEOUT_S."""
+    import redis.asyncio as redis
+    from redis.asyncio.retry import Retry  # the asyncio client awaits its retries: not redis.retry's
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    # One immediate retry on a broken connection (a pooled one that Redis closed, e.g. after a
+    # restart), none on a timeout: each would add REDIS_TIMEOUT_S to every request of an outage.
+    # A connection setting: given to Redis() beside an explicit pool, it would be ignored.
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_WAIT_S, socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+    return redis.Redis(connection_pool=pool)
+
+
 class MemoryLimiter:
     def __init__(self, per_minute: int | None = None) -> None:
         self.per_minute = per_minute
@@ -111,21 +131,9 @@ return {1, current + 1, previous}
 class RedisLimiter:
     def __init__(self, url: str, per_minute: int | None = None, prefix: str = "turngate:rl",
                  max_connections: int = 64, warn_interval_s: float = 30.0) -> None:
-        import redis.asyncio as redis
-        from redis.asyncio.retry import Retry  # the asyncio client awaits its retries: not redis.retry's
-        from redis.backoff import NoBackoff
-        from redis.exceptions import ConnectionError as RedisConnectionError
-
         self.per_minute = per_minute
         self.prefix = prefix
-        # One immediate retry on a broken connection (a pooled one that Redis closed, e.g. after a
-        # restart), none on a timeout: each would add REDIS_TIMEOUT_S to every request of an outage.
-        # A connection setting: given to Redis() beside an explicit pool, it would be ignored.
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=POOL_WAIT_S, socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
-        self.redis = redis.Redis(connection_pool=pool)
+        self.redis = limits_redis(url, max_connections)
         self._script = self.redis.register_script(_SLIDING_WINDOW)  # EVALSHA, loaded on first use
         self._outage = ThrottledWarning(log, warn_interval_s)
 

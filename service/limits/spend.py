@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from service.control.key_policy import BudgetPeriod, KeyPolicy
-from service.limits.ratelimit import POOL_WAIT_S, REDIS_TIMEOUT_S
+from service.limits.ratelimit import limits_redis
 from service.telemetry import metrics
 from service.telemetry.throttled import ThrottledWarning
 
@@ -130,19 +130,9 @@ class MemorySpendMeter(_Clocked):
 class RedisSpendMeter(_Clocked):
     def __init__(self, url: str, window_s: float = WINDOW_S, slots: int = SLOTS, prefix: str = PREFIX,
                  max_connections: int = 64, warn_interval_s: float = 30.0) -> None:
-        import redis.asyncio as redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import ConnectionError as RedisConnectionError
-
         super().__init__(window_s, slots)
         self.prefix = prefix
-        # The request limiter's pool settings, for the same reasons (service.limits.ratelimit).
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=POOL_WAIT_S, socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
-        self.redis = redis.Redis(connection_pool=pool)
+        self.redis = limits_redis(url, max_connections)  # the request limiter's pool settings
         self._outage = ThrottledWarning(log, warn_interval_s)
 
     def _slot_key(self, key_id: str, slot: int) -> str:
