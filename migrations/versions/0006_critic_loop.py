@@ -1,6 +1,6 @@
 """the critic loop: which critic decided a turn (turns.decided_by, judge_reason, critics_agreed, the
 judge's tokens), the LLM critic's score and reason per candidate, and candidate_labels for teacher,
-veto and outcome labels
+veto and outcome labels; an index on conversations.key_id
 
 Revision ID: 0006
 Revises: 0005
@@ -43,9 +43,12 @@ def upgrade() -> None:
                             name=op.f('uq_candidate_labels_turn_id_candidate_idx_labeler')),
     )
     op.create_index(op.f('ix_candidate_labels_turn_id'), 'candidate_labels', ['turn_id'], unique=False)
+    # The turn inspector's key filter and the per-key feedback lookups join on it.
+    op.create_index(op.f('ix_conversations_key_id'), 'conversations', ['key_id'], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index(op.f('ix_conversations_key_id'), table_name='conversations')
     op.drop_index(op.f('ix_candidate_labels_turn_id'), table_name='candidate_labels')
     op.drop_table('candidate_labels')
     with op.batch_alter_table('candidates', schema=None) as batch_op:

@@ -54,7 +54,7 @@ class Conversation(Base):
     first_seen: Mapped[datetime]
     last_seen: Mapped[datetime] = mapped_column(index=True)
     route: Mapped[str | None] = mapped_column(String(200))
-    key_id: Mapped[str | None] = mapped_column(String(64))
+    key_id: Mapped[str | None] = mapped_column(String(64), index=True)  # the inspector and tenancy filter on it
     external_id: Mapped[str | None] = mapped_column(String(EXTERNAL_ID_CHARS), index=True)  # the client's own id
     # What an import carried beside the messages (source, task_id, gold_actions, ...), for export.
     attributes: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
