@@ -97,11 +97,16 @@ def figures(groups: list[Group], cfg: CascadeSettings) -> dict[str, float | int]
     best = np.array([g.labels.max() for g in groups])
     sent = np.array([w is not None for w in why])
     agree = enc == best
+    first = np.array([g.labels[0] for g in groups])
+    casc = np.where(sent, best, enc)
     mixed = np.array([g.labels.min() < g.labels.max() for g in groups])
     nan = float("nan")
     return {"groups": len(groups), "sent": float(sent.mean()),
             **{f"sent_{r}": float(np.mean([w == r for w in why])) for r in ("margin", "agreement", "write")},
-            "encoder": float(enc.mean()), "cascade": float(np.where(sent, best, enc).mean()),
+            "encoder": float(enc.mean()), "cascade": float(casc.mean()),
+            # against the first candidate (what passthrough returns): right where it was wrong, and the reverse
+            "benefit": float(((casc >= 0.5) & (first < 0.5)).mean()),
+            "harm": float(((casc < 0.5) & (first >= 0.5)).mean()),
             "oracle": float(best.mean()), "agree": float(agree.mean()),
             "trusted": int((~sent).sum()), "agree_trusted": float(agree[~sent].mean()) if (~sent).any() else nan,
             "mixed_trusted": int((~sent & mixed).sum()),
@@ -168,15 +173,30 @@ def grid(margins: list[float], agreements: list[float]) -> list[CascadeSettings]
             for w, m, a in itertools.product((False, True), margins, agreements)]
 
 
+def free_picks(groups: list[Group]) -> str:
+    """What costs nothing beside the cascade, as critic_models/pick_eval.py defines it: the first
+    candidate (passthrough), the majority vote (the most-shared call, ties to the first), the longest
+    reply, random (the mean label)."""
+    first = np.array([g.labels[0] for g in groups])
+    majority = np.array([g.labels[int(np.argmax(np.nan_to_num(g.agreement, nan=0.0)))] for g in groups])
+    longest = np.array([g.labels[int(np.argmax([len(json.dumps(r, ensure_ascii=False)) for r in g.replies]))]
+                        for g in groups])
+    random = np.array([g.labels.mean() for g in groups])
+    return (f"free picks on these groups: first {first.mean():.3f}, majority {majority.mean():.3f}, "
+            f"longest {longest.mean():.3f}, random {random.mean():.3f}")
+
+
 def table(groups: list[Group], settings: list[CascadeSettings]) -> str:
     head = ("| margin | min_agreement | on_write | sent | margin / agreement / write | encoder valid | "
-            "cascade valid | oracle | encoder = judge, all | encoder = judge, trusted | trusted, mixed groups |")
-    lines = [head, "|" + "---:|" * 11]
+            "cascade valid | benefit / harm vs first | oracle | encoder = judge, all | encoder = judge, trusted | "
+            "trusted, mixed groups |")
+    lines = [head, "|" + "---:|" * 12]
     for cfg in settings:
         f = figures(groups, cfg)
         lines.append(f"| {cfg.margin:g} | {cfg.min_agreement:g} | {'on' if cfg.on_write else 'off'} | "
                      f"{f['sent']:.3f} | {f['sent_margin']:.3f} / {f['sent_agreement']:.3f} / {f['sent_write']:.3f} | "
-                     f"{f['encoder']:.3f} | {f['cascade']:.3f} | {f['oracle']:.3f} | {f['agree']:.3f} | "
+                     f"{f['encoder']:.3f} | {f['cascade']:.3f} | {f['benefit']:.3f} / {f['harm']:.3f} | "
+                     f"{f['oracle']:.3f} | {f['agree']:.3f} | "
                      f"{f['agree_trusted']:.3f} ({f['trusted']}) | {f['agree_mixed_trusted']:.3f} "
                      f"({f['mixed_trusted']}) |")
     return "\n".join(lines)
@@ -220,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                 else f"held-out questions drawn {args.draws} times as {args.set_size} replies")
         mixed = sum(g.labels.min() < g.labels.max() for g in sub)
         print(f"\n{source}: {len(sub)} groups ({kind}; {mixed} with both right and wrong candidates)\n")
+        print(free_picks(sub) + "\n")
         print(table(sub, settings))
     print("\nlone turns (one reply a turn: only on_write applies; all tasks)\n")
     print("| file | assistant turns | share a write-only cascade sends | writes vs gold: matching none |")

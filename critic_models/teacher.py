@@ -1,7 +1,8 @@
 """`turngate critic label`: a teacher judge labels logged candidates, offline.
 
-One request per logged turn (context, tools and every candidate: service.critic.judge_request), its
-scores stored as `candidate_labels` rows under "judge:<model>@<rubric_version>". The job is:
+One request per logged turn (context, tools and every candidate: the serving judge's own request,
+service.critic.llm_critic.request_body), its scores stored as `candidate_labels` rows under
+"judge:<model>@<rubric_version>". The job is:
 - resumable: it asks only about turns that labeller has not labelled, and a label written twice is a
   no-op, so a rerun after Ctrl-C (or after failures) carries on where the last one stopped;
 - rate-limited (requests started per second) with bounded concurrency (C workers, one request each);
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from service.critic.judge_request import JudgeError, judge_body, parse_reply
+from service.critic.llm_critic import JudgeError, read_reply, request_body
 from service.store.engine import make_sync_engine
 from service.store.labels import LoggedTurn, Window, judge_labeler, pending_turns, structural_labels, write_labels
 
@@ -83,7 +84,7 @@ def stderr_progress(p: Progress, done: bool = False) -> None:
 async def ask(client: httpx.AsyncClient, judge: Judge, turn: LoggedTurn) -> list[dict]:
     """The label rows for one turn, or JudgeError / httpx.HTTPError."""
     headers = {"authorization": f"Bearer {judge.api_key}"} if judge.api_key else {}
-    body = judge_body(judge.model, turn.messages, turn.candidates, turn.tools, judge.rubric)
+    body = request_body(judge.model, turn.messages, turn.candidates, turn.tools, judge.rubric)
     reply = await client.post(judge.url.rstrip("/") + "/chat/completions", json=body, headers=headers,
                               timeout=judge.timeout_s)
     if reply.status_code >= 400:
@@ -94,7 +95,7 @@ async def ask(client: httpx.AsyncClient, judge: Judge, turn: LoggedTurn) -> list
         raise JudgeError("invalid", f"the judge's reply is not JSON: {reply.text[:80]!r}") from None
     return [{"turn_id": turn.turn_id, "candidate_idx": turn.indices[i], "labeler": judge.labeler,
              "score": j.score, "reason": j.reason or None}
-            for i, j in enumerate(parse_reply(doc, len(turn.candidates)))]
+            for i, j in enumerate(read_reply(doc, len(turn.candidates)))]
 
 
 async def label_turns(database_url: str, judge: Judge, window: Window, *, limit: int | None = None,

@@ -14,7 +14,7 @@ from sqlalchemy import insert
 from typer.testing import CliRunner
 
 from service.cli import app as cli_app
-from service.critic.judge_request import JudgeError, judge_body, parse_content
+from service.critic.llm_critic import JudgeError, read_answer, request_body
 from service.store.engine import make_async_engine, make_sync_engine
 from service.store.labels import Window, label_of, labelled_turns, write_labels
 from service.store.models import Feedback
@@ -115,7 +115,7 @@ def test_a_judge_label_outranks_a_veto_and_an_outcome(db_url):
 
 def test_the_judge_request_holds_the_context_the_tools_and_every_candidate():
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    body = judge_body("m", [{"role": "user", "content": "q"}], [{"role": "assistant", "content": "a"},
+    body = request_body("m", [{"role": "user", "content": "q"}], [{"role": "assistant", "content": "a"},
                                                                  {"role": "assistant", "content": "b"}],
                       tools, rubric="Prefer short answers.")
     assert body["response_format"]["json_schema"]["strict"] is True
@@ -137,11 +137,11 @@ def test_the_judge_request_holds_the_context_the_tools_and_every_candidate():
 ])
 def test_a_garbage_judgement_is_refused(content):
     with pytest.raises(JudgeError):
-        parse_content(content, 2)
+        read_answer(content, 2)
 
 
 def test_a_fenced_judgement_is_read_in_index_order():
-    got = parse_content('```json\n{"candidates": [{"index": 1, "score": 0, "reason": "no"}, '
+    got = read_answer('```json\n{"candidates": [{"index": 1, "score": 0, "reason": "no"}, '
                         '{"index": 0, "score": 1, "reason": "yes"}]}\n```', 2)
     assert [(j.score, j.reason) for j in got] == [(1.0, "yes"), (0.0, "no")]
 

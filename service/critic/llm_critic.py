@@ -136,8 +136,7 @@ class LLMCritic:
         if not candidates:
             raise JudgeError("invalid", "no candidates to judge")
         cfg = self.settings
-        payload = {"model": cfg.model, "temperature": 0, "response_format": RESPONSE_FORMAT,
-                   "messages": prompt(messages, candidates, tools, cfg.rubric)}
+        payload = request_body(cfg.model, messages, candidates, tools, cfg.rubric)
         # ASCII JSON: a lone surrogate a client sent travels escaped instead of failing the encoding.
         content = json.dumps(payload, separators=(",", ":"), default=str).encode()
         headers = {"content-type": "application/json"}
@@ -167,6 +166,14 @@ class LLMCritic:
 
 
 # -- the request ---------------------------------------------------------------------------------
+
+def request_body(model: str, messages: list[Message], candidates: list[Message],
+                 tools: list[dict[str, Any]] | None, rubric: str = "") -> dict[str, Any]:
+    """The Chat Completions body asking `model` to judge `candidates` (index = position in the list): the
+    serving critic and the offline labeller (`turngate critic label`) send this one request."""
+    return {"model": model, "temperature": 0, "response_format": RESPONSE_FORMAT,
+            "messages": prompt(messages, candidates, tools, rubric)}
+
 
 def prompt(messages: list[Message], candidates: list[Message], tools: list[dict[str, Any]] | None,
            rubric: str = "") -> list[Message]:
