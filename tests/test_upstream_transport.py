@@ -144,6 +144,15 @@ async def test_connection_close_is_honoured():
     assert server.connections == 2
 
 
+async def test_an_interim_1xx_reply_is_skipped():
+    pools = transport.ConnectionPools()
+    async with answering(b"HTTP/1.1 100 Continue\r\n\r\n" + ok()) as (server, url):
+        assert await call(pools, url) == BODY
+        assert await call(pools, url) == BODY
+    await pools.aclose()
+    assert server.connections == 1
+
+
 async def test_a_connection_the_server_closed_while_idle_is_dropped_not_used():
     async def handle(reader, writer, _):
         await server.read_request(reader)

@@ -14,6 +14,7 @@ never goes back to the pool: its connection is closed.
 
 Failures are this module's exceptions, which say what a caller may retry:
 - ConnectFailed: no connection (refused, reset, name, TLS); nothing was sent.
+- UnsupportedURL: not an http(s) URL; nothing was tried.
 - StaleConnection: a reused kept-alive connection closed before a byte of reply came (the
   keep-alive race: the peer dropped it as the request went out).
 - ConnectionBroken: closed after the request went out on a fresh connection, or mid-reply.
@@ -48,6 +49,10 @@ class TransportError(Exception):
 
 
 class ConnectFailed(TransportError):
+    pass
+
+
+class UnsupportedURL(TransportError):
     pass
 
 
@@ -88,7 +93,7 @@ def _target(url: str) -> tuple[tuple[str, str, int], bytes, bytes]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
-        raise ConnectFailed(f"not an http(s) URL: {url[:80]!r}")
+        raise UnsupportedURL(f"not an http(s) URL: {url[:80]!r}")
     port = parts.port or (443 if scheme == "https" else 80)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return (scheme, parts.hostname, port), path.encode(), parts.netloc.rpartition("@")[2].encode()
@@ -188,6 +193,7 @@ class _Connection(asyncio.Protocol):
         self.counted = False  # holds one of its pool's connection slots (from a connect's success)
         self._keep_alive = False
         self._spoiled = False  # more than one reply came for one request
+        self._interim = False  # the message being parsed is a 1xx interim reply, skipped
 
     # -- asyncio --
 
@@ -242,7 +248,12 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         resp = self.response
         if resp is not None and not resp.status:
-            resp.status = self.parser.get_status_code()
+            status = self.parser.get_status_code()
+            if 100 <= status < 200:  # 100 Continue and the like: the reply proper follows
+                self._interim = True
+                resp.headers.clear()
+                return
+            resp.status = status
             resp._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -257,6 +268,9 @@ class _Connection(asyncio.Protocol):
         resp._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         resp = self.response
         if resp is not None and not resp._done:
             self._keep_alive = self.parser.should_keep_alive()
@@ -322,6 +336,8 @@ class _OriginPool:
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def take(self, timeout: float | None, wire: Wire | None) -> _Connection:
+        deadline: float | None = None  # for the wait for a free connection, however many turns it takes
+        waited = False
         while True:
             idle = self.idle
             while idle:
@@ -334,19 +350,26 @@ class _OriginPool:
             if self.count < self.max_connections:
                 self.count += 1
                 return await self._connect(timeout, wire)
-            await self._wait_turn(timeout)
+            if timeout is not None and deadline is None:
+                deadline = asyncio.get_running_loop().time() + timeout
+            # Woken but beaten to the connection by a newcomer: back at the front of the queue.
+            await self._wait_turn(timeout, deadline, front=waited)
+            waited = True
 
-    async def _wait_turn(self, timeout: float | None) -> None:
+    async def _wait_turn(self, timeout: float | None, deadline: float | None, front: bool) -> None:
         waiter = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
+        if front:
+            self.waiters.appendleft(waiter)
+        else:
+            self.waiters.append(waiter)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 await waiter
-        except TimeoutError:
-            raise PoolTimeout(f"no connection to {self.host}:{self.port} free within {timeout:g}s") from None
-        except BaseException:
+        except BaseException as e:
             if waiter.done() and not waiter.cancelled():
                 self._wake_one()  # woken, but gone: the turn passes on
+            if isinstance(e, TimeoutError):
+                raise PoolTimeout(f"no connection to {self.host}:{self.port} free within {timeout:g}s") from None
             raise
 
     async def _connect(self, timeout: float | None, wire: Wire | None) -> _Connection:
