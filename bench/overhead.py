@@ -16,7 +16,7 @@ The baseline printed beside it is the same load sent straight to the fake actor.
 The standard apparatus has no service times: only `st added` there.
 
     python bench/overhead.py [--latency 0.05] [--jitter 0.2] [--concurrency 1,16,64] [--seconds 8] [--rounds 1]
-                             [--pool-shards 16] [--apparatus lean|standard]
+                             [--apparatus lean|standard]
                              [--targets direct,pass,rank,shadow] [--shadow-backlog 64]
 
 `shadow` is the shadow route (N=4: the client gets candidate 0, the rest is sampled and scored in
@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--critic-ms", type=float, default=2.0, help="the stub critic's constant time")
     ap.add_argument("--shipped-critic", action="store_true",
                     help="rank and shadow with the shipped critic (ONNX on this CPU) instead of the stub")
-    ap.add_argument("--pool-shards", type=int, default=16, help="upstream httpx pools (1 = one shared pool)")
     ap.add_argument("--gc-unfrozen", action="store_true",
                     help="undo the proxy's start-up gc.freeze() (to compare its full-GC pauses)")
     ap.add_argument("--targets", default="direct,pass,rank",
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     (tmp / "routes.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
            "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
-           "TURNGATE_UPSTREAM_POOL_SHARDS": str(args.pool_shards), "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT)}
     if args.shadow_backlog is not None:
         env["TURNGATE_SHADOW_MAX_BACKLOG"] = str(args.shadow_backlog)
     targets: dict[str, tuple[str, str, str | None]] = {
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         run(proxy, "rank", 4, min(1.0, args.seconds))  # warm up connections and code paths
         print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, "
               + ("the shipped critic, " if args.shipped_critic else f"stub critic {args.critic_ms:.1f} ms, ")
-              + f"{args.pool_shards} upstream pool(s), {args.seconds:g} s per row, {args.rounds} round(s) (medians), "
+              + f"{args.seconds:g} s per row, {args.rounds} round(s) (medians), "
               f"{os.cpu_count()} cores, "
               f"{args.apparatus} apparatus\n")
         print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"

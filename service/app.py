@@ -8,7 +8,6 @@ import logging
 from contextlib import asynccontextmanager
 from typing import cast
 
-import httpcore
 from fastapi import FastAPI
 
 from service import config_summary, installed_version
@@ -46,7 +45,8 @@ from service.store.factory import make_sink
 from service.telemetry import critic_info, exposition
 from service.telemetry.tracing import Tracing
 from service.telemetry.tracing import from_environment as tracing_from_environment
-from service.upstream.client import UpstreamClient, make_http_clients
+from service.upstream.client import UpstreamClient, make_pools
+from service.upstream.transport import ConnectionPools
 
 log = logging.getLogger("turngate")
 
@@ -61,9 +61,9 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        pools = make_http_clients(settings.upstream_pool_shards)
-        if tracing is not None:  # TracedPool offers the pool methods the client calls (stream, aclose)
-            pools = cast(list[httpcore.AsyncConnectionPool], [tracing.pool(p) for p in pools])
+        pools = make_pools()
+        if tracing is not None:  # TracedPool offers the pools' methods the client calls (request, aclose)
+            pools = cast(ConnectionPools, tracing.pool(pools))
         upstream = UpstreamClient(pools)
         critics = CriticSlot(critic if critic is not None else await asyncio.to_thread(load_critic, settings))
         turn_sink = sink or make_sink(settings)
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         if control is not None:
             control.on_change("keys", keys.reload)
         app.state.services = Services(settings, gate, critics, turn_sink, limiter,
-                                      forward.Forwarder(upstream.pools), control, spend=meter, keys=keys)
+                                      forward.Forwarder(upstream.pool), control, spend=meter, keys=keys)
         app.state.critic_labels = critic_info.publish(critics.current)
         app.state.critic_activator = CriticActivator(critics, settings, owns_current=critic is None,
                                                      labels=app.state.critic_labels)

@@ -313,7 +313,9 @@ class Settings(BaseSettings):
     control_poll_s: float = Field(1.0, gt=0, le=60)  # how often a replica checks for control-plane changes
     max_request_bytes: int = 4 * 1024 * 1024
     keepalive_interval_s: float = 5.0
-    upstream_pool_shards: int = Field(16, ge=1, le=256)  # see service.upstream.client.make_http_clients
+    # No longer used: one pool per upstream origin (service.upstream.transport) has no per-connection
+    # scan to shard. Still accepted, so that configurations that set it keep starting.
+    upstream_pool_shards: int = Field(16, ge=1, le=256)
     shadow_max_backlog: int = Field(8, ge=0)  # shadow turns ranked in the background at once, per process
     log_level: LogLevel = "info"  # `turngate serve`'s logs, uvicorn's included
     log_format: LogFormat = "plain"  # plain lines, or one JSON object per line

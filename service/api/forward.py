@@ -11,12 +11,10 @@ charged to the client key's spend after the reply (service.api.forwarded_usage).
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpcore
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -31,6 +29,7 @@ from service.api.protocol import ErrorBody
 from service.api.requests import note_route
 from service.settings import RouteSettings
 from service.telemetry import metrics, spans
+from service.upstream import transport
 from service.upstream.client import UpstreamError, _status_error
 
 router = APIRouter()
@@ -51,30 +50,25 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 class Forwarder:
     """Sends a request body to an upstream over the actor client's connection pools."""
 
-    def __init__(self, pools: list[httpcore.AsyncConnectionPool]) -> None:
-        self._next = itertools.cycle(pools)
+    def __init__(self, pool: transport.ConnectionPools) -> None:
+        self._pool = pool
 
     async def send(self, route: RouteSettings, endpoint: str, content: bytes, client_key: str | None,
-                   accept: str | None) -> httpcore.Response:
+                   accept: str | None) -> transport.Response:
         """The upstream's response, its body not read yet: the caller reads or streams it, then closes it."""
         key = route.upstream_api_key.get_secret_value() if route.upstream_api_key else client_key
-        url = httpcore.URL(route.upstream_base_url.rstrip("/") + "/" + endpoint)
-        host = url.host if url.port is None else b"%b:%d" % (url.host, url.port)
-        headers = [(b"host", host), (b"content-type", b"application/json"),
-                   (b"content-length", str(len(content)).encode())]
+        url = route.upstream_base_url.rstrip("/") + "/" + endpoint
+        headers = [(b"content-type", b"application/json")]
         if key:
             headers.append((b"authorization", f"Bearer {key}".encode()))
         if accept:
             headers.append((b"accept", accept.encode("latin-1", "replace")))
         timeout = route.attempt_timeout_s  # to connect, and between two reads: a stream may run longer
-        request = httpcore.Request("POST", url, headers=headers,
-                                   content=content, extensions={"timeout": {
-                                       "connect": timeout, "read": timeout, "write": timeout, "pool": timeout}})
         try:
-            return await next(self._next).handle_async_request(request)
-        except httpcore.TimeoutException as e:
+            return await self._pool.request(b"POST", url, headers, content, timeout=timeout)
+        except TimeoutError as e:
             raise UpstreamError("timeout", f"upstream did not answer within {timeout:g}s") from e
-        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol, OSError) as e:
+        except (transport.TransportError, OSError) as e:
             raise UpstreamError("connect", f"upstream unreachable: {type(e).__name__}") from e
 
 
@@ -121,15 +115,15 @@ async def _forward(request: Request, services: Any, key: ClientKey, endpoint: st
         content = await resp.aread()
         return Response(content, status_code=resp.status, headers=headers,
                         background=BackgroundTask(meter.charge_body, content))  # after the reply is sent
-    except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError) as e:
-        raise UpstreamError("connect" if not isinstance(e, httpcore.TimeoutException) else "timeout",
+    except transport.TransportError as e:
+        raise UpstreamError("timeout" if isinstance(e, TimeoutError) else "connect",
                             f"upstream reply broke off: {type(e).__name__}") from e
     finally:
         if resp is not None:
             await resp.aclose()
 
 
-async def _relay(resp: httpcore.Response, tap: forwarded_usage.Tap) -> AsyncIterator[bytes]:
+async def _relay(resp: transport.Response, tap: forwarded_usage.Tap) -> AsyncIterator[bytes]:
     """The upstream's SSE bytes as they arrive; the upstream connection closes with the client's."""
     try:
         async for chunk in resp.aiter_stream():
@@ -152,7 +146,7 @@ def _parse(raw: bytes) -> dict[str, Any]:
     return payload
 
 
-def _error(upstream: Any, route: RouteSettings, resp: httpcore.Response) -> APIError:
+def _error(upstream: Any, route: RouteSettings, resp: transport.Response) -> APIError:
     """The upstream's refusal as the chat route reports it (service.api.errors.from_upstream), through
     the actor client's own reading of it (its status mapping, and its log line for a refused route key)."""
     if resp.status in (401, 403) and route.upstream_api_key is not None:

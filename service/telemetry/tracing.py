@@ -18,9 +18,10 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpcore
+if TYPE_CHECKING:
+    from service.upstream.transport import ConnectionPools, Response, Wire
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Tracing:
 
         context.detach(token)
 
-    def pool(self, inner: httpcore.AsyncConnectionPool) -> TracedPool:
+    def pool(self, inner: ConnectionPools) -> TracedPool:
         return TracedPool(inner, self._propagate)
 
     def shutdown(self) -> None:
@@ -72,26 +73,21 @@ class Tracing:
 
 
 class TracedPool:
-    """An upstream connection pool that adds the current trace context (`traceparent`) to each request.
+    """The upstream connection pools, adding the current trace context (`traceparent`) to each request.
 
-    It offers what turngate calls on a pool: `stream` (the actor client), `handle_async_request`
-    (service.api.forward) and `aclose`."""
+    It offers what turngate calls on the pools (service.upstream.transport.ConnectionPools):
+    `request` and `aclose`."""
 
-    def __init__(self, inner: httpcore.AsyncConnectionPool, propagate: Any) -> None:
+    def __init__(self, inner: ConnectionPools, propagate: Any) -> None:
         self.inner = inner
         self._propagate = propagate
 
-    def _with_context(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    async def request(self, method: bytes, url: str, headers: list[tuple[bytes, bytes]], body: bytes, *,
+                      timeout: float | None = None, wire: Wire | None = None) -> Response:
         carrier: dict[str, str] = {}
         self._propagate.inject(carrier)
-        return [*headers, *((k.encode(), v.encode()) for k, v in carrier.items())]
-
-    def stream(self, method: str, url: str, *, headers: list[tuple[bytes, bytes]], **kwargs: Any) -> Any:
-        return self.inner.stream(method, url, headers=self._with_context(headers), **kwargs)
-
-    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
-        request.headers = self._with_context(request.headers)
-        return await self.inner.handle_async_request(request)
+        headers = [*headers, *((k.encode(), v.encode()) for k, v in carrier.items())]
+        return await self.inner.request(method, url, headers, body, timeout=timeout, wire=wire)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

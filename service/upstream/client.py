@@ -20,22 +20,17 @@ arrive (service.upstream.streaming).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
-
-import httpcore
 
 from service.settings import RouteSettings
 from service.telemetry import metrics
 from service.telemetry.throttled import ThrottledWarning
-from service.upstream import streaming
+from service.upstream import streaming, transport
 
 log = logging.getLogger(__name__)
 
@@ -104,30 +99,21 @@ def forwarded_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return out
 
 
-def make_http_clients(shards: int = 16, max_connections: int = 128) -> list[httpcore.AsyncConnectionPool]:
-    """Connection pools for the upstream: httpcore, httpx's own transport, used directly.
-
-    Two measured costs shape this. httpcore scans every connection of a pool (a select() each) on
-    every request and release, so one big pool costs O(connections) per call: round-robin over
-    small pools keeps each scan short (bench/overhead.py --pool-shards 1: 33 against 253 rank
-    turns/s). And httpx's AsyncClient costs ~1.45x httpcore's CPU per call (bench/upstream_client.py).
-    """
-    return [httpcore.AsyncConnectionPool(max_connections=max_connections, keepalive_expiry=60.0,
-                                         network_backend=_NotingBackend())
-            for _ in range(shards)]
+def make_pools(max_connections: int = 1024) -> transport.ConnectionPools:
+    """The upstream connections: service.upstream.transport's pools, one per origin, idle
+    connections kept 60 s. (httpcore, measured against it: bench/upstream_client.py.)"""
+    return transport.ConnectionPools(max_connections=max_connections, keepalive_expiry=60.0)
 
 
-class _Call:
-    """What the network backend saw during one attempt of an upstream call."""
+class _Call(transport.Wire):
+    """What one attempt of an upstream call saw on the wire (noted by the transport: a fresh
+    connection, the request's bytes handed to the socket, the latest reply bytes in), and when it
+    `ended`: the reply read, or the attempt failed or was given up."""
 
-    __slots__ = ("connected", "ended", "received", "sent")
+    __slots__ = ("ended",)
 
     def __init__(self) -> None:
-        self.connected = False  # set by _NotingBackend when the call opened a new connection
-        # perf_counter() times, noted by _TimedStream: the request's last bytes handed to the socket,
-        # the latest reply bytes in. `ended`: the reply read, or the attempt failed or was given up.
-        self.sent: float | None = None
-        self.received: float | None = None
+        super().__init__()
         self.ended: float | None = None
 
     def seconds(self) -> float:
@@ -163,75 +149,15 @@ class UpstreamWait:
         return total
 
 
-_CALL: ContextVar[_Call | None] = ContextVar("turngate_upstream_call", default=None)
-
-
-class _NotingBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's asyncio network backend, noting on the current call whether it opened a connection:
-    a failure on a reused connection may be the keep-alive race, on a fresh one it may not. (An
-    httpcore trace callback would tell it too, with a callback per event of every call.)"""
-
-    def __init__(self) -> None:
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None, socket_options=None) -> httpcore.AsyncNetworkStream:
-        call = _CALL.get()
-        if call is not None:
-            call.connected = True
-        return _TimedStream(await self._inner.connect_tcp(host, port, timeout=timeout, local_address=local_address,
-                                                          socket_options=socket_options))
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options=None) -> httpcore.AsyncNetworkStream:  # pragma: no cover
-        return _TimedStream(await self._inner.connect_unix_socket(path, timeout=timeout, socket_options=socket_options))
-
-    async def sleep(self, seconds: float) -> None:  # pragma: no cover - httpcore's connect retries only
-        await self._inner.sleep(seconds)
-
-
-class _TimedStream(httpcore.AsyncNetworkStream):
-    """A connection noting on the current call when its request went out and its reply came in
-    (UpstreamWait): the only place that sees the bytes cross, without httpcore's per-event trace."""
-
-    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
-        self._inner = inner
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        data = await self._inner.read(max_bytes, timeout)
-        call = _CALL.get()
-        if call is not None:
-            call.received = time.perf_counter()
-        return data
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-        call = _CALL.get()
-        if call is not None and buffer:  # httpcore ends a request with an empty write
-            call.sent = time.perf_counter()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def start_tls(self, ssl_context, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
-        return _TimedStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
-
-    def get_extra_info(self, info: str):
-        return self._inner.get_extra_info(info)
-
-
 class UpstreamClient:
-    """Calls the upstream over pools from make_http_clients (their backend tells reused connections)."""
+    """Calls the upstream over pools from make_pools (or a TracedPool around them)."""
 
-    def __init__(self, pools: list[httpcore.AsyncConnectionPool]) -> None:
-        self.pools = pools
-        self._next = itertools.cycle(pools)
+    def __init__(self, pool: transport.ConnectionPools) -> None:
+        self.pool = pool
         self._auth_warning = ThrottledWarning(log)
 
     async def aclose(self) -> None:
-        for pool in self.pools:
-            await pool.aclose()
+        await self.pool.aclose()
 
     async def complete(self, route: RouteSettings, body: dict[str, Any], n: int,
                        client_key: str | None, timeout_s: float, wait: UpstreamWait | None = None) -> list[Sample]:
@@ -259,13 +185,12 @@ class UpstreamClient:
 
     async def _call(self, route: RouteSettings, payload: dict[str, Any], client_key: str | None,
                     timeout_s: float, stream: bool,
-                    wait: UpstreamWait | None = None) -> tuple[httpcore.Response, _Call]:
+                    wait: UpstreamWait | None = None) -> tuple[transport.Response, _Call]:
         """POSTs the payload; a streamed reply comes back unread, anything else read whole."""
         content = json.dumps(payload, separators=(",", ":")).encode()
         key = route.upstream_api_key.get_secret_value() if route.upstream_api_key else client_key
         url = route.upstream_base_url.rstrip("/") + "/chat/completions"
-        headers = [(b"host", urlsplit(url).netloc.rpartition("@")[2].encode()), (b"content-type", b"application/json"),
-                   (b"content-length", str(len(content)).encode())]
+        headers = [(b"content-type", b"application/json")]
         if key:
             headers.append((b"authorization", f"Bearer {key}".encode()))
         try:
@@ -273,9 +198,9 @@ class UpstreamClient:
                 resp, call = await self._post(route.alias, url, headers, content, stream, wait)
                 if stream and resp.status >= 400:
                     await _read_and_close(resp)
-        except (TimeoutError, httpcore.TimeoutException) as e:
+        except TimeoutError as e:  # the transport's own timeouts are TimeoutErrors too
             raise UpstreamError("timeout", f"upstream did not answer within {timeout_s:g}s") from e
-        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol, OSError) as e:
+        except (transport.TransportError, OSError) as e:
             raise UpstreamError("connect", f"upstream unreachable: {type(e).__name__}") from e
         if resp.status in (401, 403) and route.upstream_api_key is not None:
             raise self._auth_error(route, resp)
@@ -283,8 +208,8 @@ class UpstreamClient:
             raise _status_error(resp)
         return resp, call
 
-    async def _post(self, route: str, url: str, headers: list, content: bytes,
-                    stream: bool = False, wait: UpstreamWait | None = None) -> tuple[httpcore.Response, _Call]:
+    async def _post(self, route: str, url: str, headers: list[tuple[bytes, bytes]], content: bytes,
+                    stream: bool = False, wait: UpstreamWait | None = None) -> tuple[transport.Response, _Call]:
         """POST, retried once when it failed before a byte of reply (see the module's docstring).
         With `stream` the body is left unread: the caller reads and closes it (the call's span then
         ends with the headers; the stream's events extend it)."""
@@ -292,33 +217,25 @@ class UpstreamClient:
             call = _Call()
             if wait is not None:
                 wait.add(call)
-            token = _CALL.set(call)
-            in_body, done = False, False
+            done = False
             try:
-                request = httpcore.Request("POST", url, headers=headers, content=content)
-                resp = await next(self._next).handle_async_request(request)
-                in_body = True  # the status line and headers are in: never retried from here
+                resp = await self.pool.request(b"POST", url, headers, content, wire=call)
                 if not stream:
                     await _read_and_close(resp)
                 done = True
                 return resp, call
-            except (httpcore.NetworkError, httpcore.RemoteProtocolError) as e:
-                if isinstance(e, httpcore.ConnectError):
-                    reason = "connect"  # nothing was sent
-                elif not in_body and not call.connected:
-                    reason = "stale_connection"  # a kept-alive connection the upstream had closed
-                else:
-                    reason = None
-                if retry or reason is None:
+            except (transport.ConnectFailed, transport.StaleConnection) as e:
+                if retry:
                     raise
+                # Nothing was sent, or a kept-alive connection the upstream had closed: no reply bytes.
+                reason = "connect" if isinstance(e, transport.ConnectFailed) else "stale_connection"
                 metrics.UPSTREAM_RETRIES.labels(route, reason).inc()
             finally:
                 # A failed or cancelled attempt held the turn until now; a read one until its last byte.
                 call.ended = call.received if done and call.received is not None else time.perf_counter()
-                _CALL.reset(token)
         raise AssertionError("unreachable")
 
-    def _auth_error(self, route: RouteSettings, resp: httpcore.Response) -> UpstreamError:
+    def _auth_error(self, route: RouteSettings, resp: transport.Response) -> UpstreamError:
         # The upstream's words are for the operator's log only: they describe turngate's credential.
         self._auth_warning.warning("upstream refused the upstream_api_key of route %s (HTTP %d): %s",
                                    route.alias, resp.status, str(_error_body(resp)[1])[:200])
@@ -336,14 +253,14 @@ def _payload(route: RouteSettings, body: dict[str, Any], stream: bool) -> dict[s
     return payload
 
 
-async def _read_and_close(resp: httpcore.Response) -> None:
+async def _read_and_close(resp: transport.Response) -> None:
     try:
         await resp.aread()
     finally:
         await resp.aclose()
 
 
-def _error_body(resp: httpcore.Response) -> tuple[dict[str, Any] | None, str]:
+def _error_body(resp: transport.Response) -> tuple[dict[str, Any] | None, str]:
     """The upstream's error envelope (None when it sent none) and its message."""
     try:
         body = json.loads(resp.content)
@@ -352,7 +269,7 @@ def _error_body(resp: httpcore.Response) -> tuple[dict[str, Any] | None, str]:
         return None, resp.content[:200].decode(errors="replace") or f"HTTP {resp.status}"
 
 
-def _status_error(resp: httpcore.Response) -> UpstreamError:
+def _status_error(resp: transport.Response) -> UpstreamError:
     body, message = _error_body(resp)
     status, headers = resp.status, forwarded_headers(resp.headers)
     if status == 429:
@@ -405,7 +322,7 @@ class UpstreamStream:
     """A streamed upstream reply, open: its forwarded headers, then its SSE events (`events`), which
     the caller must see through or close (`aclose`)."""
 
-    def __init__(self, resp: httpcore.Response, headers: dict[str, str], idle_timeout_s: float,
+    def __init__(self, resp: transport.Response, headers: dict[str, str], idle_timeout_s: float,
                  call: _Call | None = None) -> None:
         self.headers = headers
         # The upstream's span (UpstreamWait's definition): request written to the latest piece in.
@@ -435,7 +352,7 @@ class UpstreamStream:
             except TimeoutError as e:
                 why = "the turn's deadline passed" if wait >= left else f"nothing came for {wait:g}s"
                 raise UpstreamError("timeout", f"upstream stream stalled: {why}") from e
-            except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as e:
+            except (transport.TransportError, OSError) as e:
                 raise UpstreamError("connect", f"upstream stream broke: {type(e).__name__}") from e
             try:
                 events = decoder.feed(piece) if piece is not None else decoder.close()
