@@ -10,9 +10,11 @@ upstream or database takes inf.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
+import orjson
 from pydantic_core import from_json
 
 
@@ -43,3 +45,13 @@ def _finite(value: Any) -> bool:
             elif kind is float and not math.isfinite(v):
                 return False
     return True
+
+
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as Starlette's JSONResponse writes it, several times faster (orjson).
+    What orjson refuses (integers past 64 bits, which a client may send and an upstream echo)
+    takes the standard library's path."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()

@@ -132,6 +132,13 @@ async def admin_key(request: Request, services: Annotated[Services, Depends(get_
         raise APIError(401, "invalid admin key", code="invalid_api_key")
 
 
+async def limited_key(request: Request) -> tuple[Services, ClientKey]:
+    """The services and the caller's key once its budgets allow the request: client_key then
+    rate_limited, called directly by an endpoint on a DirectRoute (service.api.directroute)."""
+    services = request.app.state.services
+    return services, await rate_limited(await client_key(request, services), services)
+
+
 ServicesDep = Annotated[Services, Depends(get_services)]
 ClientKeyDep = Annotated[ClientKey, Depends(client_key)]
 LimitedKeyDep = Annotated[ClientKey, Depends(rate_limited)]

@@ -17,11 +17,9 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = APIError(413, f"Request body is larger than {self.max_bytes} bytes.",
-                             code="request_too_large")
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        length = next((v for k, v in scope.get("headers") or () if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_large.response()(scope, receive, send)
+            return await self._too_large().response()(scope, receive, send)
         seen = 0
 
         async def counted():
@@ -30,7 +28,10 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise too_large  # rendered by the APIError handler inside the app
+                    raise self._too_large()  # rendered by the APIError handler inside the app
             return message
 
         await self.app(scope, counted, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"Request body is larger than {self.max_bytes} bytes.", code="request_too_large")

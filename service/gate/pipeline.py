@@ -356,9 +356,12 @@ class Gate:
                       one_call: bool | None = None) -> list[Candidate]:
         started = time.monotonic()
         wait = UpstreamWait()
-        tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline, one_call, self.tracing,
-                               wait)
-        got = await sampling.collect(tasks, deadline, req.route, started)
+        if one_call:  # passthrough: the client's n, one call
+            got = await sampling.one(self.upstream, req.route, body, n, req.client_key, deadline, self.tracing, wait)
+        else:
+            tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline, one_call,
+                                   self.tracing, wait)
+            got = await sampling.collect(tasks, deadline, req.route, started)
         # Calls given up by collect are still out: they held the turn until now.
         clock.upstream_s += wait.seconds(at=time.perf_counter())
         _note(record, got)

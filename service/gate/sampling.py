@@ -57,6 +57,26 @@ def start(upstream: UpstreamClient, route: RouteSettings, body: dict[str, Any], 
             for _ in range(n // per_call)]
 
 
+async def one(upstream: UpstreamClient, route: RouteSettings, body: dict[str, Any], n: int,
+              client_key: str | None, deadline: float, tracing: Tracing | None = None,
+              wait: UpstreamWait | None = None) -> Sampled:
+    """One call asking for all n, awaited in the caller's own task (passthrough): no task and no
+    wait of its own, which cost more than the rest of the gate on that path. Nothing else runs
+    beside it, and its timeout is the turn's deadline already, as in `start`."""
+    timeout = max(0.001, min(route.attempt_timeout_s, deadline - time.monotonic()))
+    out = Sampled()
+    try:
+        samples = await _observed(route, n, upstream.complete(route, body, n, client_key, timeout, wait), tracing)
+    except UpstreamError as e:
+        out.errors.append(e)
+    except Exception as e:  # as collect reports a call that failed otherwise
+        out.errors.append(UpstreamError("connect", f"upstream call failed: {e!r}"))
+    else:
+        out.samples.extend(samples)
+        out.add_usage(samples)
+    return out
+
+
 async def _observed(route: RouteSettings, n: int, call: Awaitable[list[Sample]],
                     tracing: Tracing | None) -> list[Sample]:
     if tracing is None:
