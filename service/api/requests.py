@@ -66,10 +66,14 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
                 # turngate's id replaces any other (an upstream's id, if relayed, has a name of its own)
-                headers = [(k, v) for k, v in message.get("headers") or () if k.lower() != b"x-request-id"]
-                names = {name.lower() for name, _ in headers}
+                headers, has_turn = [], False
+                for name, value in message.get("headers") or ():
+                    lower = name.lower()
+                    if lower != b"x-request-id":
+                        headers.append((name, value))
+                        has_turn = has_turn or lower == b"x-turngate-turn-id"
                 headers.append((b"x-request-id", request_id.encode()))
-                if state.get(_TURN) and b"x-turngate-turn-id" not in names:
+                if state.get(_TURN) and not has_turn:
                     headers.append((b"x-turngate-turn-id", state[_TURN].encode()))
                 if state.get(_UNRECORDED):
                     headers.append((b"x-turngate-recorded", b"false"))
