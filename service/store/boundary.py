@@ -163,6 +163,11 @@ def _fitters(table: Table) -> dict[str, tuple]:
     return got
 
 
+def column_kinds(table: Table) -> dict[str, str]:
+    """Column name -> its kind here: text, int, float, json, time or bool."""
+    return {name: kind for name, (kind, _, _) in _fitters(table).items()}
+
+
 def fit_row(table: Table, row: dict[str, Any], encode_json: bool = False) -> dict[str, Any]:
     """Fits a row (in place) to its table's columns; returns it."""
     for name, (kind, bound, nullable) in _fitters(table).items():

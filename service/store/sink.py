@@ -7,6 +7,9 @@ Every `sync_interval_s` a background task closes the segment being written and f
 bounds what a machine crash can lose.
 
 Writer: every `flush_interval_s`, or as soon as `batch_max` turns wait, one transaction per batch.
+The event loop only coordinates; the work is on threads: SQLite batches are prepared and written by
+sqlite3 on the writer's own thread (service.store.sqlite_batch), PostgreSQL batches are prepared on a
+thread and sent through asyncpg (service.store.writer).
 - A batch refused for a reason that lies in its records (service.store.blame) is split until the
   refusing record is found; that record goes to the quarantine file beside the spool with the
   error, and every other turn lands.
@@ -38,6 +41,7 @@ from service.store import lines, migrate
 from service.store.blame import RECORD, blame
 from service.store.engine import make_async_engine
 from service.store.spool import Quarantine, Reader, Segment, Spool
+from service.store.sqlite_batch import SqliteBatchWriter, sqlite_path
 from service.store.urls import is_sqlite
 from service.store.writer import LinkCache, prepare, write_batch
 from service.telemetry import metrics
@@ -68,6 +72,10 @@ class StoreSink:
         self.auto_migrate = is_sqlite(url) if auto_migrate is None else auto_migrate
         self.engine = engine or make_async_engine(url)
         self._pg = not is_sqlite(url)
+        # SQLite (a file): batches go through sqlite3 on a thread of their own; PostgreSQL (and an
+        # in-memory SQLite, which only the engine's connection sees) through the async engine.
+        path = None if self._pg else sqlite_path(url)
+        self._lite = SqliteBatchWriter(path) if path else None
         self.queue: deque[_Entry] = deque()
         # Served here, not yet known to be in the database: turn id -> client key digest (feedback
         # accepts a pending turn from its own key only).
@@ -166,6 +174,8 @@ class StoreSink:
         self._wake, self._flushed = asyncio.Event(), asyncio.Condition()
         self._stopping = False
         await asyncio.to_thread(self.spool.open)
+        if self._lite is not None:
+            self._lite.start()
         self._task = asyncio.create_task(self._run(), name="turngate-store-writer")
         self._syncer = asyncio.create_task(self._sync_loop(), name="turngate-spool-sync")
 
@@ -185,6 +195,8 @@ class StoreSink:
         await asyncio.to_thread(self._close_journal)
         self.queue.clear()
         metrics.LOG_QUEUE_DEPTH.set(0)
+        if self._lite is not None:
+            await self._lite.stop()
         await self.engine.dispose()
 
     def _close_journal(self) -> None:
@@ -253,13 +265,15 @@ class StoreSink:
         return batch
 
     async def _write_queue(self) -> bool:
-        # Pipelined: the next batch is hashed, fitted and encoded in a thread while this one is written.
-        pending: deque[tuple[list[_Entry], asyncio.Future]] = deque()
+        # Pipelined: the next batch is hashed, fitted and encoded in a thread while this one is written
+        # (SQLite: its writer thread prepares each batch right before writing it, in the same call).
+        pending: deque[tuple[list[_Entry], asyncio.Future | None]] = deque()
         while self.queue or pending:
             while len(pending) < 2 and self.queue:
                 batch = self._pop(self.batch_max)
                 if batch:
-                    fut = asyncio.ensure_future(asyncio.to_thread(prepare, [e.record for e in batch], self._pg))
+                    fut = None if self._lite is not None else \
+                        asyncio.ensure_future(asyncio.to_thread(prepare, [e.record for e in batch], self._pg))
                     pending.append((batch, fut))
             if not pending:
                 break
@@ -268,7 +282,8 @@ class StoreSink:
             pending.popleft()
             if not ok:
                 for b, fut in reversed(pending):  # back in front of the queue, in order
-                    fut.add_done_callback(_ignore)
+                    if fut is not None:
+                        fut.add_done_callback(_ignore)
                     self.queue.extendleft(reversed(b))
                 self.queue.extendleft(reversed(batch))
                 return False
@@ -347,9 +362,12 @@ class StoreSink:
             return _Backoff("waiting before the next try")
         critics = set(self._critics)
         try:
-            batch = await (prepared or asyncio.to_thread(prepare, records, self._pg))
-            async with self.engine.begin() as conn:
-                await write_batch(conn, batch, self._cache, critics)
+            if self._lite is not None:
+                batch = await self._lite.write(records, self._cache, critics)
+            else:
+                batch = await (prepared or asyncio.to_thread(prepare, records, self._pg))
+                async with self.engine.begin() as conn:
+                    await write_batch(conn, batch, self._cache, critics)
         except Exception as e:
             metrics.DB_WRITE_ERRORS.inc()
             self._cache.clear()  # links it put may name conversations that were rolled back

@@ -1,0 +1,134 @@
+"""The writer's SQLite path (service.store.sqlite_batch): sqlite3 on a thread of its own. Its rows
+are the ones SQLAlchemy wrote before it, it drains and ends with the sink, and a database that goes
+away and comes back loses and duplicates nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import threading
+
+from service.store.engine import make_async_engine
+from service.store.migrate import upgrade
+from service.store.sink import StoreSink
+from service.store.writer import LinkCache, prepare, write_batch
+from tests.test_store_support import record
+
+_THREAD = "turngate-store-sqlite"
+
+
+def _odd_records() -> list:
+    """Threaded turns, plus the values the record boundary fits (NUL, lone surrogate, NaN,
+    an integer past 64 bits, an overlong route, booleans, None in JSON columns), one turn twice."""
+    history = [{"role": "user", "content": "hello"}]
+    out = []
+    for i in range(6):
+        out.append(record(list(history), f"reply {i}", n=2))
+        history += [{"role": "assistant", "content": f"reply {i}"}, {"role": "user", "content": f"more {i}"}]
+    out += [record([{"role": "user", "content": f"other {i}"}], "x", n=1, header=f"h{i % 2}") for i in range(4)]
+    out[1].tools = [{"type": "function", "function": {"name": "f\x00", "parameters": {}}}]
+    out[2] = dataclasses.replace(out[2], request_messages=[{"role": "user", "content": "bad \udc80"}])
+    out[3].prompt_tokens = 2**70
+    out[3].feedback = ["fix it"]
+    out[4].critics_agreed = True
+    out[5].critics_agreed = False
+    out[6].route = "r" * 500
+    out[7].conversation.metadata = {"a": 1, "x": float("nan")}
+    out[8].candidates[0].features = {"k": 1.5}
+    out.append(out[9])
+    return out
+
+
+def _dump(path) -> list:
+    """Every row of the tables a turn writes, raw (SQLite's own types), minus the write times."""
+    conn = sqlite3.connect(path)
+    try:
+        out = []
+        for table, skip in (("conversations", ()), ("turns", ()), ("candidates", ("id",)),
+                            ("conversation_links", ("created_at",)), ("critic_versions", ("created_at",))):
+            cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+            keep = [c for c in cols if c not in skip]
+            names = ", ".join(keep)
+            out += [(table, row) for row in conn.execute(f"SELECT {names} FROM {table} ORDER BY {names}")]
+        return out
+    finally:
+        conn.close()
+
+
+async def test_rows_are_the_ones_sqlalchemy_writes(tmp_path):
+    records = _odd_records()
+    ours, theirs = tmp_path / "ours.db", tmp_path / "theirs.db"
+    sink = StoreSink(f"sqlite:///{ours}", tmp_path / "spool", auto_migrate=True)
+    await sink.start()
+    for r in records:
+        sink.enqueue(r)
+    assert await sink.flush()
+    await sink.stop()
+
+    upgrade(f"sqlite:///{theirs}")
+    engine = make_async_engine(f"sqlite:///{theirs}")
+    async with engine.begin() as conn:
+        await write_batch(conn, prepare(records), LinkCache(), set())
+    await engine.dispose()
+
+    rows = _dump(ours)
+    assert len([r for r in rows if r[0] == "turns"]) == len(records) - 1
+    assert rows == _dump(theirs)
+
+
+async def test_the_writer_thread_drains_at_stop_and_ends(tmp_path):
+    db = tmp_path / "s.db"
+    sink = StoreSink(f"sqlite:///{db}", tmp_path / "spool", auto_migrate=True, flush_interval_s=60)
+    await sink.start()
+    records = [record([{"role": "user", "content": f"q {i}"}], "a", n=1) for i in range(50)]
+    for r in records:
+        sink.enqueue(r)
+    await sink.stop()  # no flush asked for: stop writes the queue
+    with sqlite3.connect(db) as conn:
+        ids = {r[0] for r in conn.execute("SELECT id FROM turns")}
+    assert ids == {r.turn_id for r in records}
+    assert not list((tmp_path / "spool").glob("seg-*.jsonl"))  # every segment retired
+    for t in threading.enumerate():
+        if t.name.startswith(_THREAD):
+            t.join(5)
+    assert not [t for t in threading.enumerate() if t.name.startswith(_THREAD)]
+
+    await sink.start()  # a stopped sink starts again, with a new writer thread
+    late = record([{"role": "user", "content": "late"}], "a", n=1)
+    sink.enqueue(late)
+    assert await sink.flush()
+    await sink.stop()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM turns WHERE id = ?", (late.turn_id,)).fetchone()[0] == 1
+
+
+async def test_tables_gone_and_back_lose_and_duplicate_nothing(tmp_path):
+    db = tmp_path / "s.db"
+    sink = StoreSink(f"sqlite:///{db}", tmp_path / "spool", auto_migrate=True)
+    await sink.start()
+    before = [record([{"role": "user", "content": f"before {i}"}], "a", n=2) for i in range(5)]
+    for r in before:
+        sink.enqueue(r)
+    assert await sink.flush()
+
+    with sqlite3.connect(db) as conn:  # the writer's compiled statements name a table that is gone
+        conn.execute("ALTER TABLE turns RENAME TO turns_away")
+    during = [record([{"role": "user", "content": f"during {i}"}], "a", n=2) for i in range(20)]
+    for r in during:
+        sink.enqueue(r)
+    assert not await sink.flush()
+    assert not sink.db_ok and "no such table" in (sink.last_error or "")
+    assert sink.quarantine.count == 0  # an outage is never blamed on the records
+
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE turns_away RENAME TO turns")
+    sink._retry_at = 0.0  # no need to wait out the backoff
+    for _ in range(20):
+        if await sink.flush() and sink.db_ok and sink.spool.bytes == 0:
+            break
+    await sink.stop()
+    with sqlite3.connect(db) as conn:
+        got = [r[0] for r in conn.execute("SELECT id FROM turns")]
+        cands = conn.execute("SELECT count(*) FROM candidates").fetchone()[0]
+    assert sorted(got) == sorted(r.turn_id for r in before + during)  # each once
+    assert cands == 2 * len(got)
