@@ -132,3 +132,31 @@ async def test_tables_gone_and_back_lose_and_duplicate_nothing(tmp_path):
         cands = conn.execute("SELECT count(*) FROM candidates").fetchone()[0]
     assert sorted(got) == sorted(r.turn_id for r in before + during)  # each once
     assert cands == 2 * len(got)
+
+
+# -- what the writer's cheaper row building must not change -------------------------------------------
+
+def test_prefix_hashes_are_the_ones_earlier_releases_stored():
+    """Threading looks up stored prefix hashes: a release that hashed differently would start a new
+    conversation for every conversation already in the store. Hashes computed by the release before."""
+    from service.gate.record import CandidateRecord, ConversationHint, TurnRecord
+    from service.store.conversations import thread_keys
+
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c é"}]
+    expected = {
+        (None, None): ("1f57fdbfb17e8b35a57f83bf2d68b1d5017a7f68f1f4c10bac8509e9dfaea543",
+                       "c3ee0a9f1c88803e939ae3bda9b927e2b3bc8bcfaa9de0a310c06fc421d2003e"),
+        ("k1", None): ("8cd420bff03bf06b25c98caa164530eb37c7591f878a3246f2a60f7ca3274b42",
+                       "6956401f2373969c95b3ba0a6267f3cd71430ed5b12d6fb9fba8f29aac43fe8f"),
+        ("k1", 'ü"ser'): ("3da02355dfbc562002d665f42c1c1ad6671f900a7f4ebb7c8443ecb0f6a593ea",
+                          "5db75ccb03187df99f8ac2430b0e70f05475f64fe0e05210468fa4398806e60e"),
+        (7, "u"): ("cb292a136ba386b369f98bb0f69c6d192faac5a16bc5b8534b054a189d486471",
+                   "1789b730a1fbfaaa8d28df8bf20efb43cd98b1bc1f7bf102b41f5695bab01cf4"),
+    }
+    for (key, user), hashes in expected.items():
+        r = TurnRecord(turn_id="turn-1", route="r", mode="rank", upstream_model="m", request_messages=msgs,
+                       decision="ranked", chosen_index=0,
+                       candidates=[CandidateRecord(index=0, round=0, message={"role": "assistant", "content": "hi"})],
+                       conversation=ConversationHint(key_id=key, user=user))
+        k = thread_keys(r)
+        assert (k.lookup_hash, k.link_hash) == hashes, (key, user)
