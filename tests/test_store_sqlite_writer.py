@@ -1,6 +1,8 @@
-"""The writer's SQLite path (service.store.sqlite_batch): sqlite3 on a thread of its own. Its rows
-are the ones SQLAlchemy wrote before it, it drains and ends with the sink, and a database that goes
-away and comes back loses and duplicates nothing."""
+"""The writer off the serving loop: SQLite by sqlite3 on a thread of its own, PostgreSQL by asyncpg
+on a loop and thread of its own. SQLite rows are the ones SQLAlchemy wrote before; both drain at
+stop and their threads end; a database that goes away and comes back loses and duplicates nothing."""
+
+# ruff: noqa: F811 - the fixtures are imported from tests.test_store_support
 
 from __future__ import annotations
 
@@ -8,13 +10,15 @@ import dataclasses
 import sqlite3
 import threading
 
-from service.store.engine import make_async_engine
+from sqlalchemy import text
+
+from service.store.engine import make_async_engine, make_sync_engine
 from service.store.migrate import upgrade
 from service.store.sink import StoreSink
 from service.store.writer import LinkCache, prepare, write_batch
-from tests.test_store_support import record
+from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
 
-_THREAD = "turngate-store-sqlite"
+_WRITER_THREADS = ("turngate-store-sqlite", "turngate-store-pg", "turngate-store-prepare")
 
 
 def _odd_records() -> list:
@@ -76,30 +80,38 @@ async def test_rows_are_the_ones_sqlalchemy_writes(tmp_path):
     assert rows == _dump(theirs)
 
 
-async def test_the_writer_thread_drains_at_stop_and_ends(tmp_path):
-    db = tmp_path / "s.db"
-    sink = StoreSink(f"sqlite:///{db}", tmp_path / "spool", auto_migrate=True, flush_interval_s=60)
+async def test_the_writer_threads_drain_at_stop_and_end(db_url, tmp_path):
+    """Both databases: the writer's own thread (and loop) write the queue at stop, then end; a
+    stopped sink starts again with new ones."""
+    def turn_ids() -> set[str]:
+        engine = make_sync_engine(db_url)
+        try:
+            with engine.connect() as conn:
+                return {r[0] for r in conn.execute(text("SELECT id FROM turns"))}
+        finally:
+            engine.dispose()
+
+    def writer_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith(_WRITER_THREADS)]
+
+    sink = StoreSink(db_url, tmp_path / "spool", flush_interval_s=60)
     await sink.start()
     records = [record([{"role": "user", "content": f"q {i}"}], "a", n=1) for i in range(50)]
     for r in records:
         sink.enqueue(r)
     await sink.stop()  # no flush asked for: stop writes the queue
-    with sqlite3.connect(db) as conn:
-        ids = {r[0] for r in conn.execute("SELECT id FROM turns")}
-    assert ids == {r.turn_id for r in records}
+    assert turn_ids() == {r.turn_id for r in records}
     assert not list((tmp_path / "spool").glob("seg-*.jsonl"))  # every segment retired
-    for t in threading.enumerate():
-        if t.name.startswith(_THREAD):
-            t.join(5)
-    assert not [t for t in threading.enumerate() if t.name.startswith(_THREAD)]
+    for t in writer_threads():
+        t.join(5)
+    assert not writer_threads()
 
-    await sink.start()  # a stopped sink starts again, with a new writer thread
+    await sink.start()
     late = record([{"role": "user", "content": "late"}], "a", n=1)
     sink.enqueue(late)
     assert await sink.flush()
     await sink.stop()
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT count(*) FROM turns WHERE id = ?", (late.turn_id,)).fetchone()[0] == 1
+    assert late.turn_id in turn_ids()
 
 
 async def test_tables_gone_and_back_lose_and_duplicate_nothing(tmp_path):
