@@ -6,6 +6,7 @@ stop and their threads end; a database that goes away and comes back loses and d
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sqlite3
 import threading
@@ -172,3 +173,27 @@ def test_prefix_hashes_are_the_ones_earlier_releases_stored():
                        conversation=ConversationHint(key_id=key, user=user))
         k = thread_keys(r)
         assert (k.lookup_hash, k.link_hash) == hashes, (key, user)
+
+
+async def test_two_writers_on_one_sqlite_file_both_land_everything(tmp_path):
+    """`serve --workers N` on SQLite: each process's writer takes the write lock before its
+    transaction (BEGIN IMMEDIATE) and waits for the other's, so neither sees an outage."""
+    db = tmp_path / "s.db"
+    a = StoreSink(f"sqlite:///{db}", tmp_path / "spool-a", auto_migrate=True, flush_interval_s=0.02, batch_max=50)
+    b = StoreSink(f"sqlite:///{db}", tmp_path / "spool-b", auto_migrate=True, flush_interval_s=0.02, batch_max=50)
+    await a.start()
+    await b.start()
+    history = [{"role": "user", "content": "shared"}]
+    records = [record(history + [{"role": "user", "content": f"q {i}"}], "a", n=2) for i in range(600)]
+    for i, r in enumerate(records):
+        (a if i % 2 else b).enqueue(r)
+        if i % 50 == 0:
+            await asyncio.sleep(0)
+    assert await a.flush(30) and await b.flush(30)
+    assert a.db_ok and b.db_ok and a.quarantine.count == b.quarantine.count == 0
+    await a.stop()
+    await b.stop()
+    with sqlite3.connect(db) as conn:
+        got = [r[0] for r in conn.execute("SELECT id FROM turns")]
+        cands = conn.execute("SELECT count(*) FROM candidates").fetchone()[0]
+    assert sorted(got) == sorted(r.turn_id for r in records) and cands == 2 * len(records)
