@@ -7,9 +7,9 @@ Every `sync_interval_s` a background task closes the segment being written and f
 bounds what a machine crash can lose.
 
 Writer: every `flush_interval_s`, or as soon as `batch_max` turns wait, one transaction per batch.
-The event loop only coordinates; the work is on threads: SQLite batches are prepared and written by
-sqlite3 on the writer's own thread (service.store.sqlite_batch), PostgreSQL batches are prepared on a
-thread and sent through asyncpg (service.store.writer).
+The serving loop only coordinates; the work is on threads: SQLite batches are prepared and written
+by sqlite3 on the writer's own thread (service.store.sqlite_batch), PostgreSQL batches are prepared
+on a thread and written by asyncpg on a loop and thread of their own (service.store.pg_batch).
 - A batch refused for a reason that lies in its records (service.store.blame) is split until the
   refusing record is found; that record goes to the quarantine file beside the spool with the
   error, and every other turn lands.
