@@ -163,31 +163,53 @@ def _fitters(table: Table) -> dict[str, tuple]:
     return got
 
 
+def column_kinds(table: Table) -> dict[str, str]:
+    """Column name -> its kind here: text, int, float, json, time or bool."""
+    return {name: kind for name, (kind, _, _) in _fitters(table).items()}
+
+
 def fit_row(table: Table, row: dict[str, Any], encode_json: bool = False) -> dict[str, Any]:
     """Fits a row (in place) to its table's columns; returns it."""
     for name, (kind, bound, nullable) in _fitters(table).items():
         if name not in row:
             continue
         v = row[name]
-        if kind == "text":
-            v = fit_text(v, bound)
-            if v is None and not nullable:
-                v = ""
+        # Values that already fit (nearly all of them) are left as they are, checked inline: this
+        # runs for every column of every row written.
+        if v is None:
+            if nullable and kind != "time":
+                continue
+        elif kind == "text":
+            if type(v) is str and v.isascii() and "\x00" not in v and (bound is None or len(v) <= bound):
+                continue
         elif kind == "int":
-            v = fit_int(v, bound)
-            if v is None and not nullable:
-                v = 0
-        elif kind == "float":
-            v = fit_float(v)
-        elif kind == "json":
-            v = fit_json(v, encode_json)
-            if v is None and not nullable and encode_json:
-                v = "null"  # what SQLAlchemy's JSON type writes for None on the other path
-        elif kind == "bool":
-            v = None if v is None else bool(v) if isinstance(v, bool | int) else None
-            if v is None and not nullable:
-                v = False
-        elif kind == "time" and not isinstance(v, datetime):
-            v = fit_time(v if v is not None else time.time())
-        row[name] = v
+            if type(v) is int and bound[0] <= v <= bound[1]:
+                continue
+        elif kind == "float" and type(v) is float and math.isfinite(v):
+            continue
+        row[name] = _fit_value(v, kind, bound, nullable, encode_json)
     return row
+
+
+def _fit_value(v: Any, kind: str, bound: Any, nullable: bool, encode_json: bool) -> Any:
+    if kind == "text":
+        v = fit_text(v, bound)
+        if v is None and not nullable:
+            v = ""
+    elif kind == "int":
+        v = fit_int(v, bound)
+        if v is None and not nullable:
+            v = 0
+    elif kind == "float":
+        v = fit_float(v)
+    elif kind == "json":
+        v = fit_json(v, encode_json)
+        if v is None and not nullable and encode_json:
+            v = "null"  # what SQLAlchemy's JSON type writes for None on the other path
+    elif kind == "bool":
+        v = None if v is None else bool(v) if isinstance(v, bool | int) else None
+        if v is None and not nullable:
+            v = False
+    elif kind == "time" and not isinstance(v, datetime):
+        v = fit_time(v if v is not None else time.time())
+    return v

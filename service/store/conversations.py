@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any
 
 from service.gate.record import TurnRecord
@@ -122,8 +123,7 @@ def thread_keys(record: TurnRecord) -> ThreadKeys:
     messages = record.request_messages if isinstance(record.request_messages, list) else []
     last_assistant = max((i for i, m in enumerate(messages) if _role(m) == "assistant"), default=-1)
     h = hashlib.sha256()
-    h.update(json.dumps([hint.key_id, hint.user if isinstance(hint.user, str) else None],
-                        default=str).encode("utf-8", "surrogatepass"))
+    h.update(_who(hint.key_id, hint.user if isinstance(hint.user, str) else None).encode("utf-8", "surrogatepass"))
     lookup = None
     for i, m in enumerate(messages):
         _feed(h, m)
@@ -137,6 +137,15 @@ def thread_keys(record: TurnRecord) -> ThreadKeys:
     external = explicit_id(record)
     return ThreadKeys(conversation_id_for_external(external, hint.key_id) if external else None,
                       external, lookup, link, sum(1 for m in messages if _role(m) == "assistant"))
+
+
+def _who(key_id: Any, user: str | None) -> str:
+    """json.dumps([key_id, user], default=str): the start of every prefix hash (so it must never
+    change). Built directly for the usual text or None, the same bytes at a fraction of the cost."""
+    if key_id is None or type(key_id) is str:
+        return (f"[{'null' if key_id is None else _json_str(key_id)}, "
+                f"{'null' if user is None else _json_str(user)}]")
+    return json.dumps([key_id, user], default=str)
 
 
 def _role(message: Any) -> Any:

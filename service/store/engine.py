@@ -22,9 +22,9 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 def json_text(value: Any) -> str:
-    """JSON columns' text on SQLite. SQLAlchemy encodes them on the event loop, for every JSON column
-    of every turn written: orjson does it several times faster than json.dumps (about half the
-    writer's time on the loop with the standard library). Values reach it fitted by the record
+    """JSON columns' text on SQLite, for what goes through SQLAlchemy (the API, `turngate import`;
+    the writer encodes its rows itself, service.store.sqlite_batch): orjson does it several times
+    faster than json.dumps. Values reach it fitted by the record
     boundary, whose non-finite numbers are null either way; what orjson refuses (lone surrogates,
     huge integers: only from elsewhere) takes the standard library's path, as before."""
     try:

@@ -7,6 +7,9 @@ Every `sync_interval_s` a background task closes the segment being written and f
 bounds what a machine crash can lose.
 
 Writer: every `flush_interval_s`, or as soon as `batch_max` turns wait, one transaction per batch.
+The serving loop only coordinates; the work is on threads: SQLite batches are prepared and written
+by sqlite3 on the writer's own thread (service.store.sqlite_batch), PostgreSQL batches are prepared
+on a thread and written by asyncpg on a loop and thread of their own (service.store.pg_batch).
 - A batch refused for a reason that lies in its records (service.store.blame) is split until the
   refusing record is found; that record goes to the quarantine file beside the spool with the
   error, and every other turn lands.
@@ -28,6 +31,7 @@ import logging
 import os
 import time
 from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,7 +41,9 @@ from service.gate.record import TurnRecord
 from service.store import lines, migrate
 from service.store.blame import RECORD, blame
 from service.store.engine import make_async_engine
+from service.store.pg_batch import PgBatchWriter
 from service.store.spool import Quarantine, Reader, Segment, Spool
+from service.store.sqlite_batch import SqliteBatchWriter, sqlite_path
 from service.store.urls import is_sqlite
 from service.store.writer import LinkCache, prepare, write_batch
 from service.telemetry import metrics
@@ -68,6 +74,12 @@ class StoreSink:
         self.auto_migrate = is_sqlite(url) if auto_migrate is None else auto_migrate
         self.engine = engine or make_async_engine(url)
         self._pg = not is_sqlite(url)
+        # Batches are written off the serving loop: SQLite (a file) by sqlite3 on a thread of its
+        # own, PostgreSQL by asyncpg on a loop of its own; only an in-memory SQLite (which only the
+        # engine's connection sees) is written through `engine`, which the API also reads through.
+        path = None if self._pg else sqlite_path(url)
+        self._lite = SqliteBatchWriter(path) if path else None
+        self._pgw = PgBatchWriter(url) if self._pg else None
         self.queue: deque[_Entry] = deque()
         # Served here, not yet known to be in the database: turn id -> client key digest (feedback
         # accepts a pending turn from its own key only).
@@ -166,6 +178,10 @@ class StoreSink:
         self._wake, self._flushed = asyncio.Event(), asyncio.Condition()
         self._stopping = False
         await asyncio.to_thread(self.spool.open)
+        if self._lite is not None:
+            self._lite.start()
+        if self._pgw is not None:
+            self._pgw.start()
         self._task = asyncio.create_task(self._run(), name="turngate-store-writer")
         self._syncer = asyncio.create_task(self._sync_loop(), name="turngate-spool-sync")
 
@@ -185,6 +201,10 @@ class StoreSink:
         await asyncio.to_thread(self._close_journal)
         self.queue.clear()
         metrics.LOG_QUEUE_DEPTH.set(0)
+        if self._lite is not None:
+            await self._lite.stop()
+        if self._pgw is not None:
+            await self._pgw.stop()
         await self.engine.dispose()
 
     def _close_journal(self) -> None:
@@ -253,14 +273,14 @@ class StoreSink:
         return batch
 
     async def _write_queue(self) -> bool:
-        # Pipelined: the next batch is hashed, fitted and encoded in a thread while this one is written.
-        pending: deque[tuple[list[_Entry], asyncio.Future]] = deque()
+        # Pipelined: the next batch is hashed, fitted and encoded in a thread while this one is written
+        # (SQLite: its writer thread prepares each batch right before writing it, in the same call).
+        pending: deque[tuple[list[_Entry], Future | asyncio.Future | None]] = deque()
         while self.queue or pending:
             while len(pending) < 2 and self.queue:
                 batch = self._pop(self.batch_max)
                 if batch:
-                    fut = asyncio.ensure_future(asyncio.to_thread(prepare, [e.record for e in batch], self._pg))
-                    pending.append((batch, fut))
+                    pending.append((batch, self._prepare_soon([e.record for e in batch])))
             if not pending:
                 break
             batch, prepared = pending[0]
@@ -268,7 +288,8 @@ class StoreSink:
             pending.popleft()
             if not ok:
                 for b, fut in reversed(pending):  # back in front of the queue, in order
-                    fut.add_done_callback(_ignore)
+                    if fut is not None:
+                        fut.add_done_callback(_ignore)
                     self.queue.extendleft(reversed(b))
                 self.queue.extendleft(reversed(batch))
                 return False
@@ -276,6 +297,13 @@ class StoreSink:
                 if e.segment is not None:
                     e.segment.refs -= 1
         return True
+
+    def _prepare_soon(self, records: list[TurnRecord]) -> Future | asyncio.Future | None:
+        if self._lite is not None:
+            return None
+        if self._pgw is not None:
+            return self._pgw.prepare_soon(records)
+        return asyncio.ensure_future(asyncio.to_thread(prepare, records, self._pg))
 
     def _drop_queue(self) -> None:
         """The database is away: let go of the queue; the journal segments holding it get replayed."""
@@ -305,7 +333,8 @@ class StoreSink:
             self.spool.retire(seg)
 
     # -- writing with isolation ------------------------------------------------------------------
-    async def _write_isolated(self, records: list[TurnRecord], prepared: asyncio.Future | None = None) -> bool:
+    async def _write_isolated(self, records: list[TurnRecord],
+                              prepared: Future | asyncio.Future | None = None) -> bool:
         """Writes the records; a record the database refuses is quarantined and the rest written.
         False when the database is away (nothing is quarantined then)."""
         err = await self._attempt(records, prepared)
@@ -338,7 +367,7 @@ class StoreSink:
                 return False
         return True
 
-    async def _attempt(self, records: list[TurnRecord], prepared: asyncio.Future | None = None
+    async def _attempt(self, records: list[TurnRecord], prepared: Future | asyncio.Future | None = None
                        ) -> BaseException | None:
         """One transaction; the error, or None when it committed."""
         if time.monotonic() < self._retry_at:
@@ -347,9 +376,16 @@ class StoreSink:
             return _Backoff("waiting before the next try")
         critics = set(self._critics)
         try:
-            batch = await (prepared or asyncio.to_thread(prepare, records, self._pg))
-            async with self.engine.begin() as conn:
-                await write_batch(conn, batch, self._cache, critics)
+            if self._lite is not None:
+                batch = await self._lite.write(records, self._cache, critics)
+            elif self._pgw is not None:
+                assert not isinstance(prepared, asyncio.Future)
+                batch = await self._pgw.write(records, prepared, self._cache, critics)
+            else:
+                assert not isinstance(prepared, Future)
+                batch = await (prepared or asyncio.to_thread(prepare, records, self._pg))
+                async with self.engine.begin() as conn:
+                    await write_batch(conn, batch, self._cache, critics)
         except Exception as e:
             metrics.DB_WRITE_ERRORS.inc()
             self._cache.clear()  # links it put may name conversations that were rolled back
@@ -447,7 +483,7 @@ class StoreSink:
         return records
 
 
-def _ignore(fut: asyncio.Future) -> None:
+def _ignore(fut: Future | asyncio.Future) -> None:
     if not fut.cancelled():
         fut.exception()  # retrieved: a batch whose write was abandoned needs no report
 

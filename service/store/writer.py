@@ -104,25 +104,13 @@ def candidate_rows(r: TurnRecord) -> list[dict[str, Any]]:
             for c in r.candidates]
 
 
-def _insert(conn: AsyncConnection, table):
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-
-
-async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCache,
-                      seen_critics: set | None = None) -> None:
-    """Writes a prepared batch (in served order) inside the caller's transaction."""
-    records, keys = prepared.records, prepared.keys
-    wanted = {k.lookup_hash for k in keys if k.explicit_id is None and k.lookup_hash}
-    found = {h: c for h in wanted if (c := cache.get(h))}
-    missing = sorted(wanted - found.keys())
-    for i in range(0, len(missing), 1000):
-        rows = await conn.execute(select(ConversationLink.prefix_hash, ConversationLink.conversation_id)
-                                  .where(ConversationLink.prefix_hash.in_(missing[i:i + 1000])))
-        found.update((h, c) for h, c in rows)
-
+def thread_rows(prepared: Prepared, found: dict[str, str]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Puts each turn in its conversation (`found`: prefix hash -> conversation id, from the cache
+    and the links table; extended here). Returns the conversation rows, sorted by id (replicas
+    upserting the same conversations then lock rows in one order), and the links to add."""
     conversations: dict[str, dict[str, Any]] = {}
     links: dict[str, str] = {}
-    for r, k, row, cf in zip(records, keys, prepared.turns, prepared.conversations):
+    for r, k, row, cf in zip(prepared.records, prepared.keys, prepared.turns, prepared.conversations):
         conv = k.explicit_id or (k.lookup_hash and found.get(k.lookup_hash)) or new_conversation_id(r.turn_id)
         if k.link_hash:
             found[k.link_hash] = links[k.link_hash] = conv  # a later turn of this batch may need it
@@ -134,11 +122,29 @@ async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCach
                                    "key_id": cf["key_id"], "external_id": cf["external_id"]}
         else:
             seen["first_seen"], seen["last_seen"] = min(seen["first_seen"], at), max(seen["last_seen"], at)
+    return [conversations[c] for c in sorted(conversations)], links
 
-    # Conversations first, sorted, so that replicas upserting the same conversations take row locks
-    # in one order. PostgreSQL: unnest/COPY through asyncpg (SQLAlchemy's per-row parameter
-    # handling costs more than the database's own work); SQLite: multi-row INSERTs.
-    conv_rows = [conversations[c] for c in sorted(conversations)]
+
+def _insert(conn: AsyncConnection, table):
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCache,
+                      seen_critics: set | None = None) -> None:
+    """Writes a prepared batch (in served order) inside the caller's transaction."""
+    wanted = {k.lookup_hash for k in prepared.keys if k.explicit_id is None and k.lookup_hash}
+    found = {h: c for h in wanted if (c := cache.get(h))}
+    missing = sorted(wanted - found.keys())
+    for i in range(0, len(missing), 1000):
+        rows = await conn.execute(select(ConversationLink.prefix_hash, ConversationLink.conversation_id)
+                                  .where(ConversationLink.prefix_hash.in_(missing[i:i + 1000])))
+        found.update((h, c) for h, c in rows)
+
+    conv_rows, links = thread_rows(prepared, found)
+
+    # Conversations first (sorted: see thread_rows). PostgreSQL: unnest/COPY through asyncpg
+    # (SQLAlchemy's per-row parameter handling costs more than the database's own work); the sink
+    # writes SQLite with service.store.sqlite_batch, this path serves `turngate import` and tests.
     if conn.dialect.name == "postgresql" and prepared.encoded:
         # The bulk path talks to asyncpg directly, inside the transaction this statement opens.
         await conn.execute(text("SET LOCAL lock_timeout = '5s'"))

@@ -1,0 +1,82 @@
+"""The embedded store's CPU per turn: StoreSink on a SQLite file, fed passthrough-sized turns at a
+proxy's rate, every thread of the process counted (as bench/overhead.py's `proxy cpu/req` does).
+
+    python bench/store_cpu.py [--turns 3000] [--rate 250] [--repeats 3]
+
+Each repeat runs the same paced loop twice, with the turns enqueued and without (the loop's own
+cost), and prints the difference per turn: journal (enqueue), writer (prepare, rows, commits),
+spool rotation and fsyncs. It uses only StoreSink's interface, so the same command under another
+checkout's PYTHONPATH measures that checkout (old and new run alternately share the machine's load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+
+import uvloop
+
+from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, new_turn_id
+from service.store.sink import StoreSink
+
+BURST = 8  # turns enqueued per wake-up: requests finishing together under concurrency 16
+
+
+def passthrough_turn(i: int) -> TurnRecord:
+    """What a passthrough route records for a short chat request (about 1.2 KB as a spool line)."""
+    reply = CandidateRecord(index=0, round=0, finish_reason="stop", upstream_latency_ms=50.0, prompt_tokens=20,
+                            completion_tokens=10,
+                            usage={"prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30},
+                            message={"role": "assistant", "content": "The capital of France is Paris. " * 3})
+    return TurnRecord(turn_id=new_turn_id(), route="pass", mode="passthrough", upstream_model="fake",
+                      request_messages=[{"role": "user", "content": f"What is the capital of France? ({i})"}],
+                      decision="passthrough", chosen_index=0, latency_total_ms=55.0, latency_upstream_ms=50.0,
+                      prompt_tokens=20, completion_tokens=10, candidates=[reply],
+                      conversation=ConversationHint(key_id="bench"))
+
+
+async def paced(n: int, rate: float, record: bool) -> tuple[float, int]:
+    """Process CPU seconds (all threads) for n turns at `rate`/s, until the last is committed."""
+    d = tempfile.mkdtemp(prefix="tg-store-cpu-")
+    sink = StoreSink(f"sqlite:///{d}/store.db", f"{d}/spool", auto_migrate=True)
+    await sink.start()
+    warm = [passthrough_turn(i) for i in range(200)]
+    for r in warm:
+        sink.enqueue(r)
+    await sink.flush(30)
+    turns = [passthrough_turn(i) for i in range(n)]
+    cpu0 = time.process_time()
+    for i in range(0, n, BURST):
+        if record:
+            for r in turns[i:i + BURST]:
+                sink.enqueue(r)
+        await asyncio.sleep(BURST / rate)
+    if record and not await sink.flush(60):
+        raise SystemExit("the store did not write every turn")
+    cpu = time.process_time() - cpu0
+    written = sink.written - len(warm)
+    await sink.stop()
+    return cpu, written
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--turns", type=int, default=3000)
+    ap.add_argument("--rate", type=float, default=250.0, help="turns per second (the proxy's req/s)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    per_turn = []
+    for i in range(args.repeats):
+        with_store, written = await paced(args.turns, args.rate, True)
+        idle, _ = await paced(args.turns, args.rate, False)
+        per_turn.append((with_store - idle) / args.turns * 1000)
+        print(f"run {i + 1}: {written} turns, store {per_turn[-1]:.3f} ms CPU/turn "
+              f"(paced loop with store {with_store:.2f} s, without {idle:.2f} s)")
+    print(f"store CPU per turn, median of {args.repeats}: {statistics.median(per_turn):.3f} ms")
+
+
+if __name__ == "__main__":
+    uvloop.run(main())

@@ -1,0 +1,175 @@
+"""The writer's SQLite path: the standard library's sqlite3 on one thread of its own.
+
+Through SQLAlchemy's async engine a batch cost several times SQLite's own work: per-row parameter
+processing, greenlet switches, and aiosqlite's thread hop for every call. Here a batch is one call
+on the writer thread: prepare (service.store.writer.prepare: threading keys, rows fitted by the
+record boundary, JSON encoded once), then fixed INSERT ... ON CONFLICT statements (sqlite3 keeps
+them compiled) executemany'd over the row dicts, in one BEGIN IMMEDIATE transaction. The event loop
+only hands the batch over and takes the outcome back.
+
+The values are what SQLAlchemy writes for these columns, so that everything reading the store
+through SQLAlchemy (API, CLI, export, prune) sees the same rows: times as 'YYYY-MM-DD
+HH:MM:SS.ffffff' (UTC), JSON as text with None as 'null', booleans as 0/1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Table
+from sqlalchemy.engine import make_url
+
+from service.gate.record import TurnRecord
+from service.store.boundary import column_kinds
+from service.store.models import Candidate, Conversation, ConversationLink, CriticVersion, Turn
+from service.store.writer import LinkCache, Prepared, prepare, thread_rows
+
+_LOOKUP_CHUNK = 1000  # prefix hashes per SELECT ... IN (...)
+
+
+def sqlite_path(url: str) -> str | None:
+    """The database file of a sqlite:/// URL; None for an in-memory database (one per connection,
+    so the writer's own connection would not see the tables the engine made)."""
+    db = make_url(url).database
+    return None if not db or db == ":memory:" else db
+
+
+def sqlite_time(dt: datetime) -> str:
+    """SQLAlchemy's SQLite DATETIME storage format (fixed width: text order is time order)."""
+    return (f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d} "
+            f"{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}.{dt.microsecond:06d}")
+
+
+class _Table:
+    """One table's insert statement and the columns whose values need SQLite's form."""
+
+    def __init__(self, table: Table, columns: list[str], conflict: str) -> None:
+        kinds = column_kinds(table)
+        self.sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) "
+                    f"VALUES ({', '.join(':' + c for c in columns)}) {conflict}")
+        self.times = [c for c in columns if kinds[c] == "time"]
+        self.json = [c for c in columns if kinds[c] == "json"]
+
+    def rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows (changed in place) with SQLite's values: JSON arrives encoded (prepare)."""
+        for row in rows:
+            for c in self.times:
+                row[c] = sqlite_time(row[c])
+            for c in self.json:
+                if row[c] is None:
+                    row[c] = "null"  # SQLAlchemy's JSON type writes None as JSON null, not SQL NULL
+        return rows
+
+
+class SqliteBatchWriter:
+    """Writes batches to one SQLite file from a dedicated thread that owns the connection."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pool: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._tables: dict[str, _Table] = {}
+
+    def start(self) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="turngate-store-sqlite")
+
+    async def stop(self) -> None:
+        """Closes the connection on its thread, then lets the thread end."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(pool, self._close)
+        finally:
+            pool.shutdown(wait=False)
+
+    async def write(self, records: list[TurnRecord], cache: LinkCache, critics: set) -> Prepared:
+        """Prepares and writes the batch in one transaction; returns what was written. `cache` and
+        `critics` are updated by the thread; the caller awaits before it touches them again."""
+        if self._pool is None:
+            raise RuntimeError("the SQLite writer is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._write, records, cache, critics)
+
+    # -- on the writer thread ----------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            # isolation_level=None: transactions are this module's own BEGIN IMMEDIATE / COMMIT.
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, cached_statements=64)
+            try:
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA busy_timeout=5000")
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _write(self, records: list[TurnRecord], cache: LinkCache, critics: set) -> Prepared:
+        prepared = prepare(records, encode_json=True)
+        conn = self._connect()
+        # IMMEDIATE: the write lock is taken (or waited for, busy_timeout) before the first read,
+        # so another process's writer cannot make this transaction fail half way.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._insert(conn, prepared, cache, critics)
+            conn.execute("COMMIT")
+        except BaseException:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                self._close()  # a connection that cannot roll back is not used again
+            raise
+        return prepared
+
+    def _insert(self, conn: sqlite3.Connection, prepared: Prepared, cache: LinkCache, critics: set) -> None:
+        wanted = {k.lookup_hash for k in prepared.keys if k.explicit_id is None and k.lookup_hash}
+        found = {h: c for h in wanted if (c := cache.get(h))}
+        missing = sorted(wanted - found.keys())
+        for i in range(0, len(missing), _LOOKUP_CHUNK):
+            chunk = missing[i:i + _LOOKUP_CHUNK]
+            found.update(conn.execute(
+                "SELECT prefix_hash, conversation_id FROM conversation_links WHERE prefix_hash IN "
+                f"({', '.join('?' * len(chunk))})", chunk).fetchall())
+        conv_rows, links = thread_rows(prepared, found)
+        # Critics are read before the turn rows are converted to SQLite's values.
+        new_critics = {(t["critic_name"], t["critic_version"]) for t in prepared.turns
+                       if t["critic_name"] and t["critic_version"]} - critics
+
+        self._many(conn, Conversation.__table__, conv_rows,
+                   "ON CONFLICT (id) DO UPDATE SET last_seen = max(conversations.last_seen, excluded.last_seen)")
+        self._many(conn, Turn.__table__, prepared.turns, "ON CONFLICT (id) DO NOTHING")
+        self._many(conn, Candidate.__table__, prepared.candidates, "ON CONFLICT DO NOTHING")
+        now = datetime.now(UTC)
+        if links:
+            self._many(conn, ConversationLink.__table__, [
+                {"prefix_hash": h, "conversation_id": c, "created_at": now} for h, c in sorted(links.items())],
+                "ON CONFLICT DO NOTHING")
+        if new_critics:
+            self._many(conn, CriticVersion.__table__, [
+                {"name": n, "version": v, "created_at": now} for n, v in sorted(new_critics)],
+                "ON CONFLICT DO NOTHING")
+        # Only once the statements ran: a failed batch leaves both as they were (the sink also
+        # clears the cache then, since an earlier batch's links may have been rolled back).
+        critics |= new_critics
+        for h, c in links.items():
+            cache.put(h, c)
+
+    def _many(self, conn: sqlite3.Connection, table: Table, rows: list[dict[str, Any]], conflict: str) -> None:
+        if not rows:
+            return
+        key = f"{table.name} {conflict}"
+        t = self._tables.get(key)
+        if t is None:
+            t = self._tables[key] = _Table(table, list(rows[0]), conflict)
+        conn.executemany(t.sql, t.rows(rows))
