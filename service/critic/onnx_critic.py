@@ -8,10 +8,8 @@ batcher, whose runs execute in the inference pool; the event loop only awaits.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import os
 import platform
 import threading
 import time
@@ -27,6 +25,8 @@ from service.critic import features, render
 from service.critic.base import Assessment
 from service.critic.batcher import Feed, MicroBatcher
 from service.critic.bundle import INPUT_NAMES, OUTPUT_NAME, Bundle, BundleError, check_model_io, read_bundle
+from service.critic.early import EarlyEncoder, candidate_key
+from service.critic.threads import CriticThreads, cores, plan
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,6 @@ _SMOKE_CANDIDATES: list[dict[str, Any]] = [{"role": "assistant", "content": "Ord
 def _logit(p: float) -> float:
     p = min(max(p, 1e-7), 1 - 1e-7)
     return math.log(p / (1 - p))
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 # Best first. onnxruntime's int8 kernels differ by instruction set, and so do int8 scores (in the
@@ -108,15 +101,16 @@ class OnnxCritic:
 
     def __init__(self, bundle: Bundle, session: ort.InferenceSession, tokenizer: tokenizers.Tokenizer, *,
                  max_batch: int = 64, max_tokens: int | None = None, max_wait_s: float = 0.002,
-                 max_length: int | None = None, tokenizer_threads: int = 2) -> None:
+                 max_length: int | None = None, tokenizer_threads: int = 2, runs: int = 1) -> None:
         self.bundle, self.session, self.tokenizer = bundle, session, tokenizer
         self.name, self.version = bundle.name, bundle.version
         self.provider = session.get_providers()[0]  # the one actually in use
         self.max_length = max_length or bundle.max_length
         self._use_binding = self.provider == CUDA
-        # A CPU session already spreads one run over all cores: more concurrent runs only fight.
+        # CPU: `runs` runs at once, each on the session's intra-op threads (service/critic/threads.py).
         # On a GPU a second worker prepares the next batch while the device runs this one.
-        workers = 1 if self.provider == CPU else 2
+        workers = max(1, runs) if self.provider == CPU else 2
+        self.runs, self.tokenizer_threads = workers, tokenizer_threads
         self._infer = ThreadPoolExecutor(workers, thread_name_prefix="critic-infer")
         self._tokenize = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="critic-tok")
         pad = tokenizer.token_to_id("[PAD]") or 0
@@ -126,9 +120,11 @@ class OnnxCritic:
         self._closed = threading.Event()
 
     @classmethod
-    def load(cls, path: str | Path, providers: str | list[str] | None = None, *, threads: int | None = None,
-             **kwargs: Any) -> OnnxCritic:
-        """Reads, validates, opens and warms the bundle in ``path``. Blocking."""
+    def load(cls, path: str | Path, providers: str | list[str] | None = None, *,
+             threads: CriticThreads | None = None, **kwargs: Any) -> OnnxCritic:
+        """Reads, validates, opens and warms the bundle in ``path``. Blocking. ``threads``: default
+        all of this process's cores (``threads.plan``)."""
+        threads = threads or plan(cores())
         bundle = read_bundle(path)
         wanted = providers if isinstance(providers, list) else providers_for(providers)
         try:
@@ -136,12 +132,13 @@ class OnnxCritic:
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise BundleError(f"critic bundle {bundle.path}: tokenizer.json does not load: {e}") from e
         try:
-            session = ort.InferenceSession(str(bundle.model_path), session_options(threads or cores()),
+            session = ort.InferenceSession(str(bundle.model_path), session_options(threads.intra_op),
                                            providers=wanted)
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise BundleError(f"critic bundle {bundle.path}: model.onnx does not load: {e}") from e
         check_model_io(bundle, session.get_inputs(), session.get_outputs())
-        critic = cls(bundle, session, tokenizer, **kwargs)
+        critic = cls(bundle, session, tokenizer, **{"tokenizer_threads": threads.tokenizer, "runs": threads.runs,
+                                                    **kwargs})
         # Asked for: named in the setting, or by default on a build that has CUDA (the GPU image).
         asked = CUDA in (providers if isinstance(providers, list) else requested(providers)) and (
             bool(providers) or CUDA in ort.get_available_providers())
@@ -154,8 +151,9 @@ class OnnxCritic:
         except BaseException:
             critic.close()
             raise
-        log.info("critic %s/%s loaded from %s on %s (%s, max_length %d)", critic.name, critic.version,
-                 bundle.path, critic.provider, bundle.precision, critic.max_length)
+        log.info("critic %s/%s loaded from %s on %s (%s, max_length %d, %d intra-op thread(s) x %d run(s), "
+                 "%d tokenizer thread(s))", critic.name, critic.version, bundle.path, critic.provider,
+                 bundle.precision, critic.max_length, threads.intra_op, critic.runs, threads.tokenizer)
         return critic
 
     def warm(self) -> None:
@@ -194,35 +192,61 @@ class OnnxCritic:
 
     def prepare(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]], unique: list[int],
                 tools: list[dict[str, Any]] | None, verdicts: list[bool] | None
-                ) -> tuple[Feed, features.TurnFeatures]:
-        """Tokenizer pool: the encoder's feed for the distinct candidates, and the turn features of
-        all of them (agreement counts the duplicates)."""
-        feed = self.encode(messages, [candidates[i] for i in unique], tools)
+                ) -> tuple[Feed | None, features.TurnFeatures]:
+        """Tokenizer pool: the encoder's feed for the candidates ``unique`` names (None: none), and
+        the turn features of all of them (agreement counts the duplicates)."""
+        feed = self.encode(messages, [candidates[i] for i in unique], tools) if unique else None
         return feed, features.compute(messages, candidates, tools, verdicts=verdicts)
 
-    async def assess(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
-                     tools: list[dict[str, Any]] | None = None, verdicts: list[bool] | None = None
-                     ) -> list[Assessment]:
-        """Scores with their features and contributions. ``verdicts``: the structural checks where
-        the caller ran them already (the gate does), so that they are not run twice."""
-        if not candidates:
-            return []
-        if self._closed.is_set():
-            raise RuntimeError(f"critic {self.name}/{self.version} is closed")
-        # Samples of one turn are often identical (low temperature, one obvious tool call):
-        # the encoder reads each distinct candidate once.
-        keys = [json.dumps(c, sort_keys=True, default=str) for c in candidates]
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}
-        unique = sorted(first.values())
+    async def encoder_probs(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
+                            tools: list[dict[str, Any]] | None = None) -> np.ndarray:
+        """The encoder's probability per candidate, without the turn features or the head."""
+        self._check_open()
         loop = asyncio.get_running_loop()
-        arrived = self.batcher.expect()  # a batch forming now waits for this turn's rows
+        arrived = self.batcher.expect()
         try:
-            feed, turn = await loop.run_in_executor(self._tokenize, self.prepare, messages, candidates,
-                                                    unique, tools, verdicts)
+            feed = await loop.run_in_executor(self._tokenize, self.encode, messages, candidates, tools)
         finally:
             arrived()
-        probs = await self.batcher.submit(feed)
-        by_key = {keys[i]: float(p) for i, p in zip(unique, probs, strict=True)}
+        return await self.batcher.submit(feed)
+
+    def early(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> EarlyEncoder:
+        """Encodings of a round's candidates started as they come in (service/critic/early.py); pass
+        it to ``assess``."""
+        return EarlyEncoder(self.encoder_probs, messages, tools)
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise RuntimeError(f"critic {self.name}/{self.version} is closed")
+
+    async def assess(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
+                     tools: list[dict[str, Any]] | None = None, verdicts: list[bool] | None = None,
+                     early: EarlyEncoder | None = None) -> list[Assessment]:
+        """Scores with their features and contributions. ``verdicts``: the structural checks where
+        the caller ran them already (the gate does), so that they are not run twice. ``early``: the
+        encodings started while the round's calls came in (``early()``); the rest are encoded here."""
+        if not candidates:
+            return []
+        self._check_open()
+        # Samples of one turn are often identical (low temperature, one obvious tool call):
+        # the encoder reads each distinct candidate once.
+        keys = [candidate_key(c) for c in candidates]
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        unique = sorted(first.values())
+        started = early.started([keys[i] for i in unique]) if early is not None else {}
+        todo = [i for i in unique if keys[i] not in started]
+        loop = asyncio.get_running_loop()
+        arrived = self.batcher.expect() if todo else None  # a batch forming now waits for this turn's rows
+        try:
+            feed, turn = await loop.run_in_executor(self._tokenize, self.prepare, messages, candidates,
+                                                    todo, tools, verdicts)
+        finally:
+            if arrived is not None:
+                arrived()
+        probs = await self.batcher.submit(feed) if feed is not None else np.zeros(0, dtype=np.float32)
+        by_key = {keys[i]: float(p) for i, p in zip(todo, probs, strict=True)}
+        for key, fut in started.items():
+            by_key[key] = float((await fut)[0])
         encoder = [by_key[k] for k in keys]
         at = turn.names.index("encoder")
         for row, p in zip(turn.rows, encoder):
@@ -239,7 +263,9 @@ class OnnxCritic:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "provider": self.provider,
-                "max_length": self.max_length, "bundle": self.bundle.describe()}
+                "max_length": self.max_length, "bundle": self.bundle.describe(),
+                "threads": {"intra_op": self.session.get_session_options().intra_op_num_threads,
+                            "runs": self.runs, "tokenizer": self.tokenizer_threads}}
 
     def close(self) -> None:
         """Stops taking turns, waits for runs in flight, then lets the session go. Blocking."""
