@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.critic.early import EarlyEncoder
 from service.critic.onnx_critic import OnnxCritic
 from service.demo.fake_actor import Reply, assistant
 from service.telemetry import metrics
@@ -91,3 +92,20 @@ def test_the_gate_encodes_candidates_while_the_slowest_is_out(gateway, scripted,
     for text, s in zip(replies, expected, strict=True):
         assert got[text] == pytest.approx(s, rel=1e-5)
     assert sink.records[0].latency_critic_ms < 1000  # the critic waited for the last encoding only
+
+
+def test_a_backlogged_critic_leaves_the_candidates_to_the_whole_round(critic):
+    """While turns queue for a run, candidates are not encoded one by one: the round's rows go
+    together, its context tokenized once."""
+    async def busy_round():
+        early = EarlyEncoder(critic.encoder_probs, MESSAGES, None, busy=lambda: True)
+        early.add(CANDIDATES[0])
+        before = rows_run()
+        got = await critic.assess(MESSAGES, CANDIDATES, early=early)
+        early.close()
+        return got, rows_run() - before
+
+    got, rows = asyncio.run(busy_round())
+    assert rows == len(CANDIDATES)  # all of them in assess, none earlier
+    alone = asyncio.run(critic.score(MESSAGES, CANDIDATES))
+    np.testing.assert_allclose([a.score for a in got], alone, rtol=1e-5, atol=1e-6)

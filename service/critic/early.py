@@ -6,6 +6,10 @@ last call brought stays on the turn's critical path. The turn features (agreemen
 candidates) and the head still wait for the whole round: ``OnnxCritic.assess`` takes the encodings
 started here and encodes the rest. Identical candidates share one encoding, as within a turn.
 
+Only while the critic keeps up: when turns already queue for a run (``busy``), an early row
+would wait behind them anyway, and encoding each candidate apart would give up what a whole round
+shares (its context tokenized once, its rows in one run); those candidates are left to ``assess``.
+
 Built and used on the event loop; the encodings run where the critic's always do (tokenizer pool,
 micro-batcher, inference pool). ``close`` at the end of the round cancels those still queued, so
 a turn that failed or was abandoned costs no more inference.
@@ -32,15 +36,16 @@ def candidate_key(candidate: Message) -> str:
 class EarlyEncoder:
     """The encodings of one round's candidates, started as each call comes back."""
 
-    def __init__(self, encode: Encode, messages: list[Message], tools: list[dict[str, Any]] | None) -> None:
-        self._encode, self._messages, self._tools = encode, messages, tools
+    def __init__(self, encode: Encode, messages: list[Message], tools: list[dict[str, Any]] | None,
+                 busy: Callable[[], bool] = lambda: False) -> None:
+        self._encode, self._messages, self._tools, self._busy = encode, messages, tools, busy
         self._started: dict[str, asyncio.Future[np.ndarray]] = {}
         self._closed = False
 
     def add(self, candidate: Message) -> None:
-        """Starts encoding ``candidate`` unless an identical one already is."""
+        """Starts encoding ``candidate`` unless an identical one already is, or the critic is busy."""
         key = candidate_key(candidate)
-        if self._closed or key in self._started:
+        if self._closed or key in self._started or self._busy():
             return
         self._started[key] = asyncio.ensure_future(self._encode(self._messages, [candidate], self._tools))
 

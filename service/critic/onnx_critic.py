@@ -213,7 +213,7 @@ class OnnxCritic:
     def early(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> EarlyEncoder:
         """Encodings of a round's candidates started as they come in (service/critic/early.py); pass
         it to ``assess``."""
-        return EarlyEncoder(self.encoder_probs, messages, tools)
+        return EarlyEncoder(self.encoder_probs, messages, tools, busy=self.batcher.backlogged)
 
     def _check_open(self) -> None:
         if self._closed.is_set():
