@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--distinct", type=int, default=1, help="how many of a turn's candidates differ")
     args = ap.parse_args()
     bundle = args.bundle or shipped_bundle()
+    if bundle is None:
+        raise SystemExit("no --bundle and no shipped critic_models/default")
     critics = {k: OnnxCritic.load(bundle, "CPUExecutionProvider", threads=v) for k, v in CONFIGS.items()}
     results: dict[tuple[str, bool], list[tuple[float, float, float, float]]] = {}
     try:
