@@ -1,8 +1,7 @@
 """The critic's share of rank turns, apart from HTTP: concurrent turns each wait for N simulated
 candidate calls (asyncio sleeps, 50 ms +- 20%) and then score them with a real critic
-(``OnnxCritic.assess``, the gate's call), per thread setting, with and without early encodings
-(service/critic/early.py: each candidate encoded as its call comes back). Interleaved round by
-round; medians.
+(``OnnxCritic.assess``, the gate's call), per thread setting (service/critic/threads.py).
+Interleaved round by round; medians.
 
     python bench/critic_turns.py [--bundle DIR] [--concurrency 16] [--seconds 4] [--rounds 3]
                                  [--candidates 4] [--distinct 1]
@@ -30,7 +29,6 @@ import uvloop
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.critic.early import EarlyEncoder  # noqa: E402
 from service.critic.onnx_critic import OnnxCritic, cpu_description  # noqa: E402
 from service.critic.registry import shipped_bundle  # noqa: E402
 from service.critic.threads import CriticThreads  # noqa: E402
@@ -38,14 +36,7 @@ from service.critic.threads import CriticThreads  # noqa: E402
 CONFIGS = {"2thr": CriticThreads(2, 1, 2), "1thr": CriticThreads(1, 1, 2), "1thr x2": CriticThreads(1, 2, 2)}
 
 
-async def call(rng: random.Random, early: EarlyEncoder | None, cand: dict) -> None:
-    """One simulated upstream call; its candidate goes to the early encoder as it comes back."""
-    await asyncio.sleep(0.05 * rng.uniform(0.8, 1.2))
-    if early is not None:
-        early.add(cand)
-
-
-async def drive(critic: OnnxCritic, early_on: bool, concurrency: int, seconds: float, n: int,
+async def drive(critic: OnnxCritic, concurrency: int, seconds: float, n: int,
                 distinct: int) -> tuple[float, float, float, float]:
     rng = random.Random(0)
     waits: list[float] = []
@@ -56,16 +47,10 @@ async def drive(critic: OnnxCritic, early_on: bool, concurrency: int, seconds: f
         while time.perf_counter() < stop:
             msgs = [{"role": "user", "content": f"Book the cheapest flight to Lisbon. bench-id {next(turn_ids)}"}]
             cands = [{"role": "assistant", "content": "ok" if i >= distinct else f"ok {i}"} for i in range(n)]
-            early = critic.early(msgs) if early_on else None
-
-            try:
-                await asyncio.gather(*(call(rng, early, c) for c in cands))
-                t0 = time.perf_counter()
-                await critic.assess(msgs, cands, early=early)
-                waits.append((time.perf_counter() - t0) * 1000)
-            finally:
-                if early is not None:
-                    early.close()
+            await asyncio.gather(*(asyncio.sleep(0.05 * rng.uniform(0.8, 1.2)) for _ in cands))
+            t0 = time.perf_counter()
+            await critic.assess(msgs, cands)
+            waits.append((time.perf_counter() - t0) * 1000)
 
     c0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -87,22 +72,21 @@ def main() -> None:
     if bundle is None:
         raise SystemExit("no --bundle and no shipped critic_models/default")
     critics = {k: OnnxCritic.load(bundle, "CPUExecutionProvider", threads=v) for k, v in CONFIGS.items()}
-    results: dict[tuple[str, bool], list[tuple[float, float, float, float]]] = {}
+    results: dict[str, list[tuple[float, float, float, float]]] = {}
     try:
         for _ in range(args.rounds):
             for name, critic in critics.items():
-                for early_on in (False, True):
-                    results.setdefault((name, early_on), []).append(uvloop.run(drive(
-                        critic, early_on, args.concurrency, args.seconds, args.candidates, args.distinct)))
+                results.setdefault(name, []).append(uvloop.run(drive(
+                    critic, args.concurrency, args.seconds, args.candidates, args.distinct)))
     finally:
         for critic in critics.values():
             critic.close()
     print(f"# {bundle}; {cpu_description()}; {args.concurrency} concurrent turns of {args.candidates} candidates "
           f"({args.distinct} distinct), {args.seconds:g} s x {args.rounds} rounds, medians\n")
-    print(f"{'threads':<10}{'early':>6}{'turns/s':>9}{'cpu/turn ms':>13}{'critic wait p50':>17}{'p99':>8}")
-    for (name, early_on), rows in results.items():
+    print(f"{'threads':<10}{'turns/s':>9}{'cpu/turn ms':>13}{'critic wait p50':>17}{'p99':>8}")
+    for name, rows in results.items():
         m = [statistics.median(r[i] for r in rows) for i in range(4)]
-        print(f"{name:<10}{'yes' if early_on else 'no':>6}{m[0]:>9.0f}{m[1]:>13.2f}{m[2]:>17.2f}{m[3]:>8.2f}")
+        print(f"{name:<10}{m[0]:>9.0f}{m[1]:>13.2f}{m[2]:>17.2f}{m[3]:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -32,24 +32,14 @@ class Critic(Protocol):
 
 
 async def assess(critic: Critic, messages: list[Message], candidates: list[Message],
-                 tools: list[dict[str, Any]] | None = None, verdicts: list[bool] | None = None,
-                 early: Any = None) -> list[Assessment]:
+                 tools: list[dict[str, Any]] | None = None, verdicts: list[bool] | None = None
+                 ) -> list[Assessment]:
     """The critic's assessments; a critic that only scores gets bare ones. ``verdicts``: the
-    structural checks, where the caller already ran them; ``early``: the critic's own encodings
-    started as the candidates came in (``early_encoder``), where it makes them."""
+    structural checks, where the caller already ran them."""
     explain = getattr(critic, "assess", None)
     if callable(explain):
-        if early is not None:
-            return await explain(messages, candidates, tools, verdicts, early=early)
         return await explain(messages, candidates, tools, verdicts)
     return [Assessment(float(s)) for s in await critic.score(messages, candidates, tools)]
-
-
-def early_encoder(critic: Critic, messages: list[Message], tools: list[dict[str, Any]] | None) -> Any:
-    """The critic's ``early(messages, tools)`` (service/critic/early.py) where it has one, else None:
-    encodings to start while the round's other candidates are still out."""
-    early = getattr(critic, "early", None)
-    return early(messages, tools) if callable(early) else None
 
 
 class ConstantCritic:

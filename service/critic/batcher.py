@@ -77,12 +77,6 @@ class MicroBatcher:
                 done, state.expected = True, state.expected - 1
         return withdraw
 
-    def backlogged(self) -> bool:
-        """Whether turns on this loop are waiting for a run: every inference worker busy and more
-        queued behind them."""
-        state = self._states.get(asyncio.get_running_loop())
-        return state is not None and (state.carry is not None or not state.queue.empty())
-
     def fits(self, rows: int, width: int) -> bool:
         """Whether ``rows`` rows padded to ``width`` tokens stay within the caps of one run."""
         return rows <= self.max_batch and (self.max_tokens is None or rows * width <= self.max_tokens)

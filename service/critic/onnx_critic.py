@@ -8,6 +8,7 @@ batcher, whose runs execute in the inference pool; the event loop only awaits.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import platform
@@ -25,7 +26,6 @@ from service.critic import features, render
 from service.critic.base import Assessment
 from service.critic.batcher import Feed, MicroBatcher
 from service.critic.bundle import INPUT_NAMES, OUTPUT_NAME, Bundle, BundleError, check_model_io, read_bundle
-from service.critic.early import EarlyEncoder, candidate_key
 from service.critic.threads import CriticThreads, cores, plan
 
 log = logging.getLogger(__name__)
@@ -192,61 +192,35 @@ class OnnxCritic:
 
     def prepare(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]], unique: list[int],
                 tools: list[dict[str, Any]] | None, verdicts: list[bool] | None
-                ) -> tuple[Feed | None, features.TurnFeatures]:
-        """Tokenizer pool: the encoder's feed for the candidates ``unique`` names (None: none), and
-        the turn features of all of them (agreement counts the duplicates)."""
-        feed = self.encode(messages, [candidates[i] for i in unique], tools) if unique else None
+                ) -> tuple[Feed, features.TurnFeatures]:
+        """Tokenizer pool: the encoder's feed for the distinct candidates, and the turn features of
+        all of them (agreement counts the duplicates)."""
+        feed = self.encode(messages, [candidates[i] for i in unique], tools)
         return feed, features.compute(messages, candidates, tools, verdicts=verdicts)
 
-    async def encoder_probs(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
-                            tools: list[dict[str, Any]] | None = None) -> np.ndarray:
-        """The encoder's probability per candidate, without the turn features or the head."""
-        self._check_open()
-        loop = asyncio.get_running_loop()
-        arrived = self.batcher.expect()
-        try:
-            feed = await loop.run_in_executor(self._tokenize, self.encode, messages, candidates, tools)
-        finally:
-            arrived()
-        return await self.batcher.submit(feed)
-
-    def early(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> EarlyEncoder:
-        """Encodings of a round's candidates started as they come in (service/critic/early.py); pass
-        it to ``assess``."""
-        return EarlyEncoder(self.encoder_probs, messages, tools, busy=self.batcher.backlogged)
-
-    def _check_open(self) -> None:
-        if self._closed.is_set():
-            raise RuntimeError(f"critic {self.name}/{self.version} is closed")
-
     async def assess(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
-                     tools: list[dict[str, Any]] | None = None, verdicts: list[bool] | None = None,
-                     early: EarlyEncoder | None = None) -> list[Assessment]:
+                     tools: list[dict[str, Any]] | None = None, verdicts: list[bool] | None = None
+                     ) -> list[Assessment]:
         """Scores with their features and contributions. ``verdicts``: the structural checks where
-        the caller ran them already (the gate does), so that they are not run twice. ``early``: the
-        encodings started while the round's calls came in (``early()``); the rest are encoded here."""
+        the caller ran them already (the gate does), so that they are not run twice."""
         if not candidates:
             return []
-        self._check_open()
+        if self._closed.is_set():
+            raise RuntimeError(f"critic {self.name}/{self.version} is closed")
         # Samples of one turn are often identical (low temperature, one obvious tool call):
         # the encoder reads each distinct candidate once.
-        keys = [candidate_key(c) for c in candidates]
+        keys = [json.dumps(c, sort_keys=True, default=str) for c in candidates]
         first = {k: i for i, k in reversed(list(enumerate(keys)))}
         unique = sorted(first.values())
-        started = early.started([keys[i] for i in unique]) if early is not None else {}
-        todo = [i for i in unique if keys[i] not in started]
         loop = asyncio.get_running_loop()
-        arrived = self.batcher.expect() if todo else None  # a batch forming now waits for this turn's rows
+        arrived = self.batcher.expect()  # a batch forming now waits for this turn's rows
         try:
             feed, turn = await loop.run_in_executor(self._tokenize, self.prepare, messages, candidates,
-                                                    todo, tools, verdicts)
+                                                    unique, tools, verdicts)
         finally:
-            if arrived is not None:
-                arrived()
-        probs = await self.batcher.submit(feed) if feed is not None else np.zeros(0, dtype=np.float32)
-        by_key = {keys[i]: float(p) for i, p in zip(todo, probs, strict=True)}
-        for key, fut in started.items():
-            by_key[key] = float((await fut)[0])
+            arrived()
+        probs = await self.batcher.submit(feed)
+        by_key = {keys[i]: float(p) for i, p in zip(unique, probs, strict=True)}
         encoder = [by_key[k] for k in keys]
         at = turn.names.index("encoder")
         for row, p in zip(turn.rows, encoder):

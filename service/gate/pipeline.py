@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.critic.base import CriticSlot, early_encoder
+from service.critic.base import CriticSlot
 from service.gate import feedback, judging, recording, sampling, selection, usage
 from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, UpstreamFailure
 from service.gate.selection import Candidate
@@ -326,49 +326,38 @@ class Gate:
         first_n = n
         if policy.sampling == "adaptive" and policy.accept_threshold is not None:
             first_n = min(policy.initial_candidates, n)
-        # The encoder reads each candidate as its call comes back, while the slowest is still out.
-        encodings = early_encoder(critic, req.messages, req.tools)
-        try:
-            cands = await self._sample(req, body, first_n, round_no, record, clock, deadline, encodings=encodings)
-            await self._evaluate(req, body, cands, clock, critic, encodings)
-            early = False
-            if first_n < n:
-                top = selection.best(cands)
-                accept = policy.accept_threshold  # set: first_n < n only under adaptive sampling with one
-                if top is not None and top.score is not None and accept is not None and top.score >= accept:
-                    early = True
-                    record.candidates_saved += n - first_n
-                    metrics.CANDIDATES_SAVED.labels(route.alias).inc(n - first_n)
-                elif time.monotonic() < deadline:
-                    more = await self._sample(req, body, n - first_n, round_no, record, clock, deadline,
-                                              required=False, encodings=encodings)
-                    await selection.check_structure(more, req.tools, req.body.get("tool_choice"), route.alias)
-                    cands += more
-                    # Rescored together: agreement is a feature of the whole round.
-                    clock.critic_s += await self._score(critic, req, cands, encodings)
-        finally:
-            if encodings is not None:
-                encodings.close()
+        cands = await self._sample(req, body, first_n, round_no, record, clock, deadline)
+        await self._evaluate(req, body, cands, clock, critic)
+        early = False
+        if first_n < n:
+            top = selection.best(cands)
+            accept = policy.accept_threshold  # set: first_n < n only under adaptive sampling with one
+            if top is not None and top.score is not None and accept is not None and top.score >= accept:
+                early = True
+                record.candidates_saved += n - first_n
+                metrics.CANDIDATES_SAVED.labels(route.alias).inc(n - first_n)
+            elif time.monotonic() < deadline:
+                more = await self._sample(req, body, n - first_n, round_no, record, clock, deadline,
+                                          required=False)
+                await selection.check_structure(more, req.tools, req.body.get("tool_choice"), route.alias)
+                cands += more
+                # Rescored together: agreement is a feature of the whole round.
+                clock.critic_s += await self._score(critic, req, cands)
         return cands, early
 
     async def _evaluate(self, req: TurnRequest, body: dict[str, Any], cands: list[Candidate], clock: _Clock,
-                        critic, encodings: Any = None) -> None:
+                        critic) -> None:
         await selection.check_structure(cands, req.tools, req.body.get("tool_choice"), req.route.alias)
         # The critic judges the candidate against the conversation the client sent, not our feedback.
-        clock.critic_s += await self._score(critic, req, cands, encodings)
+        clock.critic_s += await self._score(critic, req, cands)
 
     async def _sample(self, req: TurnRequest, body: dict[str, Any], n: int, round_no: int,
                       record: TurnRecord, clock: _Clock, deadline: float, required: bool = True,
-                      one_call: bool | None = None, encodings: Any = None) -> list[Candidate]:
-        """``encodings``: the critic's early encoder (service/critic/early.py), handed each call's
-        samples as they come back."""
+                      one_call: bool | None = None) -> list[Candidate]:
         started = time.monotonic()
         wait = UpstreamWait()
         tasks = sampling.start(self.upstream, req.route, body, n, req.client_key, deadline, one_call, self.tracing,
                                wait)
-        if encodings is not None:
-            for task in tasks:
-                task.add_done_callback(encodings.call_done)
         got = await sampling.collect(tasks, deadline, req.route, started)
         # Calls given up by collect are still out: they held the turn until now.
         clock.upstream_s += wait.seconds(at=time.perf_counter())
@@ -418,12 +407,12 @@ class Gate:
         if record.mode != "shadow" and record.candidates:
             metrics.CANDIDATES.labels(route).observe(len(record.candidates))
 
-    async def _score(self, critic, req: TurnRequest, cands: list[Candidate], encodings: Any = None) -> float:
+    async def _score(self, critic, req: TurnRequest, cands: list[Candidate]) -> float:
         """selection.score, in a span when tracing."""
         if self.tracing is None:
-            return await selection.score(critic, req.messages, cands, req.tools, req.route.alias, encodings)
+            return await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
         with self.tracing.span("turngate.critic", spans.critic(critic, cands)) as span:
-            spent = await selection.score(critic, req.messages, cands, req.tools, req.route.alias, encodings)
+            spent = await selection.score(critic, req.messages, cands, req.tools, req.route.alias)
             span.set_attributes(spans.scores(cands))
             return spent
 

@@ -65,20 +65,18 @@ async def check_structure(cands: list[Candidate], tools: list[dict[str, Any]] | 
 
 
 async def score(critic: Critic, messages: list[dict[str, Any]], cands: list[Candidate],
-                tools: list[dict[str, Any]] | None, route: str, early: Any = None) -> float:
+                tools: list[dict[str, Any]] | None, route: str) -> float:
     """Scores the candidates; returns seconds spent. Skipped when all were vetoed.
 
     Every candidate is assessed, the vetoed ones too: they are samples of the same turn, and the
     critic's agreement features count them. Only those that passed can be chosen (``best``).
-    A failing critic must not fail the turn: the structural verdicts still choose. ``early``: the
-    critic's encodings started as the candidates came in (service/critic/early.py).
+    A failing critic must not fail the turn: the structural verdicts still choose.
     """
     if not any(c.ok for c in cands):
         return 0.0
     started = time.perf_counter()
     try:
-        found = await assess(critic, messages, [c.record.message for c in cands], tools, [c.ok for c in cands],
-                             early)
+        found = await assess(critic, messages, [c.record.message for c in cands], tools, [c.ok for c in cands])
     except Exception:
         log.exception("critic %s failed; selecting on structural checks only", critic.name)
         return time.perf_counter() - started
