@@ -111,6 +111,7 @@ class OnnxCritic:
         # On a GPU a second worker prepares the next batch while the device runs this one.
         workers = max(1, runs) if self.provider == CPU else 2
         self.runs, self.tokenizer_threads = workers, tokenizer_threads
+        self.intra_op = session.get_session_options().intra_op_num_threads
         self._infer = ThreadPoolExecutor(workers, thread_name_prefix="critic-infer")
         self._tokenize = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="critic-tok")
         pad = tokenizer.token_to_id("[PAD]") or 0
@@ -238,8 +239,7 @@ class OnnxCritic:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "provider": self.provider,
                 "max_length": self.max_length, "bundle": self.bundle.describe(),
-                "threads": {"intra_op": self.session.get_session_options().intra_op_num_threads,
-                            "runs": self.runs, "tokenizer": self.tokenizer_threads}}
+                "threads": {"intra_op": self.intra_op, "runs": self.runs, "tokenizer": self.tokenizer_threads}}
 
     def close(self) -> None:
         """Stops taking turns, waits for runs in flight, then lets the session go. Blocking."""
