@@ -102,5 +102,8 @@ async def load(url: str, model: str, concurrency: int, seconds: float, upstream:
     service = await service_times(upstream)
     added = [lat - service[rid] - (critic or 0.0) for rid, lat, critic, _ in done if rid in service]
     st_added = [lat - up - (critic or 0.0) for _, lat, critic, up in done if up is not None]
+    # Latency over the slowest call's service time: what a rank turn costs against waiting for its
+    # N candidates alone (critic included).
+    slowest = [lat / service[rid] for rid, lat, _, _ in done if service.get(rid)]
     return {"n": len(done), "rps": len(done) / wall, "latencies": [d[1] for d in done], "added": added,
-            "st_added": st_added, "missing": len(done) - len(added)}
+            "st_added": st_added, "over_slowest": slowest, "missing": len(done) - len(added)}

@@ -12,12 +12,16 @@ the reply written (in a rank turn, the longest of its N calls); the critic time 
 proxy's Server-Timing header (0 in passthrough). `st added` is the same from Server-Timing alone
 (latency - its `upstream` - its `critic`): what a client of a real upstream can compute.
 The baseline printed beside it is the same load sent straight to the fake actor.
-`proxy cpu/req` is the proxy process's CPU time over the row divided by its requests.
+`proxy cpu/req` is the proxy process's CPU time over the row divided by its requests (its worker
+processes' too, under `--workers`). Rank rows add `/slowest p50` and `p99`: each turn's latency over
+its slowest candidate call's service time (1.0: the turn cost no more than waiting for its N
+candidates).
 The standard apparatus has no service times: only `st added` there.
 
     python bench/overhead.py [--latency 0.05] [--jitter 0.2] [--concurrency 1,16,64] [--seconds 8] [--rounds 1]
                              [--apparatus lean|standard]
                              [--targets direct,pass,rank,shadow] [--shadow-backlog 64]
+                             [--shipped-critic] [--workers 1]
 
 `shadow` is the shadow route (N=4: the client gets candidate 0, the rest is sampled and scored in
 the background); `--shadow-backlog` sets TURNGATE_SHADOW_MAX_BACKLOG for it.
@@ -111,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--critic-ms", type=float, default=2.0, help="the stub critic's constant time")
     ap.add_argument("--shipped-critic", action="store_true",
                     help="rank and shadow with the shipped critic (ONNX on this CPU) instead of the stub")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="proxy worker processes: more than 1 runs `turngate serve --workers N` (needs "
+                         "--shipped-critic: the stub critic lives in the bench's own process)")
     ap.add_argument("--gc-unfrozen", action="store_true",
                     help="undo the proxy's start-up gc.freeze() (to compare its full-GC pauses)")
     ap.add_argument("--targets", default="direct,pass,rank",
@@ -120,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="lean: raw-asyncio load generator and upstream (bench/_lean_http.py); "
                          "standard: httpx client and the Starlette fake actor (each ~1 ms CPU/request)")
     args = ap.parse_args(argv)
+    if args.workers > 1 and not args.shipped_critic:
+        ap.error("--workers needs --shipped-critic")
 
     tmp = Path(tempfile.mkdtemp(prefix="turngate-bench-"))
     actor_port, proxy_port = free_port(), free_port()
@@ -146,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     procs = [
         subprocess.Popen([sys.executable, *upstream, "--port", str(actor_port), "--latency", str(args.latency),
                           *(["--jitter", str(args.jitter)] if lean else [])], env=env),
+        subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(proxy_port), "--workers",
+                          str(args.workers), "--log-level", "warning"], env=env) if args.workers > 1 else
         subprocess.Popen([sys.executable, str(ROOT / "bench" / "_stub_proxy.py"), "--port", str(proxy_port),
                           "--critic-ms", str(args.critic_ms), "--gc-report", str(tmp / "gc.json"),
                           *(["--shipped-critic"] if args.shipped_critic else []),
@@ -170,10 +181,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, "
               + ("the shipped critic, " if args.shipped_critic else f"stub critic {args.critic_ms:.1f} ms, ")
               + f"{args.seconds:g} s per row, {args.rounds} round(s) (medians), "
-              f"{os.cpu_count()} cores, "
+              f"{os.cpu_count()} cores, " + (f"{args.workers} proxy workers, " if args.workers > 1 else "") +
               f"{args.apparatus} apparatus\n")
         print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-              f"{'added p50':>10}{'added p99':>10}{'st added p50':>13}{'st added p99':>13}{'proxy cpu/req ms':>18}")
+              f"{'added p50':>10}{'added p99':>10}{'st added p50':>13}{'st added p99':>13}{'proxy cpu/req ms':>18}"
+              + (f"{'/slowest p50':>13}{'/slowest p99':>13}" if any(r[2] == "rank" for r in rows) else ""))
         concs = [int(x) for x in args.concurrency.split(",")]
         cells: dict[tuple[int, str], list[dict]] = {}
         for rnd in range(args.rounds):  # alternating order: drift and noise land on every target alike
@@ -188,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
                     cells.setdefault((c, name), []).append({
                         "rps": r["rps"], "p50": pct(lat, .5), "p99": pct(lat, .99),
                         "a50": pct(r["added"], .5), "a99": pct(r["added"], .99), "s50": pct(r["st_added"], .5),
-                        "s99": pct(r["st_added"], .99), "cpu": cpu, "shed": shed / r["n"]})
+                        "s99": pct(r["st_added"], .99), "cpu": cpu, "shed": shed / r["n"],
+                        "r50": pct(r.get("over_slowest", []), .5), "r99": pct(r.get("over_slowest", []), .99)})
         for c in concs:
             for name, _, model in rows:
                 m = {k: statistics.median(cell[k] for cell in cells[(c, name)]) for k in cells[(c, name)][0]}
@@ -196,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
                        f"{m['a50']:>10.2f}{m['a99']:>10.2f}")
                 if model is not None:  # direct: the apparatus's own added latency only
                     row += f"{m['s50']:>13.2f}{m['s99']:>13.2f}{m['cpu']:>18.2f}"
+                if model == "rank":
+                    row += f"{m['r50']:>13.2f}{m['r99']:>13.2f}"
                 if model == "shadow":
                     row += f"   shed {m['shed']:.0%}"
                 print(row, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
 
     import uvicorn
 
+    from service.critic.threads import WORKERS_ENV
     from service.preflight import check_before_serving
     from service.settings import Settings
     from service.telemetry.logs import log_config
@@ -56,10 +58,15 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     logging_config = log_config(settings.log_level, settings.log_format)
     logging.config.dictConfig(logging_config)
 
-    # Several workers: metrics go through files in a shared directory, set up before they start.
-    with for_workers(workers):
-        uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_config=logging_config, log_level=settings.log_level)
+    # Several workers: metrics go through files in a shared directory, set up before they start;
+    # each worker's critic takes its share of the cores (service/critic/threads.py).
+    os.environ[WORKERS_ENV] = str(workers)
+    try:
+        with for_workers(workers):
+            uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
+                        log_config=logging_config, log_level=settings.log_level)
+    finally:
+        os.environ.pop(WORKERS_ENV, None)
 
 
 @app.command()

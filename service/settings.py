@@ -166,7 +166,7 @@ def env_name(field: str) -> str:
 
 
 # Read by turngate but not settings: the config file's path, and the CLI's traceback switch.
-OTHER_VARIABLES = {"TURNGATE_CONFIG", "TURNGATE_DEBUG"}
+OTHER_VARIABLES = {"TURNGATE_CONFIG", "TURNGATE_DEBUG", "TURNGATE_WORKERS"}  # WORKERS: set by serve
 
 
 def known_variables() -> set[str]:
@@ -302,6 +302,10 @@ class Settings(BaseSettings):
     critic_max_batch: int = Field(64, ge=1, le=1024)  # sequences per merged inference run
     critic_max_batch_tokens: int | None = Field(None, ge=1)  # padded tokens per run; None = 2048 on CPU, no cap on GPU
     critic_batch_wait_ms: float = Field(2.0, ge=0, le=50)  # longest a turn waits for others to batch with
+    # onnxruntime intra-op threads per run and the tokenizer pool; None = this process's share of
+    # the cores (cores // `turngate serve --workers`): service/critic/threads.py
+    critic_threads: int | None = Field(None, ge=1, le=256)
+    critic_tokenizer_threads: int | None = Field(None, ge=1, le=64)
     critic_swap_grace_s: float | None = None  # old critic closes after this; None = longest route deadline + 5
 
     admin_key: SecretStr | None = None

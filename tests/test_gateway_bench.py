@@ -32,6 +32,17 @@ def test_overhead_measures_added_latency_against_the_upstreams_service_time(caps
     assert 0 <= st50 < 25  # Server-Timing's upstream is within the upstream's own time
 
 
+def test_overhead_rank_rows_show_latency_over_the_slowest_candidate_call(capsys):
+    load_bench("overhead").main(["--seconds", "0.5", "--concurrency", "1", "--targets", "rank"])
+    out = capsys.readouterr().out
+    assert "/slowest p50" in out, out
+    row = re.search(r"^turngate rank N=4\s+1\s+(\d+)" + r"\s+(-?[\d.]+)" * 9 + r"$", out, re.MULTILINE)
+    assert row, out
+    p50, p99, cpu, ratio50, ratio99 = (float(row.group(i)) for i in (2, 3, 8, 9, 10))
+    # A turn takes at least its slowest call, and with a 2 ms stub critic not twice that.
+    assert 1.0 <= ratio50 <= ratio99 and ratio50 < 2.0 and 0 < p50 <= p99 and cpu > 0
+
+
 def test_gateways_bench_prints_turngate_rows_and_litellm_where_installed(capsys):
     have_litellm = importlib.util.find_spec("litellm") is not None
     targets = "turngate,litellm" if have_litellm else "turngate"

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import platform
 import threading
 import time
@@ -27,6 +26,7 @@ from service.critic import features, render
 from service.critic.base import Assessment
 from service.critic.batcher import Feed, MicroBatcher
 from service.critic.bundle import INPUT_NAMES, OUTPUT_NAME, Bundle, BundleError, check_model_io, read_bundle
+from service.critic.threads import CriticThreads, cores, plan
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,6 @@ _SMOKE_CANDIDATES: list[dict[str, Any]] = [{"role": "assistant", "content": "Ord
 def _logit(p: float) -> float:
     p = min(max(p, 1e-7), 1 - 1e-7)
     return math.log(p / (1 - p))
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 # Best first. onnxruntime's int8 kernels differ by instruction set, and so do int8 scores (in the
@@ -108,15 +101,17 @@ class OnnxCritic:
 
     def __init__(self, bundle: Bundle, session: ort.InferenceSession, tokenizer: tokenizers.Tokenizer, *,
                  max_batch: int = 64, max_tokens: int | None = None, max_wait_s: float = 0.002,
-                 max_length: int | None = None, tokenizer_threads: int = 2) -> None:
+                 max_length: int | None = None, tokenizer_threads: int = 2, runs: int = 1) -> None:
         self.bundle, self.session, self.tokenizer = bundle, session, tokenizer
         self.name, self.version = bundle.name, bundle.version
         self.provider = session.get_providers()[0]  # the one actually in use
         self.max_length = max_length or bundle.max_length
         self._use_binding = self.provider == CUDA
-        # A CPU session already spreads one run over all cores: more concurrent runs only fight.
+        # CPU: `runs` runs at once, each on the session's intra-op threads (service/critic/threads.py).
         # On a GPU a second worker prepares the next batch while the device runs this one.
-        workers = 1 if self.provider == CPU else 2
+        workers = max(1, runs) if self.provider == CPU else 2
+        self.runs, self.tokenizer_threads = workers, tokenizer_threads
+        self.intra_op = session.get_session_options().intra_op_num_threads
         self._infer = ThreadPoolExecutor(workers, thread_name_prefix="critic-infer")
         self._tokenize = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="critic-tok")
         pad = tokenizer.token_to_id("[PAD]") or 0
@@ -126,9 +121,11 @@ class OnnxCritic:
         self._closed = threading.Event()
 
     @classmethod
-    def load(cls, path: str | Path, providers: str | list[str] | None = None, *, threads: int | None = None,
-             **kwargs: Any) -> OnnxCritic:
-        """Reads, validates, opens and warms the bundle in ``path``. Blocking."""
+    def load(cls, path: str | Path, providers: str | list[str] | None = None, *,
+             threads: CriticThreads | None = None, **kwargs: Any) -> OnnxCritic:
+        """Reads, validates, opens and warms the bundle in ``path``. Blocking. ``threads``: default
+        all of this process's cores (``threads.plan``)."""
+        threads = threads or plan(cores())
         bundle = read_bundle(path)
         wanted = providers if isinstance(providers, list) else providers_for(providers)
         try:
@@ -136,12 +133,13 @@ class OnnxCritic:
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise BundleError(f"critic bundle {bundle.path}: tokenizer.json does not load: {e}") from e
         try:
-            session = ort.InferenceSession(str(bundle.model_path), session_options(threads or cores()),
+            session = ort.InferenceSession(str(bundle.model_path), session_options(threads.intra_op),
                                            providers=wanted)
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise BundleError(f"critic bundle {bundle.path}: model.onnx does not load: {e}") from e
         check_model_io(bundle, session.get_inputs(), session.get_outputs())
-        critic = cls(bundle, session, tokenizer, **kwargs)
+        critic = cls(bundle, session, tokenizer, **{"tokenizer_threads": threads.tokenizer, "runs": threads.runs,
+                                                    **kwargs})
         # Asked for: named in the setting, or by default on a build that has CUDA (the GPU image).
         asked = CUDA in (providers if isinstance(providers, list) else requested(providers)) and (
             bool(providers) or CUDA in ort.get_available_providers())
@@ -154,8 +152,9 @@ class OnnxCritic:
         except BaseException:
             critic.close()
             raise
-        log.info("critic %s/%s loaded from %s on %s (%s, max_length %d)", critic.name, critic.version,
-                 bundle.path, critic.provider, bundle.precision, critic.max_length)
+        log.info("critic %s/%s loaded from %s on %s (%s, max_length %d, %d intra-op thread(s) x %d run(s), "
+                 "%d tokenizer thread(s))", critic.name, critic.version, bundle.path, critic.provider,
+                 bundle.precision, critic.max_length, threads.intra_op, critic.runs, threads.tokenizer)
         return critic
 
     def warm(self) -> None:
@@ -239,7 +238,8 @@ class OnnxCritic:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "provider": self.provider,
-                "max_length": self.max_length, "bundle": self.bundle.describe()}
+                "max_length": self.max_length, "bundle": self.bundle.describe(),
+                "threads": {"intra_op": self.intra_op, "runs": self.runs, "tokenizer": self.tokenizer_threads}}
 
     def close(self) -> None:
         """Stops taking turns, waits for runs in flight, then lets the session go. Blocking."""

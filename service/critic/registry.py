@@ -7,6 +7,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from service.critic import threads
 from service.critic.base import ConstantCritic, Critic, CriticSlot
 from service.critic.bundle import is_bundle
 from service.critic.onnx_critic import OnnxCritic
@@ -26,8 +27,11 @@ def shipped_bundle() -> Path | None:
 
 
 def open_bundle(path: str | Path, settings: Settings) -> OnnxCritic:
-    """Blocking: validate, open and warm the bundle in ``path`` with the configured providers."""
-    return OnnxCritic.load(path, settings.critic_providers, max_batch=settings.critic_max_batch,
+    """Blocking: validate, open and warm the bundle in ``path`` with the configured providers, on
+    this process's share of the cores."""
+    share = threads.plan(threads.cores(), threads.serve_workers(), settings.critic_threads,
+                         settings.critic_tokenizer_threads)
+    return OnnxCritic.load(path, settings.critic_providers, threads=share, max_batch=settings.critic_max_batch,
                            max_tokens=settings.critic_max_batch_tokens,
                            max_wait_s=settings.critic_batch_wait_ms / 1000)
 
