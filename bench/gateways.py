@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         targets = start_targets(names, upstream, tmp)
         procs += [p for p, _, _ in targets.values()]
         print(f"python {platform.python_version()}, turngate {version('turngate')}, litellm {version('litellm')}, "
-              f"uvicorn {version('uvicorn')}, httpcore {version('httpcore')}, {os.cpu_count()} cores")
+              f"uvicorn {version('uvicorn')}, httptools {version('httptools')}, {os.cpu_count()} cores")
         print(f"fake upstream {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, {args.rounds} alternating rounds "
               f"x {args.seconds:g} s a cell; medians over rounds\n")
         for _, url, _ in targets.values():  # warm up
