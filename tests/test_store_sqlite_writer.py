@@ -93,8 +93,10 @@ async def test_the_writer_threads_drain_at_stop_and_end(db_url, tmp_path):
             engine.dispose()
 
     def writer_threads() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name.startswith(_WRITER_THREADS)]
+        # This sink's: sinks of earlier tests that were abandoned (a simulated crash) keep theirs.
+        return [t for t in threading.enumerate() if t.name.startswith(_WRITER_THREADS) and t not in earlier]
 
+    earlier = set(threading.enumerate())
     sink = StoreSink(db_url, tmp_path / "spool", flush_interval_s=60)
     await sink.start()
     records = [record([{"role": "user", "content": f"q {i}"}], "a", n=1) for i in range(50)]
