@@ -329,8 +329,10 @@ def print_table(rows: list[Row]) -> None:
     print(f"{'fault':<36}{'sent':>7}{'failed':>8}{'answered':>10}{'stored':>8}{'lost':>6}{'dups':>6}  note")
     for r in rows:
         answered = len(set(r.answered))
+        # What the failures were: a poison body the edge refuses (400) is a right answer, a 5xx is not.
+        why = ", ".join(f"{k} x{n}" for k, n in sorted(r.failures.items(), key=str))
         print(f"{r.fault:<36}{r.sent:>7}{r.failed:>8}{answered:>10}{r.stored:>8}{answered - r.stored:>6}"
-              f"{r.dups:>6}  {r.note}", flush=True)
+              f"{r.dups:>6}  {r.note}" + (f"; failed: {why}" if why else ""), flush=True)
 
 
 async def main(argv: list[str] | None = None) -> list[Row]:
