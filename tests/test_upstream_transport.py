@@ -279,6 +279,23 @@ async def test_a_garbage_status_line_is_protocol_garbage():
     await pools.aclose()
 
 
+async def test_endless_headers_are_protocol_garbage():
+    """An upstream that sends headers without end is cut off at the head's cap, not read until the timeout."""
+    async def handle(reader, writer, _):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(20_000):
+            writer.write(b"x-filler-%d: %s\r\n" % (i, b"y" * 100))
+            await writer.drain()
+        await reader.read()
+
+    pools = transport.ConnectionPools()
+    async with serving(handle) as (server, url):
+        with pytest.raises(transport.ProtocolGarbage):
+            await call(pools, url, timeout=10)
+    await pools.aclose()
+
+
 async def test_slow_headers_time_out_and_the_connection_is_not_reused():
     async def handle(reader, writer, number):
         await server.read_request(reader)

@@ -42,6 +42,9 @@ import httptools
 # below which it is read again.
 _PAUSE_AT = 256 * 1024
 _RESUME_AT = 64 * 1024
+# A reply's status line and headers past this are garbage, not a reply (h11, which turngate used
+# before, stopped at 16 KiB): an upstream streaming headers must not grow memory until the timeout.
+_MAX_HEAD = 64 * 1024
 
 
 class TransportError(Exception):
@@ -104,11 +107,12 @@ class Response:
     piece by piece (`aiter_stream`). Close it (`aclose`) unless it was read to its end."""
 
     __slots__ = ("_buffered", "_conn", "_done", "_error", "_got_bytes", "_paused", "_pieces", "_read_timeout",
-                 "_waiter", "_wire", "content", "headers", "status")
+                 "_waiter", "_wire", "content", "head_bytes", "headers", "status")
 
     def __init__(self, conn: _Connection, wire: Wire | None, read_timeout: float | None) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0  # the headers' size so far (_MAX_HEAD)
         self.content = b""  # the body, once `aread` has read it
         self._conn: _Connection | None = conn  # None once the reply is all in (or failed)
         self._wire = wire
@@ -243,6 +247,9 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         resp = self.response
         if resp is not None and not resp._done:
+            resp.head_bytes += len(name) + len(value)
+            if resp.head_bytes > _MAX_HEAD:  # raised through feed_data: data_received's ProtocolGarbage
+                raise ValueError(f"headers over {_MAX_HEAD} bytes")
             resp.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
