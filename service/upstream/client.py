@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from service import wirejson
 from service.settings import RouteSettings
 from service.telemetry import metrics
 from service.telemetry.throttled import ThrottledWarning
@@ -187,7 +188,7 @@ class UpstreamClient:
                     timeout_s: float, stream: bool,
                     wait: UpstreamWait | None = None) -> tuple[transport.Response, _Call]:
         """POSTs the payload; a streamed reply comes back unread, anything else read whole."""
-        content = json.dumps(payload, separators=(",", ":")).encode()
+        content = wirejson.dumps(payload)
         key = route.upstream_api_key.get_secret_value() if route.upstream_api_key else client_key
         url = route.upstream_base_url.rstrip("/") + "/chat/completions"
         headers = [(b"content-type", b"application/json")]
