@@ -1,0 +1,119 @@
+"""Instructions per request in the proxy, counted by valgrind's callgrind: a measure of the request
+path's CPU work that does not move with the machine's load (timings here drift by a third within a
+session; bench/overhead.py's figures need a quiet machine and alternating rounds).
+
+    python bench/proxy_instructions.py [--requests 400] [--concurrency 16] [--targets pass,pass-norec]
+
+The proxy (bench/_stub_proxy.py: the real app and store) runs under callgrind, with the lean fake
+upstream and load generator beside it (bench/_lean_http.py). Instrumentation is switched on after a
+warm-up and covers every thread of the proxy (the store's writer included) until the target's
+requests are answered and the store has written them. Under valgrind the proxy runs ~50x slower,
+so the upstream's latency is scaled up to keep as many requests in flight per loop wake-up as at
+full speed. Counts are deterministic for the same code and load shape; compare two checkouts by
+running this command in each. Needs valgrind (Debian's package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import _load  # noqa: E402
+from bench.overhead import wait_up  # noqa: E402
+from service.demo.fake_actor import free_port  # noqa: E402
+
+
+def callgrind(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
+
+
+def total_instructions(out_dir: Path) -> int:
+    """The sum of the `totals:` lines of every dump callgrind wrote since the last call."""
+    total = 0
+    for f in out_dir.glob("callgrind.out*"):
+        m = re.search(rb"^totals:\s+(\d+)", f.read_bytes(), re.M)
+        total += int(m.group(1)) if m else 0
+        f.unlink()
+    return total
+
+
+async def requests(url: str, model: str, n: int, concurrency: int, upstream: str) -> int:
+    """Sends n requests (`concurrency` at a time, each client its next when its last returned)."""
+    done = 0
+    while done < n:  # _load.load runs for a time; repeat short runs until n are answered
+        r = await _load.load(url, model, concurrency, 2.0, upstream)
+        done += r["n"]
+    return done
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=400, help="counted requests per target (at least)")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--targets", default="pass,pass-norec", help="routes of bench/overhead.py: pass, pass-norec")
+    ap.add_argument("--latency", type=float, default=1.0,
+                    help="fake upstream latency, seconds (scaled for valgrind's slowdown)")
+    args = ap.parse_args()
+    if not shutil.which("valgrind"):
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+
+    tmp = Path(tempfile.mkdtemp(prefix="turngate-instr-"))
+    actor_port, proxy_port = free_port(), free_port()
+    actor_url = f"http://127.0.0.1:{actor_port}/v1"
+    (tmp / "routes.yaml").write_text(yaml.safe_dump({"routes": [
+        {"alias": "pass", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "passthrough"},
+        {"alias": "pass-norec", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "passthrough",
+         "record": "off"}]}))
+    env = {**os.environ, "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
+           "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
+           "PYTHONPATH": str(ROOT), "PYTHONMALLOC": "malloc"}
+    out = tmp / "callgrind"
+    out.mkdir()
+    procs = [
+        subprocess.Popen([sys.executable, str(ROOT / "bench" / "_lean_http.py"), "--port", str(actor_port),
+                          "--latency", str(args.latency), "--jitter", "0.2"], env=env),
+        subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--quiet",
+                          f"--callgrind-out-file={out}/callgrind.out.%p",
+                          sys.executable, str(ROOT / "bench" / "_stub_proxy.py"), "--port", str(proxy_port)],
+                         env=env),
+    ]
+    try:
+        wait_up(actor_url + "/models")
+        wait_up(f"http://127.0.0.1:{proxy_port}/healthz", within_s=900)
+        proxy = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
+        pid = procs[1].pid
+        print(f"fake upstream {args.latency * 1000:.0f} ms +- 20%, concurrency {args.concurrency}, "
+              f"valgrind {subprocess.run(['valgrind', '--version'], capture_output=True, text=True).stdout.strip()}")
+        for target in args.targets.split(","):
+            uvloop.run(requests(proxy, target, args.concurrency * 4, args.concurrency, actor_url))  # warm-up
+            time.sleep(2)  # the store writes the warm-up's turns before counting starts
+            callgrind(pid, "-z")
+            callgrind(pid, "-i", "on")
+            n = uvloop.run(requests(proxy, target, args.requests, args.concurrency, actor_url))
+            time.sleep(2)  # the store's writer commits the counted turns (flush interval 0.5 s)
+            callgrind(pid, "-i", "off")
+            callgrind(pid, "-d")
+            ir = total_instructions(out)
+            print(f"{target:<12} {n:>6} requests  {ir / n / 1e6:8.3f} M instructions/request", flush=True)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
