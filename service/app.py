@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from typing import cast
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from fastapi.telemetry import TelemetryConfig
 
 from service import config_summary, installed_version
 from service.api import (
@@ -26,6 +28,7 @@ from service.api import (
 )
 from service.api import critic as critic_api
 from service.api import feedback as feedback_api
+from service.api.chatpath import ChatFastPath
 from service.api.deps import Services
 from service.api.limits import BodySizeLimit
 from service.api.protocol import ChatCompletionRequest
@@ -112,13 +115,18 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
             if tracing is not None:
                 await asyncio.to_thread(tracing.shutdown)  # flushes the last spans
 
-    app = FastAPI(title="turngate", version=installed_version(), lifespan=lifespan)
+    # FastAPI's own OpenTelemetry layer checks the global providers on every request; it is wanted
+    # only beside turngate's tracing (which then makes its HTTP server span the turn's parent).
+    native_otel = None if tracing is not None else TelemetryConfig(tracing=False, metrics=False, logs=False)
+    app = FastAPI(title="turngate", version=installed_version(), lifespan=lifespan, telemetry=native_otel)
     errors.install(app)
     routers = [openai.router, forward.router, feedback_api.router, critic_api.router, admin.router, admin_keys.router,
                admin_routes.router, admin_turns.router, admin_page.router, health.router, metrics.router]
     for router in routers:
         app.include_router(router)
     openapi.install(app, [ChatCompletionRequest])
+    chat = next(r for r in openai.router.routes if isinstance(r, APIRoute) and r.endpoint is openai.chat_completions)
+    app.add_middleware(ChatFastPath, fastapi=app, route=chat)  # innermost: under the body limit
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     # Outermost: the ids and the request count cover every answer, the body limit's 413 included.
     paths = {getattr(route, "path", "{") for router in routers for route in router.routes}

@@ -47,6 +47,16 @@ def _finite(value: Any) -> bool:
     return True
 
 
+def loads_upstream(raw: bytes) -> Any:
+    """An upstream's reply, read as the standard library reads it (NaN, integers past 64 bits and
+    lone surrogates included: what an upstream sends is relayed, not judged here), by orjson when it
+    can: about three times faster on the replies every turn parses."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
+
 def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON, as Starlette's JSONResponse writes it, several times faster (orjson).
     What orjson refuses (integers past 64 bits, which a client may send and an upstream echo)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response, StreamingResponse
@@ -29,6 +29,7 @@ from service.settings import RouteSettings
 router = APIRouter()
 
 CONVERSATION_HEADER = "x-turngate-conversation-id"
+T = TypeVar("T")
 
 
 class ClientGone(Exception):
@@ -92,17 +93,15 @@ async def chat_completions(request: Request) -> Response:
         return await _stream(request, asyncio.ensure_future(services.gate.relay(turn)), turn, keepalive_s,
                              lambda relay: (replies.relay_headers(relay.record, relay.headers),
                                             replies.relayed(relay.events(), include_usage, logprobs)))
-    task = asyncio.ensure_future(services.gate.run(turn))
     if not payload.get("stream"):
         try:
-            await _until_done(request, task)
+            result = await _watched(request, services.gate.run(turn))
         except ClientGone:
             return Response(status_code=499)
-        result = task.result()
         return Response(wirejson.dumps(_with_choices(result, route, logprobs)), media_type="application/json",
                         headers=replies.decision_headers(result))
     include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
-    return await _stream(request, task, turn, keepalive_s,
+    return await _stream(request, asyncio.ensure_future(services.gate.run(turn)), turn, keepalive_s,
                          lambda result: (replies.decision_headers(result), _iter(replies.replay_chunks(
                              replies.completion_body(result, route.alias, logprobs, route.usage_reported),
                              include_usage))))
@@ -150,6 +149,32 @@ def _parse(raw: bytes, refs: bool = True) -> dict:
     except ValidationError as e:
         raise from_validation(e) from e
     return payload  # forwarded as sent, unknown fields included
+
+
+async def _watched(request: Request, turn: Awaitable[T]) -> T:
+    """Awaits the turn in this task; cancels it (and so its upstream calls) if the client disconnects
+    first. One watcher task a request, not a task for the turn as well and an asyncio.wait."""
+    me = asyncio.current_task()
+    assert me is not None
+    gone = False
+
+    async def disconnected() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        me.cancel()
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        return await turn
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        me.uncancel()  # the cancel was this function's own, and ends here
+        raise ClientGone() from None
+    finally:
+        watcher.cancel()
 
 
 async def _until_done(request: Request, task: asyncio.Task, timeout: float | None = None) -> bool:

@@ -93,7 +93,7 @@ class RequestContext:
             if self.tracing is not None and trace_token is not None:
                 self.tracing.detach(trace_token)
             REQUEST_ID.reset(token)
-            metrics.REQUESTS.labels(state.get(_ROUTE) or "none", self._endpoint(scope), str(status)).inc()
+            metrics.labelled(metrics.REQUESTS, state.get(_ROUTE) or "none", self._endpoint(scope), str(status)).inc()
 
     def _endpoint(self, scope) -> str:
         route = scope.get("route")

@@ -104,7 +104,7 @@ def _note(record: TurnRecord, got: sampling.Sampled) -> None:
         if value is not None:
             name = f"{kind}_tokens"
             setattr(record, name, (getattr(record, name) or 0) + value)
-            metrics.TOKENS.labels(record.route, kind).inc(value)
+            metrics.labelled(metrics.TOKENS, record.route, kind).inc(value)
 
 
 class Gate:
@@ -275,7 +275,7 @@ class Gate:
             # The cascade as it would have run, for the record: the reply (candidate 0) is out already.
             spent += await self._consult(req, record, cands, deadline)
             record.latency_critic_ms = 1000 * spent
-            metrics.CANDIDATES.labels(req.route.alias).observe(len(cands))
+            metrics.labelled(metrics.CANDIDATES, req.route.alias).observe(len(cands))
         except Exception:
             log.exception("shadow ranking failed for %s", record.turn_id)
         finally:
@@ -404,11 +404,11 @@ class Gate:
         if record.mode != "shadow":
             record.latency_critic_ms = clock.critic_s * 1000
         route, mode = record.route, record.mode
-        metrics.TURNS.labels(route, mode, record.decision).inc()
-        metrics.REQUEST_DURATION.labels(route, mode).observe(total)
-        metrics.OVERHEAD.labels(route, mode).observe(max(0.0, total - clock.upstream_s - clock.critic_s))
+        metrics.labelled(metrics.TURNS, route, mode, record.decision).inc()
+        metrics.labelled(metrics.REQUEST_DURATION, route, mode).observe(total)
+        metrics.labelled(metrics.OVERHEAD, route, mode).observe(max(0.0, total - clock.upstream_s - clock.critic_s))
         if record.mode != "shadow" and record.candidates:
-            metrics.CANDIDATES.labels(route).observe(len(record.candidates))
+            metrics.labelled(metrics.CANDIDATES, route).observe(len(record.candidates))
 
     async def _score(self, critic, req: TurnRequest, cands: list[Candidate]) -> float:
         """selection.score, in a span when tracing."""
@@ -434,7 +434,7 @@ class Gate:
     def _enqueue(self, record: TurnRecord, recorded: bool = True) -> None:
         """The finished turn: to the store (unless its route does not record it), and to its key's spend."""
         if record.error is None and any(not e.kind.startswith("judge_") for e in record.upstream_errors):
-            metrics.TURNS_PARTIAL.labels(record.route).inc()
+            metrics.labelled(metrics.TURNS_PARTIAL, record.route).inc()
         if recorded:
             with self._store_span("enqueue", record):
                 try:
@@ -442,7 +442,7 @@ class Gate:
                 except Exception:
                     log.exception("could not enqueue turn %s", record.turn_id)
         else:
-            metrics.TURNS_UNRECORDED.labels(record.route).inc()
+            metrics.labelled(metrics.TURNS_UNRECORDED, record.route).inc()
         self._charge(record)
 
     def _charge(self, record: TurnRecord) -> None:
@@ -526,7 +526,7 @@ class Relay:
             record.decision, record.error = "cancelled", "client disconnected"
         latency = self._stream.last_in - self._stream.sent  # request written to the last piece in
         clock.upstream_s = latency
-        metrics.UPSTREAM_DURATION.labels(record.route).observe(latency)
+        metrics.labelled(metrics.UPSTREAM_DURATION, record.route).observe(latency)
         try:
             body = self._assembler.body()
             samples = samples_of(body, body["choices"], latency, self.headers) if body["choices"] else []

@@ -101,7 +101,7 @@ async def _measured(route: str, call: Awaitable[list[Sample]]) -> list[Sample]:
     except UpstreamError as e:
         metrics.UPSTREAM_ERRORS.labels(route, e.kind).inc()
         raise
-    metrics.UPSTREAM_DURATION.labels(route).observe(samples[0].latency_s)
+    metrics.labelled(metrics.UPSTREAM_DURATION, route).observe(samples[0].latency_s)
     return samples
 
 

@@ -284,7 +284,7 @@ def _status_error(resp: transport.Response) -> UpstreamError:
 
 def _parse(raw: bytes, latency: float, headers: dict[str, str] | None = None) -> list[Sample]:
     try:
-        body = json.loads(raw)
+        body = wirejson.loads_upstream(raw)
         choices = body["choices"]
         if not isinstance(choices, list) or not choices:
             raise ValueError("no choices")

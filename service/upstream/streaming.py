@@ -7,9 +7,10 @@ the parsed JSON of their data field, which the assembler reads to record the tur
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from service import wirejson
 
 # One event past this size is not a chat chunk: the stream is garbage, not a reason to buffer on.
 MAX_EVENT_BYTES = 8 * 1024 * 1024
@@ -60,7 +61,7 @@ def _event(block: bytes) -> Event:
         event.done = True
         return event
     try:
-        event.data = json.loads(text)
+        event.data = wirejson.loads_upstream(text)
     except ValueError:
         raise StreamGarbage(f"an event whose data is not JSON: {text[:80]!r}") from None
     return event
