@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 
+from service.api import onewrite
 from service.app import create_app
 
 
@@ -64,7 +65,7 @@ def main() -> None:
                 with open(args.gc_report, "w") as fh:
                     json.dump(pauses, fh)
     app.router.lifespan_context = lifespan
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, http=onewrite.NAME)
 
 
 if __name__ == "__main__":

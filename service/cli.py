@@ -42,6 +42,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
 
     import uvicorn
 
+    from service.api import onewrite
     from service.critic.threads import WORKERS_ENV
     from service.preflight import check_before_serving
     from service.settings import Settings
@@ -64,7 +65,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     try:
         with for_workers(workers):
             uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
-                        log_config=logging_config, log_level=settings.log_level)
+                        log_config=logging_config, log_level=settings.log_level, http=onewrite.NAME)
     finally:
         os.environ.pop(WORKERS_ENV, None)
 

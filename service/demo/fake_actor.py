@@ -35,6 +35,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from service.api import onewrite
+
 
 @dataclass
 class Reply:
@@ -319,6 +321,7 @@ def free_port() -> int:
 def serve_in_thread(app, port: int | None = None, **config: Any) -> Iterator[str]:
     """Runs an ASGI app under uvicorn on loopback in a thread; yields its base URL."""
     port = port or free_port()
+    config = {"http": onewrite.NAME, **config}  # as `turngate serve` runs
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="on", **config))
     thread = threading.Thread(target=server.run, daemon=True)
