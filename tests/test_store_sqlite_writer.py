@@ -199,3 +199,24 @@ async def test_two_writers_on_one_sqlite_file_both_land_everything(tmp_path):
         got = [r[0] for r in conn.execute("SELECT id FROM turns")]
         cands = conn.execute("SELECT count(*) FROM candidates").fetchone()[0]
     assert sorted(got) == sorted(r.turn_id for r in records) and cands == 2 * len(records)
+
+
+def test_prepare_lets_the_gil_go_between_chunks_and_rows_stay_the_same(monkeypatch):
+    """A batch is prepared GIL_CHUNK records at a time with a time.sleep(0) (the GIL let go)
+    between chunks, so the event loop waits for a chunk, not a batch; the rows are those of the
+    records prepared one by one, and a turn twice across chunks is still kept once, the later."""
+    from service.store import writer
+
+    records = [record([{"role": "user", "content": f"q {i}"}], f"a {i}", n=2) for i in range(2 * writer.GIL_CHUNK + 5)]
+    later = dataclasses.replace(records[0], route="later")
+    records.append(later)
+    naps = []
+    monkeypatch.setattr(writer.time, "sleep", naps.append)
+    got = prepare(records, encode_json=True)
+    assert naps == [0, 0]
+    one_by_one = [prepare([r], encode_json=True) for r in records[1:]]
+    assert got.records == records[1:]
+    assert got.turns == [t for p in one_by_one for t in p.turns]
+    assert got.candidates == [c for p in one_by_one for c in p.candidates]
+    assert got.conversations == [c for p in one_by_one for c in p.conversations]
+    assert got.keys == [k for p in one_by_one for k in p.keys]
