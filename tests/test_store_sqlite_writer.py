@@ -16,7 +16,7 @@ from sqlalchemy import text
 from service.store.engine import make_async_engine, make_sync_engine
 from service.store.migrate import upgrade
 from service.store.sink import StoreSink
-from service.store.writer import LinkCache, prepare, write_batch
+from service.store.writer import LinkCache, prepare, thread_rows, write_batch
 from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
 
 _WRITER_THREADS = ("turngate-store-sqlite", "turngate-store-pg", "turngate-store-prepare")
@@ -220,3 +220,22 @@ def test_prepare_lets_the_gil_go_between_chunks_and_rows_stay_the_same(monkeypat
     assert got.candidates == [c for p in one_by_one for c in p.candidates]
     assert got.conversations == [c for p in one_by_one for c in p.conversations]
     assert got.keys == [k for p in one_by_one for k in p.keys]
+
+
+def test_new_conversation_ids_sort_by_their_first_turns_time_and_replay_the_same():
+    """Time first, so that new conversations append to the B-trees indexed by conversation id;
+    derived from the record alone, so that a replayed turn threads the same way."""
+    from service.store.conversations import new_conversation_id
+
+    records = [record([{"role": "user", "content": f"q {i}"}], "a", n=1) for i in range(12)]
+    for i, r in enumerate(records):
+        r.created_at = 1_700_000_000.0 + i * 0.5
+    ids = [new_conversation_id(r.turn_id, r.created_at) for r in records]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(len(c) == len("conv-") + 32 for c in ids)  # as long as the ids of earlier releases
+    assert ids == [new_conversation_id(r.turn_id, r.created_at) for r in records]
+    for odd in (None, "soon", float("nan"), float("inf"), -5.0, 1e300):
+        assert new_conversation_id("turn-x", odd) == new_conversation_id("turn-x", odd)
+    got = prepare(records)
+    conv_rows, _ = thread_rows(got, {})
+    assert [c["id"] for c in conv_rows] == ids

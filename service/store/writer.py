@@ -129,7 +129,8 @@ def thread_rows(prepared: Prepared, found: dict[str, str]) -> tuple[list[dict[st
     conversations: dict[str, dict[str, Any]] = {}
     links: dict[str, str] = {}
     for r, k, row, cf in zip(prepared.records, prepared.keys, prepared.turns, prepared.conversations):
-        conv = k.explicit_id or (k.lookup_hash and found.get(k.lookup_hash)) or new_conversation_id(r.turn_id)
+        conv = (k.explicit_id or (k.lookup_hash and found.get(k.lookup_hash))
+                or new_conversation_id(r.turn_id, r.created_at))
         if k.link_hash:
             found[k.link_hash] = links[k.link_hash] = conv  # a later turn of this batch may need it
         row["conversation_id"] = conv
