@@ -4,8 +4,8 @@ Through SQLAlchemy's async engine a batch cost several times SQLite's own work: 
 processing, greenlet switches, and aiosqlite's thread hop for every call. Here a batch is one call
 on the writer thread: prepare (service.store.writer.prepare: threading keys, rows fitted by the
 record boundary, JSON encoded once), then fixed INSERT ... ON CONFLICT statements (sqlite3 keeps
-them compiled) executemany'd over the rows as tuples, in one BEGIN IMMEDIATE transaction. The event loop
-only hands the batch over and takes the outcome back.
+them compiled) executemany'd over the rows as tuples, in one BEGIN IMMEDIATE transaction. The event
+loop only hands the batch over and takes the outcome back.
 
 The values are what SQLAlchemy writes for these columns, so that everything reading the store
 through SQLAlchemy (API, CLI, export, prune) sees the same rows: times as 'YYYY-MM-DD
