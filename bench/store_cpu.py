@@ -1,12 +1,16 @@
 """The embedded store's CPU per turn: StoreSink on a SQLite file, fed passthrough-sized turns at a
 proxy's rate, every thread of the process counted (as bench/overhead.py's `proxy cpu/req` does).
 
-    python bench/store_cpu.py [--turns 3000] [--rate 250] [--repeats 3]
+    python bench/store_cpu.py [--turns 3000] [--rate 250] [--repeats 3] [--lag]
 
 Each repeat runs the same paced loop twice, with the turns enqueued and without (the loop's own
 cost), and prints the difference per turn: journal (enqueue), writer (prepare, rows, commits),
 spool rotation and fsyncs. It uses only StoreSink's interface, so the same command under another
 checkout's PYTHONPATH measures that checkout (old and new run alternately share the machine's load).
+
+--lag also runs a probe on the loop (a 1 ms sleep, over and over) and prints how late it woke, with
+the store and without: the writer thread holding the GIL delays the loop, which a proxy's latency
+percentiles show.
 """
 
 from __future__ import annotations
@@ -38,8 +42,17 @@ def passthrough_turn(i: int) -> TurnRecord:
                       conversation=ConversationHint(key_id="bench"))
 
 
-async def paced(n: int, rate: float, record: bool) -> tuple[float, int]:
-    """Process CPU seconds (all threads) for n turns at `rate`/s, until the last is committed."""
+async def probe(lags: list[float]) -> None:
+    """Appends how late (seconds) each 1 ms sleep of the loop woke, until cancelled."""
+    while True:
+        t = time.perf_counter()
+        await asyncio.sleep(0.001)
+        lags.append(time.perf_counter() - t - 0.001)
+
+
+async def paced(n: int, rate: float, record: bool, lags: list[float] | None = None) -> tuple[float, int]:
+    """Process CPU seconds (all threads) for n turns at `rate`/s, until the last is committed;
+    with `lags`, the loop's wake-up lags meanwhile."""
     d = tempfile.mkdtemp(prefix="tg-store-cpu-")
     sink = StoreSink(f"sqlite:///{d}/store.db", f"{d}/spool", auto_migrate=True)
     await sink.start()
@@ -48,6 +61,7 @@ async def paced(n: int, rate: float, record: bool) -> tuple[float, int]:
         sink.enqueue(r)
     await sink.flush(30)
     turns = [passthrough_turn(i) for i in range(n)]
+    prober = asyncio.create_task(probe(lags)) if lags is not None else None
     cpu0 = time.process_time()
     for i in range(0, n, BURST):
         if record:
@@ -57,6 +71,8 @@ async def paced(n: int, rate: float, record: bool) -> tuple[float, int]:
     if record and not await sink.flush(60):
         raise SystemExit("the store did not write every turn")
     cpu = time.process_time() - cpu0
+    if prober is not None:
+        prober.cancel()
     written = sink.written - len(warm)
     await sink.stop()
     return cpu, written
@@ -67,15 +83,22 @@ async def main() -> None:
     ap.add_argument("--turns", type=int, default=3000)
     ap.add_argument("--rate", type=float, default=250.0, help="turns per second (the proxy's req/s)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lag", action="store_true", help="also measure the loop's wake-up lag")
     args = ap.parse_args()
     per_turn = []
+    lags: dict[bool, list[float]] | None = {True: [], False: []} if args.lag else None
     for i in range(args.repeats):
-        with_store, written = await paced(args.turns, args.rate, True)
-        idle, _ = await paced(args.turns, args.rate, False)
+        with_store, written = await paced(args.turns, args.rate, True, lags[True] if lags else None)
+        idle, _ = await paced(args.turns, args.rate, False, lags[False] if lags else None)
         per_turn.append((with_store - idle) / args.turns * 1000)
         print(f"run {i + 1}: {written} turns, store {per_turn[-1]:.3f} ms CPU/turn "
               f"(paced loop with store {with_store:.2f} s, without {idle:.2f} s)")
     print(f"store CPU per turn, median of {args.repeats}: {statistics.median(per_turn):.3f} ms")
+    if lags is not None:
+        for record, got in lags.items():
+            q = statistics.quantiles(got, n=1000)
+            print(f"loop wake-up lag {'with' if record else 'without'} the store: p99 {q[989] * 1000:.2f} ms, "
+                  f"p99.9 {q[998] * 1000:.2f} ms, max {max(got) * 1000:.2f} ms ({len(got)} wake-ups)")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from sqlalchemy import text
 from service.store.engine import make_async_engine, make_sync_engine
 from service.store.migrate import upgrade
 from service.store.sink import StoreSink
-from service.store.writer import LinkCache, prepare, write_batch
+from service.store.writer import LinkCache, prepare, thread_rows, write_batch
 from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
 
 _WRITER_THREADS = ("turngate-store-sqlite", "turngate-store-pg", "turngate-store-prepare")
@@ -199,3 +199,43 @@ async def test_two_writers_on_one_sqlite_file_both_land_everything(tmp_path):
         got = [r[0] for r in conn.execute("SELECT id FROM turns")]
         cands = conn.execute("SELECT count(*) FROM candidates").fetchone()[0]
     assert sorted(got) == sorted(r.turn_id for r in records) and cands == 2 * len(records)
+
+
+def test_prepare_lets_the_gil_go_between_chunks_and_rows_stay_the_same(monkeypatch):
+    """A batch is prepared GIL_CHUNK records at a time with a time.sleep(0) (the GIL let go)
+    between chunks, so the event loop waits for a chunk, not a batch; the rows are those of the
+    records prepared one by one, and a turn twice across chunks is still kept once, the later."""
+    from service.store import writer
+
+    records = [record([{"role": "user", "content": f"q {i}"}], f"a {i}", n=2) for i in range(2 * writer.GIL_CHUNK + 5)]
+    later = dataclasses.replace(records[0], route="later")
+    records.append(later)
+    naps = []
+    monkeypatch.setattr(writer.time, "sleep", naps.append)
+    got = prepare(records, encode_json=True)
+    assert naps == [0, 0]
+    one_by_one = [prepare([r], encode_json=True) for r in records[1:]]
+    assert got.records == records[1:]
+    assert got.turns == [t for p in one_by_one for t in p.turns]
+    assert got.candidates == [c for p in one_by_one for c in p.candidates]
+    assert got.conversations == [c for p in one_by_one for c in p.conversations]
+    assert got.keys == [k for p in one_by_one for k in p.keys]
+
+
+def test_new_conversation_ids_sort_by_their_first_turns_time_and_replay_the_same():
+    """Time first, so that new conversations append to the B-trees indexed by conversation id;
+    derived from the record alone, so that a replayed turn threads the same way."""
+    from service.store.conversations import new_conversation_id
+
+    records = [record([{"role": "user", "content": f"q {i}"}], "a", n=1) for i in range(12)]
+    for i, r in enumerate(records):
+        r.created_at = 1_700_000_000.0 + i * 0.5
+    ids = [new_conversation_id(r.turn_id, r.created_at) for r in records]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(len(c) == len("conv-") + 32 for c in ids)  # as long as the ids of earlier releases
+    assert ids == [new_conversation_id(r.turn_id, r.created_at) for r in records]
+    for odd in (None, "soon", float("nan"), float("inf"), -5.0, 1e300):
+        assert new_conversation_id("turn-x", odd) == new_conversation_id("turn-x", odd)
+    got = prepare(records)
+    conv_rows, _ = thread_rows(got, {})
+    assert [c["id"] for c in conv_rows] == ids

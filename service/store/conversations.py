@@ -114,8 +114,21 @@ def conversation_id_for_external(external_id: str, key_id: str | None) -> str:
     return _id("conv-", "x", key_id, external_id)
 
 
-def new_conversation_id(turn_id: str) -> str:
-    return _id("conv-", "t", turn_id)
+def new_conversation_id(turn_id: str, created_at: Any) -> str:
+    """A new conversation's id: its first turn's time, then a hash of that turn's id (the same
+    length as the ids of earlier releases, which stay valid). Time first: new conversations sort
+    after older ones, so their rows and index entries (conversations, turns by conversation, links)
+    are appended to each B-tree instead of dirtying a random page of it each."""
+    return "conv-" + _millis_hex(created_at) + _id("", "t", turn_id)[:20]
+
+
+def _millis_hex(ts: Any) -> str:
+    """A unix time in milliseconds as 12 hex digits; deterministic (0) for a value that is not a time."""
+    try:
+        ms = int(float(ts) * 1000)
+    except (TypeError, ValueError, OverflowError):
+        ms = 0
+    return f"{min(max(ms, 0), 16**12 - 1):012x}"
 
 
 def thread_keys(record: TurnRecord) -> ThreadKeys:

@@ -4,8 +4,8 @@ Through SQLAlchemy's async engine a batch cost several times SQLite's own work: 
 processing, greenlet switches, and aiosqlite's thread hop for every call. Here a batch is one call
 on the writer thread: prepare (service.store.writer.prepare: threading keys, rows fitted by the
 record boundary, JSON encoded once), then fixed INSERT ... ON CONFLICT statements (sqlite3 keeps
-them compiled) executemany'd over the row dicts, in one BEGIN IMMEDIATE transaction. The event loop
-only hands the batch over and takes the outcome back.
+them compiled) executemany'd over the rows as tuples, in one BEGIN IMMEDIATE transaction. The event
+loop only hands the batch over and takes the outcome back.
 
 The values are what SQLAlchemy writes for these columns, so that everything reading the store
 through SQLAlchemy (API, CLI, export, prune) sees the same rows: times as 'YYYY-MM-DD
@@ -18,6 +18,7 @@ import asyncio
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Table
@@ -45,24 +46,23 @@ def sqlite_time(dt: datetime) -> str:
 
 
 class _Table:
-    """One table's insert statement and the columns whose values need SQLite's form."""
+    """One table's insert statement (positional parameters: sqlite3 binds a tuple cheaper than a
+    dict) and the conversion of row dicts to its parameter tuples."""
 
     def __init__(self, table: Table, columns: list[str], conflict: str) -> None:
         kinds = column_kinds(table)
         self.sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) "
-                    f"VALUES ({', '.join(':' + c for c in columns)}) {conflict}")
-        self.times = [c for c in columns if kinds[c] == "time"]
+                    f"VALUES ({', '.join('?' * len(columns))}) {conflict}")
         self.json = [c for c in columns if kinds[c] == "json"]
+        self.values = itemgetter(*columns)  # every table written here has several columns: a tuple
 
-    def rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The rows (changed in place) with SQLite's values: JSON arrives encoded (prepare)."""
+    def params(self, rows: list[dict[str, Any]]) -> list[tuple]:
+        """The rows' values in column order (JSON arrives encoded by prepare, times as text)."""
         for row in rows:
-            for c in self.times:
-                row[c] = sqlite_time(row[c])
             for c in self.json:
                 if row[c] is None:
                     row[c] = "null"  # SQLAlchemy's JSON type writes None as JSON null, not SQL NULL
-        return rows
+        return list(map(self.values, rows))
 
 
 class SqliteBatchWriter:
@@ -141,8 +141,11 @@ class SqliteBatchWriter:
             found.update(conn.execute(
                 "SELECT prefix_hash, conversation_id FROM conversation_links WHERE prefix_hash IN "
                 f"({', '.join('?' * len(chunk))})", chunk).fetchall())
+        # Times as SQLite's text before threading: the conversation rows take theirs from the turns
+        # (and compare them: text order is time order), so each is formatted once.
+        for t in prepared.turns:
+            t["created_at"] = sqlite_time(t["created_at"])
         conv_rows, links = thread_rows(prepared, found)
-        # Critics are read before the turn rows are converted to SQLite's values.
         new_critics = {(t["critic_name"], t["critic_version"]) for t in prepared.turns
                        if t["critic_name"] and t["critic_version"]} - critics
 
@@ -150,7 +153,7 @@ class SqliteBatchWriter:
                    "ON CONFLICT (id) DO UPDATE SET last_seen = max(conversations.last_seen, excluded.last_seen)")
         self._many(conn, Turn.__table__, prepared.turns, "ON CONFLICT (id) DO NOTHING")
         self._many(conn, Candidate.__table__, prepared.candidates, "ON CONFLICT DO NOTHING")
-        now = datetime.now(UTC)
+        now = sqlite_time(datetime.now(UTC))
         if links:
             self._many(conn, ConversationLink.__table__, [
                 {"prefix_hash": h, "conversation_id": c, "created_at": now} for h, c in sorted(links.items())],
@@ -172,4 +175,4 @@ class SqliteBatchWriter:
         t = self._tables.get(key)
         if t is None:
             t = self._tables[key] = _Table(table, list(rows[0]), conflict)
-        conn.executemany(t.sql, t.rows(rows))
+        conn.executemany(t.sql, t.params(rows))

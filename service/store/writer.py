@@ -6,6 +6,7 @@ its rows fit the tables."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,17 +64,34 @@ class Prepared:
     encoded: bool
 
 
+# Records prepared between two hand-overs of the GIL: a thread running Python keeps the GIL until
+# another has waited 5 ms (CPython's switch interval), so a 90-turn batch (~2.5 ms) prepared in one
+# go stalls the event loop that long; 16 turns are ~0.4 ms.
+GIL_CHUNK = 16
+
+
 def prepare(records: list[TurnRecord], encode_json: bool = False) -> Prepared:
-    """CPU work (hashing, row building, fitting, JSON encoding); the sink runs it in a thread."""
+    """CPU work (hashing, row building, fitting, JSON encoding); the sink runs it in a thread, which
+    lets the GIL go every GIL_CHUNK records."""
     last = {r.turn_id: i for i, r in enumerate(records)}  # a turn twice: the later record wins
     records = [r for i, r in enumerate(records) if last[r.turn_id] == i]
+    prepared = Prepared(records, [], [], [], [], encode_json)
+    for i in range(0, len(records), GIL_CHUNK):
+        if i:
+            time.sleep(0)  # releases the GIL: a thread waiting for it (the event loop) takes it now
+        _add_rows(prepared, records[i:i + GIL_CHUNK])
+    return prepared
+
+
+def _add_rows(prepared: Prepared, records: list[TurnRecord]) -> None:
     keys = [thread_keys(r) for r in records]
+    encode_json = prepared.encoded
     turn_t, cand_t, conv_t = Turn.__table__, Candidate.__table__, Conversation.__table__
-    turns = [fit_row(turn_t, turn_row(r, "", k.index), encode_json) for r, k in zip(records, keys)]
-    cands = [fit_row(cand_t, c, encode_json) for r in records for c in candidate_rows(r)]
-    convs = [fit_row(conv_t, {"key_id": r.conversation.key_id, "external_id": k.external_id})
-             for r, k in zip(records, keys)]
-    return Prepared(records, keys, turns, cands, convs, encode_json)
+    prepared.keys += keys
+    prepared.turns += [fit_row(turn_t, turn_row(r, "", k.index), encode_json) for r, k in zip(records, keys)]
+    prepared.candidates += [fit_row(cand_t, c, encode_json) for r in records for c in candidate_rows(r)]
+    prepared.conversations += [fit_row(conv_t, {"key_id": r.conversation.key_id, "external_id": k.external_id})
+                               for r, k in zip(records, keys)]
 
 
 def turn_row(r: TurnRecord, conversation_id: str, index: int) -> dict[str, Any]:
@@ -111,7 +129,8 @@ def thread_rows(prepared: Prepared, found: dict[str, str]) -> tuple[list[dict[st
     conversations: dict[str, dict[str, Any]] = {}
     links: dict[str, str] = {}
     for r, k, row, cf in zip(prepared.records, prepared.keys, prepared.turns, prepared.conversations):
-        conv = k.explicit_id or (k.lookup_hash and found.get(k.lookup_hash)) or new_conversation_id(r.turn_id)
+        conv = (k.explicit_id or (k.lookup_hash and found.get(k.lookup_hash))
+                or new_conversation_id(r.turn_id, r.created_at))
         if k.link_hash:
             found[k.link_hash] = links[k.link_hash] = conv  # a later turn of this batch may need it
         row["conversation_id"] = conv
