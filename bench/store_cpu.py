@@ -1,12 +1,15 @@
 """The embedded store's CPU per turn: StoreSink on a SQLite file, fed passthrough-sized turns at a
 proxy's rate, every thread of the process counted (as bench/overhead.py's `proxy cpu/req` does).
 
-    python bench/store_cpu.py [--turns 3000] [--rate 250] [--repeats 3] [--lag]
+    python bench/store_cpu.py [--turns 3000] [--rate 250] [--repeats 3] [--lag] [--prefill 30000]
 
 Each repeat runs the same paced loop twice, with the turns enqueued and without (the loop's own
 cost), and prints the difference per turn: journal (enqueue), writer (prepare, rows, commits),
 spool rotation and fsyncs. It uses only StoreSink's interface, so the same command under another
 checkout's PYTHONPATH measures that checkout (old and new run alternately share the machine's load).
+
+--prefill N writes N turns first: inserts into a store that already holds many turns touch more
+pages than into a new one (ids that land at random places in an index cost the most there).
 
 --lag also runs a probe on the loop (a 1 ms sleep, over and over) and prints how late it woke, with
 the store and without: the writer thread holding the GIL delays the loop, which a proxy's latency
@@ -50,12 +53,18 @@ async def probe(lags: list[float]) -> None:
         lags.append(time.perf_counter() - t - 0.001)
 
 
-async def paced(n: int, rate: float, record: bool, lags: list[float] | None = None) -> tuple[float, int]:
+async def paced(n: int, rate: float, record: bool, lags: list[float] | None = None,
+                prefill: int = 0) -> tuple[float, int]:
     """Process CPU seconds (all threads) for n turns at `rate`/s, until the last is committed;
     with `lags`, the loop's wake-up lags meanwhile."""
     d = tempfile.mkdtemp(prefix="tg-store-cpu-")
     sink = StoreSink(f"sqlite:///{d}/store.db", f"{d}/spool", auto_migrate=True)
     await sink.start()
+    for start in range(0, prefill, 2000):
+        for i in range(start, min(prefill, start + 2000)):
+            sink.enqueue(passthrough_turn(i))
+        await sink.flush(60)
+    written0 = sink.written
     warm = [passthrough_turn(i) for i in range(200)]
     for r in warm:
         sink.enqueue(r)
@@ -73,7 +82,7 @@ async def paced(n: int, rate: float, record: bool, lags: list[float] | None = No
     cpu = time.process_time() - cpu0
     if prober is not None:
         prober.cancel()
-    written = sink.written - len(warm)
+    written = sink.written - written0 - len(warm)
     await sink.stop()
     return cpu, written
 
@@ -84,11 +93,13 @@ async def main() -> None:
     ap.add_argument("--rate", type=float, default=250.0, help="turns per second (the proxy's req/s)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lag", action="store_true", help="also measure the loop's wake-up lag")
+    ap.add_argument("--prefill", type=int, default=0, help="turns written before the measured ones")
     args = ap.parse_args()
     per_turn = []
     lags: dict[bool, list[float]] | None = {True: [], False: []} if args.lag else None
     for i in range(args.repeats):
-        with_store, written = await paced(args.turns, args.rate, True, lags[True] if lags else None)
+        with_store, written = await paced(args.turns, args.rate, True, lags[True] if lags else None,
+                                          args.prefill)
         idle, _ = await paced(args.turns, args.rate, False, lags[False] if lags else None)
         per_turn.append((with_store - idle) / args.turns * 1000)
         print(f"run {i + 1}: {written} turns, store {per_turn[-1]:.3f} ms CPU/turn "

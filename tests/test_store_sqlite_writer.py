@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import sqlite3
 import threading
+import time
 
 from sqlalchemy import text
 
@@ -239,3 +240,17 @@ def test_new_conversation_ids_sort_by_their_first_turns_time_and_replay_the_same
     got = prepare(records)
     conv_rows, _ = thread_rows(got, {})
     assert [c["id"] for c in conv_rows] == ids
+
+
+def test_turn_ids_are_unique_time_ordered_and_as_long_as_before():
+    from service.gate.record import new_turn_id
+
+    ids = []
+    for _ in range(3):
+        ids += [new_turn_id() for _ in range(2000)]
+        time.sleep(0.002)  # the next ones fall in a later millisecond
+    assert len(set(ids)) == len(ids)
+    assert all(len(t) == len("turn-") + 32 and t.startswith("turn-") for t in ids)
+    stamps = [t[5:17] for t in ids]
+    assert stamps == sorted(stamps) and stamps[0] < stamps[-1]
+    assert abs(int(stamps[-1], 16) / 1000 - time.time()) < 60
