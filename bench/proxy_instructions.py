@@ -40,13 +40,17 @@ def callgrind(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-def total_instructions(out_dir: Path) -> int:
-    """The sum of the `totals:` lines of every dump callgrind wrote since the last call."""
+def total_instructions(out_dir: Path, keep: Path | None, target: str) -> int:
+    """The sum of the `totals:` lines of every dump callgrind wrote since the last call; the dumps
+    are moved to `keep` (for callgrind_annotate) or deleted."""
     total = 0
-    for f in out_dir.glob("callgrind.out*"):
+    for i, f in enumerate(sorted(out_dir.glob("callgrind.out*"))):
         m = re.search(rb"^totals:\s+(\d+)", f.read_bytes(), re.M)
         total += int(m.group(1)) if m else 0
-        f.unlink()
+        if keep is not None:
+            shutil.move(f, keep / f"callgrind.{target}.{i}")
+        else:
+            f.unlink()
     return total
 
 
@@ -64,6 +68,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400, help="counted requests per target (at least)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--targets", default="pass,pass-norec", help="routes of bench/overhead.py: pass, pass-norec")
+    ap.add_argument("--keep", type=Path, help="keep each target's callgrind dump in this folder "
+                                              "(callgrind_annotate reads it: C functions, SQLite's included)")
     ap.add_argument("--latency", type=float, default=1.0,
                     help="fake upstream latency, seconds (scaled for valgrind's slowdown)")
     args = ap.parse_args()
@@ -106,7 +112,7 @@ def main() -> None:
             time.sleep(2)  # the store's writer commits the counted turns (flush interval 0.5 s)
             callgrind(pid, "-i", "off")
             callgrind(pid, "-d")
-            ir = total_instructions(out)
+            ir = total_instructions(out, args.keep, target)
             print(f"{target:<12} {n:>6} requests  {ir / n / 1e6:8.3f} M instructions/request", flush=True)
     finally:
         for p in procs:

@@ -31,6 +31,14 @@ from service.store.writer import LinkCache, Prepared, prepare, thread_rows
 
 _LOOKUP_CHUNK = 1000  # prefix hashes per SELECT ... IN (...)
 
+# sqlite3 looks for an adapter for every parameter that is not exactly an int, float, str or
+# bytearray. For None (SQL NULL: a third of a turn's values) and bool that search fails twice, each
+# time formatting an AttributeError: about 3,000 instructions a value, 8% of the store's work
+# (bench/proxy_instructions.py). Registered adapters answer from the registry, in C and with the
+# values sqlite3 would bind anyway (NULL, 0/1); they apply to every sqlite3 connection of the process.
+sqlite3.register_adapter(type(None), {}.get)  # {}.get(None) is None
+sqlite3.register_adapter(bool, int)
+
 
 def sqlite_path(url: str) -> str | None:
     """The database file of a sqlite:/// URL; None for an in-memory database (one per connection,
