@@ -366,9 +366,13 @@ class Settings(BaseSettings):
 
     @property
     def route_table(self) -> RouteTable:
-        if self._table is None:
-            self._table = RouteTable(self.routes)
-        return self._table
+        # Read from pydantic's private store directly: `self._table` reaches it only through
+        # BaseModel.__getattr__, after a failed lookup (several a request on the chat path).
+        private = self.__pydantic_private__
+        table = private["_table"] if private is not None else None
+        if table is None:
+            table = self._table = RouteTable(self.routes)
+        return table
 
     @property
     def seed_routes(self) -> tuple[RouteSettings, ...]:

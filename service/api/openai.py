@@ -165,7 +165,7 @@ async def _watched(request: Request, turn: Awaitable[T]) -> T:
         gone = True
         me.cancel()
 
-    watcher = asyncio.ensure_future(disconnected())
+    watcher = asyncio.get_running_loop().create_task(disconnected())
     try:
         return await turn
     except asyncio.CancelledError:

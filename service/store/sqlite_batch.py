@@ -36,7 +36,7 @@ _LOOKUP_CHUNK = 1000  # prefix hashes per SELECT ... IN (...)
 # time formatting an AttributeError: about 3,000 instructions a value, 8% of the store's work
 # (bench/proxy_instructions.py). Registered adapters answer from the registry, in C and with the
 # values sqlite3 would bind anyway (NULL, 0/1); they apply to every sqlite3 connection of the process.
-sqlite3.register_adapter(type(None), {}.get)  # {}.get(None) is None
+sqlite3.register_adapter(type(None), {}.get)  # type: ignore[arg-type]  # {}.get(None) is None
 sqlite3.register_adapter(bool, int)
 
 
