@@ -5,12 +5,14 @@ counted exactly (two writes sent back to back would often arrive as one read on 
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from uvicorn.server import ServerState
 
 from service.api import onewrite
@@ -116,3 +118,28 @@ def test_an_app_failing_after_its_start_gets_its_head_out_before_the_close():
     t = asyncio.run(exchange(b"GET /broken HTTP/1.1\r\nhost: x\r\n\r\n"))
     assert t.closed
     assert len(t.writes) == 1 and t.writes[0].startswith(b"HTTP/1.1 200 OK")
+
+
+def test_a_finished_request_is_freed_without_the_cyclic_gc():
+    """The held-head transport and its request's cycle must not hold each other: every request's
+    objects would otherwise wait for a full GC pass (a stall of the event loop) to be freed."""
+    async def two_requests_on_one_connection() -> int:
+        config = Config(app=app, http=onewrite.NAME, log_level="critical", lifespan="off")
+        config.load()
+        protocol = config.http_protocol_class(config=config, server_state=ServerState(), app_state={})
+        transport = RecordingTransport()
+        protocol.connection_made(transport)
+        for _ in range(2):
+            protocol.data_received(b"GET /json HTTP/1.1\r\nhost: x\r\n\r\n")
+            while not protocol.cycle.response_complete:
+                await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)  # the first request's task is done and gone
+        assert len(transport.writes) == 2
+        return sum(isinstance(o, RequestResponseCycle) for o in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        assert asyncio.run(two_requests_on_one_connection()) == 1  # the connection's current one only
+    finally:
+        gc.enable()

@@ -14,6 +14,7 @@ Run with `uvicorn --http service.api.onewrite:OneWriteProtocol` (turngate serve 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -26,17 +27,18 @@ class _HeldHead:
 
     def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
         self._transport = transport
-        self._cycle = cycle
+        # Weak: the cycle holds this transport, and a cycle of references would leave every
+        # request's objects to the cyclic GC instead of freeing them when the request ends.
+        self._cycle = weakref.ref(cycle)
         self._head: bytes | None = None
         self._started = False
 
     def write(self, data: bytes) -> None:
         if self._head is not None:
             data, self._head = self._head + data, None
-        elif not self._started and self._cycle.response_started:
+        elif not self._started and (cycle := self._cycle()) is not None and cycle.response_started:
             # The head, written by the start message once uvicorn has read the framing headers.
             self._started = True
-            cycle = self._cycle
             if cycle.chunked_encoding is False and cycle.expected_content_length > 0 \
                     and cycle.scope["method"] != "HEAD":  # uvicorn writes no body for HEAD
                 self._head = data
