@@ -1,8 +1,8 @@
 """POST /v1/chat/completions straight to its endpoint, past the router.
 
 Every request otherwise walks Starlette's and FastAPI's routing (each included router's match, the
-route's per-request exit stacks, a second exception wrapper): about 5% of the proxy's instructions
-in passthrough (bench/proxy_instructions.py). This middleware sits innermost among the app's own,
+route's per-request exit stacks, a second exception wrapper): 15% of the proxy's instructions in
+passthrough (bench/proxy_instructions.py, docs/proxy.md). This middleware sits innermost among the app's own,
 under the request context and the body limit, and hands that one path to the endpoint through an
 ExceptionMiddleware with the app's handlers, so every answer, error envelopes included, is what
 the routed path gives. Any other path or method, a root_path or a trailing slash takes the
