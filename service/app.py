@@ -53,6 +53,8 @@ from service.upstream.transport import ConnectionPools
 
 log = logging.getLogger("turngate")
 
+GC_YOUNG_THRESHOLD = 5000  # CPython's default is 700 (see the lifespan)
+
 
 def create_app(settings: Settings | None = None, *, critic: Critic | None = None,
                sink: TurnSink | None = None, tracing: Tracing | None = None,
@@ -96,6 +98,12 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         # ~80 ms every few seconds under load (bench/overhead.py p99).
         gc.collect()
         gc.freeze()
+        # CPython collects the young generation each time 700 more container objects are alive than
+        # at the last pass. The turns the store holds until their batch is written (up to half a
+        # second's worth) cross that several times a second, and each pass traverses them again,
+        # promoting them towards the full passes that stall the loop. At 5,000 a pass comes only when
+        # that many objects stay alive: rarely, in steady state (bench/overhead.py, docs/proxy.md).
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         summary = config_summary.effective(settings, critics.current)
         log.info("turngate ready: %s", config_summary.one_line(summary), extra={"config": summary})
         try:
