@@ -151,6 +151,12 @@ def _parse(raw: bytes, refs: bool = True) -> dict:
     return payload  # forwarded as sent, unknown fields included
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is read: nothing else comes but the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _watched(request: Request, turn: Awaitable[T]) -> T:
     """Awaits the turn in this task; cancels it (and so its upstream calls) if the client disconnects
     first. One watcher task a request, not a task for the turn as well and an asyncio.wait."""
@@ -158,14 +164,13 @@ async def _watched(request: Request, turn: Awaitable[T]) -> T:
     assert me is not None
     gone = False
 
-    async def disconnected() -> None:
+    async def cancel_when_gone() -> None:
         nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        await _disconnected(request)
         gone = True
         me.cancel()
 
-    watcher = asyncio.get_running_loop().create_task(disconnected())
+    watcher = asyncio.get_running_loop().create_task(cancel_when_gone())
     try:
         return await turn
     except asyncio.CancelledError:
@@ -182,11 +187,7 @@ async def _until_done(request: Request, task: asyncio.Task, timeout: float | Non
 
     Returns False when `timeout` passed first, with the turn still running.
     """
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
+    watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
