@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import json
+import signal
 import time
 from contextlib import asynccontextmanager
 
@@ -41,6 +42,26 @@ def record_full_gc_pauses(out: list[float]) -> None:
     gc.callbacks.append(callback)
 
 
+def record_gc_cpu(path: str) -> None:
+    """The CPU (thread time) spent in cyclic-GC passes and their count, every generation, written to
+    `path` as JSON on each SIGUSR1 (bench/proxy_threads.py reads it before and after a row)."""
+    spent = {"cpu_s": 0.0, "passes": 0}
+    started: list[float] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[:] = [time.thread_time()]
+        elif started:
+            spent["cpu_s"] += time.thread_time() - started[0]
+            spent["passes"] += 1
+
+    def dump(*_) -> None:
+        with open(path, "w") as fh:
+            json.dump(spent, fh)
+    gc.callbacks.append(callback)
+    signal.signal(signal.SIGUSR1, dump)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
@@ -49,7 +70,11 @@ def main() -> None:
     ap.add_argument("--gc-report", help="write the full-GC pauses (ms) here as JSON on exit")
     ap.add_argument("--gc-unfrozen", action="store_true",
                     help="undo the app's start-up gc.freeze(), to measure what it saves")
+    ap.add_argument("--gc-cpu", help="write the GC's CPU so far to this file on SIGUSR1 (JSON)")
+    ap.add_argument("--http", default=onewrite.NAME, help="uvicorn's HTTP protocol (default: turngate's)")
     args = ap.parse_args()
+    if args.gc_cpu:
+        record_gc_cpu(args.gc_cpu)
     app = create_app(critic=None if args.shipped_critic else ConstantTimeCritic(args.critic_ms / 1000))
     pauses: list[float] = []
     inner = app.router.lifespan_context
@@ -65,7 +90,7 @@ def main() -> None:
                 with open(args.gc_report, "w") as fh:
                     json.dump(pauses, fh)
     app.router.lifespan_context = lifespan
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, http=onewrite.NAME)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, http=args.http)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 uvicorn writes the status line and headers as soon as the app sends `http.response.start`, and the
 body on the next message: two send() system calls and, on loopback or a LAN, two packets for the
 client to wake up for. For a response with a Content-Length (every JSON answer turngate gives) the
-body follows at once, so the head is held for it and both go out together (passthrough at
-concurrency 16: the proxy's system CPU 0.080 -> 0.060 ms a request, medians of 3 alternating runs).
+body follows at once, so the head is held for it and both go out together (a small saving of
+system CPU: bench/proxy_threads.py with and without `--http httptools`, docs/proxy.md).
 Streams (chunked), empty bodies and HEAD answers are written as uvicorn writes them; a head still
 held when the connection is closed is written first.
 
