@@ -107,3 +107,15 @@ async def load(url: str, model: str, concurrency: int, seconds: float, upstream:
     slowest = [lat / service[rid] for rid, lat, _, _ in done if service.get(rid)]
     return {"n": len(done), "rps": len(done) / wall, "latencies": [d[1] for d in done], "added": added,
             "st_added": st_added, "over_slowest": slowest, "missing": len(done) - len(added)}
+
+
+def passthrough_pair(tmp: Path, actor_url: str, root: Path) -> dict[str, str]:
+    """The environment of a bench proxy with two passthrough routes to the fake upstream, `pass`
+    (store on) and `pass-norec` (`record: off`), its config, store and spool under `tmp`."""
+    (tmp / "routes.yaml").write_text(json.dumps({"routes": [
+        {"alias": "pass", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "passthrough"},
+        {"alias": "pass-norec", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "passthrough",
+         "record": "off"}]}))  # JSON is YAML
+    return {**os.environ, "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
+            "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
+            "PYTHONPATH": str(root)}

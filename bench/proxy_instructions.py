@@ -16,7 +16,6 @@ running this command in each. Needs valgrind (Debian's package).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -26,7 +25,6 @@ import time
 from pathlib import Path
 
 import uvloop
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,13 +77,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="turngate-instr-"))
     actor_port, proxy_port = free_port(), free_port()
     actor_url = f"http://127.0.0.1:{actor_port}/v1"
-    (tmp / "routes.yaml").write_text(yaml.safe_dump({"routes": [
-        {"alias": "pass", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "passthrough"},
-        {"alias": "pass-norec", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "passthrough",
-         "record": "off"}]}))
-    env = {**os.environ, "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
-           "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
-           "PYTHONPATH": str(ROOT), "PYTHONMALLOC": "malloc"}
+    env = {**_load.passthrough_pair(tmp, actor_url, ROOT), "PYTHONMALLOC": "malloc"}
     out = tmp / "callgrind"
     out.mkdir()
     procs = [

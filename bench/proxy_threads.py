@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import uvloop
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,13 +70,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="turngate-threads-"))
     actor_port, proxy_port = free_port(), free_port()
     actor_url = f"http://127.0.0.1:{actor_port}/v1"
-    (tmp / "routes.yaml").write_text(yaml.safe_dump({"routes": [
-        {"alias": "pass", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "passthrough"},
-        {"alias": "pass-norec", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "passthrough",
-         "record": "off"}]}))
-    env = {**os.environ, "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
-           "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
-           "PYTHONPATH": str(ROOT)}
+    env = _load.passthrough_pair(tmp, actor_url, ROOT)
     gc_file = tmp / "gc.json"
     procs = [
         subprocess.Popen([sys.executable, str(ROOT / "bench" / "_lean_http.py"), "--port", str(actor_port),
