@@ -26,13 +26,21 @@ def test_upstream_timing_leaves_out_turngates_own_work(gateway, scripted, monkey
     upstream_s, own_s = 0.15, 0.1
     scripted.fn = lambda body, i: Reply([{"role": "assistant", "content": "ok"}], delay_s=upstream_s)
     payload, parse = upstream_client._payload, upstream_client._parse
+    calls = {"payload": 0, "parse": 0}
 
+    # turngate's own work before the first send and after the last receive, made big enough to see.
+    # Work between one candidate's receive and another's would delay the other's receive (a busy loop
+    # counts, see UpstreamWait), so none is put there.
     def slow_payload(*args, **kwargs):
-        time.sleep(own_s)  # turngate's own work before the send, made big enough to see
+        calls["payload"] += 1
+        if calls["payload"] == 1:
+            time.sleep(own_s)
         return payload(*args, **kwargs)
 
     def slow_parse(*args, **kwargs):
-        time.sleep(own_s)  # and after the receive
+        calls["parse"] += 1
+        if calls["parse"] == calls["payload"]:
+            time.sleep(own_s)
         return parse(*args, **kwargs)
 
     monkeypatch.setattr(upstream_client, "_payload", slow_payload)
