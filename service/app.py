@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         pools = make_pools()
         if tracing is not None:  # TracedPool offers the pools' methods the client calls (request, aclose)
             pools = cast(ConnectionPools, tracing.pool(pools))
-        upstream = UpstreamClient(pools)
+        upstream = UpstreamClient(pools, settings.upstream_max_reply_bytes)
         critics = CriticSlot(critic if critic is not None else await asyncio.to_thread(load_critic, settings))
         turn_sink = sink or make_sink(settings)
         await turn_sink.start()

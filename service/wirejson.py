@@ -54,14 +54,19 @@ def loads_upstream(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
+        pass
+    try:
         return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deep to read") from None
 
 
 def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON, as Starlette's JSONResponse writes it, several times faster (orjson).
-    What orjson refuses (integers past 64 bits, which a client may send and an upstream echo)
-    takes the standard library's path."""
+    What orjson refuses (integers past 64 bits, which a client may send and an upstream echo; lone
+    surrogates, which an upstream may send) takes the standard library's path, with non-ASCII text
+    escaped: a lone surrogate has no UTF-8 form, its escape is valid JSON."""
     try:
         return orjson.dumps(value)
     except TypeError:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()

@@ -153,8 +153,9 @@ class UpstreamWait:
 class UpstreamClient:
     """Calls the upstream over pools from make_pools (or a TracedPool around them)."""
 
-    def __init__(self, pool: transport.ConnectionPools) -> None:
+    def __init__(self, pool: transport.ConnectionPools, max_reply_bytes: int | None = None) -> None:
         self.pool = pool
+        self.max_reply_bytes = max_reply_bytes  # a non-streamed reply's body; None: no limit
         self._auth_warning = ThrottledWarning(log)
 
     async def aclose(self) -> None:
@@ -203,6 +204,8 @@ class UpstreamClient:
             raise UpstreamError("timeout", f"upstream did not answer within {timeout_s:g}s") from e
         except (transport.TransportError, OSError) as e:
             raise UpstreamError("connect", f"upstream unreachable: {type(e).__name__}") from e
+        except transport.ReplyTooLarge as e:
+            raise UpstreamError("garbage", str(e)) from e
         if resp.status in (401, 403) and route.upstream_api_key is not None:
             raise self._auth_error(route, resp)
         if resp.status >= 400:
@@ -222,7 +225,7 @@ class UpstreamClient:
             try:
                 resp = await self.pool.request(b"POST", url, headers, content, wire=call)
                 if not stream:
-                    await _read_and_close(resp)
+                    await _read_and_close(resp, self.max_reply_bytes)
                 done = True
                 return resp, call
             except (transport.ConnectFailed, transport.StaleConnection) as e:
@@ -254,9 +257,9 @@ def _payload(route: RouteSettings, body: dict[str, Any], stream: bool) -> dict[s
     return payload
 
 
-async def _read_and_close(resp: transport.Response) -> None:
+async def _read_and_close(resp: transport.Response, limit: int | None = None) -> None:
     try:
-        await resp.aread()
+        await resp.aread(limit)
     finally:
         await resp.aclose()
 

@@ -71,6 +71,10 @@ class ProtocolGarbage(TransportError):
     pass
 
 
+class ReplyTooLarge(Exception):
+    """A reply body over the reader's limit: the upstream answered, with more than turngate holds."""
+
+
 class TransportTimeout(TransportError, TimeoutError):
     pass
 
@@ -125,9 +129,14 @@ class Response:
         self._got_bytes = False
         self._waiter: asyncio.Future[None] | None = None
 
-    async def aread(self) -> bytes:
-        pieces = []
+    async def aread(self, limit: int | None = None) -> bytes:
+        """The whole body; ReplyTooLarge (the connection closed) once it is over `limit` bytes."""
+        pieces, size = [], 0
         while (piece := await self._next()) is not None:
+            size += len(piece)
+            if limit is not None and size > limit:
+                await self.aclose()
+                raise ReplyTooLarge(f"upstream reply over {limit} bytes (upstream_max_reply_bytes)")
             pieces.append(piece)
         self.content = b"".join(pieces)
         return self.content
