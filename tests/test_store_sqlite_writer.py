@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from service.store.engine import make_async_engine, make_sync_engine
@@ -254,3 +255,27 @@ def test_turn_ids_are_unique_time_ordered_and_as_long_as_before():
     stamps = [t[5:17] for t in ids]
     assert stamps == sorted(stamps) and stamps[0] < stamps[-1]
     assert abs(int(stamps[-1], 16) / 1000 - time.time()) < 60
+
+
+async def test_the_queue_depth_gauge_follows_turns_waiting_behind_a_locked_database(tmp_path):
+    """turngate_log_queue_depth is not set on every enqueue (a lock per turn); it must still show
+    turns piling up while the writer waits, and fall back once they are written."""
+    db = tmp_path / "s.db"
+    sink = StoreSink(f"sqlite:///{db}", tmp_path / "spool", auto_migrate=True, flush_interval_s=0.05)
+    await sink.start()
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # another process's writer, holding SQLite's write lock
+    try:
+        sink.enqueue(record([{"role": "user", "content": "first"}], "a", n=1))
+        await asyncio.sleep(0.3)  # the writer took it and now waits for the lock
+        for i in range(300):
+            sink.enqueue(record([{"role": "user", "content": f"q {i}"}], "a", n=1))
+        depth = REGISTRY.get_sample_value("turngate_log_queue_depth")
+        assert depth is not None and 256 <= depth <= 300, depth
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert await sink.flush(30)
+    await sink.flush(5)  # one more wake-up of the writer, which sets the gauge
+    assert REGISTRY.get_sample_value("turngate_log_queue_depth") == 0
+    await sink.stop()

@@ -20,22 +20,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_str
-from typing import Any
+from typing import Any, NamedTuple
 
 from service.gate.record import TurnRecord
 
 METADATA_KEYS = ("conversation_id", "session_id", "thread_id")
 
 
-@dataclass(frozen=True)
-class ThreadKeys:
+class ThreadKeys(NamedTuple):  # one per turn written: cheaper to build than a frozen dataclass
     explicit_id: str | None  # conversation id derived from an explicit client id
     external_id: str | None  # the client's own id, kept on the conversation row
     lookup_hash: str | None  # prefix hash to look up; None on a first turn
     link_hash: str | None  # what the next turn will look up; None without a chosen reply
-    index: int  # assistant messages before this turn = its position in the conversation
+    idx: int  # assistant messages before this turn = its position in the conversation (turns.idx)
 
 
 # Histories are client data: any shape must hash (deterministically) rather than raise, since a
@@ -134,7 +132,10 @@ def _millis_hex(ts: Any) -> str:
 def thread_keys(record: TurnRecord) -> ThreadKeys:
     hint = record.conversation
     messages = record.request_messages if isinstance(record.request_messages, list) else []
-    last_assistant = max((i for i, m in enumerate(messages) if _role(m) == "assistant"), default=-1)
+    last_assistant, assistants = -1, 0
+    for i, m in enumerate(messages):
+        if _role(m) == "assistant":
+            last_assistant, assistants = i, assistants + 1
     h = hashlib.sha256()
     h.update(_who(hint.key_id, hint.user if isinstance(hint.user, str) else None).encode("utf-8", "surrogatepass"))
     lookup = None
@@ -149,7 +150,7 @@ def thread_keys(record: TurnRecord) -> ThreadKeys:
         link = h.hexdigest()
     external = explicit_id(record)
     return ThreadKeys(conversation_id_for_external(external, hint.key_id) if external else None,
-                      external, lookup, link, sum(1 for m in messages if _role(m) == "assistant"))
+                      external, lookup, link, assistants)
 
 
 def _who(key_id: Any, user: str | None) -> str:

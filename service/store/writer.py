@@ -88,7 +88,7 @@ def _add_rows(prepared: Prepared, records: list[TurnRecord]) -> None:
     encode_json = prepared.encoded
     turn_t, cand_t, conv_t = Turn.__table__, Candidate.__table__, Conversation.__table__
     prepared.keys += keys
-    prepared.turns += [fit_row(turn_t, turn_row(r, "", k.index), encode_json) for r, k in zip(records, keys)]
+    prepared.turns += [fit_row(turn_t, turn_row(r, "", k.idx), encode_json) for r, k in zip(records, keys)]
     prepared.candidates += [fit_row(cand_t, c, encode_json) for r in records for c in candidate_rows(r)]
     prepared.conversations += [fit_row(conv_t, {"key_id": r.conversation.key_id, "external_id": k.external_id})
                                for r, k in zip(records, keys)]
