@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -119,3 +120,16 @@ def passthrough_pair(tmp: Path, actor_url: str, root: Path) -> dict[str, str]:
     return {**os.environ, "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
             "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
             "PYTHONPATH": str(root)}
+
+
+def stop(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
+    """Ends a bench's helper processes: all asked to stop at once, any still running after
+    `timeout` killed."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -147,13 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {name} | {c} | {mode} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['cpu']:.2f} | "
                   f"{ratios} |", flush=True)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _load.stop(procs)
 
 
 if __name__ == "__main__":

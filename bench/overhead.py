@@ -215,10 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                     row += f"   shed {m['shed']:.0%}"
                 print(row, flush=True)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=10)
+        _load.stop(procs)
     if (tmp / "gc.json").exists():
         pauses = json.loads((tmp / "gc.json").read_text())
         if pauses:

@@ -107,10 +107,7 @@ def main() -> None:
             ir = total_instructions(out, args.keep, target)
             print(f"{target:<12} {n:>6} requests  {ir / n / 1e6:8.3f} M instructions/request", flush=True)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        _load.stop(procs)
 
 
 if __name__ == "__main__":

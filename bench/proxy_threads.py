@@ -109,10 +109,7 @@ def main() -> None:
             print(f"{route:<12}{m['loop user']:>10.3f}{m['loop sys']:>10.3f}{m['others user']:>12.3f}"
                   f"{m['others sys']:>11.3f}{m['all']:>8.3f}{m['GC']:>8.4f}{m['GC passes/s']:>12.1f}", flush=True)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        _load.stop(procs)
 
 
 if __name__ == "__main__":

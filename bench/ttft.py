@@ -30,6 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import _load  # noqa: E402
 from service.demo.fake_actor import free_port  # noqa: E402
 
 USER = [{"role": "user", "content": "Tell me a long story."}]
@@ -106,10 +107,7 @@ def main() -> None:
             ttft, total = asyncio.run(measure(url, model, args.repeats))
             print(f"{name:<24}{ttft * 1000:>10.0f}{total * 1000:>10.0f}", flush=True)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=10)
+        _load.stop(procs)
 
 
 if __name__ == "__main__":
