@@ -1,0 +1,88 @@
+"""Instructions a turn for each part of the embedded store's work, counted by valgrind's callgrind
+(deterministic, whatever the machine's load; bench/store_cpu.py gives the CPU time in the running sink).
+
+    python bench/store_instructions.py [--turns 1000] [--parts encode,keys,turn_row,candidate_rows,prepare,write]
+
+Each part runs in a process of its own under callgrind over the same passthrough-sized turns
+(bench/store_cpu.py's), beside a process that builds the turns and does nothing else; the difference,
+divided by the turns, is the part's cost. encode: the journal line (the event loop's share); keys: the
+prefix hashes (`thread_keys`); turn_row / candidate_rows: a row built and fitted by the record
+boundary; prepare: all of a batch's Python preparation; write: a batch prepared, inserted and
+committed into SQLite (batches of 125). Needs valgrind (Debian's package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("encode", "keys", "turn_row", "candidate_rows", "prepare", "write")
+BATCH = 125
+
+
+def run_part(part: str, n: int) -> None:
+    """In the counted process: build n turns, then do `part` over them ("none": nothing)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.store_cpu import passthrough_turn
+    from service.store import lines
+    from service.store.boundary import fit_row
+    from service.store.conversations import thread_keys
+    from service.store.migrate import upgrade
+    from service.store.models import Candidate, Turn
+    from service.store.sqlite_batch import SqliteBatchWriter
+    from service.store.writer import LinkCache, candidate_rows, prepare, turn_row
+
+    # Every process, "none" included, makes the same store: only the part itself differs.
+    db = f"{tempfile.mkdtemp(prefix='tg-store-ir-')}/store.db"
+    upgrade(f"sqlite:///{db}")
+    writer, cache = SqliteBatchWriter(db), LinkCache()
+    turns = [passthrough_turn(i) for i in range(n)]
+    if part == "encode":
+        for t in turns:
+            lines.encode_turn(t)
+    elif part == "keys":
+        for t in turns:
+            thread_keys(t)
+    elif part == "turn_row":
+        for t in turns:
+            fit_row(Turn.__table__, turn_row(t, "", 0), True)
+    elif part == "candidate_rows":
+        for t in turns:
+            for c in candidate_rows(t):
+                fit_row(Candidate.__table__, c, True)
+    elif part == "prepare":
+        for i in range(0, n, BATCH):
+            prepare(turns[i:i + BATCH], True)
+    elif part == "write":
+        for i in range(0, n, BATCH):
+            writer._write(turns[i:i + BATCH], cache, set())
+
+
+def counted(part: str, n: int) -> int:
+    """Instructions of a whole process doing `part` over n turns."""
+    out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+                          __file__, "--run", part, "--turns", str(n)], capture_output=True, text=True, check=True)
+    return int(re.search(r"Collected : ([\d,]+)", out.stderr).group(1).replace(",", ""))  # type: ignore[union-attr]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--turns", type=int, default=1000)
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--run", help=argparse.SUPPRESS)  # inside the counted process
+    args = ap.parse_args()
+    if args.run:
+        run_part(args.run, args.turns)
+        return
+    base = counted("none", args.turns)
+    for part in args.parts.split(","):
+        print(f"{part:<16} {(counted(part, args.turns) - base) / args.turns:>10,.0f} instructions/turn", flush=True)
+
+
+if __name__ == "__main__":
+    main()
