@@ -82,8 +82,9 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
         keys = KeyCache(hash_secret.get_secret_value() if hash_secret else None, needs_load=control is not None)
         if control is not None:
             control.on_change("keys", keys.reload)
-        app.state.services = Services(settings, gate, critics, turn_sink, limiter,
-                                      forward.Forwarder(upstream.pool), control, spend=meter, keys=keys)
+        forwarder = forward.Forwarder(upstream.pool, settings.upstream_max_reply_bytes)
+        app.state.services = Services(settings, gate, critics, turn_sink, limiter, forwarder, control,
+                                      spend=meter, keys=keys)
         app.state.critic_labels = critic_info.publish(critics.current)
         app.state.critic_activator = CriticActivator(critics, settings, owns_current=critic is None,
                                                      labels=app.state.critic_labels)

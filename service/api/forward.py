@@ -26,6 +26,7 @@ from service.api.deps import ClientKey, LimitedKeyDep, ServicesDep
 from service.api.errors import APIError, from_upstream
 from service.api.jsonroute import parse_error_message
 from service.api.protocol import ErrorBody
+from service.api.replies import sse
 from service.api.requests import note_route
 from service.settings import RouteSettings
 from service.telemetry import metrics, spans
@@ -50,8 +51,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 class Forwarder:
     """Sends a request body to an upstream over the actor client's connection pools."""
 
-    def __init__(self, pool: transport.ConnectionPools) -> None:
+    def __init__(self, pool: transport.ConnectionPools, max_reply_bytes: int | None = None) -> None:
         self._pool = pool
+        self.max_reply_bytes = max_reply_bytes  # a reply's body, JSON or stream (upstream_max_reply_bytes)
 
     async def send(self, route: RouteSettings, endpoint: str, content: bytes, client_key: str | None,
                    accept: str | None) -> transport.Response:
@@ -102,31 +104,44 @@ async def _forward(request: Request, services: Any, key: ClientKey, endpoint: st
                                                         "gen_ai.operation.name": endpoint}, client=True):
             resp = await services.forwarder.send(route, endpoint, content, client_key,
                                                  request.headers.get("accept"))
+    limit = services.forwarder.max_reply_bytes
     try:
         if resp.status >= 400:
-            await resp.aread()
+            await resp.aread(limit)
             raise _error(services.gate.upstream, route, resp)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in resp.headers if k.lower() in _RELAYED_HEADERS}
         meter = forwarded_usage.Meter(services.spend, key.key_id)
         if headers.get("content-type", "").startswith("text/event-stream"):
             closing, resp = resp, None  # the stream closes it
-            return StreamingResponse(_relay(closing, meter.tap()), status_code=closing.status, headers=headers,
-                                     background=BackgroundTask(meter.charge))
-        content = await resp.aread()
+            return StreamingResponse(_relay(closing, meter.tap(), limit, route.alias), status_code=closing.status,
+                                     headers=headers, background=BackgroundTask(meter.charge))
+        content = await resp.aread(limit)
         return Response(content, status_code=resp.status, headers=headers,
                         background=BackgroundTask(meter.charge_body, content))  # after the reply is sent
     except transport.TransportError as e:
         raise UpstreamError("timeout" if isinstance(e, TimeoutError) else "connect",
                             f"upstream reply broke off: {type(e).__name__}") from e
+    except transport.ReplyTooLarge as e:
+        metrics.UPSTREAM_ERRORS.labels(route.alias, "garbage").inc()
+        raise UpstreamError("garbage", str(e)) from e
     finally:
         if resp is not None:
             await resp.aclose()
 
 
-async def _relay(resp: transport.Response, tap: forwarded_usage.Tap) -> AsyncIterator[bytes]:
-    """The upstream's SSE bytes as they arrive; the upstream connection closes with the client's."""
+async def _relay(resp: transport.Response, tap: forwarded_usage.Tap, limit: int | None,
+                 route: str) -> AsyncIterator[bytes]:
+    """The upstream's SSE bytes as they arrive; the upstream connection closes with the client's. A
+    stream past `limit` bytes ends with an error event in OpenAI's envelope (the openai client raises it)."""
+    relayed = 0
     try:
         async for chunk in resp.aiter_stream():
+            relayed += len(chunk)
+            if limit is not None and relayed > limit:
+                metrics.UPSTREAM_ERRORS.labels(route, "garbage").inc()
+                error = UpstreamError("garbage", f"upstream stream over {limit} bytes (upstream_max_reply_bytes)")
+                yield b"\n\n" + sse(from_upstream(error).body())  # after a blank line: whatever event was cut
+                return
             tap.feed(chunk)
             yield chunk
     finally:

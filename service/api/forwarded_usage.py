@@ -54,20 +54,29 @@ def _count(value: Any) -> bool:
 
 
 class Tap:
-    """Watches a relayed SSE stream for the event that reports usage; keeps the last one's tokens."""
+    """Watches a relayed SSE stream for the event that reports usage; keeps the last one's tokens.
+    Each piece is searched once (from the last event's end on), so a long event costs its length."""
 
     def __init__(self) -> None:
         self.tokens: int | None = None
-        self._pending = b""
+        self._pending = bytearray()
 
     def feed(self, chunk: bytes) -> None:
+        pending = self._pending
+        at = max(len(pending) - 3, 0)  # an event's end ("\r\n\r\n" at most) may straddle two pieces
+        pending += chunk
+        start = 0
+        while (end := _EVENT_END.search(pending, at)) is not None:
+            if pending.find(b'"usage"', start, end.start()) >= 0:
+                self._look_into(bytes(pending[start:end.start()]))
+            start = at = end.end()
+        del pending[:start]
+        if len(pending) > _MAX_EVENT_BYTES:
+            pending.clear()  # not looked into; the rest of it then reads as garbage, and is relayed
+
+    def _look_into(self, event: bytes) -> None:
         try:
-            *events, self._pending = _EVENT_END.split(self._pending + chunk)
-            if len(self._pending) > _MAX_EVENT_BYTES:
-                self._pending = b""
-            for event in events:
-                if b'"usage"' in event:
-                    self._read(event)
+            self._read(event)
         except Exception:  # a stream turngate cannot read is still relayed
             log.debug("could not read a forwarded stream's usage", exc_info=True)
 

@@ -24,7 +24,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +47,8 @@ class Reply:
     choices: list[dict[str, Any]] = field(default_factory=list)
     status: int = 200
     raw: str | None = None  # send this body verbatim instead (garbage tests)
+    # or stream these bytes verbatim, one write each, as text/event-stream (hostile stream tests)
+    raw_pieces: Iterable[bytes] | None = None
     delay_s: float = 0.0  # before the status line
     headers: dict[str, str] = field(default_factory=dict)  # x-request-id defaults to one per request
     usage: dict[str, Any] | None = None
@@ -164,6 +166,8 @@ class FakeActor:
         self.forwarded: list[tuple[str, dict[str, Any], dict[str, str]]] = []
         self.forwarded_status = 200
         self.stream_gap_s = 0.0
+        self.forwarded_reply: Reply | None = None  # its raw or raw_pieces instead of the usual reply
+        self.raw_bytes_sent = 0  # of raw_pieces, all requests together
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/models", self._models, methods=["GET"]),
@@ -189,9 +193,8 @@ class FakeActor:
         finally:
             self.in_flight -= 1
         headers = {"x-request-id": f"req_fake{attempt}", **reply.headers}
-        if reply.raw is not None:
-            return Response(reply.raw, status_code=reply.status, headers=headers,
-                            media_type="application/json")
+        if reply.raw is not None or reply.raw_pieces is not None:
+            return self._raw(reply, headers)
         if reply.status >= 400:
             return JSONResponse({"error": {"message": f"fake actor error {reply.status}", "type": "server_error",
                                            "param": None, "code": None}},
@@ -207,6 +210,18 @@ class FakeActor:
             self.disconnected += 1
             return Response(status_code=499)
         return JSONResponse(completion_body(reply.choices, model, reply.usage, body, **top), headers=headers)
+
+    def _raw(self, reply: Reply, headers: dict[str, str] | None = None) -> Response:
+        if reply.raw_pieces is not None:
+            return StreamingResponse(self._pieces(reply.raw_pieces), status_code=reply.status, headers=headers,
+                                     media_type="text/event-stream")
+        return Response(reply.raw, status_code=reply.status, headers=headers, media_type="application/json")
+
+    async def _pieces(self, pieces: Iterable[bytes]) -> AsyncIterator[bytes]:
+        for piece in pieces:
+            self.raw_bytes_sent += len(piece)
+            yield piece
+            await asyncio.sleep(0)  # one piece a write, however fast the generator
 
     async def _stream(self, chunks: list[dict[str, Any]], reply: Reply):
         self.in_flight += 1
@@ -232,6 +247,8 @@ class FakeActor:
         body = await request.json()
         endpoint = request.url.path.rsplit("/", 1)[1]
         self.forwarded.append((endpoint, body, dict(request.headers)))
+        if self.forwarded_reply is not None:
+            return self._raw(self.forwarded_reply)
         if self.forwarded_status >= 400:
             return JSONResponse({"error": {"message": f"fake actor error {self.forwarded_status}",
                                            "type": "invalid_request_error", "param": None, "code": "fake_error"}},

@@ -155,7 +155,7 @@ class UpstreamClient:
 
     def __init__(self, pool: transport.ConnectionPools, max_reply_bytes: int | None = None) -> None:
         self.pool = pool
-        self.max_reply_bytes = max_reply_bytes  # a non-streamed reply's body; None: no limit
+        self.max_reply_bytes = max_reply_bytes  # a reply's body, streamed or not; None: no limit
         self._auth_warning = ThrottledWarning(log)
 
     async def aclose(self) -> None:
@@ -183,7 +183,7 @@ class UpstreamClient:
         # turngate counts the tokens of every turn: usage is asked for whatever the client asked.
         payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         resp, call = await self._call(route, payload, client_key, timeout_s, stream=True, wait=wait)
-        return UpstreamStream(resp, forwarded_headers(resp.headers), idle_timeout_s, call)
+        return UpstreamStream(resp, forwarded_headers(resp.headers), idle_timeout_s, call, self.max_reply_bytes)
 
     async def _call(self, route: RouteSettings, payload: dict[str, Any], client_key: str | None,
                     timeout_s: float, stream: bool,
@@ -199,7 +199,7 @@ class UpstreamClient:
             async with asyncio.timeout(timeout_s):  # the whole attempt, its retry included
                 resp, call = await self._post(route.alias, url, headers, content, stream, wait)
                 if stream and resp.status >= 400:
-                    await _read_and_close(resp)
+                    await _read_and_close(resp, self.max_reply_bytes)
         except TimeoutError as e:  # the transport's own timeouts are TimeoutErrors too
             raise UpstreamError("timeout", f"upstream did not answer within {timeout_s:g}s") from e
         except (transport.TransportError, OSError) as e:
@@ -327,8 +327,10 @@ class UpstreamStream:
     the caller must see through or close (`aclose`)."""
 
     def __init__(self, resp: transport.Response, headers: dict[str, str], idle_timeout_s: float,
-                 call: _Call | None = None) -> None:
+                 call: _Call | None = None, max_bytes: int | None = None) -> None:
         self.headers = headers
+        self.received_bytes = 0
+        self._max_bytes = max_bytes  # the stream is cut past this many bytes (upstream_max_reply_bytes)
         # The upstream's span (UpstreamWait's definition): request written to the latest piece in.
         now = time.perf_counter()
         self.sent = call.sent if call is not None and call.sent is not None else now
@@ -341,7 +343,8 @@ class UpstreamStream:
     async def events(self, deadline: float) -> AsyncIterator[streaming.Event]:
         """Events as they arrive, up to [DONE]; a failure raises UpstreamError: the connection broke
         ("connect"), nothing came for idle_timeout_s or the deadline (time.monotonic()) passed
-        ("timeout"), the upstream sent an error event ("stream_error") or no SSE ("garbage")."""
+        ("timeout"), the upstream sent an error event ("stream_error"), no SSE, or more than the size
+        limit ("garbage")."""
         if not self._is_sse:
             raise UpstreamError("garbage", "upstream answered a stream request without an event stream")
         decoder = streaming.Decoder()
@@ -358,6 +361,11 @@ class UpstreamStream:
                 raise UpstreamError("timeout", f"upstream stream stalled: {why}") from e
             except (transport.TransportError, OSError) as e:
                 raise UpstreamError("connect", f"upstream stream broke: {type(e).__name__}") from e
+            if piece is not None:
+                self.received_bytes += len(piece)
+                if self._max_bytes is not None and self.received_bytes > self._max_bytes:
+                    raise UpstreamError("garbage", f"upstream stream over {self._max_bytes} bytes "
+                                                   "(upstream_max_reply_bytes)")
             try:
                 events = decoder.feed(piece) if piece is not None else decoder.close()
             except streaming.StreamGarbage as e:

@@ -28,26 +28,46 @@ class Event:
 
 
 class Decoder:
-    """Cuts SSE events out of the byte pieces of a response body (any line ending)."""
+    """Cuts SSE events out of the byte pieces of a response body (any line ending), in time linear
+    in the bytes: each piece is scanned once, however many pieces an event takes."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0  # the buffer's bytes already searched for an event's end
+        self._cr = False  # the last piece ended in CR: it may be the first half of a CRLF
 
     def feed(self, piece: bytes) -> list[Event]:
-        # CRLF turned to LF on the joined buffer, so a pair split across pieces is still seen.
-        self._buffer = (self._buffer + piece).replace(b"\r\n", b"\n")
+        if self._cr:
+            piece, self._cr = b"\r" + piece, False
+        if piece.endswith(b"\r"):
+            piece, self._cr = piece[:-1], True
+        piece = piece.replace(b"\r\n", b"\n")
+        buffer = self._buffer
+        data: bytes | bytearray = piece  # the usual case: nothing left over, events whole in the piece
+        if buffer:
+            buffer += piece
+            data = buffer
         events = []
-        while (end := self._buffer.find(b"\n\n")) >= 0:
-            block, self._buffer = self._buffer[:end], self._buffer[end + 2:]
+        start = 0
+        at = max(self._scanned - 1, 0)  # an event's end may straddle the last piece and this one
+        while (end := data.find(b"\n\n", at)) >= 0:
+            block = bytes(data[start:end])
             if block.strip():
                 events.append(_event(block))
-        if len(self._buffer) > MAX_EVENT_BYTES:
+            start = at = end + 2
+        if data is buffer:
+            del buffer[:start]
+        else:
+            buffer += piece[start:]
+        self._scanned = len(buffer)
+        if len(buffer) > MAX_EVENT_BYTES:
             raise StreamGarbage(f"an event over {MAX_EVENT_BYTES} bytes")
         return events
 
     def close(self) -> list[Event]:
         """The last event, when the body ended without its blank line."""
-        block, self._buffer = self._buffer, b""
+        block = bytes(self._buffer) + (b"\r" if self._cr else b"")
+        self._buffer, self._scanned, self._cr = bytearray(), 0, False
         return [_event(block.rstrip(b"\n"))] if block.strip() else []
 
 
@@ -70,6 +90,9 @@ def _event(block: bytes) -> Event:
 @dataclass
 class _Choice:
     message: dict[str, Any] = field(default_factory=lambda: {"role": "assistant", "content": None})
+    # A text field's pieces, joined once by body(): adding each to the text so far would copy the
+    # text again for every delta, the square of the reply's length.
+    texts: dict[str, list[str]] = field(default_factory=dict)
     calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # by the delta's index
     finish_reason: str | None = None
     other: dict[str, Any] = field(default_factory=dict)  # the choice's other fields (logprobs, vendor ones)
@@ -107,8 +130,13 @@ class Assembler:
                         index = given if isinstance(given, int) else len(state.calls)
                         _merge(state.calls.setdefault(index, {}), {k: v for k, v in call.items() if k != "index"})
             elif isinstance(value, str) and key != "role":
-                state.message[key] = (state.message.get(key) or "") + value
+                if key not in state.texts:
+                    so_far = state.message.get(key)
+                    state.texts[key] = [so_far] if isinstance(so_far, str) else []
+                    state.message[key] = ""  # its place among the message's fields
+                state.texts[key].append(value)
             elif value is not None:
+                state.texts.pop(key, None)
                 state.message[key] = value
         if c.get("finish_reason") is not None:
             state.finish_reason = c["finish_reason"]
@@ -117,7 +145,9 @@ class Assembler:
                 logprobs = state.other.setdefault("logprobs", {})
                 for part, entries in value.items():  # content, refusal: token lists, one piece per chunk
                     if isinstance(entries, list):
-                        logprobs[part] = (logprobs.get(part) or []) + entries
+                        if not isinstance(logprobs.get(part), list):
+                            logprobs[part] = []
+                        logprobs[part].extend(entries)
                     else:
                         logprobs.setdefault(part, entries)
             elif key not in ("index", "delta", "finish_reason", "logprobs") and value is not None:
@@ -129,8 +159,9 @@ class Assembler:
         for index in sorted(self._choices):
             state = self._choices[index]
             message = dict(state.message)
+            message.update((key, "".join(pieces)) for key, pieces in state.texts.items())
             if state.calls:
-                message["tool_calls"] = [state.calls[k] for k in sorted(state.calls)]
+                message["tool_calls"] = [_joined(state.calls[k]) for k in sorted(state.calls)]
             choices.append({"index": index, "message": message, "finish_reason": state.finish_reason,
                             "logprobs": None, **state.other})
         return {**self.top, "object": "chat.completion", "choices": choices}
@@ -138,11 +169,27 @@ class Assembler:
 
 def _merge(into: dict[str, Any], delta: dict[str, Any]) -> None:
     """A tool-call delta into the call so far: text pieces (arguments, a custom tool's input) are
-    joined; ids, types and names are set once."""
+    gathered in a list (_Pieces) that _joined joins once; ids, types and names are set once."""
     for key, value in delta.items():
         if isinstance(value, dict):
-            _merge(into.setdefault(key, {}), value)
-        elif isinstance(value, str) and key not in ("id", "type", "name") and isinstance(into.get(key), str):
-            into[key] += value
+            inner = into.get(key)
+            if not isinstance(inner, dict):
+                inner = into[key] = {}
+            _merge(inner, value)
+        elif isinstance(value, str) and key not in ("id", "type", "name") and isinstance(into.get(key), str | _Pieces):
+            so_far = into[key]
+            if isinstance(so_far, str):
+                so_far = into[key] = _Pieces([so_far])
+            so_far.append(value)
         elif value is not None and not (key in ("id", "type", "name") and into.get(key)):
             into[key] = value
+
+
+class _Pieces(list):
+    """A tool call's text field while its deltas arrive."""
+
+
+def _joined(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call with its gathered text pieces joined."""
+    return {k: "".join(v) if isinstance(v, _Pieces) else _joined(v) if isinstance(v, dict) else v
+            for k, v in call.items()}
