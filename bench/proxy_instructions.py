@@ -3,6 +3,7 @@ path's CPU work that does not move with the machine's load (timings here drift b
 session; bench/overhead.py's figures need a quiet machine and alternating rounds).
 
     python bench/proxy_instructions.py [--requests 400] [--concurrency 16] [--targets pass,pass-norec]
+                                       [--by-object]
 
 The proxy (bench/_stub_proxy.py: the real app and store) runs under callgrind, with the lean fake
 upstream and load generator beside it (bench/_lean_http.py). Instrumentation is switched on after a
@@ -10,7 +11,11 @@ warm-up and covers every thread of the proxy (the store's writer included) until
 requests are answered and the store has written them. Under valgrind the proxy runs ~50x slower,
 so the upstream's latency is scaled up to keep as many requests in flight per loop wake-up as at
 full speed. Counts are deterministic for the same code and load shape; compare two checkouts by
-running this command in each. Needs valgrind (Debian's package).
+running this command in each. `--by-object` also splits each target's count by the shared object
+the instructions ran in (the interpreter, libc, SQLite, orjson, ...; callgrind_annotate's exclusive
+counts), with the difference between the first two targets: what the store costs, by library. The
+proxy runs with PYTHONMALLOC=malloc (valgrind needs it), so the interpreter's allocations count in
+libc. Needs valgrind (Debian's package).
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ def main() -> None:
     ap.add_argument("--targets", default="pass,pass-norec", help="routes of bench/overhead.py: pass, pass-norec")
     ap.add_argument("--keep", type=Path, help="keep each target's callgrind dump in this folder "
                                               "(callgrind_annotate reads it: C functions, SQLite's included)")
+    ap.add_argument("--by-object", action="store_true", help="split each count by shared object (libpython, libc, "
+                                                                "libsqlite3, ...)")
     ap.add_argument("--latency", type=float, default=1.0,
                     help="fake upstream latency, seconds (scaled for valgrind's slowdown)")
     args = ap.parse_args()
@@ -75,6 +82,10 @@ def main() -> None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
 
     tmp = Path(tempfile.mkdtemp(prefix="turngate-instr-"))
+    keep = args.keep or (tmp / "kept" if args.by_object else None)
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+    counted: dict[str, int] = {}
     actor_port, proxy_port = free_port(), free_port()
     actor_url = f"http://127.0.0.1:{actor_port}/v1"
     env = {**_load.passthrough_pair(tmp, actor_url, ROOT), "PYTHONMALLOC": "malloc"}
@@ -104,10 +115,45 @@ def main() -> None:
             time.sleep(2)  # the store's writer commits the counted turns (flush interval 0.5 s)
             callgrind(pid, "-i", "off")
             callgrind(pid, "-d")
-            ir = total_instructions(out, args.keep, target)
+            ir = total_instructions(out, keep, target)
+            counted[target] = n
             print(f"{target:<12} {n:>6} requests  {ir / n / 1e6:8.3f} M instructions/request", flush=True)
     finally:
         _load.stop(procs)
+    if args.by_object and keep is not None:
+        print_by_object(keep, counted)
+
+
+def by_object(dumps: list[Path]) -> dict[str, int]:
+    """Exclusive instructions per shared object over callgrind dumps (callgrind_annotate's function
+    lines end in "[/path/to/object]")."""
+    totals: dict[str, int] = {}
+    for dump in dumps:
+        run = subprocess.run(["callgrind_annotate", "--threshold=100", str(dump)], capture_output=True, text=True)
+        if run.returncode:  # a dump of a thread that ran nothing counted: no events to annotate
+            continue
+        text = run.stdout
+        for m in re.finditer(r"^\s*([\d,]+) \([^)]*\)\s+\S.*?(?:\[([^\]]+)\])?\s*$", text, re.M):
+            if "PROGRAM TOTALS" in m.group(0):
+                continue
+            obj = Path(m.group(2)).name if m.group(2) else "(inlined, no object named)"
+            totals[obj] = totals.get(obj, 0) + int(m.group(1).replace(",", ""))
+    return totals
+
+
+def print_by_object(keep: Path, counted: dict[str, int]) -> None:
+    targets = list(counted)
+    per = {t: {o: ir / counted[t] for o, ir in by_object(sorted(keep.glob(f"callgrind.{t}.*"))).items()}
+           for t in targets}
+    objects = sorted({o for t in targets for o in per[t]}, key=lambda o: -per[targets[0]].get(o, 0))
+    head = "".join(f"{t:>14}" for t in targets) + (f"{targets[0] + ' - ' + targets[1]:>24}" if len(targets) > 1 else "")
+    print(f"\ninstructions/request by shared object\n{'object':<44}{head}")
+    for o in objects:
+        values = [per[t].get(o, 0) for t in targets]
+        if max(values) < 1000:
+            continue
+        diff = f"{values[0] - values[1]:>24,.0f}" if len(values) > 1 else ""
+        print(f"{o[:43]:<44}" + "".join(f"{v:>14,.0f}" for v in values) + diff)
 
 
 if __name__ == "__main__":
