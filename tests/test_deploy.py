@@ -57,6 +57,16 @@ def test_committed_dashboards_match_the_generator():
             f"{name} is stale: run python deploy/grafana/generate.py"
 
 
+def test_every_metric_the_service_exports_is_on_a_dashboard():
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from service.telemetry import metrics
+    names = {m._name for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)}
+    assert len(names) >= 30  # the module's metrics were found
+    charted = "".join(p.read_text() for p in (DEPLOY / "grafana/dashboards").glob("*.json"))
+    assert sorted(n for n in names if n not in charted) == []
+
+
 def test_dashboards_use_the_provisioned_datasource():
     datasources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
     uids = {d["uid"] for d in datasources["datasources"]}

@@ -123,10 +123,27 @@ def overview() -> dash.Dashboard:
         .with_panel(series("Upstream tokens per turn", "short",
                            q(f'{rate("turngate_tokens_total", "route")} / {rate("turngate_turns_total", "route")}',
                              "{{route}}")))
-        .with_row(dash.Row("Upstream errors"))
+        .with_row(dash.Row("Errors"))
         .with_panel(series("Upstream errors by kind", "reqps",
                            q(rate("turngate_upstream_errors_total", "route, kind"), "{{route}} {{kind}}"),
-                           stacked=True, width=24))
+                           stacked=True))
+        .with_panel(series("HTTP answers by status", "reqps",
+                           q(rate("turngate_requests_total", "status", match=""), "{{status}}"), stacked=True,
+                           description="Every endpoint, refusals before the gate included (400, 401, 413, 429)."))
+        .with_panel(series("Upstream calls retried", "reqps",
+                           q(rate("turngate_upstream_retries_total", "reason"), "{{reason}}"),
+                           description="Sent again after failing before any reply byte: a refused connect, or a "
+                                       "kept-alive connection the upstream had closed."))
+        .with_panel(series("Turns answered with failed candidate calls", "reqps",
+                           q(rate("turngate_turns_partial_total", "route"), "{{route}}"),
+                           description="Some of the turn's candidate calls failed or were given up; the turn "
+                                       "was answered from the others."))
+        .with_row(dash.Row("Shadow mode"))
+        .with_panel(series("Shadow turns in the background", "short",
+                           q("sum (turngate_shadow_backlog)", "being sampled or scored")))
+        .with_panel(series("Shadow turns shed", "reqps", q(rate("turngate_shadow_shed_total", "route"), "{{route}}"),
+                           description="Not ranked because the backlog was full (TURNGATE_SHADOW_MAX_BACKLOG); "
+                                       "recorded unscored."))
     )
 
 
@@ -158,6 +175,14 @@ def critic() -> dash.Dashboard:
                            q(f'({rate("turngate_structural_vetoes_total", "route")} or '
                              f'0 * {rate("turngate_candidates_per_turn_sum", "route")}) / '
                              f'{rate("turngate_candidates_per_turn_sum", "route")}', "{{route}}")))
+        .with_panel(series("Tool calls not checked against their schema", "reqps",
+                           q(rate("turngate_schema_unchecked_total", "reason"), "{{reason}}"),
+                           description="Not enforced: the check timed out, the arguments nest too deep, or the "
+                                       "client's schema is one the checker cannot use."))
+        .with_panel(series("Rankings by cascade step", "reqps",
+                           q(rate("turngate_cascade_total", "decision"), "{{decision}}"), stacked=True,
+                           description="Routes with an LLM critic: encoder_sure (the encoder decided alone), "
+                                       "judged (the LLM critic was asked), over_budget (unsure, budget spent)."))
         .with_row(dash.Row("Interventions"))
         .with_panel(series("Interventions per ranked turn", "percentunit",
                            q(f'{rate("turngate_interventions_total", "route")} / '
@@ -173,6 +198,15 @@ def critic() -> dash.Dashboard:
         .with_panel(series("Critic batch size", "short",
                            q(mean("turngate_critic_batch_size", match=""), "mean"),
                            q(quantile(0.99, "turngate_critic_batch_size", match=""), "p99")))
+        .with_row(dash.Row("LLM critic"))
+        .with_panel(series("LLM critic requests by outcome", "reqps",
+                           q(rate("turngate_llm_critic_requests_total", "outcome"), "{{outcome}}"), stacked=True))
+        .with_panel(series("LLM critic latency", "s",
+                           q(quantile(0.5, "turngate_llm_critic_latency_seconds", "route"), "p50 {{route}}"),
+                           q(quantile(0.99, "turngate_llm_critic_latency_seconds", "route"), "p99 {{route}}")))
+        .with_panel(series("LLM critic tokens per second", "short",
+                           q(rate("turngate_llm_critic_tokens_total", "kind"), "{{kind}}"), stacked=True, width=24,
+                           description="turngate's own cost of judging: not in any client's usage or spend."))
     )
 
 
@@ -188,6 +222,19 @@ def store() -> dash.Dashboard:
         .with_panel(series("Database write errors", "reqps",
                            q("sum (rate(turngate_db_write_errors_total[$__rate_interval]))", "errors")))
         .with_panel(series("Turns handed to the log", "reqps", q(rate("turngate_turns_total"), "turns")))
+        .with_panel(series("Turns not recorded", "reqps", q(rate("turngate_turns_unrecorded_total", "route"),
+                                                            "{{route}}"),
+                           description="Served, not sent to the store: the route's record setting (off, sample)."))
+        .with_panel(series("Records quarantined", "reqps",
+                           q("sum (rate(turngate_store_quarantined_total[$__rate_interval]))", "quarantined"),
+                           description="Records or spool lines the database refused, set aside in the "
+                                       "spool's quarantine.jsonl (docs/store.md)."))
+        .with_panel(series("Journal fsync lag", "s",
+                           q(quantile(0.99, "turngate_spool_sync_lag_seconds", match=""), "p99"),
+                           q("max (rate(turngate_spool_sync_lag_seconds_sum[$__rate_interval]) / "
+                             "rate(turngate_spool_sync_lag_seconds_count[$__rate_interval]))", "mean, worst replica"),
+                           description="Age of the oldest journaled turn not yet fsynced: what a machine crash "
+                                       "could lose."))
         .with_row(dash.Row("Redis"))
         .with_panel(series("Redis errors by operation", "reqps",
                            q("sum by (op) (rate(turngate_redis_errors_total[$__rate_interval]))", "{{op}}"),
