@@ -105,8 +105,14 @@ def create(name: str = typer.Argument(..., help="What the key is for (shown in l
 @app.command("list")
 def list_keys(url: str = _URL) -> None:
     """Every issued key, newest first: id, prefix, state, name, limits."""
-    for key in call(url, "GET", "/v1/admin/keys")["data"]:
-        typer.echo(describe(key))
+    cursor = None
+    while True:
+        page = call(url, "GET", "/v1/admin/keys?limit=1000" + (f"&cursor={cursor}" if cursor else ""))
+        for key in page["data"]:
+            typer.echo(describe(key))
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return
 
 
 @app.command()

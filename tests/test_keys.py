@@ -172,6 +172,32 @@ def test_issuing_the_first_key_turns_client_keys_on(gateway):
         assert status_of(base, "anything-goes") == 401 and status_of(base, None) == 401
 
 
+def test_the_key_list_pages_newest_first_and_filters_revoked(gateway):
+    with gateway() as base:
+        made = [create(base, name=f"agent-{i}")["id"] for i in range(5)]
+        assert admin(base, "DELETE", f"/{made[1]}").status_code == 200
+        seen, cursor, pages = [], None, 0
+        while True:
+            resp = admin(base, "GET", params={"limit": 2, **({"cursor": cursor} if cursor else {})})
+            assert resp.status_code == 200, resp.text
+            page = resp.json()
+            assert page["object"] == "list" and len(page["data"]) <= 2
+            seen += [k["id"] for k in page["data"]]
+            pages += 1
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == made[::-1] and pages == 3  # every key once, newest first, revoked ones included
+        live = admin(base, "GET", params={"revoked": "false"}).json()
+        assert [k["id"] for k in live["data"]] == [k for k in made[::-1] if k != made[1]]
+        assert live["next_cursor"] is None
+        assert [k["id"] for k in admin(base, "GET", params={"revoked": "true"}).json()["data"]] == [made[1]]
+        for params, param in [({"cursor": "not-ours"}, "cursor"), ({"limit": 0}, "limit"), ({"limit": 1001}, "limit")]:
+            resp = admin(base, "GET", params=params)
+            assert resp.status_code == 400, (params, resp.text)
+            assert resp.json()["error"]["param"] == param
+
+
 def test_the_static_key_list_still_works_beside_issued_keys(gateway):
     with gateway(api_keys=[STATIC]) as base:
         assert chat(base, STATIC) == "hi"

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -23,11 +23,13 @@ from service.api.protocol import ErrorBody
 from service.control import keys
 from service.control.key_policy import BudgetPeriod
 from service.limits import spend as spend_meter
+from service.store import cursors
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/admin/keys", dependencies=[AdminDep], route_class=WireJSONRoute)
 
+MAX_LIMIT = 1000  # keys a page
 _INT32 = 2**31 - 1
 _INT64 = 2**63 - 1
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -136,6 +138,7 @@ class KeyCreated(KeyView):
 class KeyList(BaseModel):
     object: Literal["list"] = "list"
     data: list[KeyView]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null at the end")
 
 
 def _engine(services: Services) -> Any:
@@ -190,11 +193,22 @@ async def create_key(body: KeyCreate, services: ServicesDep) -> KeyCreated:
 
 
 @router.get("", responses=_ERRORS)
-async def list_keys(services: ServicesDep) -> KeyList:
-    """Every issued key, newest first, revoked ones included; never a secret."""
+async def list_keys(
+        services: ServicesDep,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Keys per page")] = 100,
+        cursor: Annotated[str | None, Query(min_length=1, max_length=1000)] = None,
+        revoked: Annotated[bool | None, Query(description="Only revoked keys (true) or only live ones (false)")]
+        = None) -> KeyList:
+    """Issued keys, newest first, revoked ones included unless `revoked` says; never a secret.
+    `next_cursor` pages back through older ones."""
     engine = _engine(services)
     with _store():
-        return KeyList(data=[KeyView(**v) for v in await keys.list_keys(engine)])
+        try:
+            views, next_cursor = await keys.list_keys(engine, limit, cursor, revoked)
+        except cursors.BadCursor:
+            raise APIError(400, "cursor: not a cursor this API gave out", param="cursor",
+                           code="invalid_cursor") from None
+    return KeyList(data=[KeyView(**v) for v in views], next_cursor=next_cursor)
 
 
 @router.get("/{key_id}", responses=_ERRORS)

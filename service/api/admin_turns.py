@@ -20,7 +20,7 @@ from service.api.deps import AdminDep, Services, ServicesDep
 from service.api.errors import APIError
 from service.api.jsonroute import WireJSONRoute
 from service.gate.decisions import Decision
-from service.store import inspect
+from service.store import cursors, inspect
 from service.store.sink import StoreSink
 
 router = APIRouter(prefix="/v1/admin", dependencies=[AdminDep], route_class=WireJSONRoute, tags=["inspector"])
@@ -183,7 +183,7 @@ def _engine(services: Services) -> AsyncEngine:
 
 def _utc(dt: datetime | None, param: str) -> datetime | None:
     try:
-        return None if dt is None else inspect.as_utc(dt)
+        return None if dt is None else cursors.as_utc(dt)
     except OverflowError:
         raise APIError(400, f"{param}: out of range once moved to UTC", param=param, code="invalid_value") from None
 
@@ -217,7 +217,7 @@ async def list_turns(
                            _utc(until, "until"))
     try:
         items, next_cursor = await _query(inspect.list_turns(engine, f, limit, cursor))
-    except inspect.BadCursor:
+    except cursors.BadCursor:
         raise APIError(400, "cursor: not a cursor this API gave out", param="cursor", code="invalid_cursor") from None
     return {"object": "list", "data": items, "next_cursor": next_cursor}
 

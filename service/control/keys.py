@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.control.key_policy import BudgetPeriod, KeyPolicy
 from service.control.plane import audit
+from service.store.cursors import decode_cursor, encode_cursor
 from service.store.models import ApiKey
 
 SECRET_PREFIX = "tg-"
@@ -108,10 +109,22 @@ async def create_key(engine: AsyncEngine, hash_secret: str | None, fields: dict[
     return created, secret
 
 
-async def list_keys(engine: AsyncEngine) -> list[dict[str, Any]]:
+async def list_keys(engine: AsyncEngine, limit: int, cursor: str | None = None,
+                    revoked: bool | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of keys, newest first (revoked ones too, or only them, or none), and the cursor of
+    the next page (None at the end). BadCursor when `cursor` is not one this function gave out."""
+    conds: list[Any] = []
+    if revoked is not None:
+        conds.append(ApiKey.revoked_at.is_not(None) if revoked else ApiKey.revoked_at.is_(None))
+    if cursor is not None:
+        at, last_id = decode_cursor(cursor)
+        conds.append(or_(ApiKey.created_at < at, and_(ApiKey.created_at == at, ApiKey.id < last_id)))
+    q = select(*_COLUMNS).where(*conds).order_by(ApiKey.created_at.desc(), ApiKey.id.desc()).limit(limit + 1)
     async with engine.connect() as conn:
-        rows = (await conn.execute(select(*_COLUMNS).order_by(ApiKey.created_at.desc(), ApiKey.id))).all()
-    return [view(r) for r in rows]
+        rows = (await conn.execute(q)).all()
+    page = rows[:limit]
+    more = len(rows) > limit
+    return [view(r) for r in page], encode_cursor(page[-1].created_at, page[-1].id) if more and page else None
 
 
 async def _row(conn: AsyncConnection, key_id: str) -> Any:

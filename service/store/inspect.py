@@ -2,32 +2,27 @@
 
 Turns are listed newest first with keyset pagination on (created_at, id): a page never skips or
 repeats a turn while new ones arrive, and no page costs more than its own rows. The cursor is
-opaque to clients (base64url of the last row's key).
+opaque to clients (service.store.cursors).
 
 Times: SQLite hands back naive datetimes, stored as UTC; every time leaving here is aware UTC.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, exists, func, literal_column, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import aliased
 
+from service.store.cursors import as_utc, decode_cursor, encode_cursor
 from service.store.models import Candidate, Conversation, Feedback, JSONType, Turn
 
 PREVIEW_CHARS = 200
-
-
-class BadCursor(ValueError):
-    """A cursor this module did not make (or one from another page size of another query)."""
 
 
 @dataclass(frozen=True)
@@ -37,29 +32,6 @@ class TurnFilter:
     key_id: str | None = None
     since: datetime | None = None  # aware UTC, inclusive
     until: datetime | None = None  # aware UTC, exclusive
-
-
-def as_utc(dt: datetime) -> datetime:
-    """Aware UTC; a naive time is taken as UTC. OverflowError when the shift leaves datetime's range."""
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
-
-# -- cursors ---------------------------------------------------------------------------------------
-def encode_cursor(created_at: datetime, turn_id: str) -> str:
-    raw = json.dumps([as_utc(created_at).isoformat(), turn_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        at, turn_id = json.loads(raw)
-        if not isinstance(at, str) or not isinstance(turn_id, str) or "\x00" in turn_id:
-            raise BadCursor(cursor)
-        turn_id.encode()  # a lone surrogate cannot be sent to the database (UnicodeEncodeError)
-        return as_utc(datetime.fromisoformat(at)), turn_id
-    except (binascii.Error, ValueError, TypeError, OverflowError) as e:  # Unicode errors are ValueErrors
-        raise BadCursor(cursor) from e
 
 
 # -- the list --------------------------------------------------------------------------------------
