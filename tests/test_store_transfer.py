@@ -171,3 +171,41 @@ async def test_exported_turns_are_candidate_groups_for_the_critic(db_url, tmp_pa
     assert item.messages == second.request_messages
     assert item.candidates == [c.message for c in second.candidates] and item.tools == tools
     assert item.labels == [None, 1.0, None, 0.0]
+
+
+async def test_export_carries_the_judges_labels_and_verdicts_to_the_cascade_replay(db_url, tmp_path):
+    """What `turngate critic label` and the LLM critic wrote comes out with the turn, so that
+    `turngate replay --cascade` on an export scores picks against the judge's labels."""
+    from service.gate import replay_cascade
+    from service.store.labels import write_labels
+
+    turn = record([{"role": "user", "content": "weather in Paris?"}], "sunny")
+    turn.decided_by, turn.judge_reason, turn.critics_agreed = "llm", "margin", False
+    turn.candidates[1].judge_score, turn.candidates[1].judge_reason = 0.9, "answers the question"
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    sink.enqueue(turn)
+    assert await sink.flush()
+    await sink.stop()
+    engine = make_sync_engine(db_url)
+    try:
+        write_labels(engine, [{"turn_id": turn.turn_id, "candidate_idx": 0, "labeler": "judge:m@1", "score": 0.0,
+                               "reason": "wrong city"},
+                              {"turn_id": turn.turn_id, "candidate_idx": 1, "labeler": "judge:m@1", "score": 1.0,
+                               "reason": None},
+                              {"turn_id": turn.turn_id, "candidate_idx": 1, "labeler": "outcome", "score": 1.0,
+                               "reason": None}])
+    finally:
+        engine.dispose()
+
+    (line,) = _export(db_url)
+    (exported,) = line["turns"]
+    assert (exported["decided_by"], exported["judge_reason"], exported["critics_agreed"]) == ("llm", "margin", False)
+    cands = exported["candidates"]
+    assert cands[0]["labels"] == [{"labeler": "judge:m@1", "score": 0.0, "reason": "wrong city"}]
+    assert cands[1]["labels"] == [{"labeler": "judge:m@1", "score": 1.0, "reason": None},
+                                  {"labeler": "outcome", "score": 1.0, "reason": None}]
+    assert (cands[1]["judge_score"], cands[1]["judge_reason"]) == (0.9, "answers the question")
+    assert "labels" not in cands[2] and "judge_score" not in cands[0]
+    (logged,) = replay_cascade.exported_turns(line)
+    assert logged.labels[:2] == [0.0, 1.0]

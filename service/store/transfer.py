@@ -9,7 +9,8 @@ export: conversations whose last turn falls in [since, until), streamed through 
 cursor a partition at a time, so memory stays flat however many turns the store holds. A line's
 messages = the last turn's request messages + the reply turngate chose (+ any messages an import
 had after the last assistant message); reward/label = the latest feedback on the conversation or
-any of its turns; `turns` lists each turn's decision, candidates and scores.
+any of its turns; `turns` lists each turn's decision, candidates, scores, the LLM critic's verdicts
+and the candidates' training labels (`turngate replay --cascade` reads them).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from service.gate.record import CandidateRecord, ConversationHint, TurnRecord
 from service.store.boundary import fit_json, fit_row
 from service.store.conversations import conversation_id_for_external
 from service.store.engine import make_async_engine, make_sync_engine
-from service.store.models import Candidate, Conversation, Feedback, Turn
+from service.store.models import Candidate, CandidateLabel, Conversation, Feedback, Turn
 from service.store.writer import LinkCache, prepare, utc, write_batch
 
 _OWN = ("id", "messages", "reward")  # fields that live in the store's own columns
@@ -111,7 +112,7 @@ async def _import_chunk(engine, trajs: list[dict], cache: LinkCache, counts: dic
 _TURN_COLS = (Turn.id, Turn.conversation_id, Turn.idx, Turn.route, Turn.mode, Turn.upstream_model,
               Turn.decision, Turn.chosen_index, Turn.critic_name, Turn.critic_version, Turn.rounds,
               Turn.latency_total_ms, Turn.latency_upstream_ms, Turn.latency_critic_ms, Turn.error,
-              Turn.feedback_texts, Turn.created_at)
+              Turn.feedback_texts, Turn.created_at, Turn.decided_by, Turn.judge_reason, Turn.critics_agreed)
 
 
 def export_trajectories(url: str, out: IO[str], since: datetime, until: datetime, route: str | None = None,
@@ -151,6 +152,13 @@ def _lines(conn, conversations) -> Iterator[dict[str, Any]]:
     for c in conn.execute(select(Candidate).join(Turn, Turn.id == Candidate.turn_id)
                           .where(Turn.conversation_id.in_(ids)).order_by(Candidate.turn_id, Candidate.idx)):
         cands[c.turn_id].append(c)
+    labels: dict[tuple[str, int], list] = defaultdict(list)
+    for lab in conn.execute(select(CandidateLabel.turn_id, CandidateLabel.candidate_idx, CandidateLabel.labeler,
+                                   CandidateLabel.score, CandidateLabel.reason)
+                            .where(CandidateLabel.turn_id.in_(select(Turn.id).where(Turn.conversation_id.in_(ids))))
+                            .order_by(CandidateLabel.turn_id, CandidateLabel.candidate_idx, CandidateLabel.labeler)):
+        labels[(lab.turn_id, lab.candidate_idx)].append({"labeler": lab.labeler, "score": lab.score,
+                                                         "reason": lab.reason})
     outcome: dict[str, dict] = {}
     turn_conv = {t.id: cid for cid, ts in turns.items() for t in ts}
     fb_q = (select(Feedback).where(or_(Feedback.conversation_id.in_(ids),
@@ -166,10 +174,11 @@ def _lines(conn, conversations) -> Iterator[dict[str, Any]]:
         if f.label is not None:
             o["label"] = f.label
     for c in conversations:
-        yield _line(c, turns.get(c.id, []), requests, tools, cands, outcome.get(c.id, {}))
+        yield _line(c, turns.get(c.id, []), requests, tools, cands, labels, outcome.get(c.id, {}))
 
 
-def _line(conv, turns: list, requests: dict, tools: dict, cands: dict, outcome: dict) -> dict[str, Any]:
+def _line(conv, turns: list, requests: dict, tools: dict, cands: dict, labels: dict,
+          outcome: dict) -> dict[str, Any]:
     attrs = conv.attributes or {}
     messages: list = []
     if turns:
@@ -197,11 +206,17 @@ def _line(conv, turns: list, requests: dict, tools: dict, cands: dict, outcome: 
         "latency_ms": {"total": t.latency_total_ms, "upstream": t.latency_upstream_ms,
                        "critic": t.latency_critic_ms},
         "created_at": _iso(t.created_at),
+        # which critic chose; where the cascade asked the LLM critic, why and whether it agreed
+        "decided_by": t.decided_by, "judge_reason": t.judge_reason, "critics_agreed": t.critics_agreed,
         "candidates": [{"index": c.idx, "round": c.round, "message": c.message, "finish_reason": c.finish_reason,
                         "verdict": c.verdict, "veto_reason": c.veto_reason, "score": c.score,
                         "features": c.features,
-                        # the upstream's usage and the logprobs a route keeps, where there are any
-                        **{k: v for k, v in (("usage", c.usage), ("logprobs", c.logprobs)) if v is not None}}
+                        # where there are any: the upstream's usage, the logprobs a route keeps, the LLM
+                        # critic's verdict, and the training labels (teacher judge, veto, outcome)
+                        **{k: v for k, v in (("usage", c.usage), ("logprobs", c.logprobs),
+                                             ("judge_score", c.judge_score), ("judge_reason", c.judge_reason),
+                                             ("labels", labels.get((t.id, c.idx))))
+                           if v is not None}}
                        for c in cands.get(t.id, [])],
     } for t in turns]
     return line
