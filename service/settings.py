@@ -316,7 +316,7 @@ class Settings(BaseSettings):
     key_hash_secret: SecretStr | None = None  # keys issued through the admin API are stored as HMACs under it
     control_poll_s: float = Field(1.0, gt=0, le=60)  # how often a replica checks for control-plane changes
     max_request_bytes: int = 4 * 1024 * 1024
-    # A non-streamed upstream reply over this is a 502: every candidate is held in memory whole.
+    # An upstream reply over this is a 502 (a stream is cut with that error): every candidate is held in memory whole.
     upstream_max_reply_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     keepalive_interval_s: float = 5.0
     # No longer used: one pool per upstream origin (service.upstream.transport) has no per-connection
