@@ -108,3 +108,39 @@ def test_a_kept_alive_connection_has_the_time_limit_for_each_head_not_for_all(ga
             while b"\r\n\r\n" not in head:
                 head += sock.recv(65536)
             assert head.startswith(b"HTTP/1.1 200")
+
+
+@pytest.fixture
+def body_timeout(monkeypatch):
+    monkeypatch.setattr(OneWriteProtocol, "BODY_IDLE_TIMEOUT_S", 0.5)
+
+
+CHAT = json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def chat_head(length: int) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % length)
+
+
+def test_a_body_that_stops_coming_is_a_408(gateway, body_timeout):
+    with gateway(mode="passthrough") as (url, sink), connect(url) as sock:
+        start = time.monotonic()
+        sock.sendall(chat_head(len(CHAT)) + CHAT[:10])
+        status, body, _ = reply(sock)
+        waited = time.monotonic() - start
+    assert status == 408 and body["error"]["code"] == "request_timeout" and "body" in body["error"]["message"]
+    assert 0.4 < waited < 5 and sink.records == []
+
+
+def test_a_body_that_keeps_coming_slowly_is_served(gateway, body_timeout):
+    with gateway(mode="passthrough") as (url, _), connect(url) as sock:
+        sock.sendall(chat_head(len(CHAT)))
+        step = len(CHAT) // 8 + 1
+        for i in range(0, len(CHAT), step):  # 8 pieces 0.2 s apart: 1.6 s in all, each gap under 0.5 s
+            time.sleep(0.2)
+            sock.sendall(CHAT[i:i + step])
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200")

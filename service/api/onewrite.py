@@ -8,11 +8,13 @@ system CPU: bench/proxy_threads.py with and without `--http httptools`, docs/pro
 Streams (chunked), empty bodies and HEAD answers are written as uvicorn writes them; a head still
 held when the connection is closed is written first.
 
-It also bounds each request's head (request line and headers), before the app or any key check
-sees it: at most MAX_HEAD_BYTES (a longer URL is a 414, a longer head a 431) and HEAD_TIMEOUT_S from
-the connection's start, or the request's first byte, to the head's end (408). httptools buffers an
-unfinished header line or URL whole, and uvicorn waits for a head without end: one connection could
-otherwise grow the process without bound, or hold a connection with a byte now and then.
+It also bounds how a request arrives, before the app or any key check sees it: its head (request
+line and headers) at most MAX_HEAD_BYTES (a longer URL is a 414, a longer head a 431) and
+HEAD_TIMEOUT_S from the connection's start, or the request's first byte, to the head's end; its body
+never idle for BODY_IDLE_TIMEOUT_S (both 408, the connection closed). httptools buffers an
+unfinished header line or URL whole, and uvicorn waits for a head or a body without end: one
+connection could otherwise grow the process without bound, or hold a connection with a byte now
+and then.
 
 Run with `uvicorn --http service.api.onewrite:OneWriteProtocol` (turngate serve does).
 """
@@ -67,27 +69,30 @@ _REASONS = {408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header
 
 class OneWriteProtocol(HttpToolsProtocol):
     MAX_HEAD_BYTES = 64 * 1024
-    HEAD_TIMEOUT_S = 30.0
+    HEAD_TIMEOUT_S = 30.0  # a head's whole time, from its first byte (or the connection's start)
+    BODY_IDLE_TIMEOUT_S = 30.0  # the longest pause between two pieces of a request's body
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.url = b""  # uvicorn sets it at a request's first byte; bytes before that (CRLFs) are head too
-        self._in_head = True  # a head is being read: from the connection's start, then each request's
+        self._reading: str | None = "head"  # what of a request is being read: "head", "body" or None
         self._head_bytes = 0
-        self._head_started = self.loop.time()
-        # One timer a connection, armed when a head begins and none is: it re-arms itself for the
-        # head being read then, if any (no timer made and cancelled for every request).
-        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.HEAD_TIMEOUT_S, self._head_check)
+        self._head_started = self._last_in = self.loop.time()
+        # One timer a connection, armed when a request begins and none is due sooner: it re-arms
+        # itself while a request is being read (no timer made and cancelled for every request).
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm(self._head_started + self.HEAD_TIMEOUT_S)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if not self._in_head or self.transport.is_closing():
+        self._last_in = self.loop.time()
+        HttpToolsProtocol.data_received(self, data)  # not super(): this runs for every piece of every request
+        if self._reading != "head" or self.transport.is_closing():
             return
         # Counted whole: a pipelined request's tail in the same piece counts toward the next head.
         self._head_bytes += len(data)
@@ -98,25 +103,43 @@ class OneWriteProtocol(HttpToolsProtocol):
                          f"The request line and headers are over {self.MAX_HEAD_BYTES} bytes.")
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._in_head, self._head_bytes, self._head_started = True, 0, self.loop.time()
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.HEAD_TIMEOUT_S, self._head_check)
+        HttpToolsProtocol.on_message_begin(self)
+        self._reading, self._head_bytes, self._head_started = "head", 0, self.loop.time()
+        at = self._head_started + self.HEAD_TIMEOUT_S
+        if self._timer is None or self._timer.when() > at:  # inline: this runs for every request
+            self._arm(at)
 
-    def _head_check(self) -> None:
-        self._head_timer = None
-        if not self._in_head or self.transport.is_closing():
+    def _arm(self, at: float) -> None:
+        """The timer due at `at` (instead of a later one)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(at, self._check_time)
+
+    def _check_time(self) -> None:
+        self._timer = None
+        if self._reading == "body" and (self.cycle is None or not self.cycle.more_body):
+            self._reading = None  # the body is all in
+        if self._reading is None or self.transport.is_closing():
             return  # between requests: uvicorn's keep-alive timeout closes an idle connection
-        left = self._head_started + self.HEAD_TIMEOUT_S - self.loop.time()
-        if left > 0:
-            self._head_timer = self.loop.call_later(left, self._head_check)
+        now = self.loop.time()
+        if self._reading == "head":
+            left = self._head_started + self.HEAD_TIMEOUT_S - now
+        elif self.flow.read_paused:  # the app has not taken what came: the client is not the one waiting
+            left = self.BODY_IDLE_TIMEOUT_S
         else:
+            left = self._last_in + self.BODY_IDLE_TIMEOUT_S - now
+        if left > 0:
+            self._arm(now + left)
+        elif self._reading == "head":
             self._refuse(408, "request_timeout",
                          f"The request's headers did not arrive within {self.HEAD_TIMEOUT_S:g} s.")
+        else:  # the app waiting for the body sees the client gone (http.disconnect)
+            self._refuse(408, "request_timeout",
+                         f"No bytes of the request's body arrived for {self.BODY_IDLE_TIMEOUT_S:g} s.")
 
     def _refuse(self, status: int, code: str, message: str) -> None:
-        """An answer in OpenAI's error format, then the connection closed: its head cannot be read."""
-        self._in_head = False
+        """An answer in OpenAI's error format, then the connection closed: the request cannot be read."""
+        self._reading = None
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                      "code": code}}).encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
@@ -124,7 +147,10 @@ class OneWriteProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._reading = "body"  # until the cycle has it all (more_body False), at once without a body
+        at = self._last_in + self.BODY_IDLE_TIMEOUT_S
+        if self._timer is None or self._timer.when() > at:
+            self._arm(at)
         super().on_headers_complete()
         # The cycle was just made and its task not yet run: it writes through the holder from the start.
         cycle = self.cycle
