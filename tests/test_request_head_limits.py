@@ -37,6 +37,14 @@ def reply(sock: socket.socket) -> tuple[int, dict, bytes]:
     return status, json.loads(body[:length]), body[length:]
 
 
+def response_head(sock: socket.socket) -> bytes:
+    """A response's status line and headers, the connection left open."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(65536)
+    return head
+
+
 def test_a_header_over_the_limit_is_a_431_and_the_connection_closes(gateway):
     with gateway() as (url, _), connect(url) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (LIMIT + 4096))
@@ -77,10 +85,7 @@ def test_heads_under_the_limit_are_served(gateway):
         big = b"a" * (LIMIT - 1024)
         for _ in range(2):  # twice on one kept-alive connection
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + big + b"\r\n\r\n")
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += sock.recv(65536)
-            assert head.startswith(b"HTTP/1.1 200")
+            assert response_head(sock).startswith(b"HTTP/1.1 200")
 
 
 @pytest.fixture
@@ -104,10 +109,7 @@ def test_a_kept_alive_connection_has_the_time_limit_for_each_head_not_for_all(ga
         for _ in range(4):  # 4 x 0.3 s: over the head's limit in all, each head well within it
             time.sleep(0.3)
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += sock.recv(65536)
-            assert head.startswith(b"HTTP/1.1 200")
+            assert response_head(sock).startswith(b"HTTP/1.1 200")
 
 
 @pytest.fixture
@@ -140,7 +142,4 @@ def test_a_body_that_keeps_coming_slowly_is_served(gateway, body_timeout):
         for i in range(0, len(CHAT), step):  # 8 pieces 0.2 s apart: 1.6 s in all, each gap under 0.5 s
             time.sleep(0.2)
             sock.sendall(CHAT[i:i + step])
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(65536)
-    assert head.startswith(b"HTTP/1.1 200")
+        assert response_head(sock).startswith(b"HTTP/1.1 200")

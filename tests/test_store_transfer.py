@@ -24,6 +24,16 @@ from tests.test_store_writer import TRAJECTORIES, needs_trajectories
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+async def store_turns(db_url: str, tmp_path, *turns) -> None:
+    """The turns written by the real sink, as the gate's records are."""
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    for turn in turns:
+        sink.enqueue(turn)
+    assert await sink.flush()
+    await sink.stop()
+
+
 def _export(url: str, **kw) -> list[dict]:
     buf = io.StringIO()
     n = export_trajectories(url, buf, kw.pop("since", EPOCH),
@@ -96,11 +106,7 @@ async def test_candidates_keep_the_upstreams_usage_logprobs_and_request_id(db_ur
     for c in turn.candidates:
         c.usage, c.upstream_request_id = usage, f"req_{c.index}"
     turn.candidates[1].logprobs = logprobs
-    sink = StoreSink(db_url, tmp_path / "spool")
-    await sink.start()
-    sink.enqueue(turn)
-    assert await sink.flush()
-    await sink.stop()
+    await store_turns(db_url, tmp_path, turn)
 
     engine = make_sync_engine(db_url)
     with engine.connect() as conn:
@@ -182,11 +188,7 @@ async def test_export_carries_the_judges_labels_and_verdicts_to_the_cascade_repl
     turn = record([{"role": "user", "content": "weather in Paris?"}], "sunny")
     turn.decided_by, turn.judge_reason, turn.critics_agreed = "llm", "margin", False
     turn.candidates[1].judge_score, turn.candidates[1].judge_reason = 0.9, "answers the question"
-    sink = StoreSink(db_url, tmp_path / "spool")
-    await sink.start()
-    sink.enqueue(turn)
-    assert await sink.flush()
-    await sink.stop()
+    await store_turns(db_url, tmp_path, turn)
     engine = make_sync_engine(db_url)
     try:
         write_labels(engine, [{"turn_id": turn.turn_id, "candidate_idx": 0, "labeler": "judge:m@1", "score": 0.0,
