@@ -128,8 +128,9 @@ def overview() -> dash.Dashboard:
                            q(rate("turngate_upstream_errors_total", "route, kind"), "{{route}} {{kind}}"),
                            stacked=True))
         .with_panel(series("HTTP answers by status", "reqps",
-                           q(rate("turngate_requests_total", "status", match=""), "{{status}}"), stacked=True,
-                           description="Every endpoint, refusals before the gate included (400, 401, 413, 429)."))
+                           q(rate("turngate_requests_total", "status"), "{{status}}"), stacked=True,
+                           description="Every endpoint, refusals before the gate included (400, 401, 413, 429); "
+                                       "route 'none' for those refused before a route was known."))
         .with_panel(series("Upstream calls retried", "reqps",
                            q(rate("turngate_upstream_retries_total", "reason"), "{{reason}}"),
                            description="Sent again after failing before any reply byte: a refused connect, or a "
