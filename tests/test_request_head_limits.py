@@ -1,7 +1,7 @@
 """A request's head (its request line and headers) is bounded in size and in time, before any
 authentication: httptools buffers an unfinished header line or URL whole, and uvicorn waits for a
-head without end. Before, one connection sending an endless header grew the process by 120 MiB in
-20 s, and a connection that sent nothing, or a byte now and then, was held forever.
+head without end. Before, one connection sending an endless header grew the process without bound,
+and a connection that sent nothing, or a byte now and then, was held forever.
 
 Raw sockets here: no HTTP client sends such heads."""
 

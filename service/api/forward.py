@@ -26,7 +26,7 @@ from service.api.deps import ClientKey, LimitedKeyDep, ServicesDep
 from service.api.errors import APIError, from_upstream
 from service.api.jsonroute import parse_error_message
 from service.api.protocol import ErrorBody
-from service.api.replies import sse
+from service.api.replies import error_event
 from service.api.requests import note_route
 from service.settings import RouteSettings
 from service.telemetry import metrics, spans
@@ -133,17 +133,13 @@ async def _relay(resp: transport.Response, tap: forwarded_usage.Tap, limit: int 
                  route: str) -> AsyncIterator[bytes]:
     """The upstream's SSE bytes as they arrive; the upstream connection closes with the client's. A
     stream past `limit` bytes ends with an error event in OpenAI's envelope (the openai client raises it)."""
-    relayed = 0
     try:
-        async for chunk in resp.aiter_stream():
-            relayed += len(chunk)
-            if limit is not None and relayed > limit:
-                metrics.UPSTREAM_ERRORS.labels(route, "garbage").inc()
-                error = UpstreamError("garbage", f"upstream stream over {limit} bytes (upstream_max_reply_bytes)")
-                yield b"\n\n" + sse(from_upstream(error).body())  # after a blank line: whatever event was cut
-                return
+        async for chunk in resp.aiter_stream(limit):
             tap.feed(chunk)
             yield chunk
+    except transport.ReplyTooLarge as e:
+        metrics.UPSTREAM_ERRORS.labels(route, "garbage").inc()
+        yield b"\n\n" + error_event(UpstreamError("garbage", str(e)))  # after a blank line: the event it cut
     finally:
         await resp.aclose()
 

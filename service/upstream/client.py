@@ -329,7 +329,6 @@ class UpstreamStream:
     def __init__(self, resp: transport.Response, headers: dict[str, str], idle_timeout_s: float,
                  call: _Call | None = None, max_bytes: int | None = None) -> None:
         self.headers = headers
-        self.received_bytes = 0
         self._max_bytes = max_bytes  # the stream is cut past this many bytes (upstream_max_reply_bytes)
         # The upstream's span (UpstreamWait's definition): request written to the latest piece in.
         now = time.perf_counter()
@@ -348,7 +347,7 @@ class UpstreamStream:
         if not self._is_sse:
             raise UpstreamError("garbage", "upstream answered a stream request without an event stream")
         decoder = streaming.Decoder()
-        pieces = self._resp.aiter_stream()
+        pieces = self._resp.aiter_stream(self._max_bytes)
         while True:
             left = deadline - time.monotonic()
             wait = min(self._idle_timeout_s, left)
@@ -361,11 +360,8 @@ class UpstreamStream:
                 raise UpstreamError("timeout", f"upstream stream stalled: {why}") from e
             except (transport.TransportError, OSError) as e:
                 raise UpstreamError("connect", f"upstream stream broke: {type(e).__name__}") from e
-            if piece is not None:
-                self.received_bytes += len(piece)
-                if self._max_bytes is not None and self.received_bytes > self._max_bytes:
-                    raise UpstreamError("garbage", f"upstream stream over {self._max_bytes} bytes "
-                                                   "(upstream_max_reply_bytes)")
+            except transport.ReplyTooLarge as e:
+                raise UpstreamError("garbage", str(e)) from e
             try:
                 events = decoder.feed(piece) if piece is not None else decoder.close()
             except streaming.StreamGarbage as e:

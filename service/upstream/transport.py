@@ -141,8 +141,14 @@ class Response:
         self.content = b"".join(pieces)
         return self.content
 
-    async def aiter_stream(self) -> AsyncIterator[bytes]:
+    async def aiter_stream(self, limit: int | None = None) -> AsyncIterator[bytes]:
+        """The body piece by piece; ReplyTooLarge (the connection closed) once it is over `limit` bytes."""
+        size = 0
         while (piece := await self._next()) is not None:
+            size += len(piece)
+            if limit is not None and size > limit:
+                await self.aclose()
+                raise ReplyTooLarge(f"upstream reply over {limit} bytes (upstream_max_reply_bytes)")
             yield piece
 
     async def aclose(self) -> None:
