@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import tempfile
@@ -25,7 +24,7 @@ import asyncpg
 from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, new_turn_id
 from service.store.migrate import upgrade
 from service.store.sink import StoreSink
-from service.store.writer import candidate_rows, turn_row
+from service.store.writer import prepare
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SYSTEM = "You are a support agent. Follow the policy. " * 25  # ~1 KB, like an agent's policy prompt
@@ -94,18 +93,10 @@ async def run_sink(url: str, turns: list[TurnRecord], batch_max: int = 500) -> t
 
 
 def _pg_rows(turns: list[TurnRecord]):
-    trows, crows = [], []
-    for r in turns:
-        t = turn_row(r, "conv-" + r.turn_id[5:21], 0)
-        t["request_messages"] = json.dumps(t["request_messages"])
-        t["tools"] = None
-        t["client_metadata"] = None
-        t["feedback_texts"] = None
-        trows.append(t)
-        for c in candidate_rows(r):
-            c["message"] = json.dumps(c["message"])
-            crows.append(c)
-    return trows, crows
+    """The writer's own rows (JSON encoded), each turn its own conversation."""
+    prepared = prepare(turns, encode_json=True)
+    prepared.turns["conversation_id"] = ["conv-" + r.turn_id[5:21] for r in turns]
+    return prepared.turn_rows(), prepared.candidate_rows()
 
 
 async def run_naive(url: str, turns: list[TurnRecord]) -> float:

@@ -1,14 +1,15 @@
 """Instructions a turn for each part of the embedded store's work, counted by valgrind's callgrind
 (deterministic, whatever the machine's load; bench/store_cpu.py gives the CPU time in the running sink).
 
-    python bench/store_instructions.py [--turns 1000] [--parts encode,keys,turn_row,candidate_rows,prepare,write]
+    python bench/store_instructions.py [--turns 1000] [--parts encode,keys,rows,prepare,write]
 
 Each part runs in a process of its own under callgrind over the same passthrough-sized turns
 (bench/store_cpu.py's), beside a process that builds the turns and does nothing else; the difference,
 divided by the turns, is the part's cost. encode: the journal line (the event loop's share); keys: the
-prefix hashes (`thread_keys`); turn_row / candidate_rows: a row built and fitted by the record
-boundary; prepare: all of a batch's Python preparation; write: a batch prepared, inserted and
-committed into SQLite (batches of 125). Needs valgrind (Debian's package).
+prefix hashes (`thread_keys`); rows: the turn and candidate rows built and fitted by the record
+boundary, column by column (batches of 64, prepare's chunks); prepare: all of a batch's Python
+preparation; write: a batch prepared, inserted and committed into SQLite (batches of 125). Needs
+valgrind (Debian's package).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("encode", "keys", "turn_row", "candidate_rows", "prepare", "write")
+PARTS = ("encode", "keys", "rows", "prepare", "write")
 BATCH = 125
 
 
@@ -30,12 +31,12 @@ def run_part(part: str, n: int) -> None:
     sys.path.insert(0, str(ROOT))
     from bench.store_cpu import passthrough_turn
     from service.store import lines
-    from service.store.boundary import fit_row
-    from service.store.conversations import thread_keys
+    from service.store.boundary import fit_columns
+    from service.store.conversations import ThreadKeys, thread_keys
     from service.store.migrate import upgrade
     from service.store.models import Candidate, Turn
     from service.store.sqlite_batch import SqliteBatchWriter
-    from service.store.writer import LinkCache, candidate_rows, prepare, turn_row
+    from service.store.writer import GIL_CHUNK, LinkCache, candidate_columns, prepare, turn_columns
 
     # Every process, "none" included, makes the same store: only the part itself differs.
     db = f"{tempfile.mkdtemp(prefix='tg-store-ir-')}/store.db"
@@ -48,13 +49,12 @@ def run_part(part: str, n: int) -> None:
     elif part == "keys":
         for t in turns:
             thread_keys(t)
-    elif part == "turn_row":
-        for t in turns:
-            fit_row(Turn.__table__, turn_row(t, "", 0), True)
-    elif part == "candidate_rows":
-        for t in turns:
-            for c in candidate_rows(t):
-                fit_row(Candidate.__table__, c, True)
+    elif part == "rows":
+        for i in range(0, n, GIL_CHUNK):
+            chunk = turns[i:i + GIL_CHUNK]
+            keys = [ThreadKeys(None, None, None, None, 0)] * len(chunk)  # the hashes are `keys`'s part
+            fit_columns(Turn.__table__, turn_columns(chunk, keys), True)
+            fit_columns(Candidate.__table__, candidate_columns(chunk), True)
     elif part == "prepare":
         for i in range(0, n, BATCH):
             prepare(turns[i:i + BATCH], True)

@@ -18,7 +18,7 @@ from sqlalchemy import text
 from service.store.engine import make_async_engine, make_sync_engine
 from service.store.migrate import upgrade
 from service.store.sink import StoreSink
-from service.store.writer import LinkCache, prepare, thread_rows, write_batch
+from service.store.writer import LinkCache, prepare, rows_of, thread_rows, write_batch
 from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
 
 _WRITER_THREADS = ("turngate-store-sqlite", "turngate-store-pg", "turngate-store-prepare")
@@ -218,9 +218,9 @@ def test_prepare_lets_the_gil_go_between_chunks_and_rows_stay_the_same(monkeypat
     assert naps == [0, 0]
     one_by_one = [prepare([r], encode_json=True) for r in records[1:]]
     assert got.records == records[1:]
-    assert got.turns == [t for p in one_by_one for t in p.turns]
-    assert got.candidates == [c for p in one_by_one for c in p.candidates]
-    assert got.conversations == [c for p in one_by_one for c in p.conversations]
+    assert got.turn_rows() == [t for p in one_by_one for t in p.turn_rows()]
+    assert got.candidate_rows() == [c for p in one_by_one for c in p.candidate_rows()]
+    assert rows_of(got.conversations) == [c for p in one_by_one for c in rows_of(p.conversations)]
     assert got.keys == [k for p in one_by_one for k in p.keys]
 
 

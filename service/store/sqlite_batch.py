@@ -18,7 +18,6 @@ import asyncio
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Table
@@ -27,7 +26,7 @@ from sqlalchemy.engine import make_url
 from service.gate.record import TurnRecord
 from service.store.boundary import column_kinds
 from service.store.models import Candidate, Conversation, ConversationLink, CriticVersion, Turn
-from service.store.writer import LinkCache, Prepared, prepare, thread_rows
+from service.store.writer import LinkCache, Prepared, new_critics, prepare, thread_rows
 
 _LOOKUP_CHUNK = 1000  # prefix hashes per SELECT ... IN (...)
 
@@ -55,22 +54,29 @@ def sqlite_time(dt: datetime) -> str:
 
 class _Table:
     """One table's insert statement (positional parameters: sqlite3 binds a tuple cheaper than a
-    dict) and the conversion of row dicts to its parameter tuples."""
+    dict) and the conversion of a batch's columns to its parameter tuples."""
 
     def __init__(self, table: Table, columns: list[str], conflict: str) -> None:
         kinds = column_kinds(table)
         self.sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) "
                     f"VALUES ({', '.join('?' * len(columns))}) {conflict}")
-        self.json = [c for c in columns if kinds[c] == "json"]
-        self.values = itemgetter(*columns)  # every table written here has several columns: a tuple
+        self.columns = columns
+        self.json = {c for c in columns if kinds[c] == "json"}
 
-    def params(self, rows: list[dict[str, Any]]) -> list[tuple]:
+    def params(self, columns: dict[str, list[Any]]) -> list[tuple]:
         """The rows' values in column order (JSON arrives encoded by prepare, times as text)."""
-        for row in rows:
-            for c in self.json:
-                if row[c] is None:
-                    row[c] = "null"  # SQLAlchemy's JSON type writes None as JSON null, not SQL NULL
-        return list(map(self.values, rows))
+        ordered = []
+        for c in self.columns:
+            values = columns[c]
+            if c in self.json and None in values:
+                # SQLAlchemy's JSON type writes None as JSON null, not SQL NULL
+                values = ["null" if v is None else v for v in values]
+            ordered.append(values)
+        return list(zip(*ordered))
+
+
+def columns_of(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {c: [r[c] for r in rows] for c in rows[0]} if rows else {}
 
 
 class SqliteBatchWriter:
@@ -151,36 +157,36 @@ class SqliteBatchWriter:
                 f"({', '.join('?' * len(chunk))})", chunk).fetchall())
         # Times as SQLite's text before threading: the conversation rows take theirs from the turns
         # (and compare them: text order is time order), so each is formatted once.
-        for t in prepared.turns:
-            t["created_at"] = sqlite_time(t["created_at"])
+        turns = prepared.turns
+        if prepared.records:
+            turns["created_at"] = list(map(sqlite_time, turns["created_at"]))
         conv_rows, links = thread_rows(prepared, found)
-        new_critics = {(t["critic_name"], t["critic_version"]) for t in prepared.turns
-                       if t["critic_name"] and t["critic_version"]} - critics
+        critics_new = new_critics(prepared, critics)
 
-        self._many(conn, Conversation.__table__, conv_rows,
+        self._many(conn, Conversation.__table__, columns_of(conv_rows),
                    "ON CONFLICT (id) DO UPDATE SET last_seen = max(conversations.last_seen, excluded.last_seen)")
-        self._many(conn, Turn.__table__, prepared.turns, "ON CONFLICT (id) DO NOTHING")
+        self._many(conn, Turn.__table__, turns, "ON CONFLICT (id) DO NOTHING")
         self._many(conn, Candidate.__table__, prepared.candidates, "ON CONFLICT DO NOTHING")
         now = sqlite_time(datetime.now(UTC))
         if links:
-            self._many(conn, ConversationLink.__table__, [
-                {"prefix_hash": h, "conversation_id": c, "created_at": now} for h, c in sorted(links.items())],
-                "ON CONFLICT DO NOTHING")
-        if new_critics:
-            self._many(conn, CriticVersion.__table__, [
-                {"name": n, "version": v, "created_at": now} for n, v in sorted(new_critics)],
-                "ON CONFLICT DO NOTHING")
+            hashes = sorted(links)
+            self._many(conn, ConversationLink.__table__, {
+                "prefix_hash": hashes, "conversation_id": [links[h] for h in hashes],
+                "created_at": [now] * len(hashes)}, "ON CONFLICT DO NOTHING")
+        if critics_new:
+            rows = [{"name": n, "version": v, "created_at": now} for n, v in sorted(critics_new)]
+            self._many(conn, CriticVersion.__table__, columns_of(rows), "ON CONFLICT DO NOTHING")
         # Only once the statements ran: a failed batch leaves both as they were (the sink also
         # clears the cache then, since an earlier batch's links may have been rolled back).
-        critics |= new_critics
+        critics |= critics_new
         for h, c in links.items():
             cache.put(h, c)
 
-    def _many(self, conn: sqlite3.Connection, table: Table, rows: list[dict[str, Any]], conflict: str) -> None:
-        if not rows:
+    def _many(self, conn: sqlite3.Connection, table: Table, columns: dict[str, list[Any]], conflict: str) -> None:
+        if not columns or not next(iter(columns.values())):
             return
         key = f"{table.name} {conflict}"
         t = self._tables.get(key)
         if t is None:
-            t = self._tables[key] = _Table(table, list(rows[0]), conflict)
-        conn.executemany(t.sql, t.params(rows))
+            t = self._tables[key] = _Table(table, list(columns), conflict)
+        conn.executemany(t.sql, t.params(columns))

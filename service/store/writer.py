@@ -10,6 +10,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 import asyncpg
@@ -18,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.gate.record import TurnRecord
-from service.store.boundary import fit_row, fit_time
+from service.store.boundary import fit_columns, fit_time
 from service.store.conversations import ThreadKeys, new_conversation_id, thread_keys
 from service.store.models import Candidate, Conversation, ConversationLink, CriticVersion, Turn
 
@@ -53,21 +54,33 @@ def utc(ts: float) -> datetime:
 
 @dataclass
 class Prepared:
-    """A batch made ready off the event loop: threading keys and rows (JSON already encoded for
-    PostgreSQL's bulk path; conversation ids are filled in by write_batch)."""
+    """A batch made ready off the event loop: threading keys and rows, column by column (JSON already
+    encoded for SQLite and PostgreSQL's bulk path; conversation ids are filled in by thread_rows)."""
 
     records: list[TurnRecord]  # the batch, each turn id once
     keys: list[ThreadKeys]
-    turns: list[dict[str, Any]]
-    candidates: list[dict[str, Any]]
-    conversations: list[dict[str, Any]]  # per record: its conversation row's fitted key_id and external_id
+    turns: dict[str, list[Any]]  # column -> a value per record
+    candidates: dict[str, list[Any]]  # column -> a value per candidate of every record
+    conversations: dict[str, list[Any]]  # key_id, external_id: a fitted value per record
     encoded: bool
+
+    def turn_rows(self) -> list[dict[str, Any]]:
+        return rows_of(self.turns)
+
+    def candidate_rows(self) -> list[dict[str, Any]]:
+        return rows_of(self.candidates)
+
+
+def rows_of(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    names = list(columns)
+    return [dict(zip(names, values)) for values in zip(*columns.values())]
 
 
 # Records prepared between two hand-overs of the GIL: a thread running Python keeps the GIL until
-# another has waited 5 ms (CPython's switch interval), so a 90-turn batch (~2.5 ms) prepared in one
-# go stalls the event loop that long; 16 turns are ~0.4 ms.
-GIL_CHUNK = 16
+# another has waited 5 ms (CPython's switch interval), so a whole batch prepared in one go would stall
+# the event loop that long; 64 turns are ~0.4 ms (bench/store_instructions.py --parts prepare). Each
+# chunk is prepared column by column, which costs a few calls a column whatever its length.
+GIL_CHUNK = 64
 
 
 def prepare(records: list[TurnRecord], encode_json: bool = False) -> Prepared:
@@ -75,7 +88,7 @@ def prepare(records: list[TurnRecord], encode_json: bool = False) -> Prepared:
     lets the GIL go every GIL_CHUNK records."""
     last = {r.turn_id: i for i, r in enumerate(records)}  # a turn twice: the later record wins
     records = [r for i, r in enumerate(records) if last[r.turn_id] == i]
-    prepared = Prepared(records, [], [], [], [], encode_json)
+    prepared = Prepared(records, [], {}, {}, {}, encode_json)
     for i in range(0, len(records), GIL_CHUNK):
         if i:
             time.sleep(0)  # releases the GIL: a thread waiting for it (the event loop) takes it now
@@ -85,63 +98,94 @@ def prepare(records: list[TurnRecord], encode_json: bool = False) -> Prepared:
 
 def _add_rows(prepared: Prepared, records: list[TurnRecord]) -> None:
     keys = [thread_keys(r) for r in records]
-    encode_json = prepared.encoded
-    turn_t, cand_t, conv_t = Turn.__table__, Candidate.__table__, Conversation.__table__
     prepared.keys += keys
-    prepared.turns += [fit_row(turn_t, turn_row(r, "", k.idx), encode_json) for r, k in zip(records, keys)]
-    prepared.candidates += [fit_row(cand_t, c, encode_json) for r in records for c in candidate_rows(r)]
-    prepared.conversations += [fit_row(conv_t, {"key_id": r.conversation.key_id, "external_id": k.external_id})
-                               for r, k in zip(records, keys)]
+    encode = prepared.encoded
+    _extend(prepared.turns, fit_columns(Turn.__table__, turn_columns(records, keys), encode))
+    _extend(prepared.candidates, fit_columns(Candidate.__table__, candidate_columns(records), encode))
+    _extend(prepared.conversations, fit_columns(Conversation.__table__, {
+        "key_id": [r.conversation.key_id for r in records], "external_id": [k.external_id for k in keys]}))
 
 
-def turn_row(r: TurnRecord, conversation_id: str, index: int) -> dict[str, Any]:
-    return {
-        "id": r.turn_id, "conversation_id": conversation_id, "idx": index,
-        "request_messages": r.request_messages, "tools": r.tools,
-        "client_metadata": r.conversation.metadata if isinstance(r.conversation.metadata, dict) else None,
-        "route": r.route, "mode": r.mode, "upstream_model": r.upstream_model, "decision": r.decision,
-        "chosen_index": r.chosen_index, "critic_name": r.critic_name, "critic_version": r.critic_version,
-        "latency_total_ms": r.latency_total_ms, "latency_upstream_ms": r.latency_upstream_ms,
-        "latency_critic_ms": r.latency_critic_ms, "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.completion_tokens, "rounds": r.rounds, "candidates_saved": r.candidates_saved,
-        "feedback_texts": r.feedback or None, "error": r.error, "created_at": utc(r.created_at),
-        "upstream_errors": [dataclasses.asdict(e) for e in r.upstream_errors] or None,
-        "decided_by": r.decided_by, "judge_reason": r.judge_reason, "critics_agreed": r.critics_agreed,
-        "judge_prompt_tokens": r.judge_prompt_tokens, "judge_completion_tokens": r.judge_completion_tokens,
-    }
+def _extend(columns: dict[str, list[Any]], more: dict[str, list[Any]]) -> None:
+    for name, values in more.items():
+        columns.setdefault(name, []).extend(values)
 
 
-def candidate_rows(r: TurnRecord) -> list[dict[str, Any]]:
-    return [{"turn_id": r.turn_id, "idx": c.index, "round": c.round, "message": c.message,
-             "finish_reason": c.finish_reason, "verdict": c.verdict, "veto_reason": c.veto_reason,
-             "veto_detail": c.veto_detail, "score": c.score, "features": c.features,
-             "contributions": c.contributions, "upstream_latency_ms": c.upstream_latency_ms,
-             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "usage": c.usage,
-             "logprobs": c.logprobs, "upstream_request_id": c.upstream_request_id,
-             "judge_score": c.judge_score, "judge_reason": c.judge_reason}
-            for c in r.candidates]
+# Turn and candidate columns copied from the record's attribute of the same name (or the one given).
+_TURN_COPIED = {"id": "turn_id", "request_messages": "request_messages", "tools": "tools", "route": "route",
+                "mode": "mode", "upstream_model": "upstream_model", "decision": "decision",
+                "chosen_index": "chosen_index", "critic_name": "critic_name", "critic_version": "critic_version",
+                "latency_total_ms": "latency_total_ms", "latency_upstream_ms": "latency_upstream_ms",
+                "latency_critic_ms": "latency_critic_ms", "prompt_tokens": "prompt_tokens",
+                "completion_tokens": "completion_tokens", "rounds": "rounds", "candidates_saved": "candidates_saved",
+                "error": "error", "decided_by": "decided_by", "judge_reason": "judge_reason",
+                "critics_agreed": "critics_agreed", "judge_prompt_tokens": "judge_prompt_tokens",
+                "judge_completion_tokens": "judge_completion_tokens"}
+_CANDIDATE_COPIED = {"idx": "index", "round": "round", "message": "message", "finish_reason": "finish_reason",
+                     "verdict": "verdict", "veto_reason": "veto_reason", "veto_detail": "veto_detail",
+                     "score": "score", "features": "features", "contributions": "contributions",
+                     "upstream_latency_ms": "upstream_latency_ms", "prompt_tokens": "prompt_tokens",
+                     "completion_tokens": "completion_tokens", "usage": "usage", "logprobs": "logprobs",
+                     "upstream_request_id": "upstream_request_id", "judge_score": "judge_score",
+                     "judge_reason": "judge_reason"}
+_turn_values = attrgetter(*_TURN_COPIED.values())
+_candidate_values = attrgetter(*_CANDIDATE_COPIED.values())
+
+
+def turn_columns(records: list[TurnRecord], keys: list[ThreadKeys]) -> dict[str, list[Any]]:
+    """The turns' rows, column by column, as the records hold them (conversation_id: to be threaded)."""
+    columns: dict[str, list[Any]] = {"conversation_id": [""] * len(records), "idx": [k.idx for k in keys]}
+    copied = zip(*map(_turn_values, records)) if records else [[] for _ in _TURN_COPIED]
+    columns.update(zip(_TURN_COPIED, map(list, copied)))
+    columns["client_metadata"] = [m if isinstance(m := r.conversation.metadata, dict) else None for r in records]
+    columns["feedback_texts"] = [r.feedback or None for r in records]
+    columns["upstream_errors"] = [[dataclasses.asdict(e) for e in r.upstream_errors] or None for r in records]
+    columns["created_at"] = [utc(r.created_at) for r in records]
+    return columns
+
+
+def candidate_columns(records: list[TurnRecord]) -> dict[str, list[Any]]:
+    """Every record's candidates' rows, column by column."""
+    candidates = [c for r in records for c in r.candidates]
+    columns: dict[str, list[Any]] = {"turn_id": [r.turn_id for r in records for _ in r.candidates]}
+    copied = zip(*map(_candidate_values, candidates)) if candidates else [[] for _ in _CANDIDATE_COPIED]
+    columns.update(zip(_CANDIDATE_COPIED, map(list, copied)))
+    return columns
 
 
 def thread_rows(prepared: Prepared, found: dict[str, str]) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Puts each turn in its conversation (`found`: prefix hash -> conversation id, from the cache
     and the links table; extended here). Returns the conversation rows, sorted by id (replicas
     upserting the same conversations then lock rows in one order), and the links to add."""
+    if not prepared.records:
+        return [], {}
     conversations: dict[str, dict[str, Any]] = {}
     links: dict[str, str] = {}
-    for r, k, row, cf in zip(prepared.records, prepared.keys, prepared.turns, prepared.conversations):
+    ids: list[str] = []
+    turns, convs = prepared.turns, prepared.conversations
+    for r, k, at, route, key_id, external_id in zip(prepared.records, prepared.keys, turns["created_at"],
+                                                    turns["route"], convs["key_id"], convs["external_id"]):
         conv = (k.explicit_id or (k.lookup_hash and found.get(k.lookup_hash))
                 or new_conversation_id(r.turn_id, r.created_at))
         if k.link_hash:
             found[k.link_hash] = links[k.link_hash] = conv  # a later turn of this batch may need it
-        row["conversation_id"] = conv
-        at = row["created_at"]
+        ids.append(conv)
         seen = conversations.get(conv)
         if seen is None:
-            conversations[conv] = {"id": conv, "first_seen": at, "last_seen": at, "route": row["route"],
-                                   "key_id": cf["key_id"], "external_id": cf["external_id"]}
+            conversations[conv] = {"id": conv, "first_seen": at, "last_seen": at, "route": route,
+                                   "key_id": key_id, "external_id": external_id}
         else:
             seen["first_seen"], seen["last_seen"] = min(seen["first_seen"], at), max(seen["last_seen"], at)
+    turns["conversation_id"] = ids
     return [conversations[c] for c in sorted(conversations)], links
+
+
+def new_critics(prepared: Prepared, seen: set) -> set[tuple[str, str]]:
+    """The critic name/version pairs of the batch not in `seen`."""
+    if not prepared.records:
+        return set()
+    turns = prepared.turns
+    return {(n, v) for n, v in zip(turns["critic_name"], turns["critic_version"]) if n and v} - seen
 
 
 def _insert(conn: AsyncConnection, table):
@@ -170,18 +214,19 @@ async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCach
         raw = (await conn.get_raw_connection()).driver_connection
         await _pg_bulk(raw, Conversation.__table__, conv_rows, conflict="ON CONFLICT (id) DO UPDATE SET "
                        "last_seen = greatest(conversations.last_seen, excluded.last_seen)")
-        new_turns = await _pg_insert_new(raw, Turn.__table__, prepared.turns)
-        cands = prepared.candidates if len(new_turns) == len(prepared.turns) else \
-            [c for c in prepared.candidates if c["turn_id"] in new_turns]
+        new_turns = await _pg_insert_new(raw, Turn.__table__, prepared.turn_rows())
+        cands = prepared.candidate_rows()
+        if len(new_turns) != len(prepared.records):
+            cands = [c for c in cands if c["turn_id"] in new_turns]
         # Candidates of turns inserted just now cannot exist yet (foreign key): plain COPY.
         await _pg_copy(raw, Candidate.__table__, cands)
     else:
         stmt = _insert(conn, Conversation)
         await conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={
             "last_seen": func.max(Conversation.last_seen, stmt.excluded.last_seen)}), conv_rows)
-        await conn.execute(_insert(conn, Turn).on_conflict_do_nothing(index_elements=["id"]), prepared.turns)
-        if prepared.candidates:
-            await conn.execute(_insert(conn, Candidate).on_conflict_do_nothing(), prepared.candidates)
+        await conn.execute(_insert(conn, Turn).on_conflict_do_nothing(index_elements=["id"]), prepared.turn_rows())
+        if cands := prepared.candidate_rows():
+            await conn.execute(_insert(conn, Candidate).on_conflict_do_nothing(), cands)
     if links:
         now = datetime.now(UTC)
         link_rows = [{"prefix_hash": h, "conversation_id": c, "created_at": now} for h, c in sorted(links.items())]
@@ -189,7 +234,7 @@ async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCach
             await _pg_bulk(raw, ConversationLink.__table__, link_rows)
         else:
             await conn.execute(_insert(conn, ConversationLink).on_conflict_do_nothing(), link_rows)
-    await _note_critics(conn, prepared.turns, seen_critics)
+    await _note_critics(conn, prepared, seen_critics)
     for h, c in links.items():
         cache.put(h, c)
 
@@ -242,11 +287,9 @@ async def _pg_bulk(raw, table, rows: list[dict[str, Any]], returning: str | None
     return []
 
 
-async def _note_critics(conn: AsyncConnection, turns: list[dict[str, Any]], seen: set | None) -> None:
+async def _note_critics(conn: AsyncConnection, prepared: Prepared, seen: set | None) -> None:
     """First sight of a critic name/version in this process -> a critic_versions row if none yet."""
-    new = {(t["critic_name"], t["critic_version"]) for t in turns if t["critic_name"] and t["critic_version"]}
-    if seen is not None:
-        new -= seen
+    new = new_critics(prepared, seen or set())
     if not new:
         return
     now = datetime.now(UTC)
