@@ -14,6 +14,7 @@ database is the boundary's job (service.store.boundary), at write time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -34,7 +35,6 @@ def encode_turn(record: TurnRecord, provisional: bool = False) -> bytes:
     try:
         return orjson.dumps(env, option=_NL)
     except TypeError:
-        env["turn"] = record.to_dict()
         return _stdlib(env)
 
 
@@ -57,8 +57,15 @@ def encode_quarantined(error: str, *, record: TurnRecord | None = None, raw: byt
 
 
 def _stdlib(env: dict[str, Any]) -> bytes:
-    # ensure_ascii: lone surrogates become \udXXX escapes; default=str: odd objects become text.
-    return json.dumps(env, ensure_ascii=True, separators=(",", ":"), default=str).encode() + b"\n"
+    # ensure_ascii: lone surrogates become \udXXX escapes; _fields: records as their fields (not
+    # dataclasses.asdict, which deep-copies a client's whole body first); odd objects become text.
+    return json.dumps(env, ensure_ascii=True, separators=(",", ":"), default=_fields).encode() + b"\n"
+
+
+def _fields(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return str(value)
 
 
 def decode_turn(line: bytes) -> tuple[TurnRecord, bool]:
