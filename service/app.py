@@ -127,7 +127,10 @@ def create_app(settings: Settings | None = None, *, critic: Critic | None = None
     # FastAPI's own OpenTelemetry layer checks the global providers on every request; it is wanted
     # only beside turngate's tracing (which then makes its HTTP server span the turn's parent).
     native_otel = None if tracing is not None else TelemetryConfig(tracing=False, metrics=False, logs=False)
-    app = FastAPI(title="turngate", version=installed_version(), lifespan=lifespan, telemetry=native_otel)
+    # No redirect for a trailing slash: Starlette's 307 has no body and a Location built from the
+    # client's Host header; such a path is an unknown URL like any other.
+    app = FastAPI(title="turngate", version=installed_version(), lifespan=lifespan, telemetry=native_otel,
+                  redirect_slashes=False)
     errors.install(app)
     routers = [openai.router, forward.router, feedback_api.router, critic_api.router, admin.router, admin_keys.router,
                admin_routes.router, admin_turns.router, admin_page.router, health.router, metrics.router]

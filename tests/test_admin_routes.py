@@ -134,6 +134,10 @@ def test_invalid_routes_are_refused_naming_the_field(db_url, tmp_path):  # noqa:
                  ({"upstream_api_key": "sk-your-key-here"}, "upstream_api_key"),
                  ({"upstream_base_url": "api.openai.com/v1"}, "upstream_base_url"),
                  ({"upstream_base_url": "http://[::1"}, "upstream_base_url"),
+                 ({"upstream_base_url": "http://127.0.0.1:99999/v1"}, "upstream_base_url"),
+                 ({"upstream_base_url": "http://127.0.0.1:port/v1"}, "upstream_base_url"),
+                 ({"upstream_base_url": "http://api.example/v1\r\nX-Injected: 1"}, "upstream_base_url"),
+                 ({"upstream_base_url": "http://api.example/v 1"}, "upstream_base_url"),
                  ({"policy": {"guidance": "a\x00b"}}, None)]
         for body, param in cases:
             reply = admin.put("/routes/agent", json=body)

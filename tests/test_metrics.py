@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import httpx
@@ -143,3 +144,23 @@ def test_tokens_add_up_over_calls_and_rounds(gateway, scripted):
     record = sink.records[0]
     assert record.rounds == 2 and len(record.candidates) == 6
     assert (record.prompt_tokens, record.completion_tokens) == (60, 18)
+
+
+def test_a_client_hanging_up_mid_body_is_a_499_not_a_server_error(gateway, caplog):
+    """Any client could otherwise raise the 5xx rate that alerts watch, and fill the log with tracebacks."""
+    with gateway() as (url, _):
+        base = url.removesuffix("/v1")
+        before = parse_metrics(httpx.get(base + "/metrics").text)
+        host, port = base.removeprefix("http://").split(":")
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+                time.sleep(0.1)
+        time.sleep(0.3)
+        after = parse_metrics(httpx.get(base + "/metrics").text)
+    counted = {status: total(after, "turngate_requests_total", endpoint="/v1/chat/completions", status=status)
+               - total(before, "turngate_requests_total", endpoint="/v1/chat/completions", status=status)
+               for status in ("499", "500")}
+    assert counted == {"499": 3, "500": 0}
+    assert "unhandled error" not in caplog.text

@@ -143,3 +143,28 @@ def test_a_body_that_keeps_coming_slowly_is_served(gateway, body_timeout):
             time.sleep(0.2)
             sock.sendall(CHAT[i:i + step])
         assert response_head(sock).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 9\r\n\r\n{}",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",
+], ids=["bad chunk size", "two content lengths", "control byte in a header"])
+def test_a_request_http_cannot_parse_is_a_400_in_openais_format(gateway, head):
+    with gateway() as (url, _), connect(url) as sock:
+        sock.sendall(head)
+        status, body, _ = reply(sock)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["code"] == "invalid_http_request"
+
+
+@pytest.mark.parametrize("path", [b"POST /v1/chat/completions/", b"GET /admin/", b"GET /v1/admin/keys/"])
+def test_a_trailing_slash_is_an_unknown_url_not_a_redirect_to_the_clients_host(gateway, path):
+    with gateway() as (url, _), connect(url) as sock:
+        sock.sendall(path + b" HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"404" and b"location" not in head.lower()
+    assert json.loads(body)["error"]["code"] == "unknown_url"

@@ -42,8 +42,13 @@ def _storable(value: Any, where: str) -> None:
 
 
 def _is_http_url(v: str) -> bool:
+    # urlsplit drops CR, LF and tabs without a word and reads the port only when asked: a URL with
+    # either (or a space) would send every request of the route upstream malformed.
+    if any(c <= " " or c == "\x7f" for c in v):
+        return False
     try:
         parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
         return parts.scheme in ("http", "https") and bool(parts.hostname)
     except ValueError:
         return False

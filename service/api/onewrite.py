@@ -64,7 +64,7 @@ class _HeldHead:
         return getattr(self._transport, name)
 
 
-_REASONS = {408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
 
 
 class OneWriteProtocol(HttpToolsProtocol):
@@ -145,6 +145,11 @@ class OneWriteProtocol(HttpToolsProtocol):
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body)) + body)
         self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """What httptools cannot parse (a bad chunk size, two Content-Lengths, a control byte in a
+        header): uvicorn's answer is plain text; clients of this API read OpenAI's format."""
+        self._refuse(400, "invalid_http_request", f"The request could not be read as HTTP/1.1 ({msg.rstrip('.')}).")
 
     def on_headers_complete(self) -> None:
         self._reading = "body"  # until the cycle has it all (more_body False), at once without a body

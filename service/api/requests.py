@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from service.api.errors import APIError
 from service.telemetry import metrics
@@ -82,6 +83,8 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_ids)
+        except ClientDisconnect:  # the client hung up before its body was all in: nobody to answer
+            status = 499
         except Exception:
             # Past every handler: answer in the envelope here (Starlette's last resort would answer
             # without the ids), and log it, which the re-raise would have had uvicorn do.
