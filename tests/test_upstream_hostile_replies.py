@@ -70,3 +70,20 @@ def test_a_reply_over_the_size_limit_is_a_502(gateway, scripted, monkeypatch):
     assert info.value.status_code == 502 and info.value.code == "upstream_garbage"
     assert "1048576 bytes" in info.value.message
     assert sink.records[0].decision == "error"
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": -1, "completion_tokens": 3},
+                                   {"prompt_tokens": 5, "completion_tokens": 10**400}], ids=["negative", "huge"])
+@pytest.mark.parametrize("mode", ["passthrough", "rank"])
+def test_token_counts_no_counter_takes_still_answer_and_record_the_turn(gateway, scripted, mode, usage):
+    """A Prometheus counter refuses a negative or unbounded increment: the good reply was a 500 (and a
+    passthrough stream's turn was never recorded)."""
+    scripted.fn = lambda body, i: Reply([{"role": "assistant", "content": "fine"}], usage=usage)
+    with gateway(mode=mode) as (url, sink):
+        resp = client(url).chat.completions.with_raw_response.create(model="gpt-test", messages=USER)
+        assert resp.http_response.status_code == 200
+        assert sink.records[-1].error is None and sink.records[-1].candidates
+        if mode == "passthrough":
+            stream = client(url).chat.completions.create(model="gpt-test", messages=USER, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "fine"
+            assert len(sink.records) == 2 and sink.records[-1].error is None

@@ -159,3 +159,20 @@ def test_an_endless_forwarded_stream_is_cut_at_the_size_limit(gateway, actor, li
             pass
     assert info.value.code == "upstream_garbage" and f"{LIMIT} bytes" in info.value.message
     assert_hung_up(actor[0])
+
+
+def test_a_streamed_tool_call_nested_too_deep_to_assemble_still_records_the_turn(gateway, scripted):
+    """Assembling the reply for the record recursed past Python's limit; the error escaped before the
+    turn was handed to the store, so it was in neither the database, the journal nor the quarantine."""
+    nested = '{"x":' * 600 + "1" + "}" * 600
+    event = ('{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"role":'
+             '"assistant","tool_calls":[{"index":0,"id":"call_0","type":"function","function":{"name":"f",'
+             '"arguments":"{}","meta":' + nested + '}}]},"finish_reason":null}]}')
+    scripted.fn = lambda body, i: Reply(raw_pieces=[b"data: " + event.encode() + b"\n\n", b"data: [DONE]\n\n"])
+    with gateway(mode="passthrough") as (url, sink):
+        stream = client(url).chat.completions.create(model="gpt-test", messages=USER, stream=True)
+        assert [c.choices[0].delta.tool_calls[0].function.name for c in stream if c.choices] == ["f"]
+        deadline = time.monotonic() + 5
+        while not sink.records and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert len(sink.records) == 1 and sink.records[0].candidates == []

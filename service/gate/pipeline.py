@@ -530,7 +530,7 @@ class Relay:
         try:
             body = self._assembler.body()
             samples = samples_of(body, body["choices"], latency, self.headers) if body["choices"] else []
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # RecursionError: nesting
             log.exception("could not assemble the streamed reply of %s", record.turn_id)
             samples = []
         cands = selection.from_samples(samples, 0, 0, self._req.route.record_logprobs)

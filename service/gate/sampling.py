@@ -21,6 +21,8 @@ from service.telemetry import metrics, spans
 from service.telemetry.tracing import Tracing
 from service.upstream.client import Sample, UpstreamClient, UpstreamError, UpstreamWait
 
+MAX_TOKENS = 2**53  # a usage count above this (or below 0) is ignored: counters take floats
+
 
 @dataclass
 class Sampled:
@@ -38,7 +40,8 @@ class Sampled:
             return
         for kind in ("prompt_tokens", "completion_tokens"):
             value = usage.get(kind)
-            if isinstance(value, int) and not isinstance(value, bool):
+            # A count no counter takes (negative, or past a float's exact integers) is not a count.
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
                 setattr(self, kind, (getattr(self, kind) or 0) + value)
 
 
