@@ -128,3 +128,23 @@ def test_a_turn_orjson_refuses_is_journaled_at_the_standard_encoders_cost_and_ro
     assert took < 3 * alone + 0.02, (took, alone)
     back, provisional = lines.decode_turn(line)
     assert back == turn and not provisional
+
+
+def test_a_record_nested_past_every_encoder_is_still_quarantined_by_its_id():
+    """Before, the quarantine's own encoding raised (repr and json recursed too deep), and the record
+    was lost without a line."""
+    import json
+
+    from service.gate.record import TurnRecord
+    from service.store import lines
+
+    deep: list = []
+    for _ in range(5_000):
+        deep = [deep]
+    turn = TurnRecord(turn_id="turn-deep", route="r", mode="rank", upstream_model="m",
+                      request_messages=[{"role": "user", "content": "x", "x": deep}])
+    got = json.loads(lines.encode_quarantined("refused", record=turn))
+    assert got["turn_id"] == "turn-deep" and got["error"].startswith("refused; unserializable")
+    shallow = TurnRecord(turn_id="turn-ok", route="r", mode="rank", upstream_model="m", request_messages=[])
+    kept = json.loads(lines.encode_quarantined("x", record=shallow))["turn"]
+    assert TurnRecord.from_dict(kept) == shallow

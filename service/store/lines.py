@@ -44,15 +44,20 @@ def encode_quarantined(error: str, *, record: TurnRecord | None = None, raw: byt
     if source:
         env["source"] = source
     if record is not None:
-        try:
-            env["turn"] = record.to_dict()
-        except Exception as e:
-            env["raw"], env["error"] = repr(record)[:1_000_000], f"{error}; unserializable: {e}"
+        env["turn"] = record
     if raw is not None:
         env["raw"] = raw.decode("utf-8", "surrogateescape")  # exact bytes back via surrogateescape
     try:
         return orjson.dumps(env, option=_NL)
     except TypeError:
+        pass
+    try:
+        return _stdlib(env)
+    except (ValueError, RecursionError) as e:  # nested past what any encoder takes: keep what can be kept
+        if record is None:
+            raise
+        env["turn_id"], env["error"] = str(record.turn_id)[:200], f"{error}; unserializable: {type(e).__name__}"
+        del env["turn"]
         return _stdlib(env)
 
 
