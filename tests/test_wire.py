@@ -283,3 +283,21 @@ def test_stream_null_is_a_json_reply(gateway, actor):
         resp = httpx.post(url + "/chat/completions", json={"model": "gpt-test", "messages": USER, "stream": None,
                                                            "stream_options": None})
     assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "hi"
+
+
+def test_a_large_extra_field_of_the_upstream_is_replayed_once_not_on_every_chunk(gateway, scripted):
+    """A gated reply asked as a stream is replayed in 64-character pieces; an upstream's large vendor
+    field repeated on each piece multiplied the reply by its length (64 KB of each: 67 MB sent)."""
+    big, content = "v" * 65536, "w" * 65536
+    raw = json.dumps({"id": "x", "object": "chat.completion", "created": 1, "model": "m", "vendor": big,
+                      "system_fingerprint": "fp_1", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                          "role": "assistant", "content": content}}]})
+    scripted.fn = lambda body, i: Reply(raw=raw)
+    with start(gateway, "rank") as (url, sink):
+        resp = httpx.post(url + "/chat/completions", json={"model": "gpt-test", "messages": USER, "stream": True},
+                          headers={"authorization": "Bearer sk-test"}, timeout=60)
+    assert resp.status_code == 200 and len(resp.content) < 2_000_000
+    chunks = [json.loads(line[6:]) for line in resp.text.split("\n") if line.startswith("data: {")]
+    assert chunks[0]["vendor"] == big and all("vendor" not in c for c in chunks[1:])
+    assert {c["system_fingerprint"] for c in chunks} == {"fp_1"}
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == content

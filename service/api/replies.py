@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
+from service import wirejson
 from service.api.errors import APIError, from_rejection, from_upstream
 from service.gate.pipeline import TurnRejected, TurnResult
 from service.upstream.client import UpstreamError
@@ -25,6 +26,7 @@ from service.upstream.streaming import Event
 log = logging.getLogger(__name__)
 
 _CONTENT_PIECE = 64  # characters per replayed content delta
+_LARGE_FIELD_BYTES = 1024  # a top-level field larger than this is replayed on the first chunk only
 
 
 def completion_body(result: TurnResult, alias: str, logprobs: bool = True,
@@ -135,7 +137,8 @@ def error_event(exc: BaseException) -> bytes:
 
 def replay_chunks(body: dict[str, Any], include_usage: bool) -> Iterator[bytes]:
     """Replays a complete ChatCompletion as the chunk sequence an OpenAI stream would have sent:
-    every top-level field (service_tier, system_fingerprint, ...) on each chunk, content cut along
+    every top-level field (service_tier, system_fingerprint, ...) on each chunk (one over 1 KB on the
+    first only), content cut along
     its logprobs' tokens where it has them (each chunk with its tokens' logprobs), tool calls
     (function or custom) as deltas."""
     choice = body["choices"][0]
@@ -144,12 +147,18 @@ def replay_chunks(body: dict[str, Any], include_usage: bool) -> Iterator[bytes]:
     base.update(object="chat.completion.chunk", created=body.get("created") or int(time.time()))
     if include_usage:
         base["usage"] = None  # as OpenAI does: null on every chunk but the last
+    # What OpenAI repeats on every chunk is small (ids, model, fingerprint, tier). An upstream's large
+    # extra field repeated on every 64-character piece would multiply the reply by its length: it
+    # goes on the first chunk only.
+    large = {k: v for k, v in base.items() if len(wirejson.dumps(v)) > _LARGE_FIELD_BYTES}
+    first = base
+    base = {k: v for k, v in base.items() if k not in large}
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
-        return sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None, head: dict = base) -> bytes:
+        return sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
                                          "logprobs": logprobs}]})
 
-    yield chunk({"role": "assistant", "content": ""})
+    yield chunk({"role": "assistant", "content": ""}, head=first)
     logprobs = choice.get("logprobs") if isinstance(choice.get("logprobs"), dict) else {}
     content = message.get("content")
     pieces = _content_pieces(content if isinstance(content, str) else "", logprobs.get("content"))
