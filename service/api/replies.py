@@ -138,9 +138,8 @@ def error_event(exc: BaseException) -> bytes:
 def replay_chunks(body: dict[str, Any], include_usage: bool) -> Iterator[bytes]:
     """Replays a complete ChatCompletion as the chunk sequence an OpenAI stream would have sent:
     every top-level field (service_tier, system_fingerprint, ...) on each chunk (one over 1 KB on the
-    first only), content cut along
-    its logprobs' tokens where it has them (each chunk with its tokens' logprobs), tool calls
-    (function or custom) as deltas."""
+    first only), content cut along its logprobs' tokens where it has them (each chunk with its
+    tokens' logprobs), tool calls (function or custom) as deltas."""
     choice = body["choices"][0]
     message = choice["message"]
     base = {k: v for k, v in body.items() if k not in ("choices", "usage")}
