@@ -128,7 +128,7 @@ def _norm(value: Any) -> Any:
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, (int, float)):
-        return float(value)
+        return _number(value)
     if isinstance(value, str):
         return value.strip().lower()
     if isinstance(value, list):
@@ -136,6 +136,15 @@ def _norm(value: Any) -> Any:
     if isinstance(value, dict):
         return tuple(sorted((str(k), _norm(v)) for k, v in value.items()))
     return str(value)
+
+
+def _number(value: int | float) -> int | float:
+    """A float, so that 5 and 5.0 agree; an integer past a double's range (a client may send 400
+    digits) stays the exact integer instead of raising."""
+    try:
+        return float(value)
+    except OverflowError:
+        return value
 
 
 def _leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:

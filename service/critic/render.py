@@ -16,6 +16,11 @@ the longest pair of the batch (not to ``max_length``). Truncation rule, per cand
   line) keeps up to ``SYSTEM_HEAD_TOKENS`` tokens (at most half of the room left), and the rest of
   the conversation is cut from the LEFT: the oldest turns go, the newest stay.
 
+The tokenizer is handed at most ``CHARS_PER_TOKEN`` characters per token the critic can keep of a
+part (the head, the conversation, each candidate): a longer part is cut there, less the word the
+cut splits, which gives exactly the tokens the whole part would for ordinary text, and bounds the
+work whatever a client sends (megabytes of arguments, tens of thousands of tools).
+
 Bump ``FORMAT_VERSION`` whenever any of this changes: a bundle records the version it was trained
 on and must not be served with another.
 """
@@ -23,7 +28,6 @@ on and must not be served with another.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import numpy as np
@@ -37,6 +41,11 @@ SYSTEM_HEAD_CHARS = 400
 SYSTEM_HEAD_TOKENS = 48  # what a cut context keeps of the head (system prompt, tools)
 TOOL_RESULT_CHARS = 300
 TEXT_CHARS = 4000  # any single message; the tokenizer then never sees megabytes
+# WordPiece reads words of up to 100 characters (max_input_chars_per_word), each at least one
+# token; a longer word is one [UNK] whatever its length. So the tokens the critic keeps of ordinary
+# text lie within this many characters per token, and text thinner in tokens is read no further.
+CHARS_PER_TOKEN = 100
+PARSED_ARGS_CHARS = 20_000  # longer tool-call arguments are rendered as sent: no parsing megabytes
 
 Message = dict[str, Any]
 
@@ -58,13 +67,19 @@ def _content_text(content: Any) -> str:
 
 def _call_text(call: dict[str, Any]) -> str:
     fn = call.get("function") or {}
-    raw = fn.get("arguments")
+    return f"{fn.get('name', '')}({_arguments_text(fn.get('arguments'))})"
+
+
+def _arguments_text(raw: Any) -> str:
+    """Compact JSON. Arguments past PARSED_ARGS_CHARS stay as sent: the critic reads a few hundred
+    tokens of them, and those are the same, since JSON's spacing makes no tokens."""
+    if isinstance(raw, str) and len(raw) > PARSED_ARGS_CHARS:
+        return raw
     try:
         args = wirejson.loads(raw) if isinstance(raw, str) else raw  # bounded: depth 200, no NaN
-        args = json.dumps(args, separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(args, separators=(",", ":"), ensure_ascii=False)
     except (json.JSONDecodeError, TypeError, ValueError):
-        args = str(raw)
-    return f"{fn.get('name', '')}({args})"
+        return str(raw)
 
 
 def _render_message(message: Message) -> str:
@@ -125,24 +140,45 @@ def _plain(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     return tokenizer
 
 
-_SPACE = re.compile(r"\s")
+def _encode(tok: tokenizers.Tokenizer, texts: list[str]) -> list[tokenizers.Encoding]:
+    """encode_batch lets go of the GIL while it works (encode holds it): the critic tokenizes in
+    a pool beside the event loop, which must keep running meanwhile."""
+    return tok.encode_batch(texts, add_special_tokens=False)
+
+
+# BERT's normalizer works per character and its pre-tokenizer splits words apart, so a window of a
+# text, less the word its edge may split, tokenizes to exactly that part of the whole text's tokens.
+
+def _without_first_word(enc: tokenizers.Encoding) -> list[int]:
+    words = enc.word_ids
+    return enc.ids[words.count(words[0]):] if words else []
+
+
+def _without_last_word(enc: tokenizers.Encoding) -> list[int]:
+    words = enc.word_ids
+    return enc.ids[:words.index(words[-1])] if words else []
+
+
+def _head_ids(tok: tokenizers.Tokenizer, texts: list[str], need: int) -> list[list[int]]:
+    """The first tokens of each text, at least ``need`` of them when it has that many (of ordinary
+    text), from at most ``need * CHARS_PER_TOKEN`` characters of it."""
+    limit = need * CHARS_PER_TOKEN
+    encs = _encode(tok, [text[:limit] for text in texts])
+    return [_without_last_word(enc) if len(text) > limit else enc.ids for text, enc in zip(texts, encs)]
 
 
 def _tail_ids(tok: tokenizers.Tokenizer, text: str, need: int) -> list[int]:
     """The last tokens of ``text``, at least ``need`` of them when it has that many, without
-    tokenizing all of a long conversation. BERT's normalizer works per character and its
-    pre-tokenizer splits on whitespace, so the text after a whitespace tokenizes to exactly the
-    tail of the whole text's tokens."""
+    tokenizing all of a long conversation: a window at its end, grown until it holds them, up to
+    ``need * CHARS_PER_TOKEN`` characters."""
+    limit = need * CHARS_PER_TOKEN
     chars = need * 6
     while chars < len(text):
-        space = _SPACE.search(text, len(text) - chars)
-        if space is None:
-            break
-        ids = tok.encode(text[space.start():], add_special_tokens=False).ids
-        if len(ids) >= need:
+        ids = _without_first_word(_encode(tok, [text[-chars:]])[0])
+        if len(ids) >= need or chars >= limit:
             return ids
-        chars *= 4
-    return tok.encode(text, add_special_tokens=False).ids
+        chars = min(chars * 4, limit)
+    return _encode(tok, [text])[0].ids
 
 
 def encode_batch(tokenizer: tokenizers.Tokenizer, messages: list[Message], candidates: list[Message],
@@ -156,10 +192,9 @@ def encode_batch(tokenizer: tokenizers.Tokenizer, messages: list[Message], candi
     room = max_length - 3
     head_text, body_text = _context_parts(messages, tools)
     # BERT splits on whitespace first, so the parts tokenize to exactly the whole text's tokens.
-    head = tok.encode(head_text, add_special_tokens=False).ids[:room] if head_text else []
+    head = _head_ids(tok, [head_text], room)[0][:room] if head_text else []
     body = _tail_ids(tok, body_text, room) if body_text else []
-    cands = [e.ids for e in tok.encode_batch([render_candidate(c) for c in candidates],
-                                             add_special_tokens=False)]
+    cands = _head_ids(tok, [render_candidate(c) for c in candidates], room)
     cap = room - min(len(head) + len(body), room // 2)
     rows = []
     for cand in cands:
