@@ -172,3 +172,17 @@ async def test_hostile_text_is_sent_escaped():
         async with httpx.AsyncClient() as http:
             got = await critic(url, http).judge(hostile, [assistant("ok \udfff")], None)
     assert len(got.candidates) == 1 and "surrogate" in judge.requests[0]["messages"][1]["content"]
+
+
+async def test_a_token_count_no_counter_takes_is_not_counted():
+    """A judge's usage past a float's range made the token counter raise inside the critic."""
+    judge = FakeJudge()
+    entries = [{"index": i, "score": 0.5, "reason": "x"} for i in range(len(CANDIDATES))]
+    judge.reply = lambda body, attempt: answer(entries, usage={"prompt_tokens": 10**400, "completion_tokens": 7})
+    with serve_judge(judge) as url:
+        async with httpx.AsyncClient() as http:
+            before = count("turngate_llm_critic_tokens_total", route="judge-test", kind="completion")
+            got = await critic(url, http).judge(MESSAGES, CANDIDATES, TOOLS)
+    assert got.scores == [0.5] * len(CANDIDATES)
+    assert (got.prompt_tokens, got.completion_tokens) == (0, 7)
+    assert count("turngate_llm_critic_tokens_total", route="judge-test", kind="completion") == before + 7

@@ -268,7 +268,8 @@ def render_tools(tools: list[dict[str, Any]] | None, limit: int = TOOLS_CHARS) -
 
 def _tokens(usage: Any, name: str) -> int:
     value = usage.get(name) if isinstance(usage, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    # A count no counter takes (negative, or past a float's exact integers) is not a count.
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2**53 else 0
 
 
 def parse(raw: bytes, n: int, latency_s: float, cfg: LLMCriticSettings) -> Judgement:
