@@ -6,6 +6,7 @@ client polls /healthz; the gateway must keep answering it fast and settle the tu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,6 +23,8 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from service.demo.fake_actor import Reply, assistant
+from service.gate import structural, toolschema
+from service.settings import GatePolicy
 from tests.conftest import TableCritic
 from tests.test_metrics import delta, scrape
 
@@ -221,3 +224,64 @@ def test_in_document_schemas_are_still_enforced(gateway, scripted, schema, argum
     assert (first.verdict == "veto") == vetoed, first.veto_detail
     if vetoed:
         assert first.veto_reason == "schema"
+
+
+def wide_schema(properties: int) -> dict:
+    """An object schema with that many string properties (about 45 bytes of JSON each)."""
+    return {"type": "object", "properties": {f"p{i}": {"type": "string", "minLength": 1} for i in range(properties)}}
+
+
+def test_a_huge_schema_is_not_checked_and_the_turn_stays_fast(gateway, scripted):
+    # 20,000 properties (0.9 MB): jsonschema's metaschema walk over it alone took over 3 s a candidate.
+    scripted.fn = calls_lookup("ABC123")
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": wide_schema(20_000)}}]
+    with gateway(critic=TableCritic({})) as (url, sink):
+        before = scrape(url)
+        turn, latencies = run_turn(url, tools)
+        after = scrape(url)
+    assert turn.error is None, turn.error
+    assert_healthz_stayed_fast(latencies)
+    assert turn.seconds < 3
+    assert turn.reply.headers["x-turngate-decision"] == "ranked"
+    assert all(c.verdict == "ok" for c in sink.records[0].candidates)
+    assert delta(before, after, "turngate_schema_unchecked_total", route="gpt-test", reason="too_large") == 4
+
+
+def test_checking_a_large_schema_keeps_to_the_turn_budget(monkeypatch):
+    # 4,000 properties (180 KB): under the size limit, but its metaschema walk alone takes far longer
+    # than the (here shortened) budget, and it used to be rebuilt for every candidate.
+    monkeypatch.setattr(structural, "SCHEMA_BUDGET_S", 0.05)
+    schemas = structural.tool_schemas([{"type": "function", "function": {
+        "name": "f", "parameters": wide_schema(4_000)}}])
+    replies = [(assistant(tool_calls=[("f", {"p1": ""})]), "tool_calls") for _ in range(4)]
+    started = time.perf_counter()
+    verdicts = asyncio.run(structural.check_all(replies, schemas))
+    assert time.perf_counter() - started < 0.3
+    assert [(v.ok, v.reason) for v in verdicts] == [(True, "timeout")] * 4
+
+
+def test_a_schema_is_built_once_a_turn_and_still_vetoes(monkeypatch):
+    # Over the validator cache's size limit (a long description), so nothing outlives the turn.
+    builds: list[str] = []
+    build = toolschema._build
+    monkeypatch.setattr(toolschema, "_build", lambda schema_json: builds.append(schema_json) or build(schema_json))
+    schema = {"type": "object", "properties": {"x": {"type": "string", "maxLength": 3, "description": "d" * 40_000}}}
+    schemas = structural.tool_schemas([{"type": "function", "function": {"name": "f", "parameters": schema}}])
+    replies = [(assistant(tool_calls=[("f", {"x": x})]), "tool_calls") for x in ("abc", "abcd", "ab", "toolong")]
+    verdicts = asyncio.run(structural.check_all(replies, schemas))
+    assert [(v.ok, v.reason) for v in verdicts] == [(True, None), (False, "schema"), (True, None), (False, "schema")]
+    assert len(builds) == 1
+
+
+def test_an_intervention_explains_its_objections_off_the_event_loop(gateway, scripted, monkeypatch):
+    # The objections fed back to the actor check each candidate against the tool schemas again; that
+    # ran on the event loop, up to the whole schema budget (here lengthened) each round.
+    monkeypatch.setattr(structural, "SCHEMA_BUDGET_S", 3.0)
+    scripted.fn = calls_lookup("ABC123")
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": wide_schema(5_500)}}]
+    with gateway(critic=TableCritic({}), policy=GatePolicy(intervene_threshold=0.99, max_interventions=1)) as (
+            url, sink):
+        turn, latencies = run_turn(url, tools)
+    assert turn.error is None, turn.error
+    assert_healthz_stayed_fast(latencies)
+    assert sink.records[0].rounds == 2 and len(sink.records[0].feedback) == 1

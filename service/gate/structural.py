@@ -9,8 +9,8 @@ the upstream's to enforce and is not checked. The reason is a short code
 
 The tool schemas are the client's data (service.gate.toolschema): checking against them never
 fetches, never backtracks, and runs off the event loop within a time budget. When arguments cannot
-be checked (budget spent, a schema the checker cannot use) the candidate is not vetoed: a schema
-turngate cannot honour must not make the gate worse than passing the reply through.
+be checked (budget spent, a schema too large or one the checker cannot use) the candidate is not
+vetoed: a schema turngate cannot honour must not make the gate worse than passing the reply through.
 """
 
 from __future__ import annotations
@@ -66,14 +66,15 @@ async def check_all(replies: list[tuple[dict[str, Any], str | None]], schemas: d
 
     def run() -> list[Verdict]:
         deadline = time.monotonic() + SCHEMA_BUDGET_S
-        return [check(m, f, schemas, tool_choice, deadline, custom) for m, f in replies]
+        turn = toolschema.TurnValidators()  # candidates calling the same tool share one build of its schema
+        return [check(m, f, schemas, tool_choice, deadline, custom, turn) for m, f in replies]
 
     return await asyncio.to_thread(run)
 
 
 def check(message: dict[str, Any], finish_reason: str | None, schemas: dict[str, str | None],
-          tool_choice: Any = None, deadline: float = float("inf"), custom: frozenset[str] = frozenset()
-          ) -> Verdict:
+          tool_choice: Any = None, deadline: float = float("inf"), custom: frozenset[str] = frozenset(),
+          turn: toolschema.TurnValidators | None = None) -> Verdict:
     if finish_reason == "length":
         return Verdict(False, "truncated", "the reply was cut off at the token limit")
     calls = _calls(message)
@@ -90,7 +91,7 @@ def check(message: dict[str, Any], finish_reason: str | None, schemas: dict[str,
         if isinstance(call, dict) and call.get("type") == "custom":
             verdict = _check_custom_call(call, custom, forced)
         else:
-            verdict = _check_call(call, schemas, forced, deadline)
+            verdict = _check_call(call, schemas, forced, deadline, turn)
         if not verdict.ok:
             return verdict
         unchecked = unchecked if unchecked.reason else verdict
@@ -125,7 +126,7 @@ def _check_custom_call(call: dict[str, Any], custom: frozenset[str], forced: tup
 
 
 def _check_call(call: Any, schemas: dict[str, str | None], forced: tuple[str, str] | None,
-                deadline: float) -> Verdict:
+                deadline: float, turn: toolschema.TurnValidators | None) -> Verdict:
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict):
         return Verdict(False, "bad_json", "a tool call has no function object")
@@ -145,7 +146,7 @@ def _check_call(call: Any, schemas: dict[str, str | None], forced: tuple[str, st
     if not schema:
         return OK
     try:
-        error = toolschema.first_error(schema, args, deadline)
+        error = toolschema.first_error(schema, args, deadline, turn)
     except toolschema.Unchecked as e:
         return Verdict(True, e.reason, f"arguments of {name} were not checked against its schema ({e.reason})")
     if error is not None:

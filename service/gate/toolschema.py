@@ -7,7 +7,9 @@
   runs in linear time; a pattern RE2 cannot compile (backreferences, lookaround) is not enforced.
 - `uniqueItems` hashes the items instead of comparing every pair.
 - Every keyword checks a deadline, so a schema that would take long (exponential `anyOf` nesting over
-  `$ref`s, huge values) gives up instead: `Unchecked`.
+  `$ref`s, huge values) gives up instead: `Unchecked`. The check of the schema itself against its
+  metaschema keeps the same deadline; a schema too large to check in time is not parsed at all, and
+  one turn builds each schema once (`TurnValidators`), not once per candidate.
 - `self_reference` finds schemas that refer back to themselves without descending into the value
   (`{"$ref": "#"}`, an `allOf` cycle): no validator can evaluate those, so the request is refused.
 
@@ -19,16 +21,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from functools import cache, lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import re2
 import referencing.exceptions
 from jsonschema import ValidationError, validators
-from jsonschema.exceptions import SchemaError
-from referencing import Registry, Resource
+from jsonschema_specifications import REGISTRY as METASCHEMAS  # type: ignore[import-untyped]
+from referencing import Registry, Resource, Specification
 from referencing.jsonschema import DRAFT202012, UnknownDialect
 
 # No `retrieve`: a URI outside the document is unresolvable, never fetched (jsonschema's own default
@@ -41,6 +43,8 @@ _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # a client's bad pattern is not an error of ours
 _RE2_OPTIONS.max_mem = 256 * 1024  # per compiled pattern; bounds what the pattern cache can hold
 _CACHED_PATTERN_CHARS = 512
+
+_T = TypeVar("_T")
 
 _deadline: ContextVar[float] = ContextVar("toolschema_deadline", default=float("inf"))
 
@@ -189,6 +193,9 @@ def _safe_class(base, with_unevaluated: bool):
 # -- validators -------------------------------------------------------------------------------
 
 _CACHED_SCHEMA_CHARS = 32 * 1024  # the validator cache holds only small schemas: it cannot be filled
+# Checking a schema against its metaschema takes some 4 us a byte of nested properties: one past this
+# size cannot be checked within a turn's budget, so it is not parsed at all.
+_CHECKED_SCHEMA_CHARS = 256 * 1024
 
 
 @lru_cache(maxsize=512)
@@ -202,33 +209,98 @@ def _build(schema_json: str):
         # A subschema naming its own dialect gets jsonschema's stock validator class (with `re`).
         return None
     base = validators.validator_for(schema)
-    try:
-        # format_checker: a keyword of jsonschema >= 4.19 that the protocol in the stubs lacks
-        base.check_schema(schema, format_checker=None)  # type: ignore[call-arg]
-    except SchemaError:
+    if not _fits_metaschema(base, schema):
         return None
     with_unevaluated = not _mentions(schema, ("patternProperties",))
     return _safe_class(base, with_unevaluated)(schema, registry=_IN_DOCUMENT_ONLY)
 
 
+def _fits_metaschema(base, schema: Any) -> bool:
+    """The dialect's check_schema, but bounded: the client's schema is the instance, so its walk
+    keeps the deadline and hashes uniqueItems like any other check (stock `uniq` compares pairs)."""
+    return next(iter(_metaschema_validator(base).iter_errors(schema)), None) is None
+
+
+@cache  # per dialect: a handful of validators
+def _metaschema_validator(base):
+    meta_base = validators.validator_for(base.META_SCHEMA, default=base)
+    with_unevaluated = not _mentions(base.META_SCHEMA, ("patternProperties",))
+    meta = _without_dialect(base.META_SCHEMA)
+    return _safe_class(meta_base, with_unevaluated)(meta, registry=_metaschemas_without_dialect())
+
+
+def _without_dialect(document: Any) -> Any:
+    """The document without its root `$schema`: jsonschema would swap in its stock (unbounded) class
+    for every metaschema document that names its dialect."""
+    return {k: v for k, v in document.items() if k != "$schema"} if isinstance(document, dict) else document
+
+
+@cache
+def _metaschemas_without_dialect() -> Registry:
+    # Crawled, so that their anchors ($dynamicAnchor "meta") win over those of jsonschema's own copies.
+    return Registry().with_resources((uri, _resource_without_dialect(METASCHEMAS[uri].contents))
+                                     for uri in METASCHEMAS).crawl()
+
+
+def _resource_without_dialect(document: Any) -> Resource:
+    specification = Specification.detect(document)  # from the `$schema` about to be dropped
+    return specification.create_resource(_without_dialect(document))
+
+
 def validator_for(schema_json: str):
-    """A validator for the schema (as canonical JSON), or None when it cannot be enforced safely."""
+    """A validator for the schema (as canonical JSON), or None when it cannot be enforced safely.
+
+    Raises Unchecked when the schema is too large to check, or its metaschema walk runs out of time.
+    """
+    if len(schema_json) > _CHECKED_SCHEMA_CHARS:
+        raise Unchecked("too_large")
     if len(schema_json) > _CACHED_SCHEMA_CHARS:
         return _build(schema_json)
     return _validator_cached(schema_json)
 
 
-def first_error(schema_json: str, instance: Any, deadline: float) -> ValidationError | None:
+class TurnValidators:
+    """The validators of one turn's schemas: each schema is built once, however many candidates call it."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, Any] = {}  # schema JSON -> its validator, or why it has none (Unchecked)
+
+    def get(self, schema_json: str):
+        """The schema's validator; raises Unchecked (again, for each call) when it has none."""
+        if schema_json not in self._built:
+            self._built[schema_json] = self._build(schema_json)
+        built = self._built[schema_json]
+        if isinstance(built, Unchecked):
+            raise Unchecked(built.reason)
+        return built
+
+    @staticmethod
+    def _build(schema_json: str):
+        try:
+            return _unchecked_on_failure(lambda: validator_for(schema_json)) or Unchecked("unusable_schema")
+        except Unchecked as e:
+            return e
+
+
+def first_error(schema_json: str, instance: Any, deadline: float,
+                turn: TurnValidators | None = None) -> ValidationError | None:
     """The first way `instance` breaks the schema, None if it fits; raises Unchecked when it cannot tell.
 
     Runs where blocking is allowed (a worker thread): it is bounded by `deadline` (time.monotonic()).
+    Pass the turn's TurnValidators so that its candidates share one build of each schema.
     """
     token = _deadline.set(deadline)
     try:
-        validator = validator_for(schema_json)
-        if validator is None:
-            raise Unchecked("unusable_schema")
-        return next(iter(validator.iter_errors(instance)), None)
+        validator = (turn or TurnValidators()).get(schema_json)
+        return _unchecked_on_failure(lambda: next(iter(validator.iter_errors(instance)), None))
+    finally:
+        _deadline.reset(token)
+
+
+def _unchecked_on_failure(work: Callable[[], _T]) -> _T:
+    """work(), with whatever the client's schema makes jsonschema raise turned into Unchecked."""
+    try:
+        return work()
     except Unchecked:
         raise
     except RecursionError:
@@ -237,8 +309,6 @@ def first_error(schema_json: str, instance: Any, deadline: float) -> ValidationE
         # Debug, not warning: a client can cause this on every turn; the metric counts it.
         log.debug("checking tool arguments failed; not enforced", exc_info=True)
         raise Unchecked("checker_error") from None
-    finally:
-        _deadline.reset(token)
 
 
 # -- self-reference -----------------------------------------------------------------------------
