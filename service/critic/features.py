@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service import wirejson
-from service.gate import structural
+from service.gate import structural, toolschema
 from service.gate.actions import is_write
 
 Message = dict[str, Any]
@@ -279,6 +279,7 @@ def _tool_rows(messages: list[Message], candidates: list[Message], tools: list[d
     schemas = structural.tool_schemas(tools) if verdicts is None else {}
     required = _required(tools)
     deadline = time.monotonic() + structural.SCHEMA_BUDGET_S  # the gate's bound on schema checks
+    turn = toolschema.TurnValidators()  # the candidates share one build of each schema
     text = conversation_text(messages)
     hist = history(messages)
     base = []
@@ -290,7 +291,8 @@ def _tool_rows(messages: list[Message], candidates: list[Message], tools: list[d
         if verdicts is not None:
             ok = verdicts[first[k]]
         else:  # nothing declared: nothing to check the calls against
-            ok = structural.check(candidates[first[k]], None, schemas, deadline=deadline).ok if tools else True
+            ok = (structural.check(candidates[first[k]], None, schemas, deadline=deadline, turn=turn).ok
+                  if tools else True)
         base.append([
             sig_count[k[0]] / n,
             name_count[nm] / n,

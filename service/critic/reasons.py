@@ -21,7 +21,7 @@ from service.critic.features import (
     signature,
     value_strings,
 )
-from service.gate import structural
+from service.gate import structural, toolschema
 from service.gate.actions import is_write
 
 Message = dict[str, Any]
@@ -60,13 +60,14 @@ def explain(messages: list[Message], candidates: list[Message], tools: list[dict
     n = len(candidates)
     schemas = structural.tool_schemas(tools)
     deadline = time.monotonic() + structural.SCHEMA_BUDGET_S  # the gate's bound on schema checks
+    turn = toolschema.TurnValidators()  # the candidates share one build of each schema
     agent = kind_of(messages, candidates, tools) == "tool"
     text = conversation_text(messages) if agent else ""
     hist = history(messages)
     out: list[str | None] = []
     for cand, cs, sig in zip(candidates, calls, sigs):
         found: list[str] = []
-        verdict = structural.check(cand, None, schemas, deadline=deadline) if tools else structural.OK
+        verdict = structural.check(cand, None, schemas, deadline=deadline, turn=turn) if tools else structural.OK
         if not verdict.ok:
             found.append(verdict.detail or "it breaks the request's tool rules")
         if n > 1 and sig != top_sig and top_n > support[sig] and top_n > 1:

@@ -310,7 +310,8 @@ class Gate:
                 break
             if round_no == policy.max_interventions or time.monotonic() >= deadline:
                 break
-            notes.append(feedback.build(cands, req.messages, req.tools, policy.guidance))
+            # Off the loop: the objections check each candidate against the tool schemas again.
+            notes.append(await asyncio.to_thread(feedback.build, cands, req.messages, req.tools, policy.guidance))
             record.feedback.append(notes[-1])
         if chosen is None:
             return [self._exhausted(req, record, seen)]
