@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -21,6 +23,8 @@ from tests.conftest import TableCritic
 from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
 
 KEY = {"authorization": "Bearer sk-test"}
+ADMIN_KEY = "adm-feedback-" + "3e9c1a" * 5
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @pytest.fixture
@@ -31,8 +35,8 @@ def proxy(actor, db_url, tmp_path):
     # A long flush interval: turns stay in the writer queue while the test sends feedback.
     sink = StoreSink(db_url, tmp_path / "spool", flush_interval_s=5)
     sink.feedback_wait_s = 1.5
-    with serve_in_thread(create_app(Settings(routes=[route], api_keys=["sk-test"]), critic=TableCritic({}),
-                                    sink=sink)) as base:
+    settings = Settings(routes=[route], api_keys=["sk-test"], admin_key=ADMIN_KEY)
+    with serve_in_thread(create_app(settings, critic=TableCritic({}), sink=sink)) as base:
         yield base, sink, db_url
 
 
@@ -115,3 +119,23 @@ def test_turn_flushed_late_by_another_replica_is_found(proxy, tmp_path):
         timer.join()
     assert r.status_code == 200, r.text
     assert r.json()["conversation_id"].startswith("conv-")
+
+
+def test_feedback_waiting_for_unknown_turns_holds_no_connection(proxy):
+    # More waits than the engine's pool has connections (PostgreSQL 4+4, SQLite 5+10): each used to
+    # hold one for its whole wait, and every other reader of the store queued behind them.
+    base, _, _ = proxy
+    queued = _turn(base)
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        waiting = [pool.submit(httpx.post, base + "/v1/feedback", json={"turn_id": f"turn-nope{i}", "label": "x"},
+                               headers=KEY, timeout=30) for i in range(24)]
+        time.sleep(0.3)  # all of them waiting now
+        started = time.perf_counter()
+        listed = httpx.get(base + "/v1/admin/turns", params={"limit": 1}, headers=ADMIN)
+        accepted = httpx.post(base + "/v1/feedback", json={"turn_id": queued, "reward": 1.0}, headers=KEY)
+        took = time.perf_counter() - started
+        unknown = [f.result().status_code for f in waiting]
+    assert listed.status_code == 200, listed.text
+    assert accepted.status_code == 200, accepted.text
+    assert took < 0.5
+    assert unknown == [404] * 24

@@ -79,15 +79,16 @@ async def record_feedback(sink, fb: FeedbackIn, wait_s: float = 2.0) -> tuple[di
     A turn this replica served but has not written yet (queue or spool) is accepted at once: the
     row references it by id and needs no foreign key. A turn unknown here may sit in another
     replica's queue, so the lookup is retried for `wait_s` (about two flush intervals) before 404.
+    No connection is held while waiting: each look is a short transaction of its own.
     """
     engine = sink.engine
     try:
-        async with engine.connect() as conn:
-            if fb.client_id:
+        if fb.client_id:
+            async with engine.connect() as conn:
                 row = await _existing(conn, fb)
-                if row is not None:
-                    return _public(row), True
-            conv = await _resolve(sink, conn, fb, wait_s)
+            if row is not None:
+                return _public(row), True
+        conv = await _resolve(sink, fb, wait_s)
         row = {"turn_id": fb.turn_id, "conversation_id": conv, "reward": fb.reward, "label": fb.label,
                "comment": fb.comment, "source": fb.source, "client_id": fb.client_id, "key_id": fb.key_id,
                "created_at": datetime.now(UTC)}
@@ -104,22 +105,14 @@ async def record_feedback(sink, fb: FeedbackIn, wait_s: float = 2.0) -> tuple[di
         raise StoreUnavailable(str(e)) from e
 
 
-async def _resolve(sink, conn, fb: FeedbackIn, wait_s: float) -> str | None:
+async def _resolve(sink, fb: FeedbackIn, wait_s: float) -> str | None:
     """The conversation id the feedback belongs to (None for a turn not written yet)."""
     deadline = time.monotonic() + wait_s
     flushed = False
     while True:
-        if fb.turn_id:
-            conv = await _turn_conversation(conn, fb.turn_id, fb.key_id)
-            if conv is not None:
-                return conv
-            pending = getattr(sink, "pending_ids", {})
-            if fb.turn_id in pending and pending[fb.turn_id] == fb.key_id:
-                return None
-        elif fb.conversation_id:
-            conv = await _conversation(conn, fb.conversation_id, fb.key_id)
-            if conv is not None:
-                return conv
+        found, conv = await _look_up_target(sink, fb)
+        if found:
+            return conv
         if not flushed and hasattr(sink, "flush"):
             flushed = True
             await sink.flush(timeout_s=wait_s)
@@ -127,4 +120,23 @@ async def _resolve(sink, conn, fb: FeedbackIn, wait_s: float) -> str | None:
         if time.monotonic() >= deadline:
             raise UnknownTarget(fb.turn_id or fb.conversation_id)
         await asyncio.sleep(0.2)
-        await conn.rollback()  # a fresh snapshot for the next look
+
+
+async def _look_up_target(sink, fb: FeedbackIn) -> tuple[bool, str | None]:
+    """(found, its conversation id) at this moment: one short transaction, a fresh snapshot each time."""
+    async with sink.engine.connect() as conn:
+        if fb.turn_id:
+            conv = await _turn_conversation(conn, fb.turn_id, fb.key_id)
+        elif fb.conversation_id:
+            conv = await _conversation(conn, fb.conversation_id, fb.key_id)
+        else:
+            conv = None
+    if conv is not None:
+        return True, conv
+    return _pending_here(sink, fb), None
+
+
+def _pending_here(sink, fb: FeedbackIn) -> bool:
+    """Whether the turn was served here under the same key and is still on its way to the database."""
+    pending = getattr(sink, "pending_ids", {})
+    return bool(fb.turn_id) and fb.turn_id in pending and pending[fb.turn_id] == fb.key_id
