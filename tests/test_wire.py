@@ -293,7 +293,7 @@ def test_a_large_extra_field_of_the_upstream_is_replayed_once_not_on_every_chunk
                       "system_fingerprint": "fp_1", "choices": [{"index": 0, "finish_reason": "stop", "message": {
                           "role": "assistant", "content": content}}]})
     scripted.fn = lambda body, i: Reply(raw=raw)
-    with start(gateway, "rank") as (url, sink):
+    with start(gateway, "rank") as (url, _):
         resp = httpx.post(url + "/chat/completions", json={"model": "gpt-test", "messages": USER, "stream": True},
                           headers={"authorization": "Bearer sk-test"}, timeout=60)
     assert resp.status_code == 200 and len(resp.content) < 2_000_000
