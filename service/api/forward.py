@@ -11,7 +11,6 @@ charged to the client key's spend after the reply (service.api.forwarded_usage).
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -95,7 +94,9 @@ async def _forward(request: Request, services: Any, key: ClientKey, endpoint: st
     route = route_for_key(services.settings, key, asked)
     client_key = key.upstream_key
     note_route(request, route.alias)
-    content = raw if route.model == asked else json.dumps({**payload, "model": route.model}).encode()
+    # orjson (the standard library only for what it refuses): 1.9 million empty lists re-encoded in 6 ms,
+    # not 76 (an ad hoc timing).
+    content = raw if route.model == asked else wirejson.dumps({**payload, "model": route.model})
     tracing = services.gate.tracing
     if tracing is None:
         resp = await services.forwarder.send(route, endpoint, content, client_key, request.headers.get("accept"))
