@@ -120,3 +120,26 @@ async def test_a_connection_redis_closed_is_retried_not_counted_as_an_outage():
     finally:
         admin.close()
         await limiter.close()
+
+
+def test_many_live_keys_cost_a_request_what_few_do():
+    """Where no keys are issued every bearer is a key: past 10,000 live ones the in-process limiter and
+    spend meter rebuilt their whole table on every request (about 1 ms each at 20,000 keys)."""
+    import time
+
+    from service.limits.ratelimit import MemoryLimiter
+    from service.limits.spend import MemorySpendMeter
+
+    async def cost(keys: int) -> float:
+        limiter, meter = MemoryLimiter(per_minute=1000), MemorySpendMeter()
+        for i in range(keys):
+            await limiter.hit(f"k{i}")
+            await meter.charge(f"k{i}", 10)
+        started = time.perf_counter()
+        for i in range(2000):
+            assert (await limiter.hit(f"k{i % keys}")).allowed
+            await meter.charge(f"k{i % keys}", 10)
+        return time.perf_counter() - started
+
+    few, many = asyncio.run(cost(100)), asyncio.run(cost(20_000))
+    assert many < 5 * few + 0.05, (few, many)

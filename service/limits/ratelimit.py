@@ -93,6 +93,7 @@ class MemoryLimiter:
     def __init__(self, per_minute: int | None = None) -> None:
         self.per_minute = per_minute
         self._counts: dict[tuple[str, int], int] = {}
+        self._pruned_at: int | None = None  # the bucket of the last pruning
 
     async def hit(self, key_id: str, limit: int | None = None) -> Verdict:
         limit = limit or self.per_minute
@@ -100,8 +101,11 @@ class MemoryLimiter:
             return Verdict(True)
         now = time.time()
         bucket, weight = _buckets(now)
-        if len(self._counts) > 10_000:  # drop buckets the window no longer covers
+        # Buckets the window no longer covers go once a bucket: more live keys than this are not a
+        # reason to rebuild the dict on every request (any bearer is a key where none are issued).
+        if len(self._counts) > 10_000 and bucket != self._pruned_at:
             self._counts = {k: v for k, v in self._counts.items() if k[1] >= bucket - WINDOW_S}
+            self._pruned_at = bucket
         previous = self._counts.get((key_id, bucket - WINDOW_S), 0)
         current = self._counts.get((key_id, bucket), 0)
         if not _admits(previous, current, weight, limit):

@@ -101,12 +101,15 @@ class MemorySpendMeter(_Clocked):
         self._window: dict[tuple[str, int], int] = {}
         self._totals: dict[tuple[str, BudgetPeriod, str], int] = {}
         self._labels: tuple[str, ...] = ()  # the periods _totals holds
+        self._pruned_at: int | None = None  # the slot of the last pruning
 
     async def charge(self, key_id: str, tokens: int) -> None:
         now = time.time()
         slot = self.slot(now)
-        if len(self._window) > 10_000:  # drop slots that left the window; keys are bounded by it
+        # Slots that left the window go once a slot (keys are bounded by it), not on every charge.
+        if len(self._window) > 10_000 and slot != self._pruned_at:
             self._window = {k: v for k, v in self._window.items() if k[1] > slot - self.slots}
+            self._pruned_at = slot
         self._window[(key_id, slot)] = self._window.get((key_id, slot), 0) + tokens
         labels = tuple(period_of(period, now)[0] for period in PERIODS)
         if labels != self._labels:  # a new day: forget the totals of periods that ended

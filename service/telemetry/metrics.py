@@ -61,7 +61,8 @@ VETOES = Counter("turngate_structural_vetoes_total", "Candidates vetoed by the s
                  ["route", "reason"])
 SCHEMA_UNCHECKED = Counter("turngate_schema_unchecked_total",
                            "Tool calls whose arguments could not be checked against the client's schema "
-                           "(not enforced: timeout, too large, too deep, a schema the checker cannot use)", ["route", "reason"])
+                           "(not enforced: timeout, too large, too deep, a schema the checker cannot use)",
+                           ["route", "reason"])
 SCORES = Histogram("turngate_critic_score", "Critic scores of candidates", ["route"],
                    buckets=tuple(i / 20 for i in range(1, 21)))
 INTERVENTIONS = Counter("turngate_interventions_total", "Intervention rounds (feedback to the actor)",
