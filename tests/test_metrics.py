@@ -164,3 +164,19 @@ def test_a_client_hanging_up_mid_body_is_a_499_not_a_server_error(gateway, caplo
                for status in ("499", "500")}
     assert counted == {"499": 3, "500": 0}
     assert "unhandled error" not in caplog.text
+
+
+def test_a_turn_the_critic_failed_to_score_is_counted(gateway):
+    """The gate then fails open (the structural checks alone choose): operators must see it happen."""
+    class BrokenCritic(TableCritic):
+        async def score(self, messages, candidates, tools=None) -> list[float]:
+            raise RuntimeError("the critic is down")
+
+    with gateway(critic=BrokenCritic({})) as (url, _):
+        before = scrape(url)
+        client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+        reply = client.chat.completions.with_raw_response.create(model="gpt-test",
+                                                                 messages=[{"role": "user", "content": "x"}])
+        after = scrape(url)
+    assert reply.http_response.status_code == 200
+    assert delta(before, after, "turngate_critic_failures_total", route="gpt-test") == 1

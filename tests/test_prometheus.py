@@ -29,7 +29,7 @@ ALERTS = ROOT / "deploy/prometheus/alerts.yml"
 # full, a route that records only a sample. Their queries are still evaluated (they must parse).
 MAY_BE_EMPTY = ("turngate_redis_errors_total", "turngate_upstream_retries_total", "turngate_schema_unchecked_total",
                 "turngate_cascade_total", "turngate_llm_critic_", "turngate_shadow_shed_total",
-                "turngate_turns_unrecorded_total")
+                "turngate_turns_unrecorded_total", "turngate_critic_failures_total")
 
 needs_prometheus = pytest.mark.skipif(
     not (shutil.which("prometheus") and shutil.which("promtool")),

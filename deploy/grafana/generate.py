@@ -199,6 +199,10 @@ def critic() -> dash.Dashboard:
         .with_panel(series("Critic batch size", "short",
                            q(mean("turngate_critic_batch_size", match=""), "mean"),
                            q(quantile(0.99, "turngate_critic_batch_size", match=""), "p99")))
+        .with_panel(series("Turns the critic failed to score", "reqps",
+                           q(rate("turngate_critic_failures_total", "route"), "{{route}}"), width=24,
+                           description="Selected on the structural checks alone: thresholds and on_exhausted "
+                                       "do not apply to them (the gate fails open)."))
         .with_row(dash.Row("LLM critic"))
         .with_panel(series("LLM critic requests by outcome", "reqps",
                            q(rate("turngate_llm_critic_requests_total", "outcome"), "{{outcome}}"), stacked=True))

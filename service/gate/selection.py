@@ -79,6 +79,7 @@ async def score(critic: Critic, messages: list[dict[str, Any]], cands: list[Cand
         found = await assess(critic, messages, [c.record.message for c in cands], tools, [c.ok for c in cands])
     except Exception:
         log.exception("critic %s failed; selecting on structural checks only", critic.name)
+        metrics.CRITIC_FAILURES.labels(route).inc()
         return time.perf_counter() - started
     for c, a in zip(cands, found, strict=True):
         c.record.score, c.record.features, c.record.contributions = float(a.score), a.features, a.contributions

@@ -63,6 +63,9 @@ SCHEMA_UNCHECKED = Counter("turngate_schema_unchecked_total",
                            "Tool calls whose arguments could not be checked against the client's schema "
                            "(not enforced: timeout, too large, too deep, a schema the checker cannot use)",
                            ["route", "reason"])
+CRITIC_FAILURES = Counter("turngate_critic_failures_total",
+                          "Turns whose candidates the critic failed to score: selected on the structural checks "
+                          "alone (the gate fails open)", ["route"])
 SCORES = Histogram("turngate_critic_score", "Critic scores of candidates", ["route"],
                    buckets=tuple(i / 20 for i in range(1, 21)))
 INTERVENTIONS = Counter("turngate_interventions_total", "Intervention rounds (feedback to the actor)",
