@@ -143,3 +143,14 @@ def test_many_live_keys_cost_a_request_what_few_do():
 
     few, many = asyncio.run(cost(100)), asyncio.run(cost(20_000))
     assert many < 5 * few + 0.05, (few, many)
+
+
+def test_the_score_api_counts_against_the_keys_limit(gateway):
+    """Scoring runs the critic: the most CPU a request can ask for, limited like a chat request."""
+    body = {"messages": USER, "candidates": [{"role": "assistant", "content": "hello"}]}
+    with gateway(settings={"rate_limit_per_minute": 2}, candidates=1) as (url, _):
+        ask(url, "sk-a")
+        assert httpx.post(url + "/critic/score", json=body, headers={"authorization": "Bearer sk-a"}).status_code == 200
+        refused = httpx.post(url + "/critic/score", json=body, headers={"authorization": "Bearer sk-a"})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert httpx.post(url + "/critic/score", json=body, headers={"authorization": "Bearer sk-b"}).status_code == 200

@@ -12,7 +12,7 @@ from typing import Any, cast
 from fastapi import APIRouter
 from pydantic import BaseModel, Field, field_validator
 
-from service.api.deps import ClientKeyDep, ServicesDep
+from service.api.deps import LimitedKeyDep, ServicesDep
 from service.api.jsonroute import WireJSONRoute
 from service.api.protocol import ChatMessage, Tool
 from service.critic.base import assess
@@ -56,7 +56,7 @@ class ScoreResponse(BaseModel):
 
 
 @router.post("/v1/critic/score")
-async def score(body: ScoreRequest, services: ServicesDep, _: ClientKeyDep) -> ScoreResponse:
+async def score(body: ScoreRequest, services: ServicesDep, _: LimitedKeyDep) -> ScoreResponse:
     """The candidates of one call are one group: agreement features see them all."""
     critic = services.critics.current  # one critic for the whole request, even across a swap
     # The messages are the client's dicts as validated (TypedDicts, plain dicts at run time): scored as sent.
