@@ -11,8 +11,7 @@ import pytest
 
 from service.store.boundary import column_kinds, fit_columns, fit_row
 from service.store.models import Candidate, Conversation, Turn
-from service.store.sqlite_batch import columns_of
-from service.store.writer import rows_of
+from service.store.writer import columns_of, rows_of
 
 CLEAN = {"text": "plain", "int": 7, "float": 1.5, "json": {"role": "user", "content": "hi"}, "bool": True,
          "time": datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)}

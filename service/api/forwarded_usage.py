@@ -15,6 +15,7 @@ import logging
 import re
 from typing import Any
 
+from service.gate.usage import is_token_count
 from service.limits.spend import SpendMeter
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,10 @@ def tokens_of(usage: Any) -> int | None:
     if not isinstance(usage, dict):
         return None
     total = usage.get("total_tokens")
-    if _count(total):
+    if is_token_count(total):
         return total
     for parts in (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens")):
-        values = [v for k in parts if isinstance(v := usage.get(k), int) and _count(v)]
+        values = [v for k in parts if is_token_count(v := usage.get(k))]
         if values:
             return sum(values)
     return None
@@ -47,10 +48,6 @@ def usage_of(body: Any) -> Any:
         return body["usage"]
     response = body.get("response")
     return response.get("usage") if isinstance(response, dict) else None
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class Tap:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import httpx
 
+from service.gate.usage import is_token_count
 from service.settings import LLMCriticSettings
 from service.telemetry import metrics
 
@@ -268,8 +269,7 @@ def render_tools(tools: list[dict[str, Any]] | None, limit: int = TOOLS_CHARS) -
 
 def _tokens(usage: Any, name: str) -> int:
     value = usage.get(name) if isinstance(usage, dict) else None
-    # A count no counter takes (negative, or past a float's exact integers) is not a count.
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2**53 else 0
+    return value if is_token_count(value) else 0
 
 
 def parse(raw: bytes, n: int, latency_s: float, cfg: LLMCriticSettings) -> Judgement:

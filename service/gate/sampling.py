@@ -16,12 +16,11 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.gate.usage import is_token_count
 from service.settings import RouteSettings
 from service.telemetry import metrics, spans
 from service.telemetry.tracing import Tracing
 from service.upstream.client import Sample, UpstreamClient, UpstreamError, UpstreamWait
-
-MAX_TOKENS = 2**53  # a usage count above this (or below 0) is ignored: counters take floats
 
 
 @dataclass
@@ -40,8 +39,7 @@ class Sampled:
             return
         for kind in ("prompt_tokens", "completion_tokens"):
             value = usage.get(kind)
-            # A count no counter takes (negative, or past a float's exact integers) is not a count.
-            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
+            if is_token_count(value):
                 setattr(self, kind, (getattr(self, kind) or 0) + value)
 
 

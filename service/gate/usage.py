@@ -9,9 +9,17 @@ usage and are not in the sum.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from service.gate.record import CandidateRecord
+
+MAX_TOKENS = 2**53  # past this a float (a counter, a budget) no longer holds every integer
+
+
+def is_token_count(value: Any) -> TypeGuard[int]:
+    """Whether an upstream's usage number can be counted: a non-negative integer a float holds exactly.
+    Anything else (negative, 10**400, a bool, text) is not a count: counters refuse it."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from service.gate.record import TurnRecord
 from service.store.boundary import column_kinds
 from service.store.models import Candidate, Conversation, ConversationLink, CriticVersion, Turn
-from service.store.writer import LinkCache, Prepared, new_critics, prepare, thread_rows
+from service.store.writer import LinkCache, Prepared, columns_of, new_critics, prepare, thread_rows
 
 _LOOKUP_CHUNK = 1000  # prefix hashes per SELECT ... IN (...)
 
@@ -73,10 +73,6 @@ class _Table:
                 values = ["null" if v is None else v for v in values]
             ordered.append(values)
         return list(zip(*ordered))
-
-
-def columns_of(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {c: [r[c] for r in rows] for c in rows[0]} if rows else {}
 
 
 class SqliteBatchWriter:

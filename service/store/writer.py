@@ -76,12 +76,17 @@ def rows_of(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(names, values)) for values in zip(*columns.values())]
 
 
+def columns_of(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """rows_of's inverse."""
+    return {c: [r[c] for r in rows] for c in rows[0]} if rows else {}
+
+
 # Records prepared between two hand-overs of the GIL: a thread running Python keeps the GIL until
 # another has waited 5 ms (CPython's switch interval), so a whole batch prepared in one go would stall
 # the event loop that long. A chunk is prepared column by column, a few calls a column whatever its
 # length, so longer chunks cost less a turn (`bench/store_instructions.py --parts prepare --batch B`,
-# instructions a turn: 139,000 at 16, 110,000 at 32, 100,000 at 64). 32 turns hold the GIL about as
-# long as the 16 of row-by-row preparation did (3.5 M instructions against 2.7 M).
+# instructions a turn: 139,000 for a batch of 16, 110,000 for one of 32). 32 turns hold the GIL about
+# as long as the 16 of row-by-row preparation did (3.5 M instructions against 2.7 M).
 GIL_CHUNK = 32
 
 
