@@ -117,3 +117,25 @@ def test_tail_tokenization_equals_full_tokenization(tokenizer):
     assert len(full) > 600 and len(ctx) == 200 - 3 - cand_len
     h = render.SYSTEM_HEAD_TOKENS
     assert ctx[:h] == full[:h] and ctx[h:] == full[-(len(ctx) - h):]
+
+
+# Text thinner in tokens than the first window assumes (long words, accents, CJK, punctuation):
+# the tail must grow, and what it grows by must join what it had at a word's start.
+THIN_TEXTS = {
+    "long words": "internationalisation reservations " * 300,
+    "accents and cjk": "réservation İstanbul 东京 confirmé " * 300,
+    "punctuation runs": "a.b,c;d:e!f?g " * 300,
+    "tabs and newlines": "confirm\tthe\n\nbooking\t\t" * 400,
+}
+
+
+@pytest.mark.parametrize("case", THIN_TEXTS)
+def test_grown_tail_equals_full_tokenization(tokenizer, case):
+    text = THIN_TEXTS[case]
+    cand = {"role": "assistant", "content": "ok"}
+    msgs = [{"role": "user", "content": text}, {"role": "user", "content": text[:len(text) // 3] + " last"}]
+    out = render.encode_batch(tokenizer, msgs, [cand], None, max_length=256)
+    full = tokenizer.encode(render.render_context(msgs), add_special_tokens=False).ids
+    ctx = [int(t) for t in out["input_ids"][0][out["token_type_ids"][0] == 0]][1:-1]
+    assert len(ctx) == 256 - 3 - len(tokenizer.encode(render.render_candidate(cand), add_special_tokens=False).ids)
+    assert ctx == full[-len(ctx):]

@@ -159,26 +159,39 @@ def _without_last_word(enc: tokenizers.Encoding) -> list[int]:
     return enc.ids[:words.index(words[-1])] if words else []
 
 
-def _head_ids(tok: tokenizers.Tokenizer, texts: list[str], need: int) -> list[list[int]]:
-    """The first tokens of each text, at least ``need`` of them when it has that many (of ordinary
-    text), from at most ``need * CHARS_PER_TOKEN`` characters of it."""
-    limit = need * CHARS_PER_TOKEN
-    encs = _encode(tok, [text[:limit] for text in texts])
-    return [_without_last_word(enc) if len(text) > limit else enc.ids for text, enc in zip(texts, encs)]
+def _head_ids(text: str, enc: tokenizers.Encoding, limit: int) -> list[int]:
+    """The first tokens of a text handed to the tokenizer cut to ``limit`` characters."""
+    return _without_last_word(enc) if len(text) > limit else enc.ids
 
 
-def _tail_ids(tok: tokenizers.Tokenizer, text: str, need: int) -> list[int]:
+def _first_window(text: str, need: int) -> str:
+    """Where the tail of a conversation is first looked for: ``need * 6`` characters, enough
+    tokens for most conversations (JSON, ids and numbers run thicker in tokens than prose)."""
+    return text[-need * 6:]
+
+
+def _tail_ids(tok: tokenizers.Tokenizer, text: str, need: int, window: str, enc: tokenizers.Encoding
+              ) -> list[int]:
     """The last tokens of ``text``, at least ``need`` of them when it has that many, without
-    tokenizing all of a long conversation: a window at its end, grown until it holds them, up to
-    ``need * CHARS_PER_TOKEN`` characters."""
+    tokenizing all of a long conversation: ``window`` (``_first_window``, tokenized to ``enc``),
+    grown leftwards until it holds them, up to ``need * CHARS_PER_TOKEN`` characters. A growth
+    tokenizes only the new characters, up to where the tokens kept so far begin (a word's start,
+    so the two parts tokenize as the whole would); it is sized by the characters per token seen so
+    far, and at least half again, so that thin text ends soon."""
     limit = need * CHARS_PER_TOKEN
-    chars = need * 6
-    while chars < len(text):
-        ids = _without_first_word(_encode(tok, [text[-chars:]])[0])
-        if len(ids) >= need or chars >= limit:
-            return ids
-        chars = min(chars * 4, limit)
-    return _encode(tok, [text])[0].ids
+    start = len(text) - len(window)  # the window is text[start:]
+    ids = _without_first_word(enc) if start > 0 else enc.ids
+    # where the kept tokens begin in text (the window's end when it is one word)
+    kept_at = start + enc.offsets[len(enc.ids) - len(ids)][0] if ids else len(text)
+    while start > 0 and len(ids) < need and len(text) - start < limit:
+        chars = len(text) - start
+        start = max(len(text) - min(max(chars * 3 // 2, chars * need * 5 // (4 * max(len(ids), 1))), limit), 0)
+        enc = _encode(tok, [text[start:kept_at]])[0]
+        more = _without_first_word(enc) if start > 0 else enc.ids
+        if more:
+            kept_at = start + enc.offsets[len(enc.ids) - len(more)][0]
+        ids = more + ids
+    return ids
 
 
 def encode_batch(tokenizer: tokenizers.Tokenizer, messages: list[Message], candidates: list[Message],
@@ -190,11 +203,17 @@ def encode_batch(tokenizer: tokenizers.Tokenizer, messages: list[Message], candi
     tok = _plain(tokenizer)
     cls, sep, pad = _special_id(tok, "[CLS]"), _special_id(tok, "[SEP]"), tok.token_to_id("[PAD]") or 0
     room = max_length - 3
+    limit = room * CHARS_PER_TOKEN
     head_text, body_text = _context_parts(messages, tools)
-    # BERT splits on whitespace first, so the parts tokenize to exactly the whole text's tokens.
-    head = _head_ids(tok, [head_text], room)[0][:room] if head_text else []
-    body = _tail_ids(tok, body_text, room) if body_text else []
-    cands = _head_ids(tok, [render_candidate(c) for c in candidates], room)
+    firsts = ([head_text] if head_text else []) + [render_candidate(c) for c in candidates]
+    window = _first_window(body_text, room)
+    # One tokenizer call for every part (it works on them side by side); BERT splits on whitespace
+    # first, so the parts tokenize to exactly the whole text's tokens.
+    encs = _encode(tok, [text[:limit] for text in firsts] + ([window] if body_text else []))
+    heads = [_head_ids(text, enc, limit) for text, enc in zip(firsts, encs)]
+    head = heads.pop(0)[:room] if head_text else []
+    body = _tail_ids(tok, body_text, room, window, encs[-1]) if body_text else []
+    cands = heads
     cap = room - min(len(head) + len(body), room // 2)
     rows = []
     for cand in cands:
