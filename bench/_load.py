@@ -110,6 +110,12 @@ async def load(url: str, model: str, concurrency: int, seconds: float, upstream:
             "st_added": st_added, "over_slowest": slowest, "missing": len(done) - len(added)}
 
 
+def python_path(root: Path) -> str:
+    """PYTHONPATH for a bench's child process: the tree under test first, then the caller's own
+    (a machine whose packages sit beside the interpreter's, as on a lent GPU machine)."""
+    return os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+
+
 def passthrough_pair(tmp: Path, actor_url: str, root: Path) -> dict[str, str]:
     """The environment of a bench proxy with two passthrough routes to the fake upstream, `pass`
     (store on) and `pass-norec` (`record: off`), its config, store and spool under `tmp`."""
@@ -119,7 +125,7 @@ def passthrough_pair(tmp: Path, actor_url: str, root: Path) -> dict[str, str]:
          "record": "off"}]}))  # JSON is YAML
     return {**os.environ, "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
             "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
-            "PYTHONPATH": str(root)}
+            "PYTHONPATH": python_path(root)}
 
 
 def stop(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:

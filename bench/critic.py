@@ -18,6 +18,7 @@ the same turns back to back (one run per turn), and raw runs of the turns merged
     python bench/critic.py [--bundle DIR] [--provider cpu|cuda] [--sizes 1,4,8,16]
                            [--lengths 128,256,512] [--seconds 3] [--concurrency 16] [--max-batch 64]
                            [--max-tokens N]
+    python bench/critic.py --build-standin DIR --standin-precision fp16   # a bundle for a GPU
 
 --bundle defaults to the shipped critic_models/default/ when it exists, else a stand-in bundle
 is built: all-MiniLM-L6-v2 exported with critic_models/export.py (BERT fusions, int8), an
@@ -33,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -67,8 +69,12 @@ def turn(n: int, seed: int) -> tuple[list[dict], list[dict]]:
     return messages, candidates
 
 
-def build_standin(out: Path) -> Path:
-    """all-MiniLM-L6-v2 as an int8 bundle, the way critic_models/export.py builds the real one."""
+def build_standin(out: Path, precision: str = "int8") -> Path:
+    """all-MiniLM-L6-v2 as a bundle, the way critic_models/export.py builds the real one: int8 for
+    a CPU, fp16 for a GPU. The shipped encoder's fine-tuned fp32 weights are not kept (only its int8
+    export), so an fp16 bundle of the shipped critic's compute starts from the base weights; with
+    the shipped head.json beside it when there is one, it is served as the shipped bundle is
+    (format 2: encoder, features, head)."""
     import tokenizers
     import torch
 
@@ -82,14 +88,25 @@ def build_standin(out: Path) -> Path:
     sample = render.encode_batch(tok, *turn(2, 0), None, 128)
     out.mkdir(parents=True, exist_ok=True)
     export_onnx(model, sample, out / "raw.onnx")
-    optimize(out / "raw.onnx", out / "fp32.onnx", model.config.num_attention_heads, model.config.hidden_size, False)
-    quantize_int8(out / "fp32.onnx", out / "model.onnx")
-    for f in ("raw.onnx", "fp32.onnx"):
-        (out / f).unlink()
+    heads, hidden = model.config.num_attention_heads, model.config.hidden_size
+    if precision == "int8":
+        optimize(out / "raw.onnx", out / "fp32.onnx", heads, hidden, False)
+        quantize_int8(out / "fp32.onnx", out / "model.onnx")
+        (out / "fp32.onnx").unlink()
+    else:
+        optimize(out / "raw.onnx", out / "model.onnx", heads, hidden, precision == "fp16")
+    (out / "raw.onnx").unlink()
     tok.save(str(out / "tokenizer.json"))
-    (out / "critic.json").write_text(json.dumps({
-        "name": "minilm-standin", "version": "base-weights", "base_model": "sentence-transformers/all-MiniLM-L6-v2",
-        "format": render.FORMAT_VERSION, "max_length": 512, "precision": "int8"}))
+    card = {"name": "minilm-standin", "version": f"base-weights-{precision}",
+            "base_model": "sentence-transformers/all-MiniLM-L6-v2", "format": render.FORMAT_VERSION,
+            "max_length": 512, "precision": precision}
+    shipped = shipped_bundle()
+    if shipped is not None and (Path(shipped) / "head.json").is_file():
+        shutil.copyfile(Path(shipped) / "head.json", out / "head.json")
+        manifest = json.loads((Path(shipped) / "critic.json").read_text())
+        card |= {"bundle_format": manifest["bundle_format"], "head": manifest["head"],
+                 "max_length": manifest["max_length"]}
+    (out / "critic.json").write_text(json.dumps(card, indent=2) + "\n")
     return out
 
 
@@ -186,6 +203,28 @@ async def throughput(critic: OnnxCritic, n: int, length: int, concurrency: int, 
             "raw_merged_tps": total / spent["merged"], "merged_turns_per_run": group}
 
 
+async def parity(critic: OnnxCritic, n: int = 8, turns: int = 16) -> str:
+    """The same bundle on the CPU against the provider in use: the encoder's logits, the scores
+    the service returns (the head's, which may not read the encoder for every kind of turn) and
+    the pick."""
+    cpu = OnnxCritic.load(critic.bundle.path, CPU)
+    try:
+        cpu.max_length = critic.max_length
+        cases = [turn(n, 100 + seed) for seed in range(turns)]
+        here = [await critic.assess(*c) for c in cases]
+        there = [await cpu.assess(*c) for c in cases]
+    finally:
+        cpu.close()
+
+    def worst(read) -> float:
+        return max(abs(read(a) - read(b)) for x, y in zip(here, there) for a, b in zip(x, y))
+    logit, score = worst(lambda a: a.features["encoder"]), worst(lambda a: a.score)
+    same = sum(int(np.argmax([a.score for a in x]) == np.argmax([a.score for a in y])) for x, y in zip(here, there))
+    return (f"{critic.provider} against {CPU} on the same bundle, {turns} turns of {n} at {critic.max_length} "
+            f"tokens: largest difference of the encoder's logit {logit:.2e}, of the score {score:.2e}; "
+            f"same pick in {same}/{turns}")
+
+
 def machine() -> str:
     return f"{cpu_description()}, onnxruntime {ort.__version__}, Python {platform.python_version()}"
 
@@ -219,6 +258,8 @@ async def main_async(args) -> None:
         print(f"bundle: {b.path} ({b.name} {b.version}, {b.precision}); provider in use: {critic.provider}; "
               f"batcher wait {args.wait_ms} ms, cap {critic.batcher.max_batch} rows / "
               f"{critic.batcher.max_tokens or 'no'} tokens; torch: {torch_device or 'skipped'}")
+        if critic.provider != CPU:
+            print(await parity(critic))
         print()
         print("| N | tokens | reps | service p50 | service p99 | raw ORT p50 | raw ORT p99 | torch p50 | torch p99 "
               "| service/raw (p50) | torch/raw (p50) |")
@@ -267,7 +308,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--throughput-n", type=int, default=8)
     ap.add_argument("--throughput-lengths", type=ints, default=[128, 256])
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--build-standin", type=Path, metavar="DIR",
+                    help="write the stand-in bundle (base weights, the shipped head) to DIR and exit")
+    ap.add_argument("--standin-precision", choices=["int8", "fp16", "fp32"], default="int8")
     args = ap.parse_args(argv)
+    if args.build_standin:
+        print(f"wrote {build_standin(args.build_standin, args.standin_precision)}")
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     asyncio.run(main_async(args))
 

@@ -55,7 +55,7 @@ def start_targets(names: list[str], upstream: str, tmp: Path) -> dict[str, tuple
     out = {}
     for name in names:
         port = free_port()
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
+        env = {**os.environ, "PYTHONPATH": _load.python_path(ROOT), "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
                "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/{name}.db", "TURNGATE_SPOOL_DIR": str(tmp / f"spool-{name}")}
         if name == "turngate":
             cmd = [sys.executable, str(ROOT / "bench" / "_stub_proxy.py"), "--port", str(port)]

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     (tmp / "routes.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
            "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": _load.python_path(ROOT)}
     if args.shadow_backlog is not None:
         env["TURNGATE_SHADOW_MAX_BACKLOG"] = str(args.shadow_backlog)
     targets: dict[str, tuple[str, str, str | None]] = {
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             return uvloop.run(httpx_load(url, model, c, seconds))
         run(proxy, "rank", 4, min(1.0, args.seconds))  # warm up connections and code paths
         print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, "
-              + ("the shipped critic, " if args.shipped_critic else f"stub critic {args.critic_ms:.1f} ms, ")
+              + (f"the critic {os.environ.get('TURNGATE_CRITIC') or 'shipped'}, " if args.shipped_critic else f"stub critic {args.critic_ms:.1f} ms, ")
               + f"{args.seconds:g} s per row, {args.rounds} round(s) (medians), "
               f"{os.cpu_count()} cores, " + (f"{args.workers} proxy workers, " if args.workers > 1 else "") +
               f"{args.apparatus} apparatus\n")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import math
 import re
 from pathlib import Path
 
@@ -53,3 +55,37 @@ def test_profile_prints_operator_shares_and_cost_per_batch(tmp_path, capsys):
     cells = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.e-]+) \| ([\d.e-]+) \|$", out, re.MULTILINE)
     assert [(t, b) for t, b, *_ in cells] == [("8", "1"), ("8", "4"), ("16", "1"), ("16", "4")]
     assert all(float(run) > 0 and abs(float(run) / int(b) / float(seq) - 1) < 0.01 for _, b, run, seq in cells)
+
+
+def test_fp16_standin_is_served_with_the_shipped_head(tmp_path, capsys):
+    """The GPU bundle bench/critic.py builds: base weights in fp16, the shipped head beside them."""
+    from service.critic.bundle import read_bundle
+    from service.critic.onnx_critic import OnnxCritic
+    from service.critic.registry import shipped_bundle
+
+    load_bench().main(["--build-standin", str(tmp_path / "fp16"), "--standin-precision", "fp16"])
+    critic = OnnxCritic.load(tmp_path / "fp16", "cpu")
+    try:
+        assert critic.bundle.precision == "fp16" and critic.bundle.head is not None
+        assert critic.bundle.max_length == read_bundle(shipped_bundle()).max_length
+        found = asyncio.run(critic.assess([{"role": "user", "content": "Refund order 12?"}],
+                                          [{"role": "assistant", "content": "Done, refunded."},
+                                           {"role": "assistant", "content": "I cannot help."}]))
+        assert len(found) == 2 and all(0 < a.score < 1 and math.isfinite(a.features["encoder"]) for a in found)
+    finally:
+        critic.close()
+
+
+def test_http_bench_prints_the_service_beside_raw_onnxruntime(tmp_path, capsys):
+    bundle = build_bundle(tmp_path / "tiny", max_length=40)
+    spec = importlib.util.spec_from_file_location("bench_critic_http", BENCH.with_name("critic_http.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--bundle", str(bundle), "--n", "3", "--tokens", "32", "--requests", "5", "--seconds", "0.5",
+                 "--concurrency", "2"])
+    out = capsys.readouterr().out
+    assert "service critic: CPUExecutionProvider" in out
+    rows = dict(re.findall(r"^\| (POST /v1/critic/score|raw onnxruntime)[^|]* \| ([\d.]+) \| [\d.]+ \|$", out,
+                           re.MULTILINE))
+    assert len(rows) == 2 and all(float(v) > 0 for v in rows.values())
+    assert re.search(r"2 clients at once for 0.5 s: [\d.]+ requests/s", out)
