@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
             return uvloop.run(httpx_load(url, model, c, seconds))
         run(proxy, "rank", 4, min(1.0, args.seconds))  # warm up connections and code paths
         print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, "
-              + (f"the critic {os.environ.get('TURNGATE_CRITIC') or 'shipped'}, " if args.shipped_critic else f"stub critic {args.critic_ms:.1f} ms, ")
+              + (f"the critic {os.environ.get('TURNGATE_CRITIC') or 'shipped'}, " if args.shipped_critic
+                 else f"stub critic {args.critic_ms:.1f} ms, ")
               + f"{args.seconds:g} s per row, {args.rounds} round(s) (medians), "
               f"{os.cpu_count()} cores, " + (f"{args.workers} proxy workers, " if args.workers > 1 else "") +
               f"{args.apparatus} apparatus\n")

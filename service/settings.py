@@ -298,7 +298,7 @@ class Settings(BaseSettings):
     policy: GatePolicy = Field(default_factory=GatePolicy)  # env: TURNGATE_<FIELD>, e.g. TURNGATE_INTERVENE_THRESHOLD
 
     critic: str | None = None  # bundle folder; None = the shipped default
-    critic_providers: str | None = None  # e.g. "CPUExecutionProvider"; None = CUDA then CPU
+    critic_providers: str | None = None  # e.g. "CPUExecutionProvider"; None = CUDA then CPU (int8 bundles: CPU)
     critic_max_batch: int = Field(64, ge=1, le=1024)  # sequences per merged inference run
     critic_max_batch_tokens: int | None = Field(None, ge=1)  # padded tokens per run; None = 2048 on CPU, no cap on GPU
     critic_batch_wait_ms: float = Field(2.0, ge=0, le=50)  # longest a turn waits for others to batch with

@@ -87,6 +87,35 @@ def test_asking_for_cuda_without_a_gpu_warns_and_reports_cpu(bundles, caplog):
     assert any("CUDA was asked for" in r.getMessage() for r in caplog.records)
 
 
+def _with_precision(src: Path, dst: Path, precision: str) -> Path:
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "critic.json").read_text())
+    (dst / "critic.json").write_text(json.dumps({**manifest, "precision": precision}))
+    return dst
+
+
+def test_an_int8_bundle_is_served_on_the_cpu_unless_cuda_is_named(bundles, tmp_path, monkeypatch):
+    """onnxruntime's int8 kernels are CPU kernels: under CUDA the shipped int8 critic ran no faster
+    than on the CPU and 40x slower than an fp16 bundle (docs/critic-serving.md, "GPU"). By default it
+    stays on the CPU; an fp16 or fp32 bundle takes CUDA, and so does an int8 one where the setting
+    names CUDA."""
+    asked: list[list[str]] = []
+    real = ort.InferenceSession
+
+    def session(path, options=None, providers=None, **kw):
+        asked.append(list(providers))
+        return real(path, options, providers=[p for p in providers if p == "CPUExecutionProvider"], **kw)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    int8 = _with_precision(bundles["v1"], tmp_path / "int8", "int8")
+    fp16 = _with_precision(bundles["v1"], tmp_path / "fp16", "fp16")
+    for path, setting in ((int8, None), (fp16, None), (int8, "cuda")):
+        OnnxCritic.load(path, setting).close()
+    assert asked == [["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                     ["CUDAExecutionProvider", "CPUExecutionProvider"]]
+
+
 def _break(src: Path, dst: Path, fn) -> Path:
     shutil.copytree(src, dst)
     fn(dst)

@@ -127,6 +127,14 @@ class OnnxCritic:
         all of this process's cores (``threads.plan``)."""
         threads = threads or plan(cores())
         bundle = read_bundle(path)
+        if providers is None and bundle.precision == "int8":
+            # onnxruntime's int8 kernels are CPU kernels: under CUDA this bundle ran no faster than on
+            # the CPU beside the GPU, and 40x slower than an fp16 one (docs/critic-serving.md, "GPU");
+            # on the CPU its scores are the ones its evaluation measured. A setting naming CUDA gets it.
+            providers = CPU
+            if CUDA in ort.get_available_providers():
+                log.info("critic %s: an int8 bundle, served on the CPU (an fp16 bundle is the one for a GPU; "
+                         "TURNGATE_CRITIC_PROVIDERS=cuda runs this one under CUDA)", bundle.path)
         wanted = providers if isinstance(providers, list) else providers_for(providers)
         try:
             tokenizer = tokenizers.Tokenizer.from_file(str(bundle.tokenizer_path))
