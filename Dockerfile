@@ -8,7 +8,9 @@
 # the runtime stage copies that venv onto the same base, adds nothing else and runs as a non-root user.
 
 ARG VARIANT=cpu
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+# onnxruntime-gpu's PyPI wheels are built for CUDA 13 and cuDNN 9 (1.31.1 links libcublasLt.so.13 and
+# libcudart.so.13): on a CUDA 12 base the CUDA provider does not load and the critic runs on the CPU.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
 # ---- bases: the same image for building and running, so the venv's interpreter path matches ----
 FROM python:3.12-slim-bookworm AS base-cpu
@@ -33,7 +35,7 @@ RUN pip install .
 RUN if [ "$VARIANT" = "gpu" ]; then \
       pip install ".[gpu]" \
       && pip uninstall -y onnxruntime \
-      && pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.17"; \
+      && pip install --force-reinstall --no-deps "onnxruntime-gpu==1.31.1"; \
     fi
 # Alembic's migrations ship inside the package (setup.py), so `turngate db upgrade` works from /app.
 RUN mkdir -p /app \

@@ -386,6 +386,17 @@ def test_dockerfile_is_multistage_nonroot_with_healthcheck():
     assert "EXPOSE 8000" in final and '"--port", "8000"' in final
 
 
+def test_gpu_image_pairs_the_pinned_onnxruntime_gpu_with_its_cuda():
+    """onnxruntime-gpu 1.31.1 from PyPI links CUDA 13 (libcublasLt.so.13, libcudart.so.13) and
+    cuDNN 9; on another CUDA major its CUDA provider does not load and the critic silently runs on
+    the CPU. The image and the `gpu` extra install the same release, on a CUDA 13 cuDNN base."""
+    docker = (ROOT / "Dockerfile").read_text()
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert extra == ["onnxruntime-gpu==1.31.1"] and '"onnxruntime-gpu==1.31.1"' in docker
+    base = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-", docker, re.MULTILINE)
+    assert base and base.group(1) == "13"
+
+
 def _ignored(path: str, patterns: list[str]) -> bool:
     """.dockerignore matching, enough for these patterns (no `!` exceptions in the file)."""
     for pattern in patterns:
