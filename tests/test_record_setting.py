@@ -26,6 +26,7 @@ from sqlalchemy import bindparam, text
 
 from service import config_summary
 from service.app import create_app
+from service.control.key_policy import KeyPolicy
 from service.demo.fake_actor import serve_in_thread
 from service.gate import recording
 from service.limits.spend import MemorySpendMeter
@@ -42,7 +43,7 @@ from tests.test_store_support import db_url, make_pg_db, shared_pg_db  # noqa: F
 
 USER: Any = [{"role": "user", "content": "What is the capital of France?"}]
 KEY = "sk-record-test-key"
-KEY_ID = KEY[:12]  # what tests.test_spend.with_policies makes of a key it has no policy for
+KEY_ID = KEY[:12]  # the id of the key's policy: only an issued key's spend is charged
 PER_CALL = 15  # the fake actor's usage: 10 prompt + 5 completion tokens a call
 
 
@@ -56,7 +57,7 @@ def gateway(actor_url: str, db: str, tmp_path: Path, *routes: dict[str, Any]
     sink.feedback_wait_s = 0.3  # the wait before feedback for an unknown turn is refused
     meter = MemorySpendMeter(window_s=60, slots=4)
     app = create_app(cfg, critic=TableCritic({}), sink=sink, spend=meter)
-    with_policies(app, {})
+    with_policies(app, {KEY: KeyPolicy(id=KEY_ID, name="record-test")})
     with serve_in_thread(app) as url:
         yield url + "/v1", meter
     # Stopped: the sink has drained (lifespan), so what the store will ever hold of these turns is in.

@@ -109,7 +109,7 @@ async def rate_limited(key: Annotated[ClientKey, Depends(client_key)],
 
 async def within_spend(key: ClientKey, services: Services) -> None:
     """429 when the key's policy has a tokens-per-minute limit its last minute reached, or a token
-    budget its period spent. Only issued keys have a policy; the others are metered, not limited."""
+    budget its period spent. Only issued keys have a policy; the others are neither charged nor limited."""
     if key.policy is None or key.key_id is None or services.spend is None:
         return
     refusal = await spend.refusal(services.spend, key.key_id, key.policy)

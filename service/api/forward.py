@@ -111,7 +111,8 @@ async def _forward(request: Request, services: Any, key: ClientKey, endpoint: st
             await resp.aread(limit)
             raise _error(services.gate.upstream, route, resp)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in resp.headers if k.lower() in _RELAYED_HEADERS}
-        meter = forwarded_usage.Meter(services.spend, key.key_id)
+        # Only an issued key's spend is read (service.gate.record.ConversationHint.charged).
+        meter = forwarded_usage.Meter(services.spend, key.key_id if key.policy is not None else None)
         if headers.get("content-type", "").startswith("text/event-stream"):
             closing, resp = resp, None  # the stream closes it
             return StreamingResponse(_relay(closing, meter.tap(), limit, route.alias), status_code=closing.status,

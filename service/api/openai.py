@@ -84,7 +84,7 @@ async def chat_completions(request: Request) -> Response:
         turn_id=new_turn_id(), route=route, body=payload, client_key=key.upstream_key,
         conversation=ConversationHint(header_id=request.headers.get(CONVERSATION_HEADER),
                                       user=payload.get("user"), metadata=payload.get("metadata"),
-                                      key_id=key.key_id))
+                                      key_id=key.key_id, charged=key.policy is not None))
     note_turn(request, turn.turn_id, turn.recorded)
     logprobs = bool(payload.get("logprobs"))
     keepalive_s = services.settings.keepalive_interval_s

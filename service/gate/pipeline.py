@@ -450,7 +450,7 @@ class Gate:
         """The turn's tokens, every call's, to its client key's spend: in the background (the reply does
         not wait for Redis), and never failing the turn (the meter fails open on its own)."""
         key_id, tokens = record.conversation.key_id, (record.prompt_tokens or 0) + (record.completion_tokens or 0)
-        if self.spend is None or key_id is None or tokens <= 0:
+        if self.spend is None or key_id is None or not record.conversation.charged or tokens <= 0:
             return
         self._spawn(self._charged(self.spend, key_id, tokens, record.turn_id))
 

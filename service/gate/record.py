@@ -56,6 +56,9 @@ class ConversationHint:
     user: str | None = None  # the request's `user` field
     metadata: dict[str, Any] | None = None  # the request's `metadata` field
     key_id: str | None = None  # a short digest of the client's API key, never the key
+    # The turn's tokens go to the key's spend: an issued key's (a policy's). Nothing reads another key's
+    # spend, and open mode's rotating bearers would each leave counters behind for a day and a month.
+    charged: bool = False
 
 
 @dataclass
