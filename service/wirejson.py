@@ -10,6 +10,7 @@ upstream or database takes inf.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any
@@ -59,6 +60,40 @@ def loads_upstream(raw: bytes) -> Any:
         return json.loads(raw)
     except RecursionError:
         raise ValueError("JSON nested too deep to read") from None
+
+
+async def dumps_off_loop(value: Any) -> bytes:
+    """``dumps`` for the event loop: orjson there, and what it refuses written on a thread, where
+    the standard library's encoder (one call holding the GIL, 60-140 ms for a few MB of big
+    integers) would stall the loop all the same. The thread walks the value in Python, which lets
+    the loop run, and hands orjson the integers and strings it refuses as ready-made JSON."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return await asyncio.to_thread(_dumps_with_fragments, value)
+
+
+def _dumps_with_fragments(value: Any) -> bytes:
+    try:
+        return orjson.dumps(_fragments(value))
+    except (TypeError, RecursionError):  # a key orjson refuses, or nesting no client body has
+        return dumps(value)
+
+
+def _fragments(value: Any) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return {k: _fragments(v) for k, v in value.items()}
+    if kind is list:
+        return [_fragments(v) for v in value]
+    if kind is int and not -(2 ** 63) <= value < 2 ** 64:
+        return orjson.Fragment(str(value).encode())
+    if kind is str and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate: its escape is valid JSON
+            return orjson.Fragment(json.dumps(value).encode())
+    return value
 
 
 def dumps(value: Any) -> bytes:

@@ -189,7 +189,7 @@ class UpstreamClient:
                     timeout_s: float, stream: bool,
                     wait: UpstreamWait | None = None) -> tuple[transport.Response, _Call]:
         """POSTs the payload; a streamed reply comes back unread, anything else read whole."""
-        content = wirejson.dumps(payload)
+        content = await wirejson.dumps_off_loop(payload)
         key = route.upstream_api_key.get_secret_value() if route.upstream_api_key else client_key
         url = route.upstream_base_url.rstrip("/") + "/chat/completions"
         headers = [(b"content-type", b"application/json")]
