@@ -104,7 +104,7 @@ def _logprobs(choice: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]
     if not request.get("logprobs"):
         return None
     content = _unpack(choice)[0].get("content")
-    top = int(request.get("top_logprobs") or 0)
+    top = min(max(int(request.get("top_logprobs") or 0), 0), 20)  # OpenAI's range: 0..20
     return {"content": [token_logprob(t, i, top) for i, t in enumerate(tokens(content or ""))], "refusal": None}
 
 
