@@ -17,8 +17,9 @@ pytest.importorskip("torch")
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "critic.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_critic", BENCH)
+def load_bench(name: str = "critic.py"):
+    spec = importlib.util.spec_from_file_location(f"bench_{name.removesuffix('.py')}", BENCH.with_name(name))
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -44,11 +45,8 @@ def test_bench_prints_latency_and_throughput_tables(tmp_path, capsys):
 
 def test_profile_prints_operator_shares_and_cost_per_batch(tmp_path, capsys):
     bundle = build_bundle(tmp_path / "tiny", max_length=40)
-    spec = importlib.util.spec_from_file_location("bench_critic_profile", BENCH.with_name("critic_profile.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--bundle", str(bundle), "--n", "3", "--tokens", "16", "--lengths", "8,16", "--batches", "1,4",
-                 "--reps", "2"])
+    load_bench("critic_profile.py").main(["--bundle", str(bundle), "--n", "3", "--tokens", "16", "--lengths", "8,16",
+                                          "--batches", "1,4", "--reps", "2"])
     out = capsys.readouterr().out
     shares = [float(s) for s in re.findall(r"^\| \w+ \| ([\d.]+)% \| [\d.e-]+ \|$", out, re.MULTILINE)]
     assert shares and 99.0 <= sum(shares) <= 101.0  # every operator of the run, rounding aside
@@ -78,11 +76,8 @@ def test_fp16_standin_is_served_with_the_shipped_head(tmp_path, capsys):
 
 def test_http_bench_prints_the_service_beside_raw_onnxruntime(tmp_path, capsys):
     bundle = build_bundle(tmp_path / "tiny", max_length=40)
-    spec = importlib.util.spec_from_file_location("bench_critic_http", BENCH.with_name("critic_http.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--bundle", str(bundle), "--n", "3", "--tokens", "32", "--requests", "5", "--seconds", "0.5",
-                 "--concurrency", "2"])
+    load_bench("critic_http.py").main(["--bundle", str(bundle), "--n", "3", "--tokens", "32", "--requests", "5",
+                                       "--seconds", "0.5", "--concurrency", "2"])
     out = capsys.readouterr().out
     assert "service critic: CPUExecutionProvider" in out
     rows = dict(re.findall(r"^\| (POST /v1/critic/score|raw onnxruntime)[^|]* \| ([\d.]+) \| [\d.]+ \|$", out,
