@@ -20,6 +20,9 @@ the same turns back to back (one run per turn), and raw runs of the turns merged
                            [--max-tokens N]
     python bench/critic.py --build-standin DIR --standin-precision fp16   # a bundle for a GPU
 
+With a provider other than the CPU in use, a line first compares it with the CPU on the same bundle
+(the encoder's logits, the scores, the picks of 16 turns).
+
 --bundle defaults to the shipped critic_models/default/ when it exists, else a stand-in bundle
 is built: all-MiniLM-L6-v2 exported with critic_models/export.py (BERT fusions, int8), an
 untrained head, the same compute as the shipped critic. Every pair is exactly T tokens (the
