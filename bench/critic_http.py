@@ -35,27 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench._load import cpu_seconds, python_path, stop  # noqa: E402
 from bench.critic import pct, turn  # noqa: E402
+from bench.overhead import wait_up  # noqa: E402
 from service.critic import render  # noqa: E402
 from service.critic.bundle import INPUT_NAMES, OUTPUT_NAME, read_bundle  # noqa: E402
 from service.critic.onnx_critic import CPU, CUDA, cpu_description  # noqa: E402
 from service.critic.registry import shipped_bundle  # noqa: E402
 from service.demo.fake_actor import free_port  # noqa: E402
-
-
-def wait_ready(url: str, proc: subprocess.Popen, within_s: float = 120) -> dict:
-    """/readyz's body once it answers 200 (the critic is loaded and warm by then)."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"turngate serve exited with {proc.returncode} before it was ready")
-        try:
-            r = httpx.get(url, timeout=2)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"{url} not ready within {within_s:.0f} s")
 
 
 def body(n: int, seed: int) -> dict:
@@ -123,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
                                "--log-level", "warning"], env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        ready = wait_ready(base + "/readyz", server)
+        wait_up(base + "/readyz", 120)  # 503 until the critic is loaded and warm
+        ready = httpx.get(base + "/readyz", timeout=10).json()
         url = base + "/v1/critic/score"
         http: list[float] = []
         raw: list[float] = []

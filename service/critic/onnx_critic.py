@@ -65,18 +65,21 @@ def cpu_description() -> str:
     return ", ".join(x for x in (model, isa, f"{cores()} cores") if x)
 
 
-def requested(setting: str | None) -> list[str]:
+def requested(setting: str | None, precision: str | None = None) -> list[str]:
     """``settings.critic_providers`` ("CUDAExecutionProvider,CPUExecutionProvider", "cpu", ...)
-    as provider names; unset: CUDA then CPU."""
+    as provider names; unset: CUDA then CPU, but the CPU alone for an int8 bundle: onnxruntime's int8
+    kernels are CPU kernels, and under CUDA such a bundle ran no faster than on the CPU beside the
+    GPU, 40x slower than an fp16 one (docs/critic-serving.md, "GPU"); on the CPU its scores are the
+    ones its evaluation measured."""
     aliases = {"cuda": CUDA, "cpu": CPU}
     if not setting:
-        return [CUDA, CPU]
+        return [CPU] if precision == "int8" else [CUDA, CPU]
     return [aliases.get(p.strip().lower(), p.strip()) for p in setting.split(",") if p.strip()]
 
 
-def providers_for(setting: str | None) -> list[str]:
+def providers_for(setting: str | None, precision: str | None = None) -> list[str]:
     """The requested providers this onnxruntime build has, CPU always last as the fallback."""
-    wanted = requested(setting)
+    wanted = requested(setting, precision)
     available = set(ort.get_available_providers())
     unknown = [p for p in wanted if p not in available]
     if unknown:
@@ -127,15 +130,10 @@ class OnnxCritic:
         all of this process's cores (``threads.plan``)."""
         threads = threads or plan(cores())
         bundle = read_bundle(path)
-        if providers is None and bundle.precision == "int8":
-            # onnxruntime's int8 kernels are CPU kernels: under CUDA this bundle ran no faster than on
-            # the CPU beside the GPU, and 40x slower than an fp16 one (docs/critic-serving.md, "GPU");
-            # on the CPU its scores are the ones its evaluation measured. A setting naming CUDA gets it.
-            providers = CPU
-            if CUDA in ort.get_available_providers():
-                log.info("critic %s: an int8 bundle, served on the CPU (an fp16 bundle is the one for a GPU; "
-                         "TURNGATE_CRITIC_PROVIDERS=cuda runs this one under CUDA)", bundle.path)
-        wanted = providers if isinstance(providers, list) else providers_for(providers)
+        wanted = providers if isinstance(providers, list) else providers_for(providers, bundle.precision)
+        if not providers and bundle.precision == "int8" and CUDA in ort.get_available_providers():
+            log.info("critic %s: an int8 bundle, served on the CPU (an fp16 bundle is the one for a GPU; "
+                     "TURNGATE_CRITIC_PROVIDERS=cuda runs this one under CUDA)", bundle.path)
         try:
             tokenizer = tokenizers.Tokenizer.from_file(str(bundle.tokenizer_path))
         except Exception as e:  # the tokenizers library raises plain Exceptions
@@ -149,7 +147,7 @@ class OnnxCritic:
         critic = cls(bundle, session, tokenizer, **{"tokenizer_threads": threads.tokenizer, "runs": threads.runs,
                                                     **kwargs})
         # Asked for: named in the setting, or by default on a build that has CUDA (the GPU image).
-        asked = CUDA in (providers if isinstance(providers, list) else requested(providers)) and (
+        asked = CUDA in (providers if isinstance(providers, list) else requested(providers, bundle.precision)) and (
             bool(providers) or CUDA in ort.get_available_providers())
         if asked and critic.provider != CUDA:
             log.warning("critic %s/%s: CUDA was asked for but the session runs on %s (no GPU, or the "
