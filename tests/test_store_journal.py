@@ -148,3 +148,47 @@ def test_a_record_nested_past_every_encoder_is_still_quarantined_by_its_id():
     shallow = TurnRecord(turn_id="turn-ok", route="r", mode="rank", upstream_model="m", request_messages=[])
     kept = json.loads(lines.encode_quarantined("x", record=shallow))["turn"]
     assert TurnRecord.from_dict(kept) == shallow
+
+
+def test_a_segment_being_opened_is_never_claimed_by_another_workers_scan(tmp_path, monkeypatch):
+    """A new segment was created, then locked: two calls. Another worker's scan for foreign segments
+    (every writer iteration) that fell between them took the new, empty file for a dead process's,
+    replayed it and deleted it; the turns then journaled into it were in no file on disk, and a kill
+    lost them (a CI run of tests/test_store_crash.py lost 12 of 471 answered turns)."""
+    import fcntl
+
+    from service.store import spool as spool_module
+    from service.store.spool import Spool
+
+    mine, other = Spool(tmp_path), Spool(tmp_path)  # two workers sharing one spool folder
+    real_flock, scanned = fcntl.flock, []
+
+    def flock_after_a_scan(fd, op):
+        if op == fcntl.LOCK_EX and not scanned:  # a segment being opened (scans never wait for a lock)
+            claimed = other.claim_foreign()
+            scanned.append([reader.path.name for reader in claimed])
+            for reader in claimed:
+                reader.done()  # replayed (nothing in it) and deleted, as the writer does
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(spool_module.fcntl, "flock", flock_after_a_scan)
+    mine.open()
+    mine.append(b'{"v": 2, "turn": {"turn_id": "journaled"}}\n', keep=True)
+    on_disk = [line for p in tmp_path.glob("seg-*.jsonl") for line in p.read_bytes().splitlines()]
+    mine.release_all()
+    assert on_disk == [b'{"v": 2, "turn": {"turn_id": "journaled"}}']
+    assert scanned == [[]]  # the scan ran while the segment was being opened, and saw nothing to claim
+
+
+def test_a_segment_its_process_died_before_naming_is_removed_once_stale(tmp_path):
+    import os
+    import time
+
+    from service.store.spool import NEW_PREFIX, Spool
+
+    stale, fresh = tmp_path / f"{NEW_PREFIX}1-1-000001.jsonl", tmp_path / f"{NEW_PREFIX}2-1-000001.jsonl"
+    stale.touch()
+    fresh.touch()  # a live process may be between creating this one and naming it
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    assert Spool(tmp_path).claim_foreign() == []
+    assert not stale.exists() and fresh.exists()

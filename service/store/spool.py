@@ -31,6 +31,7 @@ from service.telemetry import metrics
 log = logging.getLogger("turngate.store.spool")
 
 SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+NEW_PREFIX = "new-"  # a segment's name until it is locked (see Spool._new_segment)
 QUARANTINE_FILE = "quarantine.jsonl"
 
 
@@ -115,9 +116,23 @@ class Spool:
         with self._lock:
             self._seq += 1
             seq = self._seq
-        path = self.dir / f"seg-{time.time_ns():020d}-{os.getpid()}-{seq:06d}.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        return self._new_segment(seq)
+
+    def _new_segment(self, seq: int) -> Segment:
+        """A new segment, locked before it has a name that scans for foreign segments look at: a
+        file created and locked in two steps could be claimed (taken for a dead process's, replayed
+        empty and deleted) between them, and the turns journaled into it then lie in no file."""
+        name = f"{time.time_ns():020d}-{os.getpid()}-{seq:06d}.jsonl"
+        unnamed = self.dir / (NEW_PREFIX + name)
+        fd = os.open(unnamed, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            path = self.dir / ("seg-" + name)
+            os.rename(unnamed, path)
+        except BaseException:
+            os.close(fd)
+            unnamed.unlink(missing_ok=True)
+            raise
         self._new_entries = True
         return Segment(path, fd)
 
@@ -132,11 +147,7 @@ class Spool:
     def _open_locked(self) -> Segment:
         """Only when no segment is open (the writer opens them, off the request path)."""
         self._seq += 1
-        path = self.dir / f"seg-{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        self._new_entries = True
-        seg = Segment(path, fd)
+        seg = self._new_segment(self._seq)
         self._install_locked(seg)
         return seg
 
@@ -244,8 +255,20 @@ class Spool:
         with self._lock:
             mine = set(self.held)
         claims = [c for p in sorted(self.dir.glob("seg-*.jsonl")) if p not in mine and (c := self.claim(p))]
+        self._remove_unnamed_leftovers()
         self._foreign_bytes = sum(c.size for c in claims)
         return claims
+
+    def _remove_unnamed_leftovers(self) -> None:
+        """Deletes segments a process died before naming: empty (nothing is appended before the name),
+        unlocked, and old enough that no process is between creating and naming one."""
+        for p in self.dir.glob(NEW_PREFIX + "*.jsonl"):
+            try:
+                stale = time.time() - p.stat().st_mtime > 60
+            except FileNotFoundError:
+                continue
+            if stale and (c := self.claim(p)) is not None:
+                c.done()
 
     def claim(self, path: Path) -> Reader | None:
         try:
