@@ -180,15 +180,22 @@ def test_a_segment_being_opened_is_never_claimed_by_another_workers_scan(tmp_pat
     assert scanned == [[]]  # the scan ran while the segment was being opened, and saw nothing to claim
 
 
-def test_a_segment_its_process_died_before_naming_is_removed_once_stale(tmp_path):
+def test_a_segment_its_process_died_before_naming_is_replayed_or_removed_once_stale(tmp_path):
+    """A machine crash can keep a segment's lines (fsynced) but not its rename: those are replayed."""
     import os
     import time
 
     from service.store.spool import NEW_PREFIX, Spool
 
-    stale, fresh = tmp_path / f"{NEW_PREFIX}1-1-000001.jsonl", tmp_path / f"{NEW_PREFIX}2-1-000001.jsonl"
-    stale.touch()
+    empty, kept, fresh = (tmp_path / f"{NEW_PREFIX}{n}-1-000001.jsonl" for n in (1, 2, 3))
+    empty.touch()
+    kept.write_bytes(b'{"v": 2, "turn": {"turn_id": "kept"}}\n')
     fresh.touch()  # a live process may be between creating this one and naming it
-    os.utime(stale, (time.time() - 120, time.time() - 120))
-    assert Spool(tmp_path).claim_foreign() == []
-    assert not stale.exists() and fresh.exists()
+    for p in (empty, kept):
+        os.utime(p, (time.time() - 120, time.time() - 120))
+    claimed = Spool(tmp_path).claim_foreign()
+    found = [(r.path.name, [line for chunk in r.chunks(10) for _, line in chunk]) for r in claimed]
+    for r in claimed:
+        r.release()
+    assert found == [("seg-2-1-000001.jsonl", [b'{"v": 2, "turn": {"turn_id": "kept"}}\n'])]
+    assert not empty.exists() and fresh.exists()

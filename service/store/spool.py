@@ -252,22 +252,28 @@ class Spool:
     def claim_foreign(self) -> list[Reader]:
         """Claims every segment no live process holds (left by one that stopped or died), oldest
         first. Another worker's journal is locked by it and skipped."""
+        self._settle_unnamed()
         with self._lock:
             mine = set(self.held)
         claims = [c for p in sorted(self.dir.glob("seg-*.jsonl")) if p not in mine and (c := self.claim(p))]
-        self._remove_unnamed_leftovers()
         self._foreign_bytes = sum(c.size for c in claims)
         return claims
 
-    def _remove_unnamed_leftovers(self) -> None:
-        """Deletes segments a process died before naming: empty (nothing is appended before the name),
-        unlocked, and old enough that no process is between creating and naming one."""
+    def _settle_unnamed(self) -> None:
+        """Segments whose process stopped before naming them, as their `seg-` names, to be claimed: a
+        machine crash may keep a segment's lines (its fsync) and not its rename (the folder's, next);
+        an empty one is deleted. Only those a minute old: a live process names its own at once."""
         for p in self.dir.glob(NEW_PREFIX + "*.jsonl"):
             try:
                 stale = time.time() - p.stat().st_mtime > 60
             except FileNotFoundError:
                 continue
-            if stale and (c := self.claim(p)) is not None:
+            if not stale or (c := self.claim(p)) is None:
+                continue
+            if c.size:
+                os.rename(p, self.dir / ("seg-" + p.name.removeprefix(NEW_PREFIX)))
+                c.release()
+            else:
                 c.done()
 
     def claim(self, path: Path) -> Reader | None:
