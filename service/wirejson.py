@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections import OrderedDict
 from typing import Any
 
 import orjson
@@ -66,11 +67,57 @@ async def dumps_off_loop(value: Any) -> bytes:
     """``dumps`` for the event loop: orjson there, and what it refuses written on a thread, where
     the standard library's encoder (one call holding the GIL, 60-140 ms for a few MB of big
     integers) would stall the loop all the same. The thread walks the value in Python, which lets
-    the loop run, and hands orjson the integers and strings it refuses as ready-made JSON."""
+    the loop run, and hands orjson the integers and strings it refuses as ready-made JSON. A body's
+    top-level lists and objects that need the thread are written once for all the calls that send
+    them (the candidate calls of a round share the client's body)."""
     try:
         return orjson.dumps(value)
     except TypeError:
+        pass
+    if type(value) is not dict:
         return await asyncio.to_thread(_dumps_with_fragments, value)
+    parts = {k: await _written_once(v) for k, v in value.items()}
+    try:
+        return orjson.dumps(parts)
+    except TypeError:  # a top-level scalar orjson refuses
+        return await asyncio.to_thread(_assemble, parts, value)
+
+
+# Parts written on a thread, by identity, for the bodies of the last few rounds: (the part itself,
+# held so that its id is not reused while here; its loop; the writing). Bounded: a part is at most a
+# request body (4 MB).
+_WRITTEN_MAX = 4
+_written: OrderedDict[int, tuple[Any, asyncio.AbstractEventLoop, asyncio.Future[bytes]]] = OrderedDict()
+
+
+async def _written_once(part: Any) -> Any:
+    """The part, or its JSON as a Fragment where orjson refuses something in it."""
+    if type(part) is not list and type(part) is not dict:
+        return part
+    loop = asyncio.get_running_loop()
+    held = _written.get(id(part))
+    if held is not None and held[0] is part:
+        _written.move_to_end(id(part))
+        if held[2].done() and not held[2].cancelled() and held[2].exception() is None:
+            return orjson.Fragment(held[2].result())
+        if held[1] is loop:
+            return orjson.Fragment(await asyncio.shield(held[2]))  # a caller's cancellation leaves it to the others
+    try:
+        return orjson.Fragment(orjson.dumps(part))
+    except TypeError:
+        pass
+    writing = asyncio.ensure_future(asyncio.to_thread(_dumps_with_fragments, part))
+    _written[id(part)] = (part, loop, writing)
+    while len(_written) > _WRITTEN_MAX:
+        _written.popitem(last=False)
+    return orjson.Fragment(await asyncio.shield(writing))
+
+
+def _assemble(parts: dict[str, Any], value: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(_fragments(parts))
+    except (TypeError, RecursionError):  # a key orjson refuses: the whole value, the slow way
+        return _dumps_with_fragments(value)
 
 
 def _dumps_with_fragments(value: Any) -> bytes:

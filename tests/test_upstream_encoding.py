@@ -51,3 +51,27 @@ def test_writing_such_a_body_for_a_candidate_call_leaves_the_loop_free():
     with tarpit() as (url, _):
         worst = asyncio.run(run(url))
     assert worst < 0.05, f"the event loop stalled {worst * 1000:.0f} ms"
+
+
+def test_such_a_body_is_written_once_for_all_the_candidate_calls_of_a_round():
+    """The candidate calls of a round share the client's body: its parts orjson refuses are written
+    once, not once per call (before, each of N calls walked the whole body: N times the CPU)."""
+    route = RouteSettings(alias="r", upstream_base_url="http://127.0.0.1:9/v1", upstream_model="m")
+
+    async def calls(url: str, n: int) -> float:
+        upstream = UpstreamClient(make_pools())
+        body = {**HOSTILE, "x_pad": list(HOSTILE["x_pad"])}  # a new round's body: nothing written yet
+        started = time.process_time()
+        try:
+            got = await asyncio.gather(*[upstream.complete(route.model_copy(update={"upstream_base_url": url}),
+                                                           body, 1, None, 1.0) for _ in range(n)],
+                                       return_exceptions=True)
+        finally:
+            await upstream.aclose()
+        assert all(isinstance(e, UpstreamError) for e in got)  # the tarpit never answers
+        return time.process_time() - started
+
+    with tarpit() as (url, _):
+        one = min(asyncio.run(calls(url, 1)) for _ in range(2))
+        eight = asyncio.run(calls(url, 8))
+    assert eight < 4 * one, f"8 calls {eight * 1000:.0f} ms of CPU, one call {one * 1000:.0f} ms"
