@@ -83,10 +83,11 @@ async def dumps_off_loop(value: Any) -> bytes:
         return await asyncio.to_thread(_assemble, parts, value)
 
 
-# Parts written on a thread, by identity, for the bodies of the last few rounds: (the part itself,
-# held so that its id is not reused while here; its loop; the writing). Bounded: a part is at most a
-# request body (4 MB).
+# Parts written on a thread, by identity: (the part itself, held so that its id is not reused while
+# here; its loop; the writing). Bounded: the last few rounds' bodies (a part is at most a request
+# body, 4 MB), each kept a second after it is written (a round's later calls come within it).
 _WRITTEN_MAX = 4
+_WRITTEN_KEEP_S = 1.0
 _written: OrderedDict[int, tuple[Any, asyncio.AbstractEventLoop, asyncio.Future[bytes]]] = OrderedDict()
 
 
@@ -106,11 +107,18 @@ async def _written_once(part: Any) -> Any:
         return orjson.Fragment(orjson.dumps(part))
     except TypeError:
         pass
-    writing = asyncio.ensure_future(asyncio.to_thread(_dumps_with_fragments, part))
-    _written[id(part)] = (part, loop, writing)
+    key, writing = id(part), asyncio.ensure_future(asyncio.to_thread(_dumps_with_fragments, part))
+    _written[key] = (part, loop, writing)
+    writing.add_done_callback(lambda _: loop.call_later(_WRITTEN_KEEP_S, _forget, key, writing))
     while len(_written) > _WRITTEN_MAX:
         _written.popitem(last=False)
     return orjson.Fragment(await asyncio.shield(writing))
+
+
+def _forget(key: int, writing: asyncio.Future[bytes]) -> None:
+    held = _written.get(key)
+    if held is not None and held[2] is writing:
+        del _written[key]
 
 
 def _assemble(parts: dict[str, Any], value: dict[str, Any]) -> bytes:

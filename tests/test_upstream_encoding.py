@@ -75,3 +75,31 @@ def test_such_a_body_is_written_once_for_all_the_candidate_calls_of_a_round():
         one = min(asyncio.run(calls(url, 1)) for _ in range(2))
         eight = asyncio.run(calls(url, 8))
     assert eight < 4 * one, f"8 calls {eight * 1000:.0f} ms of CPU, one call {one * 1000:.0f} ms"
+
+
+def test_nothing_of_such_a_body_is_held_a_second_after_its_round():
+    import gc
+    import sys
+
+    route = RouteSettings(alias="r", upstream_base_url="http://127.0.0.1:9/v1", upstream_model="m")
+    pad = list(HOSTILE["x_pad"])
+    before = sys.getrefcount(pad)
+
+    async def round_then_wait(url: str) -> int:
+        upstream = UpstreamClient(make_pools())
+        body = {**HOSTILE, "x_pad": pad}
+        try:
+            await asyncio.gather(*[upstream.complete(route.model_copy(update={"upstream_base_url": url}),
+                                                     body, 1, None, 0.5) for _ in range(3)], return_exceptions=True)
+        finally:
+            await upstream.aclose()
+        del body
+        during = sys.getrefcount(pad)
+        await asyncio.sleep(1.2)
+        return during
+
+    with tarpit() as (url, _):
+        during = asyncio.run(round_then_wait(url))
+    gc.collect()  # the calls' exceptions (the tarpit never answers) hold their frames in cycles
+    assert during > before  # kept for the round's later calls
+    assert sys.getrefcount(pad) == before
