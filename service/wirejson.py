@@ -85,7 +85,8 @@ async def dumps_off_loop(value: Any) -> bytes:
 
 # Parts written on a thread, by identity: (the part itself, held so that its id is not reused while
 # here; its loop; the writing). Bounded: the last few rounds' bodies (a part is at most a request
-# body, 4 MB), each kept a second after it is written (a round's later calls come within it).
+# body, 4 MB), each kept a second after it is written (a round's later calls come within it). Sound
+# because nothing changes a body's parts once sent: a new round builds new lists (gate.pipeline).
 _WRITTEN_MAX = 4
 _WRITTEN_KEEP_S = 1.0
 _written: OrderedDict[int, tuple[Any, asyncio.AbstractEventLoop, asyncio.Future[bytes]]] = OrderedDict()
