@@ -72,9 +72,10 @@ async def service_times(upstream: str) -> dict[str, float]:
 
 
 async def load(url: str, model: str, concurrency: int, seconds: float, upstream: str,
-               stream: bool = False, headers: dict[str, str] | None = None) -> dict:
+               stream: bool = False, headers: dict[str, str] | None = None, extra: dict | None = None) -> dict:
     """`concurrency` clients, each sending the next request when its last returned (whole: a stream
-    to its last chunk). `upstream`: the lean upstream's base URL, for its service times."""
+    to its last chunk). `upstream`: the lean upstream's base URL, for its service times. `extra`:
+    more fields of every request body (`tools`, say)."""
     u = httpx.URL(url)
     await service_times(upstream)  # clear what an earlier row left
     done: list[tuple[str, float, float | None, float | None]] = []  # id, latency, critic, Server-Timing upstream
@@ -86,7 +87,8 @@ async def load(url: str, model: str, concurrency: int, seconds: float, upstream:
             while time.perf_counter() < stop:
                 rid = str(next(_IDS))
                 body = json.dumps({"model": model, "stream": stream, "messages": [
-                    {"role": "user", "content": f"Book the cheapest flight to Lisbon. bench-id {rid}"}]}).encode()
+                    {"role": "user", "content": f"Book the cheapest flight to Lisbon. bench-id {rid}"}],
+                    **(extra or {})}).encode()
                 t0 = time.perf_counter()
                 status, got, payload = await client.post(u.path, body)
                 elapsed = (time.perf_counter() - t0) * 1000

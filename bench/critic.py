@@ -211,6 +211,7 @@ async def parity(critic: OnnxCritic, n: int = 8, turns: int = 16) -> str:
     the service returns (the head's, which may not read the encoder for every kind of turn) and
     the pick."""
     cpu = OnnxCritic.load(critic.bundle.path, CPU)
+    cpu.encoder_unread = frozenset()
     try:
         cpu.max_length = critic.max_length
         cases = [turn(n, 100 + seed) for seed in range(turns)]
@@ -254,6 +255,7 @@ async def main_async(args) -> None:
             sys.exit(f"{bundle}: not a critic bundle")
         critic = OnnxCritic.load(bundle, providers, max_wait_s=args.wait_ms / 1000, max_batch=args.max_batch,
                                  max_tokens=args.max_tokens)
+        critic.encoder_unread = frozenset()  # the bench's text turns read the encoder, as tool and agent turns do
         torch_run, torch_device = torch_model(args.provider) if not args.no_torch else (None, None)
         b = critic.bundle
         print(f"# bench/critic.py — {' '.join(sys.argv[1:]) or '(defaults)'}")

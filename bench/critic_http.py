@@ -42,10 +42,16 @@ from service.critic.onnx_critic import CPU, CUDA, cpu_description  # noqa: E402
 from service.critic.registry import shipped_bundle  # noqa: E402
 from service.demo.fake_actor import free_port  # noqa: E402
 
+# A declared tool makes each request a tool turn, whose head reads the encoder: the shipped head does
+# not on text turns, and the service then skips the encoder (service/critic/onnx_critic.py).
+TOOLS = [{"type": "function", "function": {"name": "lookup_order", "description": "Finds an order by its id.",
+                                           "parameters": {"type": "object", "properties": {"id": {"type": "string"}},
+                                                          "required": ["id"]}}}]
+
 
 def body(n: int, seed: int) -> dict:
     messages, candidates = turn(n, seed)
-    return {"messages": messages, "candidates": candidates}
+    return {"messages": messages, "candidates": candidates, "tools": TOOLS}
 
 
 async def throughput(url: str, bodies: list[dict], concurrency: int, seconds: float) -> tuple[int, float, list[float]]:
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     session = ort.InferenceSession(str(bundle.model_path), providers=providers)
     tok = tokenizers.Tokenizer.from_file(str(bundle.tokenizer_path))
     bodies = [body(args.n, seed) for seed in range(16)]
-    feeds = [render.encode_batch(tok, b["messages"], b["candidates"], None, args.tokens) for b in bodies]
+    feeds = [render.encode_batch(tok, b["messages"], b["candidates"], b["tools"], args.tokens) for b in bodies]
     assert all(f["input_ids"].shape == (args.n, args.tokens) for f in feeds)
 
     tmp = Path(tempfile.mkdtemp(prefix="turngate-critic-http-"))

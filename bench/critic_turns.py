@@ -72,6 +72,8 @@ def main() -> None:
     if bundle is None:
         raise SystemExit("no --bundle and no shipped critic_models/default")
     critics = {k: OnnxCritic.load(bundle, "CPUExecutionProvider", threads=v) for k, v in CONFIGS.items()}
+    for critic in critics.values():
+        critic.encoder_unread = frozenset()  # the bench's text turns read the encoder, as tool and agent turns do
     results: dict[str, list[tuple[float, float, float, float]]] = {}
     try:
         for _ in range(args.rounds):

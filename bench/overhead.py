@@ -21,8 +21,11 @@ The standard apparatus has no service times: only `st added` there.
     python bench/overhead.py [--latency 0.05] [--jitter 0.2] [--concurrency 1,16,64] [--seconds 8] [--rounds 1]
                              [--apparatus lean|standard]
                              [--targets direct,pass,rank,shadow] [--shadow-backlog 64]
-                             [--shipped-critic] [--workers 1]
+                             [--shipped-critic] [--workers 1] [--tools]
 
+`--tools` declares a tool in every request: the critic then scores tool turns, whose head reads the
+encoder. Without it the turns are text turns, on which the shipped head gives the encoder no weight
+and the critic does not run it (from stop 28; earlier figures ran it on every turn).
 `shadow` is the shadow route (N=4: the client gets candidate 0, the rest is sampled and scored in
 the background); `--shadow-backlog` sets TURNGATE_SHADOW_MAX_BACKLOG for it.
 """
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                          "--shipped-critic: the stub critic lives in the bench's own process)")
     ap.add_argument("--gc-unfrozen", action="store_true",
                     help="undo the proxy's start-up gc.freeze() (to compare its full-GC pauses)")
+    ap.add_argument("--tools", action="store_true",
+                    help="every request declares a tool: tool turns, whose head reads the encoder (lean apparatus)")
     ap.add_argument("--targets", default="direct,pass,rank",
                     help="rows per concurrency: direct,pass,pass-norec (passthrough, store off),rank,shadow")
     ap.add_argument("--shadow-backlog", type=int, help="TURNGATE_SHADOW_MAX_BACKLOG (default: the setting's)")
@@ -129,6 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.workers > 1 and not args.shipped_critic:
         ap.error("--workers needs --shipped-critic")
+    if args.tools and args.apparatus != "lean":
+        ap.error("--tools needs the lean apparatus")
+    extra = {"tools": [{"type": "function", "function": {
+        "name": "book_flight", "description": "Books the flight.", "parameters": {
+            "type": "object", "properties": {"to": {"type": "string"}}, "required": ["to"]}}}]} if args.tools else None
 
     tmp = Path(tempfile.mkdtemp(prefix="turngate-bench-"))
     actor_port, proxy_port = free_port(), free_port()
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def run(url: str, model: str | None, c: int, seconds: float) -> dict:
             if lean:
-                return uvloop.run(_load.load(url, model or "fake", c, seconds, actor_url))
+                return uvloop.run(_load.load(url, model or "fake", c, seconds, actor_url, extra=extra))
             return uvloop.run(httpx_load(url, model, c, seconds))
         run(proxy, "rank", 4, min(1.0, args.seconds))  # warm up connections and code paths
         print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, "
@@ -183,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                  else f"stub critic {args.critic_ms:.1f} ms, ")
               + f"{args.seconds:g} s per row, {args.rounds} round(s) (medians), "
               f"{os.cpu_count()} cores, " + (f"{args.workers} proxy workers, " if args.workers > 1 else "") +
-              f"{args.apparatus} apparatus\n")
+              f"{args.apparatus} apparatus" + (", a tool declared in every request" if args.tools else "") + "\n")
         print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
               f"{'added p50':>10}{'added p99':>10}{'st added p50':>13}{'st added p99':>13}{'proxy cpu/req ms':>18}"
               + (f"{'/slowest p50':>13}{'/slowest p99':>13}" if any(r[2] == "rank" for r in rows) else ""))

@@ -122,6 +122,12 @@ class OnnxCritic:
         self.batcher = MicroBatcher(self.run, self._infer, workers, pad_ids={"input_ids": pad},
                                     max_batch=max_batch, max_tokens=max_tokens, max_wait_s=max_wait_s)
         self._closed = threading.Event()
+        # Kinds of turn whose head gives the encoder no weight: the encoder is not run on them, as its
+        # reading could not move a score (a bundle without a head: the encoder is the score).
+        head = bundle.head
+        self.encoder_unread = frozenset() if head is None else frozenset(
+            kind for kind in features.FEATURES_BY_KIND
+            if (lin := head.linear(kind)).weights[lin.features.index("encoder")] == 0.0)
 
     @classmethod
     def load(cls, path: str | Path, providers: str | list[str] | None = None, *,
@@ -199,11 +205,13 @@ class OnnxCritic:
 
     def prepare(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]], unique: list[int],
                 tools: list[dict[str, Any]] | None, verdicts: list[bool] | None
-                ) -> tuple[Feed, features.TurnFeatures]:
-        """Tokenizer pool: the encoder's feed for the distinct candidates, and the turn features of
-        all of them (agreement counts the duplicates)."""
-        feed = self.encode(messages, [candidates[i] for i in unique], tools)
-        return feed, features.compute(messages, candidates, tools, verdicts=verdicts)
+                ) -> tuple[Feed | None, features.TurnFeatures]:
+        """Tokenizer pool: the turn features of all the candidates (agreement counts the duplicates),
+        and the encoder's feed for the distinct ones (None where the head does not read the encoder)."""
+        turn = features.compute(messages, candidates, tools, verdicts=verdicts)
+        if turn.kind in self.encoder_unread:
+            return None, turn
+        return self.encode(messages, [candidates[i] for i in unique], tools), turn
 
     async def assess(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
                      tools: list[dict[str, Any]] | None = None, verdicts: list[bool] | None = None
@@ -226,6 +234,8 @@ class OnnxCritic:
                                                     unique, tools, verdicts)
         finally:
             arrived()
+        if feed is None:  # not run: reported without it (its contribution, its weight 0, is 0 anyway)
+            return self._without_encoder(turn)
         probs = await self.batcher.submit(feed)
         by_key = {keys[i]: float(p) for i, p in zip(unique, probs, strict=True)}
         encoder = [by_key[k] for k in keys]
@@ -237,6 +247,13 @@ class OnnxCritic:
             return [Assessment(p, f) for p, f in zip(encoder, named)]
         scores, contribs = self.bundle.head.apply(turn)
         return [Assessment(s, f, dict(zip(turn.names, c))) for s, f, c in zip(scores, named, contribs)]
+
+    def _without_encoder(self, turn: features.TurnFeatures) -> list[Assessment]:
+        assert self.bundle.head is not None  # encoder_unread is empty without a head
+        scores, contribs = self.bundle.head.apply(turn)  # the row's encoder is compute's 0.0
+        keep = [i for i, name in enumerate(turn.names) if name != "encoder"]
+        return [Assessment(s, {turn.names[i]: row[i] for i in keep}, {turn.names[i]: c[i] for i in keep})
+                for s, row, c in zip(scores, turn.rows, contribs)]
 
     async def score(self, messages: list[dict[str, Any]], candidates: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None = None) -> list[float]:

@@ -1,0 +1,81 @@
+"""The encoder is not run on a kind of turn whose head gives it no weight (the shipped head's text
+turns): its reading could not move a score, and it is most of the critic's CPU. The scores are the
+same to the bit; the explanations leave it out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from service.critic.onnx_critic import OnnxCritic
+from service.critic.registry import shipped_bundle
+
+TEXT = ([{"role": "user", "content": "Summarise the refund policy in two lines."}],
+        [{"role": "assistant", "content": "Refunds within 30 days.\n- Keep the receipt."},
+         {"role": "assistant", "content": "I cannot help with that."}], None)
+TOOLS = [{"type": "function", "function": {"name": "get_order", "parameters": {
+    "type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}}}]
+TOOL = ([{"role": "user", "content": "Where is order A12?"}],
+        [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_order", "arguments": json.dumps({"id": "A12"})}}]},
+         {"role": "assistant", "content": "Which order?"}], TOOLS)
+
+
+def _runs() -> float:
+    return REGISTRY.get_sample_value("turngate_critic_batch_size_count") or 0.0
+
+
+def _assess(critic: OnnxCritic, turn) -> tuple[list, float]:
+    before = _runs()
+    found = asyncio.run(critic.assess(*turn))
+    return found, _runs() - before
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    path = shipped_bundle()
+    if path is None:
+        pytest.skip("no shipped critic bundle")
+    critic = OnnxCritic.load(path, "cpu")
+    yield critic
+    critic.close()
+
+
+def test_text_turns_score_the_same_without_running_the_encoder(shipped):
+    assert shipped.encoder_unread == {"text"}  # the shipped head: text turns give the encoder weight 0
+    skipped, runs = _assess(shipped, TEXT)
+    assert runs == 0 and all("encoder" not in a.features and "encoder" not in a.contributions for a in skipped)
+    shipped.encoder_unread = frozenset()  # as before: the encoder read, and weighted 0
+    try:
+        read, runs_read = _assess(shipped, TEXT)
+    finally:
+        shipped.encoder_unread = frozenset({"text"})
+    assert runs_read == 1 and all(math.isfinite(a.features["encoder"]) for a in read)
+    assert [a.score for a in skipped] == [a.score for a in read]
+    assert [{k: v for k, v in a.features.items() if k != "encoder"} for a in read] == [a.features for a in skipped]
+
+
+def test_tool_turns_still_run_the_encoder(shipped):
+    found, runs = _assess(shipped, TOOL)
+    assert runs == 1 and all(math.isfinite(a.features["encoder"]) and "encoder" in a.contributions for a in found)
+
+
+def test_a_head_that_weights_the_encoder_on_text_runs_it(tmp_path):
+    bundle = Path(shutil.copytree(shipped_bundle(), tmp_path / "bundle"))
+    head = json.loads((bundle / "head.json").read_text())
+    text = head["heads"]["text"]
+    text["weights"][text["features"].index("encoder")] = 0.5
+    (bundle / "head.json").write_text(json.dumps(head))
+    critic = OnnxCritic.load(bundle, "cpu")
+    try:
+        assert critic.encoder_unread == frozenset()
+        found, runs = _assess(critic, TEXT)
+        assert runs == 1 and all(math.isfinite(a.features["encoder"]) for a in found)
+    finally:
+        critic.close()
