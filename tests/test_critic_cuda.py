@@ -26,6 +26,8 @@ def critics():
     if path is None:
         pytest.skip("no shipped critic")
     gpu, cpu = OnnxCritic.load(path, "cuda"), OnnxCritic.load(path, "cpu")
+    for critic in (gpu, cpu):
+        critic.encoder_unread = frozenset()  # the encoder on every turn, text ones included: it is what is compared
     yield gpu, cpu
     gpu.close()
     cpu.close()
