@@ -137,7 +137,7 @@ class OnnxCritic:
         threads = threads or plan(cores())
         bundle = read_bundle(path)
         wanted = providers if isinstance(providers, list) else providers_for(providers, bundle.precision)
-        if not providers and bundle.precision == "int8" and CUDA in ort.get_available_providers():
+        if not providers and CUDA not in wanted and CUDA in ort.get_available_providers():  # requested()'s int8 rule
             log.info("critic %s: an int8 bundle, served on the CPU (an fp16 bundle is the one for a GPU; "
                      "TURNGATE_CRITIC_PROVIDERS=cuda runs this one under CUDA)", bundle.path)
         try:
