@@ -40,14 +40,55 @@ def timing(header: str) -> dict[str, float]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its live children so far (Linux /proc)."""
-    total = 0.0
-    for p in [pid, *children(pid)]:
+    return sum(stat_cpu_seconds(Path(f"/proc/{p}/stat")) for p in [pid, *children(pid)])
+
+
+def stat_cpu_seconds(stat: Path) -> float:
+    """User + system CPU time in a /proc stat file (a process's or a thread's); 0 once it is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    """User + system CPU time so far of every process of the machine named `postgres` (the server,
+    its backends and background workers)."""
+    return sum(stat_cpu_seconds(stat) for stat in Path("/proc").glob("[0-9]*/stat") if _named(stat, "postgres"))
+
+
+def _named(stat: Path, name: str) -> bool:
+    try:
+        return (stat.parent / "comm").read_text().strip() == name
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+class PgDatabase:
+    """A new database on the local PostgreSQL, migrated to the head of the schema; `drop()` removes it."""
+
+    ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+    def __init__(self) -> None:
+        from service.store.migrate import upgrade
+
+        self.name = f"turngate_bench_{os.getpid()}_{int(time.time())}"
+        self.url = f"postgresql://postgres@127.0.0.1:5432/{self.name}"
+        asyncio.run(self._admin(f'CREATE DATABASE "{self.name}"'))
+        upgrade(self.url)
+
+    def drop(self) -> None:
+        asyncio.run(self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+
+    async def _admin(self, sql: str) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.ADMIN)
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+            await conn.execute(sql)
+        finally:
+            await conn.close()
 
 
 def children(pid: int) -> list[int]:

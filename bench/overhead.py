@@ -21,11 +21,15 @@ The standard apparatus has no service times: only `st added` there.
     python bench/overhead.py [--latency 0.05] [--jitter 0.2] [--concurrency 1,16,64] [--seconds 8] [--rounds 1]
                              [--apparatus lean|standard]
                              [--targets direct,pass,rank,shadow] [--shadow-backlog 64]
-                             [--shipped-critic] [--workers 1] [--tools]
+                             [--shipped-critic] [--workers 1] [--tools] [--database sqlite|postgres]
 
 `--tools` declares a tool in every request: the critic then scores tool turns, whose head reads the
 encoder. Without it the turns are text turns, on which the shipped head gives the encoder no weight
 and the critic does not run it (from stop 28; earlier figures ran it on every turn).
+`--database postgres` writes the turns to a new database on the local PostgreSQL (127.0.0.1:5432,
+user postgres; dropped at the end) instead of the embedded SQLite file, and adds `db cpu/req`: the
+CPU of every `postgres` process of the machine over the row, per request (the database's own work,
+which a production deployment spends on another host).
 `shadow` is the shadow route (N=4: the client gets candidate 0, the rest is sampled and scored in
 the background); `--shadow-backlog` sets TURNGATE_SHADOW_MAX_BACKLOG for it.
 """
@@ -94,6 +98,27 @@ def counter(metrics_url: str, name: str) -> float:
                if line.startswith((name + "{", name + " ")))
 
 
+def store_added(with_store: list[dict] | None, without: list[dict] | None, concurrency: int) -> None:
+    """What the store adds to the proxy's CPU a request, round by round (each round's two rows ran
+    back to back, so a pair shares the machine's state of the moment), and the median of those."""
+    if not with_store or not without:
+        return
+    added = [w["cpu"] / wo["cpu"] - 1 for w, wo in zip(with_store, without)]
+    print(f"\nconcurrency {concurrency}: the store adds {statistics.median(added):.0%} to the proxy's CPU a request "
+          f"(passthrough / no store - 1, median of the rounds' pairs: {', '.join(f'{a:.0%}' for a in added)})")
+
+
+def store_drained(readyz: str, within_s: float = 60) -> None:
+    """Waits until the proxy's store has written every turn it holds (queue empty, nothing behind)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        store = httpx.get(readyz, timeout=10).json().get("store") or {}
+        if store.get("queue") == 0 and store.get("behind_s") == 0:
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the proxy's store did not catch up")
+
+
 def wait_up(url: str, within_s: float = 30) -> None:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
@@ -127,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="every request declares a tool: tool turns, whose head reads the encoder (lean apparatus)")
     ap.add_argument("--targets", default="direct,pass,rank",
                     help="rows per concurrency: direct,pass,pass-norec (passthrough, store off),rank,shadow")
+    ap.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
+                    help="where the proxy's store writes: the embedded SQLite file, or a new database on the "
+                         "local PostgreSQL (adds the database server's CPU per request)")
     ap.add_argument("--shadow-backlog", type=int, help="TURNGATE_SHADOW_MAX_BACKLOG (default: the setting's)")
     ap.add_argument("--apparatus", choices=("lean", "standard"), default="lean",
                     help="lean: raw-asyncio load generator and upstream (bench/_lean_http.py); "
@@ -153,8 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         {"alias": "shadow", "upstream_base_url": actor_url, "upstream_model": "fake", "mode": "shadow",
          "candidates": 4}]}
     (tmp / "routes.yaml").write_text(yaml.safe_dump(config))
+    pg = _load.PgDatabase() if args.database == "postgres" else None
     env = {**os.environ, "TURNGATE_CONFIG": str(tmp / "routes.yaml"),
-           "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
+           "TURNGATE_DATABASE_URL": pg.url if pg else f"sqlite:///{tmp}/bench.db",
+           "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
            "PYTHONPATH": _load.python_path(ROOT)}
     if args.shadow_backlog is not None:
         env["TURNGATE_SHADOW_MAX_BACKLOG"] = str(args.shadow_backlog)
@@ -193,9 +223,11 @@ def main(argv: list[str] | None = None) -> None:
                  else f"stub critic {args.critic_ms:.1f} ms, ")
               + f"{args.seconds:g} s per row, {args.rounds} round(s) (medians), "
               f"{os.cpu_count()} cores, " + (f"{args.workers} proxy workers, " if args.workers > 1 else "") +
-              f"{args.apparatus} apparatus" + (", a tool declared in every request" if args.tools else "") + "\n")
+              f"{args.apparatus} apparatus, store: {args.database}"
+              + (", a tool declared in every request" if args.tools else "") + "\n")
         print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
               f"{'added p50':>10}{'added p99':>10}{'st added p50':>13}{'st added p99':>13}{'proxy cpu/req ms':>18}"
+              + (f"{'db cpu/req ms':>15}" if pg else "")
               + (f"{'/slowest p50':>13}{'/slowest p99':>13}" if any(r[2] == "rank" for r in rows) else ""))
         concs = [int(x) for x in args.concurrency.split(",")]
         cells: dict[tuple[int, str], list[dict]] = {}
@@ -203,15 +235,18 @@ def main(argv: list[str] | None = None) -> None:
             for c in concs:
                 for name, url, model in (rows if rnd % 2 == 0 else rows[::-1]):
                     shed0 = counter(metrics_url, "turngate_shadow_shed_total")
-                    cpu0 = cpu_seconds(procs[1].pid)
+                    cpu0, db0 = cpu_seconds(procs[1].pid), _load.postgres_cpu_seconds() if pg else 0.0
                     r = run(url, model, c, args.seconds)
+                    if model is not None:  # the row's CPU includes writing its turns, not the next row's
+                        store_drained(f"http://127.0.0.1:{proxy_port}/readyz")
                     cpu = (cpu_seconds(procs[1].pid) - cpu0) * 1000 / r["n"]
+                    db = ((_load.postgres_cpu_seconds() - db0) * 1000 / r["n"]) if pg else float("nan")
                     shed = counter(metrics_url, "turngate_shadow_shed_total") - shed0
                     lat = r["latencies"]
                     cells.setdefault((c, name), []).append({
                         "rps": r["rps"], "p50": pct(lat, .5), "p99": pct(lat, .99),
                         "a50": pct(r["added"], .5), "a99": pct(r["added"], .99), "s50": pct(r["st_added"], .5),
-                        "s99": pct(r["st_added"], .99), "cpu": cpu, "shed": shed / r["n"],
+                        "s99": pct(r["st_added"], .99), "cpu": cpu, "db": db, "shed": shed / r["n"],
                         "r50": pct(r.get("over_slowest", []), .5), "r99": pct(r.get("over_slowest", []), .99)})
         for c in concs:
             for name, _, model in rows:
@@ -220,13 +255,18 @@ def main(argv: list[str] | None = None) -> None:
                        f"{m['a50']:>10.2f}{m['a99']:>10.2f}")
                 if model is not None:  # direct: the apparatus's own added latency only
                     row += f"{m['s50']:>13.2f}{m['s99']:>13.2f}{m['cpu']:>18.2f}"
+                    row += f"{m['db']:>15.2f}" if pg else ""
                 if model == "rank":
                     row += f"{m['r50']:>13.2f}{m['r99']:>13.2f}"
                 if model == "shadow":
                     row += f"   shed {m['shed']:.0%}"
                 print(row, flush=True)
+        for c in concs:
+            store_added(cells.get((c, "turngate passthrough")), cells.get((c, "passthrough, no store")), c)
     finally:
         _load.stop(procs)
+        if pg:
+            pg.drop()
     if (tmp / "gc.json").exists():
         pauses = json.loads((tmp / "gc.json").read_text())
         if pauses:

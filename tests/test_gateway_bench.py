@@ -43,6 +43,35 @@ def test_overhead_rank_rows_show_latency_over_the_slowest_candidate_call(capsys)
     assert 1.0 <= ratio50 <= ratio99 and ratio50 < 2.0 and 0 < p50 <= p99 and cpu > 0
 
 
+def test_overhead_on_postgres_prints_the_store_and_the_databases_cpu_and_drops_its_database(capsys):
+    import asyncio
+
+    import asyncpg
+
+    async def bench_databases() -> set[str]:
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
+        try:
+            rows = await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'turngate_bench_%'")
+            return {r[0] for r in rows}
+        finally:
+            await conn.close()
+
+    before = asyncio.run(bench_databases())
+    # Rows long enough for the database's work to show in /proc's 10 ms clock ticks.
+    load_bench("overhead").main(["--seconds", "1.5", "--concurrency", "16", "--rounds", "2",
+                                 "--targets", "pass,pass-norec", "--database", "postgres"])
+    out = capsys.readouterr().out
+    assert "store: postgres" in out and "db cpu/req ms" in out, out
+    row = re.search(r"^turngate passthrough\s+16" + r"\s+(-?[\d.]+)" * 9 + r"$", out, re.MULTILINE)
+    assert row, out
+    proxy_cpu, db_cpu = float(row.group(8)), float(row.group(9))
+    assert proxy_cpu > 0 and db_cpu > 0  # the turns were written to PostgreSQL, whose work is counted apart
+    added = re.search(r"^concurrency 16: the store adds (-?\d+)% to the proxy's CPU a request \(.*: (.*)\)$", out,
+                      re.MULTILINE)
+    assert added and len(added.group(2).split(", ")) == 2, out  # one figure a round, and their median
+    assert asyncio.run(bench_databases()) == before  # its database is gone
+
+
 def test_gateways_bench_prints_turngate_rows_and_litellm_where_installed(capsys):
     have_litellm = importlib.util.find_spec("litellm") is not None
     targets = "turngate,litellm" if have_litellm else "turngate"
