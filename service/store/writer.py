@@ -219,12 +219,13 @@ async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCach
         # The bulk path talks to asyncpg directly, inside the transaction this statement opens.
         await conn.execute(text("SET LOCAL lock_timeout = '5s'"))
         raw = (await conn.get_raw_connection()).driver_connection
-        await _pg_bulk(raw, Conversation.__table__, conv_rows, conflict="ON CONFLICT (id) DO UPDATE SET "
-                       "last_seen = greatest(conversations.last_seen, excluded.last_seen)")
-        new_turns = await _pg_insert_new(raw, Turn.__table__, prepared.turn_rows())
-        cands = prepared.candidate_rows()
+        await _pg_bulk(raw, Conversation.__table__, columns_of(conv_rows), conflict="ON CONFLICT (id) DO UPDATE "
+                       "SET last_seen = greatest(conversations.last_seen, excluded.last_seen)")
+        new_turns = await _pg_insert_new(raw, Turn.__table__, prepared.turns)
+        cands = prepared.candidates
         if len(new_turns) != len(prepared.records):
-            cands = [c for c in cands if c["turn_id"] in new_turns]
+            keep = [t in new_turns for t in cands["turn_id"]]
+            cands = {c: [v for v, k in zip(values, keep) if k] for c, values in cands.items()}
         # Candidates of turns inserted just now cannot exist yet (foreign key): plain COPY.
         await _pg_copy(raw, Candidate.__table__, cands)
     else:
@@ -232,13 +233,13 @@ async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCach
         await conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={
             "last_seen": func.max(Conversation.last_seen, stmt.excluded.last_seen)}), conv_rows)
         await conn.execute(_insert(conn, Turn).on_conflict_do_nothing(index_elements=["id"]), prepared.turn_rows())
-        if cands := prepared.candidate_rows():
-            await conn.execute(_insert(conn, Candidate).on_conflict_do_nothing(), cands)
+        if candidate_rows := prepared.candidate_rows():
+            await conn.execute(_insert(conn, Candidate).on_conflict_do_nothing(), candidate_rows)
     if links:
         now = datetime.now(UTC)
         link_rows = [{"prefix_hash": h, "conversation_id": c, "created_at": now} for h, c in sorted(links.items())]
         if conn.dialect.name == "postgresql" and prepared.encoded:
-            await _pg_bulk(raw, ConversationLink.__table__, link_rows)
+            await _pg_bulk(raw, ConversationLink.__table__, columns_of(link_rows))
         else:
             await conn.execute(_insert(conn, ConversationLink).on_conflict_do_nothing(), link_rows)
     await _note_critics(conn, prepared, seen_critics)
@@ -256,38 +257,38 @@ def _pg_type(col) -> str:
     return next(v for k, v in _PG_ARRAY.items() if name.startswith(k))
 
 
-async def _pg_copy(raw, table, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        cols = list(rows[0])
-        await raw.copy_records_to_table(table.name, records=[tuple(r[c] for c in cols) for r in rows],
-                                        columns=cols)
+# The PostgreSQL bulk path takes a batch column by column, as prepare built it: COPY's records are
+# the columns zipped, unnest's arrays the columns themselves (no row dicts in between).
+async def _pg_copy(raw, table, columns: dict[str, list[Any]]) -> None:
+    if columns and columns[next(iter(columns))]:
+        await raw.copy_records_to_table(table.name, records=list(zip(*columns.values())), columns=list(columns))
 
 
-async def _pg_insert_new(raw, table, rows: list[dict[str, Any]]) -> set[str]:
+async def _pg_insert_new(raw, table, columns: dict[str, list[Any]]) -> set[str]:
     """Inserts the rows whose id is new; returns those ids. Usually none exists (only a replayed
     batch meets its own earlier rows), so COPY is tried first, inside a savepoint; on a duplicate
     it falls back to INSERT ... ON CONFLICT DO NOTHING RETURNING id."""
-    if not rows:
+    if not columns or not columns["id"]:
         return set()
     try:
         async with raw.transaction():  # a savepoint inside the writer's transaction
-            await _pg_copy(raw, table, rows)
-        return {r["id"] for r in rows}
+            await _pg_copy(raw, table, columns)
+        return set(columns["id"])
     except asyncpg.UniqueViolationError:
-        return set(await _pg_bulk(raw, table, rows, returning="id"))
+        return set(await _pg_bulk(raw, table, columns, returning="id"))
 
 
-async def _pg_bulk(raw, table, rows: list[dict[str, Any]], returning: str | None = None,
+async def _pg_bulk(raw, table, columns: dict[str, list[Any]], returning: str | None = None,
                    conflict: str = "ON CONFLICT DO NOTHING") -> list:
     """One INSERT ... SELECT FROM unnest(column arrays) ON CONFLICT DO NOTHING: a single round trip
     with a cached prepared statement, far cheaper than per-row parameter binding."""
-    if not rows:
+    if not columns or not columns[next(iter(columns))]:
         return []
-    cols = [c for c in table.c if c.name in rows[0]]
+    cols = [c for c in table.c if c.name in columns]
     args = ", ".join(f"${i + 1}::{_pg_type(c)}[]" for i, c in enumerate(cols))
     names = ", ".join(c.name for c in cols)
     sql = f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({args}) {conflict}"
-    arrays = [[row[c.name] for row in rows] for c in cols]
+    arrays = [columns[c.name] for c in cols]
     if returning:
         return [r[0] for r in await raw.fetch(f"{sql} RETURNING {returning}", *arrays)]
     await raw.execute(sql, *arrays)
