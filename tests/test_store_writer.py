@@ -193,3 +193,61 @@ async def test_slow_database_never_slows_enqueue_and_loses_nothing(make_pg_db, t
     await sink.stop()
     assert sorted(ids) == sorted(r.turn_id for r in records)
     assert worst < 0.05  # no enqueue waited on the database (a spool append is a buffered write)
+
+
+async def test_a_connection_the_database_closed_is_replaced_without_an_outage(make_pg_db, tmp_path):
+    """PostgreSQL ends the writer's idle connection (a restart, an idle timeout on the way): the
+    next batch goes through on a new connection, with no failed write and nothing lost."""
+    import psycopg
+
+    url = make_pg_db()
+    sink = StoreSink(url, tmp_path / "spool")
+    await sink.start()
+    first = [record([{"role": "user", "content": f"before {i}"}], "a") for i in range(5)]
+    for r in first:
+        sink.enqueue(r)
+    assert await sink.flush()
+    with psycopg.connect(url, autocommit=True) as admin:
+        ended = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+    assert ended  # the writer's connection was among them
+    later = [record([{"role": "user", "content": f"after {i}"}], "a") for i in range(5)]
+    for r in later:
+        sink.enqueue(r)
+    assert await sink.flush()
+    ids = [r[0] for r in await _rows(sink, "SELECT id FROM turns")]
+    health = sink.health()
+    await sink.stop()
+    assert sorted(ids) == sorted(r.turn_id for r in first + later)
+    assert sink.db_ok and health["last_error"] is None
+
+
+async def test_a_lock_held_on_a_table_fails_the_write_in_seconds_and_keeps_the_turns(make_pg_db, tmp_path):
+    """The writer waits at most 5 s for a lock (lock_timeout), then reports the outage and keeps
+    the turns; they are written once the lock goes."""
+    import psycopg
+
+    url = make_pg_db()
+    sink = StoreSink(url, tmp_path / "spool", flush_interval_s=0.05)
+    await sink.start()
+    blocker = await psycopg.AsyncConnection.connect(url)
+    await blocker.execute("LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE")
+    records = [record([{"role": "user", "content": f"locked {i}"}], "a") for i in range(5)]
+    for r in records:
+        sink.enqueue(r)
+    for _ in range(80):  # 8 s: past the lock timeout, short of the 10 s command timeout
+        if sink.last_error:
+            break
+        await asyncio.sleep(0.1)
+    error = sink.last_error
+    await blocker.rollback()
+    await blocker.close()
+    for _ in range(100):
+        if sink.written >= len(records):
+            break
+        await sink.flush()
+        await asyncio.sleep(0.1)
+    ids = [r[0] for r in await _rows(sink, "SELECT id FROM turns")]
+    await sink.stop()
+    assert error and "lock timeout" in error, error
+    assert sorted(ids) == sorted(r.turn_id for r in records)

@@ -2,10 +2,12 @@
 
 The serving event loop only hands a batch over and takes the outcome back: preparing the rows
 (service.store.writer.prepare, on a worker thread, pipelined with the previous batch's write) and
-the transaction itself (SQLAlchemy's begin/commit, asyncpg encoding the COPY rows and unnest
-arrays) run elsewhere, so a large batch never stalls the requests being served. The writer's
-engine is its own (asyncpg connections belong to the loop that made them); the sink's engine
-stays on the serving loop for the API's reads.
+the transaction itself (asyncpg encoding the COPY rows and unnest arrays) run elsewhere, so a large
+batch never stalls the requests being served. The writer holds one asyncpg connection of its own,
+made on its loop (asyncpg connections belong to the loop that made them); SQLAlchemy's engine, its
+pool and its pre-ping cost the writer's loop about as much as the batch's own statements, so
+the writer does without them and reconnects itself. The sink's engine stays on the serving loop
+for the API's reads.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from collections.abc import Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+import asyncpg
 
 from service.gate.record import TurnRecord
-from service.store.engine import make_async_engine
-from service.store.writer import LinkCache, Prepared, prepare, write_batch
+from service.store.urls import async_url
+from service.store.writer import LinkCache, Prepared, prepare, remember, write_pg_batch
 
 log = logging.getLogger("turngate.store")
 T = TypeVar("T")
@@ -64,14 +66,31 @@ class LoopThread:
         await asyncio.to_thread(thread.join, timeout_s)
 
 
-class PgBatchWriter:
-    """Writes batches to PostgreSQL from the writer's own loop and thread."""
+# What SQLAlchemy's asyncpg dialect makes of a URL that asyncpg.connect does not take itself.
+_DIALECT_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func", "async_creator_fn")
 
-    def __init__(self, url: str) -> None:
+
+def connect_args(url: str) -> dict[str, Any]:
+    """asyncpg.connect's arguments for a store URL, read as SQLAlchemy reads it for the API's engine
+    (host, port, user, password, database and the URL's query, such as ssl)."""
+    u = async_url(url)
+    _, kwargs = u.get_dialect()().create_connect_args(u)
+    return {k: v for k, v in kwargs.items() if k not in _DIALECT_ONLY}
+
+
+class PgBatchWriter:
+    """Writes batches to PostgreSQL from the writer's own loop and thread, on its own connection."""
+
+    def __init__(self, url: str, *, connect_timeout_s: float = 2.0, command_timeout_s: float = 10.0) -> None:
         self.url = url
+        self._connect_args = {**connect_args(url), "timeout": connect_timeout_s,
+                              "command_timeout": command_timeout_s}
+        # A lock held elsewhere fails the batch in seconds (it stays in the journal and is retried).
+        self._connect_args["server_settings"] = {**self._connect_args.get("server_settings", {}),
+                                                 "lock_timeout": "5s"}
         self._loop = LoopThread("turngate-store-pg")
         self._prepare: ThreadPoolExecutor | None = None
-        self._engine: AsyncEngine | None = None  # made and used on the writer's loop only
+        self._conn: asyncpg.Connection | None = None  # made and used on the writer's loop only
 
     def start(self) -> None:
         self._loop.start()
@@ -79,12 +98,12 @@ class PgBatchWriter:
             self._prepare = ThreadPoolExecutor(1, thread_name_prefix="turngate-store-prepare")
 
     async def stop(self) -> None:
-        """Closes the writer's connections on its loop, then ends its threads."""
+        """Closes the writer's connection on its loop, then ends its threads."""
         if self._loop.loop is not None:
             try:
-                await self._loop.run(self._dispose())
-            except Exception as e:  # stopping goes on: the connections end with the loop
-                log.warning("the store writer's connections did not close cleanly: %s", e)
+                await self._loop.run(self._close())
+            except Exception as e:  # stopping goes on: the connection ends with the loop
+                log.warning("the store writer's connection did not close cleanly: %s", e)
         await self._loop.stop()
         if self._prepare is not None:
             self._prepare.shutdown(wait=False)
@@ -99,20 +118,31 @@ class PgBatchWriter:
     async def write(self, records: list[TurnRecord], prepared: Future | None, cache: LinkCache,
                     critics: set) -> Prepared:
         """One transaction for the batch; returns what was written. `cache` and `critics` are
-        updated on the writer's loop; the caller awaits before it touches them again."""
+        updated on the writer's loop once it committed; the caller awaits before it touches them again."""
         if prepared is None:
             prepared = self.prepare_soon(records)
         return await self._loop.run(self._write(prepared, cache, critics))
 
     async def _write(self, prepared: Future, cache: LinkCache, critics: set) -> Prepared:
-        if self._engine is None:
-            self._engine = make_async_engine(self.url, pool_size=1)
         batch = await asyncio.wrap_future(prepared)
-        async with self._engine.begin() as conn:
-            await write_batch(conn, batch, cache, critics)
+        # A connection the server closed while idle (a restart, an idle timeout on the way) reads
+        # as closed here once the loop has seen its end: a new one is made, as a pool's pre-ping would.
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(**self._connect_args)
+        conn = self._conn
+        try:
+            async with conn.transaction():
+                links, added = await write_pg_batch(conn, batch, cache, critics)
+        except asyncpg.PostgresError:
+            raise  # the server refused and the transaction rolled back: the connection is sound
+        except BaseException:
+            conn.terminate()  # cancelled, timed out or broken mid-transaction: its state is unknown
+            self._conn = None
+            raise
+        remember(cache, links, critics, added)
         return batch
 
-    async def _dispose(self) -> None:
-        engine, self._engine = self._engine, None
-        if engine is not None:
-            await engine.dispose()
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            await conn.close(timeout=2.0)

@@ -26,7 +26,16 @@ from sqlalchemy.engine import make_url
 from service.gate.record import TurnRecord
 from service.store.boundary import column_kinds
 from service.store.models import Candidate, Conversation, ConversationLink, CriticVersion, Turn
-from service.store.writer import LinkCache, Prepared, columns_of, new_critics, prepare, thread_rows
+from service.store.writer import (
+    LinkCache,
+    Prepared,
+    cached_links,
+    columns_of,
+    new_critics,
+    prepare,
+    remember,
+    thread_rows,
+)
 
 _LOOKUP_CHUNK = 1000  # prefix hashes per SELECT ... IN (...)
 
@@ -143,9 +152,7 @@ class SqliteBatchWriter:
         return prepared
 
     def _insert(self, conn: sqlite3.Connection, prepared: Prepared, cache: LinkCache, critics: set) -> None:
-        wanted = {k.lookup_hash for k in prepared.keys if k.explicit_id is None and k.lookup_hash}
-        found = {h: c for h in wanted if (c := cache.get(h))}
-        missing = sorted(wanted - found.keys())
+        found, missing = cached_links(prepared, cache)
         for i in range(0, len(missing), _LOOKUP_CHUNK):
             chunk = missing[i:i + _LOOKUP_CHUNK]
             found.update(conn.execute(
@@ -174,9 +181,7 @@ class SqliteBatchWriter:
             self._many(conn, CriticVersion.__table__, columns_of(rows), "ON CONFLICT DO NOTHING")
         # Only once the statements ran: a failed batch leaves both as they were (the sink also
         # clears the cache then, since an earlier batch's links may have been rolled back).
-        critics |= critics_new
-        for h, c in links.items():
-            cache.put(h, c)
+        remember(cache, links, critics, critics_new)
 
     def _many(self, conn: sqlite3.Connection, table: Table, columns: dict[str, list[Any]], conflict: str) -> None:
         if not columns or not next(iter(columns.values())):

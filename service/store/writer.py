@@ -199,52 +199,91 @@ def _insert(conn: AsyncConnection, table):
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
+def cached_links(prepared: Prepared, cache: LinkCache) -> tuple[dict[str, str], list[str]]:
+    """The prefix hashes the batch looks up: those the cache knows (hash -> conversation id) and
+    the rest, sorted, to be read from conversation_links."""
+    wanted = {k.lookup_hash for k in prepared.keys if k.explicit_id is None and k.lookup_hash}
+    found = {h: c for h in wanted if (c := cache.get(h))}
+    return found, sorted(wanted - found.keys())
+
+
 async def write_batch(conn: AsyncConnection, prepared: Prepared, cache: LinkCache,
                       seen_critics: set | None = None) -> None:
     """Writes a prepared batch (in served order) inside the caller's transaction."""
-    wanted = {k.lookup_hash for k in prepared.keys if k.explicit_id is None and k.lookup_hash}
-    found = {h: c for h in wanted if (c := cache.get(h))}
-    missing = sorted(wanted - found.keys())
+    if conn.dialect.name == "postgresql" and prepared.encoded:
+        await conn.execute(text("SET LOCAL lock_timeout = '5s'"))
+        raw = (await conn.get_raw_connection()).driver_connection
+        links, critics = await write_pg_batch(raw, prepared, cache, seen_critics)
+        remember(cache, links, seen_critics, critics)
+        return
+    found, missing = cached_links(prepared, cache)
     for i in range(0, len(missing), 1000):
         rows = await conn.execute(select(ConversationLink.prefix_hash, ConversationLink.conversation_id)
                                   .where(ConversationLink.prefix_hash.in_(missing[i:i + 1000])))
         found.update((h, c) for h, c in rows)
 
     conv_rows, links = thread_rows(prepared, found)
-
-    # Conversations first (sorted: see thread_rows). PostgreSQL: unnest/COPY through asyncpg
-    # (SQLAlchemy's per-row parameter handling costs more than the database's own work); the sink
-    # writes SQLite with service.store.sqlite_batch, this path serves `turngate import` and tests.
-    if conn.dialect.name == "postgresql" and prepared.encoded:
-        # The bulk path talks to asyncpg directly, inside the transaction this statement opens.
-        await conn.execute(text("SET LOCAL lock_timeout = '5s'"))
-        raw = (await conn.get_raw_connection()).driver_connection
-        await _pg_bulk(raw, Conversation.__table__, columns_of(conv_rows), conflict="ON CONFLICT (id) DO UPDATE "
-                       "SET last_seen = greatest(conversations.last_seen, excluded.last_seen)")
-        new_turns = await _pg_insert_new(raw, Turn.__table__, prepared.turns)
-        cands = prepared.candidates
-        if len(new_turns) != len(prepared.records):
-            keep = [t in new_turns for t in cands["turn_id"]]
-            cands = {c: [v for v, k in zip(values, keep) if k] for c, values in cands.items()}
-        # Candidates of turns inserted just now cannot exist yet (foreign key): plain COPY.
-        await _pg_copy(raw, Candidate.__table__, cands)
-    else:
-        stmt = _insert(conn, Conversation)
-        await conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={
-            "last_seen": func.max(Conversation.last_seen, stmt.excluded.last_seen)}), conv_rows)
-        await conn.execute(_insert(conn, Turn).on_conflict_do_nothing(index_elements=["id"]), prepared.turn_rows())
-        if candidate_rows := prepared.candidate_rows():
-            await conn.execute(_insert(conn, Candidate).on_conflict_do_nothing(), candidate_rows)
+    # Conversations first (sorted: see thread_rows). The sink writes SQLite with
+    # service.store.sqlite_batch and PostgreSQL with write_pg_batch; this path serves an in-memory
+    # SQLite, `turngate import` to SQLite and tests.
+    stmt = _insert(conn, Conversation)
+    await conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={
+        "last_seen": func.max(Conversation.last_seen, stmt.excluded.last_seen)}), conv_rows)
+    await conn.execute(_insert(conn, Turn).on_conflict_do_nothing(index_elements=["id"]), prepared.turn_rows())
+    if candidate_rows := prepared.candidate_rows():
+        await conn.execute(_insert(conn, Candidate).on_conflict_do_nothing(), candidate_rows)
     if links:
         now = datetime.now(UTC)
         link_rows = [{"prefix_hash": h, "conversation_id": c, "created_at": now} for h, c in sorted(links.items())]
-        if conn.dialect.name == "postgresql" and prepared.encoded:
-            await _pg_bulk(raw, ConversationLink.__table__, columns_of(link_rows))
-        else:
-            await conn.execute(_insert(conn, ConversationLink).on_conflict_do_nothing(), link_rows)
-    await _note_critics(conn, prepared, seen_critics)
+        await conn.execute(_insert(conn, ConversationLink).on_conflict_do_nothing(), link_rows)
+    critics = new_critics(prepared, seen_critics or set())
+    if critics:
+        now = datetime.now(UTC)
+        await conn.execute(_insert(conn, CriticVersion).on_conflict_do_nothing(),
+                           [{"name": n, "version": v, "created_at": now} for n, v in sorted(critics)])
+    remember(cache, links, seen_critics, critics)
+
+
+def remember(cache: LinkCache, links: dict[str, str], seen_critics: set | None, critics: set) -> None:
+    """What a written batch teaches the writer: its new links, the critics it recorded."""
     for h, c in links.items():
         cache.put(h, c)
+    if seen_critics is not None:
+        seen_critics |= critics
+
+
+async def write_pg_batch(raw: asyncpg.Connection, prepared: Prepared, cache: LinkCache,
+                         seen_critics: set | None = None) -> tuple[dict[str, str], set]:
+    """Writes a prepared, encoded batch to PostgreSQL through asyncpg itself, inside the caller's
+    transaction: COPY and INSERT ... SELECT FROM unnest(arrays) (SQLAlchemy's per-row parameter
+    handling costs more than the database's own work). Returns the links and the critics it
+    added, for the caller to remember once the transaction commits."""
+    found, missing = cached_links(prepared, cache)
+    for i in range(0, len(missing), 1000):
+        found.update(await raw.fetch("SELECT prefix_hash, conversation_id FROM conversation_links "
+                                     "WHERE prefix_hash = ANY($1::text[])", missing[i:i + 1000]))
+    conv_rows, links = thread_rows(prepared, found)
+    # Conversations first (sorted: see thread_rows).
+    await _pg_bulk(raw, Conversation.__table__, columns_of(conv_rows), conflict="ON CONFLICT (id) DO UPDATE "
+                   "SET last_seen = greatest(conversations.last_seen, excluded.last_seen)")
+    new_turns = await _pg_insert_new(raw, Turn.__table__, prepared.turns)
+    cands = prepared.candidates
+    if len(new_turns) != len(prepared.records):
+        keep = [t in new_turns for t in cands["turn_id"]]
+        cands = {c: [v for v, k in zip(values, keep) if k] for c, values in cands.items()}
+    # Candidates of turns inserted just now cannot exist yet (foreign key): plain COPY.
+    await _pg_copy(raw, Candidate.__table__, cands)
+    now = datetime.now(UTC)
+    if links:
+        hashes = sorted(links)
+        await _pg_bulk(raw, ConversationLink.__table__, {
+            "prefix_hash": hashes, "conversation_id": [links[h] for h in hashes], "created_at": [now] * len(hashes)})
+    critics = new_critics(prepared, seen_critics or set())
+    if critics:
+        pairs = sorted(critics)
+        await _pg_bulk(raw, CriticVersion.__table__, {
+            "name": [n for n, _ in pairs], "version": [v for _, v in pairs], "created_at": [now] * len(pairs)})
+    return links, critics
 
 
 _PG_ARRAY = {"STRING": "text", "VARCHAR": "text", "TEXT": "text", "INTEGER": "int4", "BIGINT": "int8",
@@ -293,15 +332,3 @@ async def _pg_bulk(raw, table, columns: dict[str, list[Any]], returning: str | N
         return [r[0] for r in await raw.fetch(f"{sql} RETURNING {returning}", *arrays)]
     await raw.execute(sql, *arrays)
     return []
-
-
-async def _note_critics(conn: AsyncConnection, prepared: Prepared, seen: set | None) -> None:
-    """First sight of a critic name/version in this process -> a critic_versions row if none yet."""
-    new = new_critics(prepared, seen or set())
-    if not new:
-        return
-    now = datetime.now(UTC)
-    await conn.execute(_insert(conn, CriticVersion).on_conflict_do_nothing(),
-                       [{"name": n, "version": v, "created_at": now} for n, v in sorted(new)])
-    if seen is not None:
-        seen |= new
