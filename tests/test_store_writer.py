@@ -251,3 +251,13 @@ async def test_a_lock_held_on_a_table_fails_the_write_in_seconds_and_keeps_the_t
     await sink.stop()
     assert error and "lock timeout" in error, error
     assert sorted(ids) == sorted(r.turn_id for r in records)
+
+
+def test_the_writer_reads_a_url_as_the_api_engine_does():
+    """The writer connects with asyncpg itself: user, an escaped password, host, port, database and
+    the URL's options (ssl) come through as SQLAlchemy's dialect reads them for the API's engine."""
+    from service.store.pg_batch import connect_args
+
+    assert connect_args("postgresql://tg:p%40ss@db.internal:6432/store?ssl=require") == {
+        "user": "tg", "password": "p@ss", "host": "db.internal", "port": 6432, "database": "store",
+        "ssl": "require"}

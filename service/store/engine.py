@@ -33,14 +33,20 @@ def json_text(value: Any) -> str:
         return json.dumps(value)
 
 
-def make_async_engine(url: str, *, connect_timeout_s: float = 2.0, command_timeout_s: float = 10.0,
-                      pool_size: int = 4) -> AsyncEngine:
+# PostgreSQL: how long to wait for a connection, and for any one statement (the writer's own
+# connection, service.store.pg_batch, uses the same).
+CONNECT_TIMEOUT_S = 2.0
+COMMAND_TIMEOUT_S = 10.0
+
+
+def make_async_engine(url: str, *, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                      command_timeout_s: float = COMMAND_TIMEOUT_S) -> AsyncEngine:
     if is_sqlite(url):
         engine = create_async_engine(async_url(url), json_serializer=json_text)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(
-        async_url(url), pool_size=pool_size, max_overflow=4, pool_pre_ping=True,
+        async_url(url), pool_size=4, max_overflow=4, pool_pre_ping=True,
         connect_args={"timeout": connect_timeout_s, "command_timeout": command_timeout_s})
 
 

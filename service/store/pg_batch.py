@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from service.gate.record import TurnRecord
+from service.store.engine import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S
 from service.store.urls import async_url
 from service.store.writer import LinkCache, Prepared, prepare, remember, write_pg_batch
 
@@ -81,10 +82,9 @@ def connect_args(url: str) -> dict[str, Any]:
 class PgBatchWriter:
     """Writes batches to PostgreSQL from the writer's own loop and thread, on its own connection."""
 
-    def __init__(self, url: str, *, connect_timeout_s: float = 2.0, command_timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url
-        self._connect_args = {**connect_args(url), "timeout": connect_timeout_s,
-                              "command_timeout": command_timeout_s}
+        self._connect_args = {**connect_args(url), "timeout": CONNECT_TIMEOUT_S, "command_timeout": COMMAND_TIMEOUT_S}
         # A lock held elsewhere fails the batch in seconds (it stays in the journal and is retried).
         self._connect_args["server_settings"] = {**self._connect_args.get("server_settings", {}),
                                                  "lock_timeout": "5s"}
