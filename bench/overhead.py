@@ -108,13 +108,19 @@ def store_added(with_store: list[dict] | None, without: list[dict] | None, concu
           f"(passthrough / no store - 1, median of the rounds' pairs: {', '.join(f'{a:.0%}' for a in added)})")
 
 
-def store_drained(readyz: str, within_s: float = 60) -> None:
-    """Waits until the proxy's store has written every turn it holds (queue empty, nothing behind)."""
-    deadline = time.monotonic() + within_s
+def store_drained(readyz: str, workers: int = 1, within_s: float = 60) -> None:
+    """Waits until the proxy's store has written every turn it holds (queue empty, nothing behind).
+    Each worker answers for its own store, and a probe reaches whichever worker accepts it: with N
+    workers, 8N answers in a row must say so (a worker missed by all of them: e^-8, 0.03%)."""
+    deadline, drained = time.monotonic() + within_s, 0
     while time.monotonic() < deadline:
-        store = httpx.get(readyz, timeout=10).json().get("store") or {}
+        store = httpx.get(readyz, timeout=10).json().get("store") or {}  # a new connection each time
         if store.get("queue") == 0 and store.get("behind_s") == 0:
-            return
+            drained += 1
+            if drained >= (1 if workers == 1 else 8 * workers):
+                return
+            continue
+        drained = 0
         time.sleep(0.05)
     raise RuntimeError("the proxy's store did not catch up")
 
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
                     cpu0, db0 = cpu_seconds(procs[1].pid), _load.postgres_cpu_seconds() if pg else 0.0
                     r = run(url, model, c, args.seconds)
                     if model is not None:  # the row's CPU includes writing its turns, not the next row's
-                        store_drained(f"http://127.0.0.1:{proxy_port}/readyz")
+                        store_drained(f"http://127.0.0.1:{proxy_port}/readyz", args.workers)
                     cpu = (cpu_seconds(procs[1].pid) - cpu0) * 1000 / r["n"]
                     db = ((_load.postgres_cpu_seconds() - db0) * 1000 / r["n"]) if pg else float("nan")
                     shed = counter(metrics_url, "turngate_shadow_shed_total") - shed0
