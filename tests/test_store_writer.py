@@ -42,6 +42,19 @@ async def _rows(sink: StoreSink, sql: str, **params) -> list:
 
 
 @needs_trajectories
+async def _stored_once_released(sink: StoreSink, blocker, n: int) -> list[str]:
+    """Ends the blocking transaction, waits (up to about 10 s) for the sink to write n turns, and
+    returns the ids of the turns stored."""
+    await blocker.rollback()
+    await blocker.close()
+    for _ in range(100):
+        if sink.written >= n:
+            break
+        await sink.flush()
+        await asyncio.sleep(0.1)  # past a retry's back-off
+    return [r[0] for r in await _rows(sink, "SELECT id FROM turns")]
+
+
 async def test_replayed_trajectories_land_in_one_conversation_each(db_url, tmp_path):
     a = as_turns(_first("tau2-retail-toolorchestra.jsonl"))
     b = as_turns(_first("tau-bench-airline-gpt-4o.jsonl"))
@@ -183,13 +196,7 @@ async def test_slow_database_never_slows_enqueue_and_loses_nothing(make_pg_db, t
         worst = max(worst, time.perf_counter() - t0)
         await asyncio.sleep(0.002)  # a steady stream of turns while the write hangs
     assert sink.spool.bytes > 0  # the queue overflowed into the spool
-    await blocker.rollback()
-    await blocker.close()
-    for _ in range(100):
-        if sink.written >= len(records):
-            break
-        await sink.flush()
-    ids = [r[0] for r in await _rows(sink, "SELECT id FROM turns")]
+    ids = await _stored_once_released(sink, blocker, len(records))
     await sink.stop()
     assert sorted(ids) == sorted(r.turn_id for r in records)
     assert worst < 0.05  # no enqueue waited on the database (a spool append is a buffered write)
@@ -240,14 +247,7 @@ async def test_a_lock_held_on_a_table_fails_the_write_in_seconds_and_keeps_the_t
             break
         await asyncio.sleep(0.1)
     error = sink.last_error
-    await blocker.rollback()
-    await blocker.close()
-    for _ in range(100):
-        if sink.written >= len(records):
-            break
-        await sink.flush()
-        await asyncio.sleep(0.1)
-    ids = [r[0] for r in await _rows(sink, "SELECT id FROM turns")]
+    ids = await _stored_once_released(sink, blocker, len(records))
     await sink.stop()
     assert error and "lock timeout" in error, error
     assert sorted(ids) == sorted(r.turn_id for r in records)
