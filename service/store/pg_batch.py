@@ -79,6 +79,15 @@ def connect_args(url: str) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k not in _DIALECT_ONLY}
 
 
+def connection_lost(error: BaseException) -> bool:
+    """The connection failed, not the statement: the driver's own errors (a connection the server
+    ended while idle reads as an operation still in progress), the socket's, and the server's
+    connection (08) and shutdown (57P) classes."""
+    if isinstance(error, asyncpg.PostgresError):
+        return str(getattr(error, "sqlstate", "")).startswith(("08", "57P"))
+    return isinstance(error, (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError))
+
+
 class PgBatchWriter:
     """Writes batches to PostgreSQL from the writer's own loop and thread, on its own connection."""
 
@@ -125,22 +134,33 @@ class PgBatchWriter:
 
     async def _write(self, prepared: Future, cache: LinkCache, critics: set) -> Prepared:
         batch = await asyncio.wrap_future(prepared)
-        # A connection the server closed while idle (a restart, an idle timeout on the way) reads
-        # as closed here once the loop has seen its end: a new one is made, as a pool's pre-ping would.
+        reused = self._conn is not None and not self._conn.is_closed()
+        try:
+            links, added = await self._transaction(batch, cache, critics)
+        except Exception as e:
+            if not (reused and connection_lost(e)):
+                raise
+            # The connection died while idle and unseen (the server restarted, an idle timeout on
+            # the way): once more on a new one, as a pool's pre-ping would have. Safe whether or not
+            # the first try committed: a batch is idempotent by turn id.
+            links, added = await self._transaction(batch, cache, critics)
+        remember(cache, links, critics, added)
+        return batch
+
+    async def _transaction(self, batch: Prepared, cache: LinkCache, critics: set) -> tuple[dict[str, str], set]:
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(**self._connect_args)
         conn = self._conn
         try:
             async with conn.transaction():
-                links, added = await write_pg_batch(conn, batch, cache, critics)
-        except asyncpg.PostgresError:
-            raise  # the server refused and the transaction rolled back: the connection is sound
-        except BaseException:
-            conn.terminate()  # cancelled, timed out or broken mid-transaction: its state is unknown
-            self._conn = None
+                return await write_pg_batch(conn, batch, cache, critics)
+        except BaseException as e:
+            # A refusal of the data leaves a sound connection (the transaction rolled back); after
+            # anything else (cancelled, timed out, broken) its state is unknown.
+            if not isinstance(e, asyncpg.PostgresError) or connection_lost(e):
+                conn.terminate()
+                self._conn = None
             raise
-        remember(cache, links, critics, added)
-        return batch
 
     async def _close(self) -> None:
         conn, self._conn = self._conn, None
