@@ -75,20 +75,17 @@ class PgDatabase:
 
         self.name = f"turngate_bench_{os.getpid()}_{int(time.time())}"
         self.url = f"postgresql://postgres@127.0.0.1:5432/{self.name}"
-        asyncio.run(self._admin(f'CREATE DATABASE "{self.name}"'))
+        self._admin(f'CREATE DATABASE "{self.name}"')
         upgrade(self.url)
 
     def drop(self) -> None:
-        asyncio.run(self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+        self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
-    async def _admin(self, sql: str) -> None:
-        import asyncpg
+    def _admin(self, sql: str) -> None:
+        import psycopg
 
-        conn = await asyncpg.connect(self.ADMIN)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
+        with psycopg.connect(self.ADMIN, autocommit=True) as conn:
+            conn.execute(sql)
 
 
 def children(pid: int) -> list[int]:

@@ -44,19 +44,15 @@ def test_overhead_rank_rows_show_latency_over_the_slowest_candidate_call(capsys)
 
 
 def test_overhead_on_postgres_prints_the_store_and_the_databases_cpu_and_drops_its_database(capsys):
-    import asyncio
+    import psycopg
 
-    import asyncpg
+    from tests.test_store_support import PG_ADMIN
 
-    async def bench_databases() -> set[str]:
-        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
-        try:
-            rows = await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'turngate_bench_%'")
-            return {r[0] for r in rows}
-        finally:
-            await conn.close()
+    def bench_databases() -> set[str]:
+        with psycopg.connect(PG_ADMIN) as conn:
+            return {r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'turngate_bench_%'")}
 
-    before = asyncio.run(bench_databases())
+    before = bench_databases()
     # Rows long enough for the database's work to show in /proc's 10 ms clock ticks.
     load_bench("overhead").main(["--seconds", "1.5", "--concurrency", "16", "--rounds", "2",
                                  "--targets", "pass,pass-norec", "--database", "postgres"])
@@ -69,7 +65,7 @@ def test_overhead_on_postgres_prints_the_store_and_the_databases_cpu_and_drops_i
     added = re.search(r"^concurrency 16: the store adds (-?\d+)% to the proxy's CPU a request \(.*: (.*)\)$", out,
                       re.MULTILINE)
     assert added and len(added.group(2).split(", ")) == 2, out  # one figure a round, and their median
-    assert asyncio.run(bench_databases()) == before  # its database is gone
+    assert bench_databases() == before  # its database is gone
 
 
 def test_gateways_bench_prints_turngate_rows_and_litellm_where_installed(capsys):
