@@ -203,6 +203,30 @@ async def test_two_writers_on_one_sqlite_file_both_land_everything(tmp_path):
     assert sorted(got) == sorted(r.turn_id for r in records) and cands == 2 * len(records)
 
 
+async def test_a_write_held_elsewhere_when_the_writer_first_connects_is_waited_for(tmp_path):
+    """The file leaves the migrations in WAL mode. Before, the first connection to ask for WAL
+    converted it, and a conversion needs the file to itself: beside another process's write it
+    failed at once ("database is locked", no busy wait), an outage at `serve --workers 2`'s
+    start. Now the writer waits for the other write like any other."""
+    db = tmp_path / "s.db"
+    upgrade(f"sqlite:///{db}")
+    with sqlite3.connect(db) as probe:
+        assert probe.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.5, other.execute, ("COMMIT",)).start()
+    sink = StoreSink(f"sqlite:///{db}", tmp_path / "spool", auto_migrate=False, flush_interval_s=0.02)
+    await sink.start()
+    try:
+        sink.enqueue(record([{"role": "user", "content": "q"}], "a"))
+        assert await sink.flush(10) and sink.db_ok and sink.last_error is None
+    finally:
+        await sink.stop()
+        other.close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM turns").fetchone()[0] == 1
+
+
 def test_prepare_lets_the_gil_go_between_chunks_and_rows_stay_the_same(monkeypatch):
     """A batch is prepared GIL_CHUNK records at a time with a time.sleep(0) (the GIL let go)
     between chunks, so the event loop waits for a chunk, not a batch; the rows are those of the

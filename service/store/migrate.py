@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
 import service
+from service.store.urls import is_sqlite, sqlite_path
 
 
 def migrations_dir() -> Path:
@@ -30,8 +33,19 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Blocking; call it off the event loop."""
+    """Blocking; call it off the event loop. A SQLite file is left in WAL mode."""
     command.upgrade(alembic_config(url), revision)
+    _wal_mode(url)
+
+
+def _wal_mode(url: str) -> None:
+    # WAL is kept in the file, and turning it on needs the file to itself: beside another
+    # connection's write it fails at once, with no busy wait. So it is turned on here, before the
+    # writers start (under `serve --workers N`'s start-up lock), not by their first connections.
+    path = sqlite_path(url) if is_sqlite(url) else None
+    if path:
+        with contextlib.closing(sqlite3.connect(path, timeout=5.0)) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
 
 
 def downgrade(url: str, revision: str) -> None:

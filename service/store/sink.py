@@ -43,8 +43,8 @@ from service.store.blame import RECORD, blame
 from service.store.engine import make_async_engine
 from service.store.pg_batch import PgBatchWriter
 from service.store.spool import Quarantine, Reader, Segment, Spool
-from service.store.sqlite_batch import SqliteBatchWriter, sqlite_path
-from service.store.urls import is_sqlite
+from service.store.sqlite_batch import SqliteBatchWriter
+from service.store.urls import is_sqlite, sqlite_path
 from service.store.writer import LinkCache, prepare, write_batch
 from service.telemetry import metrics
 

@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Table
-from sqlalchemy.engine import make_url
 
 from service.gate.record import TurnRecord
 from service.store.boundary import column_kinds
@@ -46,13 +45,6 @@ _LOOKUP_CHUNK = 1000  # prefix hashes per SELECT ... IN (...)
 # values sqlite3 would bind anyway (NULL, 0/1); they apply to every sqlite3 connection of the process.
 sqlite3.register_adapter(type(None), {}.get)  # type: ignore[arg-type]  # {}.get(None) is None
 sqlite3.register_adapter(bool, int)
-
-
-def sqlite_path(url: str) -> str | None:
-    """The database file of a sqlite:/// URL; None for an in-memory database (one per connection,
-    so the writer's own connection would not see the tables the engine made)."""
-    db = make_url(url).database
-    return None if not db or db == ":memory:" else db
 
 
 def sqlite_time(dt: datetime) -> str:
