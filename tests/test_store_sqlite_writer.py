@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import sqlite3
 import threading
 import time
@@ -119,7 +120,10 @@ async def test_the_writer_threads_drain_at_stop_and_end(db_url, tmp_path):
     assert late.turn_id in turn_ids()
 
 
-async def test_tables_gone_and_back_lose_and_duplicate_nothing(tmp_path):
+async def test_tables_gone_and_back_lose_and_duplicate_nothing(tmp_path, caplog):
+    """Also: with the store's log at DEBUG, the outage's warning carries the database's error and
+    its traceback (it had printed "NoneType: None": it is logged after the except block)."""
+    caplog.set_level(logging.DEBUG, logger="turngate.store")
     db = tmp_path / "s.db"
     sink = StoreSink(f"sqlite:///{db}", tmp_path / "spool", auto_migrate=True)
     await sink.start()
@@ -136,6 +140,8 @@ async def test_tables_gone_and_back_lose_and_duplicate_nothing(tmp_path):
     assert not await sink.flush()
     assert not sink.db_ok and "no such table" in (sink.last_error or "")
     assert sink.quarantine.count == 0  # an outage is never blamed on the records
+    [warning] = [r for r in caplog.records if r.getMessage().startswith("database write failed")]
+    assert warning.exc_info and "no such table" in str(warning.exc_info[1]) and warning.exc_info[2] is not None
 
     with sqlite3.connect(db) as conn:
         conn.execute("ALTER TABLE turns_away RENAME TO turns")

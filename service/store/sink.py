@@ -408,11 +408,13 @@ class StoreSink:
     def _outage(self, e: BaseException) -> None:
         if isinstance(e, _Backoff):
             return
+        cause = e
         if "does not exist" in str(e) and "relation" in str(e):
             e = RuntimeError(f"the store's tables are missing: run `turngate db upgrade` ({e})")
         if self.db_ok:
+            # The error itself, not exc_info=True: this runs after the except block that caught it.
             log.warning("database write failed, turns stay in the spool: %s", e,
-                        exc_info=log.isEnabledFor(logging.DEBUG))
+                        exc_info=cause if log.isEnabledFor(logging.DEBUG) else None)
         self.db_ok, self.last_error = False, f"{type(e).__name__}: {e}"[:500]
         self._backoff = min(5.0, max(0.25, self._backoff * 2))
         self._retry_at = time.monotonic() + self._backoff
