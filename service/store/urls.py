@@ -37,5 +37,5 @@ def sync_url(url: str | URL) -> URL:
 def sqlite_path(url: str | URL) -> str | None:
     """The database file of a sqlite:/// URL; None for an in-memory database (one per connection,
     so another connection would not see the tables one made)."""
-    db = make_url(url).database if isinstance(url, str) else url.database
+    db = make_url(url).database
     return None if not db or db == ":memory:" else db
