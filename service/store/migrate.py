@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
 from pathlib import Path
 
@@ -46,6 +48,24 @@ def _wal_mode(url: str) -> None:
     if path:
         with contextlib.closing(sqlite3.connect(path, timeout=5.0)) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
+
+
+def upgrade_locked(url: str) -> None:
+    """upgrade() at start; on a SQLite file under a lock, since `serve --workers N` starts N
+    processes that would otherwise race to create the same tables."""
+    path = sqlite_path(url) if is_sqlite(url) else None
+    if path is None:
+        upgrade(url)
+        return
+    file = Path(path).expanduser().resolve()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    # flock on the database file itself: SQLite locks with fcntl(), which flock() does not touch.
+    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        upgrade(url)
+    finally:
+        os.close(fd)
 
 
 def downgrade(url: str, revision: str) -> None:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -178,7 +176,7 @@ class StoreSink:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         if self.auto_migrate:
-            await asyncio.to_thread(_upgrade_locked, self.url)
+            await asyncio.to_thread(migrate.upgrade_locked, self.url)
         self._wake, self._flushed = asyncio.Event(), asyncio.Condition()
         self._stopping = False
         await asyncio.to_thread(self.spool.open)
@@ -505,25 +503,3 @@ def _created(path: Path) -> float:
         except OSError:
             return time.time()
 
-
-def _upgrade_locked(url: str) -> None:
-    """Migrations at start; on a SQLite file under a lock, since `serve --workers N` starts N
-    processes that would otherwise race to create the same tables."""
-    if not is_sqlite(url):
-        migrate.upgrade(url)
-        return
-    from sqlalchemy.engine import make_url
-
-    db = make_url(url).database
-    if not db or db == ":memory:":
-        migrate.upgrade(url)
-        return
-    path = Path(db).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # flock on the database file itself: SQLite locks with fcntl(), which flock() does not touch.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        migrate.upgrade(url)
-    finally:
-        os.close(fd)
