@@ -116,6 +116,75 @@ async def test_explicit_ids_win_over_message_prefix(db_url, tmp_path):
     assert ext[conv[h1.turn_id]] == "client-conv-1" and ext[conv[m1.turn_id]] == "s-9"
 
 
+# Client-chosen ids as the writer must store them, byte for byte: quotes, backslashes, escapes,
+# text that looks like JSON or SQL, control characters, other scripts and emoji, the longest kept.
+AWKWARD_IDS = ['say "hi"', "back\\slash\\", '{"conversation_id": [1, null]}', "'; DROP TABLE turns; --",
+               "tab\tnew\nline\x1f\x7f", "\u2028\u2029 ünïcödé 会話 🧪", "\\u0000 literal", "z" * 200]
+
+
+async def test_awkward_client_ids_and_times_are_stored_exactly(db_url, tmp_path):
+    firsts = [record([{"role": "user", "content": f"q{i}"}], f"a{i}", metadata={"conversation_id": ext})
+              for i, ext in enumerate(AWKWARD_IDS)]
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    for r in firsts:
+        sink.enqueue(r)
+    assert await sink.flush()
+    await sink.stop()
+    # A second writer (nothing cached) continues each conversation by its message prefix alone.
+    seconds = [record([*r.request_messages, r.chosen.message, {"role": "user", "content": "and?"}], "more")
+               for r in firsts]
+    for r in seconds:
+        r.created_at = r.created_at + 60  # a minute later
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    for r in seconds:
+        sink.enqueue(r)
+    assert await sink.flush()
+    conv = dict(await _rows(sink, "SELECT id, conversation_id FROM turns"))
+    at = dict(await _rows(sink, "SELECT id, created_at FROM turns"))
+    convs = {r[0]: r[1:] for r in await _rows(sink, "SELECT id, external_id, first_seen, last_seen FROM conversations")}
+    await sink.stop()
+    assert len(convs) == len(AWKWARD_IDS)
+    for first, second, ext in zip(firsts, seconds, AWKWARD_IDS):
+        assert conv[first.turn_id] == conv[second.turn_id]
+        assert convs[conv[first.turn_id]] == (ext, at[first.turn_id], at[second.turn_id])
+
+
+async def test_a_batch_meeting_its_own_earlier_rows_writes_only_the_new_turns_whole(db_url, tmp_path):
+    """A replay after a commit whose acknowledgement was lost: the batch's first turn is stored
+    already. The others are written with all their columns and candidates; nothing is doubled."""
+    stored = record([{"role": "user", "content": "first"}], "one")
+    awkward = [{"role": "user", "content": 'say "hi" \\ \u2028 会話 🧪 \x1f'},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                   "name": "lookup", "arguments": '{"q": "\\"quoted\\""}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": '{"rows": [1, null, 2.5]}'}]
+    new = record(awkward, "two", metadata={"tag": ['a "b"', None]})
+    new.tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    sink.enqueue(stored)
+    assert await sink.flush()
+    await sink.stop()
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    sink.enqueue(stored)
+    sink.enqueue(new)
+    assert await sink.flush()
+    turns = {r[0]: r[1:] for r in await _rows(
+        sink, "SELECT id, request_messages, tools, client_metadata FROM turns")}
+    counts = dict(await _rows(sink, "SELECT turn_id, count(*) FROM candidates GROUP BY turn_id"))
+    health = sink.health()
+    await sink.stop()
+    assert health["quarantined"] == 0 and health["last_error"] is None  # one batch, written as it was
+    assert set(turns) == {stored.turn_id, new.turn_id}
+    assert counts == {stored.turn_id: 4, new.turn_id: 4}
+
+    def parsed(v):  # SQLite hands JSON back as text where PostgreSQL's JSONB gives objects
+        return json.loads(v) if isinstance(v, str) else v
+    assert [parsed(v) for v in turns[new.turn_id]] == [awkward, new.tools, {"tag": ['a "b"', None]}]
+
+
 async def test_full_queue_spills_to_spool_and_loses_nothing(db_url, tmp_path):
     sink = StoreSink(db_url, tmp_path / "spool", max_queue=5, batch_max=3)
     await sink.start()

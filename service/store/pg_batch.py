@@ -2,7 +2,7 @@
 
 The serving event loop only hands a batch over and takes the outcome back: preparing the rows
 (service.store.writer.prepare, on a worker thread, pipelined with the previous batch's write) and
-the transaction itself (asyncpg encoding the COPY rows and unnest arrays) run elsewhere, so a large
+the transaction itself (asyncpg encoding the COPY rows; orjson the other rows) run elsewhere, so a large
 batch never stalls the requests being served. The writer holds one asyncpg connection of its own,
 made on its loop (asyncpg connections belong to the loop that made them); SQLAlchemy's engine, its
 pool and its pre-ping cost the writer's loop about as much as the batch's own statements, so

@@ -14,6 +14,7 @@ from operator import attrgetter
 from typing import Any
 
 import asyncpg
+import orjson
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -255,16 +256,16 @@ def remember(cache: LinkCache, links: dict[str, str], seen_critics: set | None, 
 async def write_pg_batch(raw: asyncpg.Connection, prepared: Prepared, cache: LinkCache,
                          seen_critics: set | None = None) -> tuple[dict[str, str], set]:
     """Writes a prepared, encoded batch to PostgreSQL through asyncpg itself, inside the caller's
-    transaction: COPY and INSERT ... SELECT FROM unnest(arrays) (SQLAlchemy's per-row parameter
-    handling costs more than the database's own work). Returns the links and the critics it
-    added, for the caller to remember once the transaction commits."""
+    transaction: COPY for turns and candidates, INSERT ... SELECT FROM json_to_recordset for the
+    rest (SQLAlchemy's per-row parameter handling costs more than the database's own work). Returns
+    the links and the critics it added, for the caller to remember once the transaction commits."""
     found, missing = cached_links(prepared, cache)
     for i in range(0, len(missing), 1000):
         found.update(await raw.fetch("SELECT prefix_hash, conversation_id FROM conversation_links "
                                      "WHERE prefix_hash = ANY($1::text[])", missing[i:i + 1000]))
     conv_rows, links = thread_rows(prepared, found)
     # Conversations first (sorted: see thread_rows).
-    await _pg_bulk(raw, Conversation.__table__, columns_of(conv_rows), conflict="ON CONFLICT (id) DO UPDATE "
+    await _pg_bulk(raw, Conversation.__table__, conv_rows, conflict="ON CONFLICT (id) DO UPDATE "
                    "SET last_seen = greatest(conversations.last_seen, excluded.last_seen)")
     new_turns = await _pg_insert_new(raw, Turn.__table__, prepared.turns)
     cands = prepared.candidates
@@ -274,30 +275,26 @@ async def write_pg_batch(raw: asyncpg.Connection, prepared: Prepared, cache: Lin
     # Candidates of turns inserted just now cannot exist yet (foreign key): plain COPY.
     await _pg_copy(raw, Candidate.__table__, cands)
     now = datetime.now(UTC)
-    if links:
-        hashes = sorted(links)
-        await _pg_bulk(raw, ConversationLink.__table__, {
-            "prefix_hash": hashes, "conversation_id": [links[h] for h in hashes], "created_at": [now] * len(hashes)})
+    await _pg_bulk(raw, ConversationLink.__table__, [{"prefix_hash": h, "conversation_id": links[h], "created_at": now}
+                                                     for h in sorted(links)])
     critics = new_critics(prepared, seen_critics or set())
-    if critics:
-        pairs = sorted(critics)
-        await _pg_bulk(raw, CriticVersion.__table__, {
-            "name": [n for n, _ in pairs], "version": [v for _, v in pairs], "created_at": [now] * len(pairs)})
+    await _pg_bulk(raw, CriticVersion.__table__, [{"name": n, "version": v, "created_at": now}
+                                                  for n, v in sorted(critics)])
     return links, critics
 
 
-_PG_ARRAY = {"STRING": "text", "VARCHAR": "text", "TEXT": "text", "INTEGER": "int4", "BIGINT": "int8",
+_PG_TYPES = {"STRING": "text", "VARCHAR": "text", "TEXT": "text", "INTEGER": "int4", "BIGINT": "int8",
              "DOUBLE": "float8", "FLOAT": "float8", "DATETIME": "timestamptz", "JSON": "jsonb",
              "BOOLEAN": "bool"}
 
 
 def _pg_type(col) -> str:
     name = type(col.type).__name__.upper()
-    return next(v for k, v in _PG_ARRAY.items() if name.startswith(k))
+    return next(v for k, v in _PG_TYPES.items() if name.startswith(k))
 
 
 # The PostgreSQL bulk path takes a batch column by column, as prepare built it: COPY's records are
-# the columns zipped, unnest's arrays the columns themselves (no row dicts in between).
+# the columns zipped (no row dicts in between).
 async def _pg_copy(raw, table, columns: dict[str, list[Any]]) -> None:
     if columns and columns[next(iter(columns))]:
         await raw.copy_records_to_table(table.name, records=list(zip(*columns.values())), columns=list(columns))
@@ -314,21 +311,25 @@ async def _pg_insert_new(raw, table, columns: dict[str, list[Any]]) -> set[str]:
             await _pg_copy(raw, table, columns)
         return set(columns["id"])
     except asyncpg.UniqueViolationError:
-        return set(await _pg_bulk(raw, table, columns, returning="id"))
+        return set(await _pg_bulk(raw, table, rows_of(columns), returning="id"))
 
 
-async def _pg_bulk(raw, table, columns: dict[str, list[Any]], returning: str | None = None,
+async def _pg_bulk(raw, table, rows: list[dict[str, Any]], returning: str | None = None,
                    conflict: str = "ON CONFLICT DO NOTHING") -> list:
-    """One INSERT ... SELECT FROM unnest(column arrays) ON CONFLICT DO NOTHING: a single round trip
-    with a cached prepared statement, far cheaper than per-row parameter binding."""
-    if not columns or not columns[next(iter(columns))]:
+    """One INSERT ... SELECT FROM json_to_recordset(the rows as one JSON text) ON CONFLICT ...: a
+    single round trip with a cached prepared statement. orjson encodes the rows for a fraction of
+    what asyncpg's encoding of an array per column (unnest) cost the writer's loop (docs/store.md,
+    "Eighth pass"). JSON columns arrive encoded by prepare: text in the recordset, parsed by the cast."""
+    if not rows:
         return []
-    cols = [c for c in table.c if c.name in columns]
-    args = ", ".join(f"${i + 1}::{_pg_type(c)}[]" for i, c in enumerate(cols))
-    names = ", ".join(c.name for c in cols)
-    sql = f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({args}) {conflict}"
-    arrays = [columns[c.name] for c in cols]
+    cols = [(c.name, _pg_type(c)) for c in table.c if c.name in rows[0]]
+    names = ", ".join(f'"{n}"' for n, _ in cols)
+    spec = ", ".join(f'"{n}" {"text" if t == "jsonb" else t}' for n, t in cols)
+    values = ", ".join(f'"{n}"::jsonb' if t == "jsonb" else f'"{n}"' for n, t in cols)
+    sql = (f"INSERT INTO {table.name} ({names}) SELECT {values} FROM json_to_recordset($1::json) AS r({spec}) "
+           f"{conflict}")
+    payload = orjson.dumps(rows).decode()
     if returning:
-        return [r[0] for r in await raw.fetch(f"{sql} RETURNING {returning}", *arrays)]
-    await raw.execute(sql, *arrays)
+        return [r[0] for r in await raw.fetch(f"{sql} RETURNING {returning}", payload)]
+    await raw.execute(sql, payload)
     return []
