@@ -11,6 +11,7 @@ import pytest
 
 from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, new_turn_id
 from service.store.migrate import upgrade
+from service.store.sink import StoreSink
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -88,3 +89,16 @@ def record(messages: list[dict], reply: str | dict, *, n: int = 4, header: str |
                       critic_version="test", latency_total_ms=30.0, candidates=cands,
                       conversation=ConversationHint(header_id=header, user=user, metadata=metadata,
                                                     key_id=key_id))
+
+
+async def store_turns(db_url: str, tmp_path, *turns) -> dict:
+    """The turns written by the real sink, as the gate's records are (a new sink: nothing cached);
+    returns its health once they are written."""
+    sink = StoreSink(db_url, tmp_path / "spool")
+    await sink.start()
+    for turn in turns:
+        sink.enqueue(turn)
+    assert await sink.flush()
+    health = sink.health()
+    await sink.stop()
+    return health

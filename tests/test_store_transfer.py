@@ -18,20 +18,10 @@ from service.store.models import Candidate
 from service.store.prune import prune
 from service.store.sink import StoreSink
 from service.store.transfer import export_trajectories, import_trajectories
-from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
+from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db, store_turns  # noqa: F401 - fixtures
 from tests.test_store_writer import TRAJECTORIES, needs_trajectories
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-async def store_turns(db_url: str, tmp_path, *turns) -> None:
-    """The turns written by the real sink, as the gate's records are."""
-    sink = StoreSink(db_url, tmp_path / "spool")
-    await sink.start()
-    for turn in turns:
-        sink.enqueue(turn)
-    assert await sink.flush()
-    await sink.stop()
 
 
 def _export(url: str, **kw) -> list[dict]:

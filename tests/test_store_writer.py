@@ -14,8 +14,9 @@ import pytest
 from sqlalchemy import text
 
 from service.demo.fake_actor import free_port
+from service.store.engine import make_sync_engine
 from service.store.sink import StoreSink
-from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db  # noqa: F401 - fixtures
+from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db, store_turns  # noqa: F401 - fixtures
 
 # The shared trajectories (never copied into the repo): $TURNGATE_TRAJECTORIES, else shared/ beside
 # the checkout (../shared beside the clone).
@@ -39,6 +40,15 @@ def as_turns(traj: dict, **hint) -> list:
 async def _rows(sink: StoreSink, sql: str, **params) -> list:
     async with sink.engine.connect() as conn:
         return list((await conn.execute(text(sql), params)).all())
+
+
+def _read(url: str, sql: str) -> list:
+    engine = make_sync_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(sql)).all())
+    finally:
+        engine.dispose()
 
 
 async def _stored_once_released(sink: StoreSink, blocker, n: int) -> list[str]:
@@ -125,26 +135,17 @@ AWKWARD_IDS = ['say "hi"', "back\\slash\\", '{"conversation_id": [1, null]}', "'
 async def test_awkward_client_ids_and_times_are_stored_exactly(db_url, tmp_path):
     firsts = [record([{"role": "user", "content": f"q{i}"}], f"a{i}", metadata={"conversation_id": ext})
               for i, ext in enumerate(AWKWARD_IDS)]
-    sink = StoreSink(db_url, tmp_path / "spool")
-    await sink.start()
-    for r in firsts:
-        sink.enqueue(r)
-    assert await sink.flush()
-    await sink.stop()
-    # A second writer (nothing cached) continues each conversation by its message prefix alone.
+    await store_turns(db_url, tmp_path, *firsts)
+    # The next turns, a minute later, carry no id: a new writer (nothing cached) threads them by their
+    # message prefix alone, through the links the first writer stored.
     seconds = [record([*r.request_messages, r.chosen.message, {"role": "user", "content": "and?"}], "more")
                for r in firsts]
     for r in seconds:
-        r.created_at = r.created_at + 60  # a minute later
-    sink = StoreSink(db_url, tmp_path / "spool")
-    await sink.start()
-    for r in seconds:
-        sink.enqueue(r)
-    assert await sink.flush()
-    conv = dict(await _rows(sink, "SELECT id, conversation_id FROM turns"))
-    at = dict(await _rows(sink, "SELECT id, created_at FROM turns"))
-    convs = {r[0]: r[1:] for r in await _rows(sink, "SELECT id, external_id, first_seen, last_seen FROM conversations")}
-    await sink.stop()
+        r.created_at = r.created_at + 60
+    await store_turns(db_url, tmp_path, *seconds)
+    conv = dict(_read(db_url, "SELECT id, conversation_id FROM turns"))
+    at = dict(_read(db_url, "SELECT id, created_at FROM turns"))
+    convs = {r[0]: r[1:] for r in _read(db_url, "SELECT id, external_id, first_seen, last_seen FROM conversations")}
     assert len(convs) == len(AWKWARD_IDS)
     for first, second, ext in zip(firsts, seconds, AWKWARD_IDS):
         assert conv[first.turn_id] == conv[second.turn_id]
@@ -161,22 +162,11 @@ async def test_a_batch_meeting_its_own_earlier_rows_writes_only_the_new_turns_wh
                {"role": "tool", "tool_call_id": "c1", "content": '{"rows": [1, null, 2.5]}'}]
     new = record(awkward, "two", metadata={"tag": ['a "b"', None]})
     new.tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
-    sink = StoreSink(db_url, tmp_path / "spool")
-    await sink.start()
-    sink.enqueue(stored)
-    assert await sink.flush()
-    await sink.stop()
-    sink = StoreSink(db_url, tmp_path / "spool")
-    await sink.start()
-    sink.enqueue(stored)
-    sink.enqueue(new)
-    assert await sink.flush()
-    turns = {r[0]: r[1:] for r in await _rows(
-        sink, "SELECT id, request_messages, tools, client_metadata FROM turns")}
-    counts = dict(await _rows(sink, "SELECT turn_id, count(*) FROM candidates GROUP BY turn_id"))
-    health = sink.health()
-    await sink.stop()
-    assert health["quarantined"] == 0 and health["last_error"] is None  # one batch, written as it was
+    await store_turns(db_url, tmp_path, stored)
+    health = await store_turns(db_url, tmp_path, stored, new)  # one batch, the first turn stored already
+    turns = {r[0]: r[1:] for r in _read(db_url, "SELECT id, request_messages, tools, client_metadata FROM turns")}
+    counts = dict(_read(db_url, "SELECT turn_id, count(*) FROM candidates GROUP BY turn_id"))
+    assert health["quarantined"] == 0 and health["last_error"] is None  # written as one batch, as it was
     assert set(turns) == {stored.turn_id, new.turn_id}
     assert counts == {stored.turn_id: 4, new.turn_id: 4}
 
