@@ -2,7 +2,7 @@
 proxy's rate, every thread of the process counted (as bench/overhead.py's `proxy cpu/req` does).
 
     python bench/store_cpu.py [--turns 3000] [--rate 250] [--repeats 3] [--lag] [--prefill 30000] [--split]
-                              [--database sqlite|postgres]
+                              [--database sqlite|postgres] [--flush-interval 0.5]
 
 Each repeat runs the same paced loop twice, with the turns enqueued and without (the loop's own
 cost), and prints the difference per turn: journal (enqueue), writer (prepare, rows, commits),
@@ -21,6 +21,9 @@ clock (a wrapper per call, which itself reads as about 1 us a call: read the sma
 --database postgres writes to a new database on the local PostgreSQL (dropped at the end) and also
 prints the CPU of the machine's postgres processes per turn (the database's own work, which is not
 the proxy's: in production it runs on another host).
+
+--flush-interval sets how often the sink writes a batch (its default, 0.5 s): a longer one writes
+fewer, larger batches, and turns reach the database later.
 
 --lag also runs a probe on the loop (a 1 ms sleep, over and over) and prints how late it woke, with
 the store and without: the writer thread holding the GIL delays the loop, which a proxy's latency
@@ -106,11 +109,13 @@ async def probe(lags: list[float]) -> None:
 
 
 async def paced(n: int, rate: float, record: bool, lags: list[float] | None = None,
-                prefill: int = 0, pg_url: str | None = None) -> tuple[float, float, int]:
+                prefill: int = 0, pg_url: str | None = None, flush_interval_s: float = 0.5
+                ) -> tuple[float, float, int]:
     """Process CPU seconds (all threads) and the postgres processes' CPU seconds for n turns at
     `rate`/s, until the last is committed; with `lags`, the loop's wake-up lags meanwhile."""
     d = tempfile.mkdtemp(prefix="tg-store-cpu-")
-    sink = StoreSink(pg_url or f"sqlite:///{d}/store.db", f"{d}/spool", auto_migrate=True)
+    sink = StoreSink(pg_url or f"sqlite:///{d}/store.db", f"{d}/spool", auto_migrate=True,
+                     flush_interval_s=flush_interval_s)
     await sink.start()
     for start in range(0, prefill, 2000):
         for i in range(start, min(prefill, start + 2000)):
@@ -156,6 +161,7 @@ def main() -> None:
     ap.add_argument("--split", action="store_true", help="also print the store's CPU by part")
     ap.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
                     help="a SQLite file (the embedded store), or a new database on the local PostgreSQL")
+    ap.add_argument("--flush-interval", type=float, default=0.5, help="seconds between the sink's batches")
     args = ap.parse_args()
     pg = _load.PgDatabase() if args.database == "postgres" else None
     try:
@@ -173,11 +179,11 @@ async def measure(args: argparse.Namespace, pg_url: str | None) -> None:
     lags: dict[bool, list[float]] | None = {True: [], False: []} if args.lag else None
     for i in range(args.repeats):
         with_store, db, written = await paced(args.turns, args.rate, True, lags[True] if lags else None,
-                                              args.prefill, pg_url)
+                                              args.prefill, pg_url, args.flush_interval)
         for part, seconds in SPLIT.items():
             parts.setdefault(part, []).append(seconds / args.turns * 1000)
         idle, db_idle, _ = await paced(args.turns, args.rate, False, lags[False] if lags else None,
-                                       pg_url=pg_url)
+                                       pg_url=pg_url, flush_interval_s=args.flush_interval)
         per_turn.append((with_store - idle) / args.turns * 1000)
         db_per_turn.append((db - db_idle) / args.turns * 1000)
         print(f"run {i + 1}: {written} turns, store {per_turn[-1]:.3f} ms CPU/turn "
