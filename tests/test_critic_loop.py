@@ -25,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
 from typer.testing import CliRunner
 
 from critic_models.store_data import Holdout
@@ -33,11 +32,10 @@ from service.app import create_app
 from service.cli import app as cli_app
 from service.demo.fake_actor import FakeActor, Reply, assistant, serve_in_thread
 from service.settings import RouteSettings, Settings
-from service.store.engine import make_sync_engine
 from service.store.migrate import upgrade
 from tests.judge_support import judged_candidates
 from tests.test_critic_serving_bundles import build_bundle
-from tests.test_store_support import make_pg_db  # noqa: F401 - fixture
+from tests.test_store_support import make_pg_db, sql  # noqa: F401 - fixture
 
 pytest.importorskip("torch")  # the tiny encoder bundle is exported from a torch model
 
@@ -90,15 +88,6 @@ class Loop:
     active: Path  # the tiny encoder the gateway starts with
     judge: Judge
     judge_url: str
-
-
-def sql(db: str, query: str) -> list[Any]:
-    engine = make_sync_engine(db)
-    try:
-        with engine.connect() as conn:
-            return list(conn.execute(text(query)).all())
-    finally:
-        engine.dispose()
 
 
 def wait_for_turns(db: str, n: int) -> None:

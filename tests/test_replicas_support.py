@@ -28,9 +28,8 @@ import redis
 import yaml
 
 from service.demo.fake_actor import FakeActor, Reply, assistant, free_port, serve_in_thread
-from service.store.engine import make_sync_engine
 from tests.test_critic_serving_bundles import build_bundle
-from tests.test_store_support import make_pg_db  # noqa: F401 - fixture
+from tests.test_store_support import make_pg_db, sql  # noqa: F401 - fixture
 
 ADMIN_KEY = "adm-replicas-" + "4e8b1d" * 5
 CLIENT_KEY = "sk-client-replicas"
@@ -120,14 +119,7 @@ class ReplicaSet:
 
     def sql(self, query: str) -> list[Any]:
         """Rows of `query` on the shared database (to check what was stored and audited)."""
-        from sqlalchemy import text
-
-        engine = make_sync_engine(self.database_url)
-        try:
-            with engine.connect() as conn:
-                return list(conn.execute(text(query)).all())
-        finally:
-            engine.dispose()
+        return sql(self.database_url, query)
 
     def stop(self) -> None:
         for replica in self.replicas:

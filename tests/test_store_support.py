@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy import text
 
 from service.gate.record import CandidateRecord, ConversationHint, TurnRecord, new_turn_id
+from service.store.engine import make_sync_engine
 from service.store.migrate import upgrade
 from service.store.sink import StoreSink
 
@@ -102,3 +105,13 @@ async def store_turns(db_url: str, tmp_path, *turns) -> dict:
     health = sink.health()
     await sink.stop()
     return health
+
+
+def sql(url: str, query: str) -> list[Any]:
+    """Rows of `query` on the store at `url`, read through a sync engine of its own."""
+    engine = make_sync_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(query)).all())
+    finally:
+        engine.dispose()
