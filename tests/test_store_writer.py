@@ -14,9 +14,8 @@ import pytest
 from sqlalchemy import text
 
 from service.demo.fake_actor import free_port
-from service.store.engine import make_sync_engine
 from service.store.sink import StoreSink
-from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db, store_turns  # noqa: F401 - fixtures
+from tests.test_store_support import db_url, make_pg_db, record, shared_pg_db, sql, store_turns  # noqa: F401 - fixtures
 
 # The shared trajectories (never copied into the repo): $TURNGATE_TRAJECTORIES, else shared/ beside
 # the checkout (../shared beside the clone).
@@ -40,15 +39,6 @@ def as_turns(traj: dict, **hint) -> list:
 async def _rows(sink: StoreSink, sql: str, **params) -> list:
     async with sink.engine.connect() as conn:
         return list((await conn.execute(text(sql), params)).all())
-
-
-def _read(url: str, sql: str) -> list:
-    engine = make_sync_engine(url)
-    try:
-        with engine.connect() as conn:
-            return list(conn.execute(text(sql)).all())
-    finally:
-        engine.dispose()
 
 
 async def _stored_once_released(sink: StoreSink, blocker, n: int) -> list[str]:
@@ -143,13 +133,31 @@ async def test_awkward_client_ids_and_times_are_stored_exactly(db_url, tmp_path)
     for r in seconds:
         r.created_at = r.created_at + 60
     await store_turns(db_url, tmp_path, *seconds)
-    conv = dict(_read(db_url, "SELECT id, conversation_id FROM turns"))
-    at = dict(_read(db_url, "SELECT id, created_at FROM turns"))
-    convs = {r[0]: r[1:] for r in _read(db_url, "SELECT id, external_id, first_seen, last_seen FROM conversations")}
+    conv = dict(sql(db_url, "SELECT id, conversation_id FROM turns"))
+    at = dict(sql(db_url, "SELECT id, created_at FROM turns"))
+    convs = {r[0]: r[1:] for r in sql(db_url, "SELECT id, external_id, first_seen, last_seen FROM conversations")}
     assert len(convs) == len(AWKWARD_IDS)
     for first, second, ext in zip(firsts, seconds, AWKWARD_IDS):
         assert conv[first.turn_id] == conv[second.turn_id]
         assert convs[conv[first.turn_id]] == (ext, at[first.turn_id], at[second.turn_id])
+
+
+async def test_hostile_client_ids_are_fitted_and_still_thread(db_url, tmp_path):
+    """A NUL, a lone surrogate and an id past the column's 200 characters: stored fitted (U+FFFD, a
+    shortened stand-in), never refusing the batch, and the next turn still finds its conversation."""
+    hostile = ["a\x00b", "bad \ud800 id", "y" * 5000]
+    firsts = [record([{"role": "user", "content": f"h{i}"}], f"r{i}", metadata={"conversation_id": ext})
+              for i, ext in enumerate(hostile)]
+    seconds = [record([*r.request_messages, r.chosen.message, {"role": "user", "content": "next"}], "ok")
+               for r in firsts]
+    health = await store_turns(db_url, tmp_path, *firsts, *seconds)
+    assert health["quarantined"] == 0 and health["last_error"] is None
+    conv = dict(sql(db_url, "SELECT id, conversation_id FROM turns"))
+    ext = dict(sql(db_url, "SELECT id, external_id FROM conversations"))
+    assert all(conv[a.turn_id] == conv[b.turn_id] for a, b in zip(firsts, seconds))
+    stored = [ext[conv[r.turn_id]] for r in firsts]
+    assert stored[:2] == ["a\ufffdb", "bad \ufffd id"]
+    assert stored[2].startswith("y" * 100) and len(stored[2]) <= 200
 
 
 async def test_a_batch_meeting_its_own_earlier_rows_writes_only_the_new_turns_whole(db_url, tmp_path):
@@ -164,8 +172,8 @@ async def test_a_batch_meeting_its_own_earlier_rows_writes_only_the_new_turns_wh
     new.tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
     await store_turns(db_url, tmp_path, stored)
     health = await store_turns(db_url, tmp_path, stored, new)  # one batch, the first turn stored already
-    turns = {r[0]: r[1:] for r in _read(db_url, "SELECT id, request_messages, tools, client_metadata FROM turns")}
-    counts = dict(_read(db_url, "SELECT turn_id, count(*) FROM candidates GROUP BY turn_id"))
+    turns = {r[0]: r[1:] for r in sql(db_url, "SELECT id, request_messages, tools, client_metadata FROM turns")}
+    counts = dict(sql(db_url, "SELECT turn_id, count(*) FROM candidates GROUP BY turn_id"))
     assert health["quarantined"] == 0 and health["last_error"] is None  # written as one batch, as it was
     assert set(turns) == {stored.turn_id, new.turn_id}
     assert counts == {stored.turn_id: 4, new.turn_id: 4}
