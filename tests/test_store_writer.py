@@ -36,9 +36,9 @@ def as_turns(traj: dict, **hint) -> list:
     return [record(msgs[:i], m, **hint) for i, m in enumerate(msgs) if m["role"] == "assistant"]
 
 
-async def _rows(sink: StoreSink, sql: str, **params) -> list:
+async def _rows(sink: StoreSink, query: str, **params) -> list:
     async with sink.engine.connect() as conn:
-        return list((await conn.execute(text(sql), params)).all())
+        return list((await conn.execute(text(query), params)).all())
 
 
 async def _stored_once_released(sink: StoreSink, blocker, n: int) -> list[str]:
