@@ -7,6 +7,11 @@ request's bench id (`bench-id N` anywhere in the body, which every proxy forward
 the longest of the calls that carried it (a rank turn's N calls), for `GET /bench/service-ms`
 (returned and cleared): proxies need not forward the header.
 
+A request that carries `bench-varied` (bench/overhead.py's agent turns) is answered in turn from
+VARIED_REPLIES, tool calls with different arguments when it declares tools and texts of 2 to 60
+words otherwise: 7 replies of each, so a rank turn's N calls mostly get distinct candidates, as from
+an actor sampling at a temperature, and the critic scores every one of them.
+
 The load generator, the fake upstream and the proxy share the machine's two cores, so whatever
 CPU the apparatus burns shows up as queueing delay in the proxy's figures. httpx and a
 Starlette/uvicorn actor cost ~1 ms of CPU per request each; these cost a tenth of that.
@@ -35,6 +40,50 @@ MODELS = b'{"object":"list","data":[{"id":"fake","object":"model","created":0,"o
 BENCH_ID = re.compile(rb"bench-id (\d+)")
 STREAM = re.compile(rb'"stream"\s*:\s*true')
 STREAM_WORDS = 8  # content chunks of a streamed reply, spread over its latency
+
+
+VARIED_MARK = b"bench-varied"
+TOOLS = re.compile(rb'"tools"\s*:\s*\[')
+
+
+def completion(message: dict, finish_reason: str, completion_tokens: int) -> bytes:
+    return json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "fake",
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
+        "usage": {"prompt_tokens": 300, "completion_tokens": completion_tokens,
+                  "total_tokens": 300 + completion_tokens},
+    }).encode()
+
+
+def _tool_call(arguments: dict) -> bytes:
+    call = {"id": "call_bench", "type": "function",
+            "function": {"name": "book_flight", "arguments": json.dumps(arguments)}}
+    return completion({"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls", 20)
+
+
+def _text(words: str) -> bytes:
+    return completion({"role": "assistant", "content": words}, "stop", len(words.split()) * 4 // 3)
+
+
+# An agent's plausible replies to the agent turn (bench/_load.AGENT_CONTEXT): seven of each kind, a
+# prime number, so that the calls of a turn, served one after another, rarely repeat one.
+VARIED_REPLIES = {
+    True: [_tool_call({"to": "LIS"}), _text("Before I book it, please confirm: the 9:40 economy flight from "
+                                            "Boston to Lisbon on May 14, $412, on the Visa ending in 4421?"),
+           _tool_call({"to": "Lisbon"}), _tool_call({"to": "LIS", "date": "2026-05-14", "cabin": "economy"}),
+           _text("Booked."), _tool_call({"to": "Lisbon, Portugal"}),
+           _text("I found three flights to Lisbon on May 14: TAP at 9:40 for $412 with no stops, United at "
+                 "18:05 for $455 with one stop in Newark, and Delta at 21:30 for $498. The TAP flight is the "
+                 "cheapest and the shortest. Shall I book it with the Visa card on your profile?")],
+    False: [_text("Sure."), _text("The cheapest flight to Lisbon on May 14 is TAP's 9:40 departure at $412."),
+            _text("I can book that for you. Which card should I use, the Visa ending in 4421 or the Amex?"),
+            _text("I found three flights to Lisbon on May 14: TAP at 9:40 for $412 with no stops, United at "
+                  "18:05 for $455 with one stop in Newark, and Delta at 21:30 for $498. The TAP flight is "
+                  "the cheapest and the shortest. Shall I book it with the Visa card on your profile?"),
+            _text("Done: you are booked to Lisbon."),
+            _text("Flights to Lisbon start at $412 on May 14. Do you want a refundable fare? It is $96 more."),
+            _text("Let me check the fares for May 14 first.")],
+}
 
 
 def sse_chunks() -> list[bytes]:
@@ -106,12 +155,15 @@ class LeanClient:
 
 
 async def serve_upstream(port: int, latency: float, jitter: float = 0.0) -> None:
-    """Answers every POST with one fixed chat completion after `latency` s, +- `jitter` of it drawn
-    uniformly (a stream: its chunks spread over that time); GET /v1/models and /bench/service-ms too."""
+    """Answers every POST with one fixed chat completion (a `bench-varied` one: the next of
+    VARIED_REPLIES) after `latency` s, +- `jitter` of it drawn uniformly (a stream: its chunks
+    spread over that time); GET /v1/models and /bench/service-ms too."""
     rng = random.Random(0)
     service_ms: dict[str, float] = {}
+    served = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
         try:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
@@ -143,7 +195,11 @@ async def serve_upstream(port: int, latency: float, jitter: float = 0.0) -> None
                 else:
                     await asyncio.sleep(delay)
                     spent = (time.perf_counter() - t0) * 1000
-                    writer.write(response(200, COMPLETION, b"x-bench-service-ms: %.3f\r\n" % spent))
+                    reply = COMPLETION
+                    if VARIED_MARK in body:
+                        served += 1
+                        reply = VARIED_REPLIES[bool(TOOLS.search(body))][served % 7]
+                    writer.write(response(200, reply, b"x-bench-service-ms: %.3f\r\n" % spent))
                 if m := BENCH_ID.search(body):
                     key = m.group(1).decode()
                     service_ms[key] = max(spent, service_ms.get(key, 0.0))

@@ -109,11 +109,36 @@ async def service_times(upstream: str) -> dict[str, float]:
         await client.close()
 
 
+# An agent's conversation before the user's next message, about 330 tokens for the critic's
+# tokenizer: with it a rank turn's critic rows are near the shipped critic's 256-token window,
+# as in production, instead of one short sentence. `bench-varied` asks the lean upstream for
+# distinct replies (bench/_lean_http.VARIED_REPLIES).
+AGENT_CONTEXT = [
+    {"role": "system", "content": "You are a travel agent for Skyway Airlines (bench-varied). Help the user "
+     "search, book, change and cancel flights. Before any booking, change or cancellation, list the details "
+     "and obtain the user's explicit confirmation (yes). Use only the tools given; never invent fares, "
+     "times or flight numbers. One tool call at a time. Payment: only methods on the user's profile."},
+    {"role": "user", "content": "Hi, I'm Maria Santos, user id maria_santos_1187. I need to fly to Portugal "
+     "next month for a conference."},
+    {"role": "assistant", "content": "Hello Maria. I can help with that. Which city in Portugal, from where, "
+     "and on which date would you like to travel?"},
+    {"role": "user", "content": "From Boston to Lisbon on May 14, one way, economy. The conference starts on "
+     "the 15th so I'd rather land the same day."},
+    {"role": "assistant", "content": "Thank you. I searched direct and one-stop flights from Boston (BOS) to "
+     "Lisbon (LIS) on May 14 in economy: TAP TP218 at 9:40, arriving 20:55, $412; United UA966 at 18:05 via "
+     "Newark, arriving 09:10 on May 15, $455; Delta DL254 at 21:30, arriving 09:45 on May 15, $498. "
+     "Only the TAP flight lands on May 14."},
+    {"role": "user", "content": "Great, the TAP one then. Use the Visa on my profile please."},
+]
+
+
 async def load(url: str, model: str, concurrency: int, seconds: float, upstream: str,
-               stream: bool = False, headers: dict[str, str] | None = None, extra: dict | None = None) -> dict:
+               stream: bool = False, headers: dict[str, str] | None = None, extra: dict | None = None,
+               context: list[dict] | None = None) -> dict:
     """`concurrency` clients, each sending the next request when its last returned (whole: a stream
     to its last chunk). `upstream`: the lean upstream's base URL, for its service times. `extra`:
-    more fields of every request body (`tools`, say)."""
+    more fields of every request body (`tools`, say). `context`: messages before the user's (see
+    AGENT_CONTEXT)."""
     u = httpx.URL(url)
     await service_times(upstream)  # clear what an earlier row left
     done: list[tuple[str, float, float | None, float | None]] = []  # id, latency, critic, Server-Timing upstream
@@ -124,7 +149,7 @@ async def load(url: str, model: str, concurrency: int, seconds: float, upstream:
         try:
             while time.perf_counter() < stop:
                 rid = str(next(_IDS))
-                body = json.dumps({"model": model, "stream": stream, "messages": [
+                body = json.dumps({"model": model, "stream": stream, "messages": [*(context or ()),
                     {"role": "user", "content": f"Book the cheapest flight to Lisbon. bench-id {rid}"}],
                     **(extra or {})}).encode()
                 t0 = time.perf_counter()

@@ -17,15 +17,24 @@ processes' too, under `--workers`). Rank rows add `/slowest p50` and `p99`: each
 its slowest candidate call's service time (1.0: the turn cost no more than waiting for its N
 candidates).
 The standard apparatus has no service times: only `st added` there.
+`rank-agent` is rank on agent turns: an airline agent's conversation of about 300 tokens before
+the user's message (bench/_load.AGENT_CONTEXT), and upstream replies that differ from call to call
+(bench/_lean_http.VARIED_REPLIES: tool calls with other arguments, texts of other lengths), as with
+a real actor: a critic that reads the encoder scores several long rows a turn. `rank`'s candidates
+are four copies of one short reply to one short message: one row of about 25 tokens a turn.
+With `--shipped-critic`, rank rows add `critic rows/turn`: the encoder rows the critic ran a turn
+(the sum of turngate_critic_batch_size over the row's turns; identical candidates are scored once;
+0 with a head that reads no encoder, as the shipped one since a6cee4009e51). `TURNGATE_CRITIC`
+names another bundle.
 
     python bench/overhead.py [--latency 0.05] [--jitter 0.2] [--concurrency 1,16,64] [--seconds 8] [--rounds 1]
                              [--apparatus lean|standard]
-                             [--targets direct,pass,rank,shadow] [--shadow-backlog 64]
+                             [--targets direct,pass,pass-norec,rank,rank-agent,shadow] [--shadow-backlog 64]
                              [--shipped-critic] [--workers 1] [--tools] [--database sqlite|postgres]
 
-`--tools` declares a tool in every request: the critic then scores tool turns, whose head reads the
-encoder. Without it the turns are text turns, on which the shipped head gives the encoder no weight
-and the critic does not run it (from stop 28; earlier figures ran it on every turn).
+`--tools` declares a tool in every request: the critic then scores tool turns (their features and
+head). Without it the turns are text turns. The shipped head stopped reading the encoder on text
+turns at stop 28 and on tool turns at a6cee4009e51; figures from before ran it there.
 `--database postgres` writes the turns to a new database on the local PostgreSQL (127.0.0.1:5432,
 user postgres; dropped at the end) instead of the embedded SQLite file, and adds `db cpu/req`: the
 CPU of every `postgres` process of the machine over the row, per request (the database's own work,
@@ -57,6 +66,7 @@ sys.path.insert(0, str(ROOT))
 from bench import _load  # noqa: E402
 from service.demo.fake_actor import free_port  # noqa: E402
 
+AGENT_ROW = "rank N=4, agent turns"
 BODY = {"messages": [{"role": "user", "content": "Book the cheapest flight to Lisbon."}]}
 
 
@@ -155,9 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gc-unfrozen", action="store_true",
                     help="undo the proxy's start-up gc.freeze() (to compare its full-GC pauses)")
     ap.add_argument("--tools", action="store_true",
-                    help="every request declares a tool: tool turns, whose head reads the encoder (lean apparatus)")
+                    help="every request declares a tool: tool turns, scored by the tool head (lean apparatus)")
     ap.add_argument("--targets", default="direct,pass,rank",
-                    help="rows per concurrency: direct,pass,pass-norec (passthrough, store off),rank,shadow")
+                    help="rows per concurrency: direct,pass,pass-norec (passthrough, store off),rank,"
+                         "rank-agent (rank on agent turns, lean apparatus),shadow")
     ap.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
                     help="where the proxy's store writes: the embedded SQLite file, or a new database on the "
                          "local PostgreSQL (adds the database server's CPU per request)")
@@ -168,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.workers > 1 and not args.shipped_critic:
         ap.error("--workers needs --shipped-critic")
-    if args.tools and args.apparatus != "lean":
-        ap.error("--tools needs the lean apparatus")
+    if (args.tools or "rank-agent" in args.targets) and args.apparatus != "lean":
+        ap.error("--tools and rank-agent need the lean apparatus")
     extra = {"tools": [{"type": "function", "function": {
         "name": "book_flight", "description": "Books the flight.", "parameters": {
             "type": "object", "properties": {"to": {"type": "string"}}, "required": ["to"]}}}]} if args.tools else None
@@ -216,14 +227,16 @@ def main(argv: list[str] | None = None) -> None:
         targets.update(pass_=("turngate passthrough", proxy, "pass"),
                        **{"pass-norec": ("passthrough, no store", proxy, "pass-norec")},
                        rank=("turngate rank N=4", proxy, "rank"),
+                       **{"rank-agent": (AGENT_ROW, proxy, "rank")},
                        shadow=("turngate shadow N=4", proxy, "shadow"))
         rows = [targets["pass_" if t == "pass" else t] for t in args.targets.split(",")]
 
-        def run(url: str, model: str | None, c: int, seconds: float) -> dict:
+        def run(name: str, url: str, model: str | None, c: int, seconds: float) -> dict:
             if lean:
-                return uvloop.run(_load.load(url, model or "fake", c, seconds, actor_url, extra=extra))
+                return uvloop.run(_load.load(url, model or "fake", c, seconds, actor_url, extra=extra,
+                                             context=_load.AGENT_CONTEXT if name == AGENT_ROW else None))
             return uvloop.run(httpx_load(url, model, c, seconds))
-        run(proxy, "rank", 4, min(1.0, args.seconds))  # warm up connections and code paths
+        run("", proxy, "rank", 4, min(1.0, args.seconds))  # warm up connections and code paths
         print(f"fake upstream latency {args.latency * 1000:.0f} ms +- {args.jitter:.0%}, "
               + (f"the critic {os.environ.get('TURNGATE_CRITIC') or 'shipped'}, " if args.shipped_critic
                  else f"stub critic {args.critic_ms:.1f} ms, ")
@@ -234,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'target':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
               f"{'added p50':>10}{'added p99':>10}{'st added p50':>13}{'st added p99':>13}{'proxy cpu/req ms':>18}"
               + (f"{'db cpu/req ms':>15}" if pg else "")
-              + (f"{'/slowest p50':>13}{'/slowest p99':>13}" if any(r[2] == "rank" for r in rows) else ""))
+              + (f"{'/slowest p50':>13}{'/slowest p99':>13}" if any(r[2] == "rank" for r in rows) else "")
+              + (f"{'critic rows/turn':>18}" if args.shipped_critic else ""))
         concs = [int(x) for x in args.concurrency.split(",")]
         cells: dict[tuple[int, str], list[dict]] = {}
         for rnd in range(args.rounds):  # alternating order: drift and noise land on every target alike
@@ -242,17 +256,20 @@ def main(argv: list[str] | None = None) -> None:
                 for name, url, model in (rows if rnd % 2 == 0 else rows[::-1]):
                     shed0 = counter(metrics_url, "turngate_shadow_shed_total")
                     cpu0, db0 = cpu_seconds(procs[1].pid), _load.postgres_cpu_seconds() if pg else 0.0
-                    r = run(url, model, c, args.seconds)
+                    rows0 = counter(metrics_url, "turngate_critic_batch_size_sum")
+                    r = run(name, url, model, c, args.seconds)
                     if model is not None:  # the row's CPU includes writing its turns, not the next row's
                         store_drained(f"http://127.0.0.1:{proxy_port}/readyz", args.workers)
                     cpu = (cpu_seconds(procs[1].pid) - cpu0) * 1000 / r["n"]
                     db = ((_load.postgres_cpu_seconds() - db0) * 1000 / r["n"]) if pg else float("nan")
                     shed = counter(metrics_url, "turngate_shadow_shed_total") - shed0
+                    critic_rows = (counter(metrics_url, "turngate_critic_batch_size_sum") - rows0) / r["n"]
                     lat = r["latencies"]
                     cells.setdefault((c, name), []).append({
                         "rps": r["rps"], "p50": pct(lat, .5), "p99": pct(lat, .99),
                         "a50": pct(r["added"], .5), "a99": pct(r["added"], .99), "s50": pct(r["st_added"], .5),
                         "s99": pct(r["st_added"], .99), "cpu": cpu, "db": db, "shed": shed / r["n"],
+                        "rows": critic_rows,
                         "r50": pct(r.get("over_slowest", []), .5), "r99": pct(r.get("over_slowest", []), .99)})
         for c in concs:
             for name, _, model in rows:
@@ -264,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                     row += f"{m['db']:>15.2f}" if pg else ""
                 if model == "rank":
                     row += f"{m['r50']:>13.2f}{m['r99']:>13.2f}"
+                    row += f"{m['rows']:>18.2f}" if args.shipped_critic else ""
                 if model == "shadow":
                     row += f"   shed {m['shed']:.0%}"
                 print(row, flush=True)

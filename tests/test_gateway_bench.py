@@ -4,10 +4,14 @@ against the upstream's own service time (LiteLLM's rows only where the bench ext
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+
+from service.critic.registry import shipped_bundle
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -41,6 +45,32 @@ def test_overhead_rank_rows_show_latency_over_the_slowest_candidate_call(capsys)
     p50, p99, cpu, ratio50, ratio99 = (float(row.group(i)) for i in (2, 3, 8, 9, 10))
     # A turn takes at least its slowest call, and with a 2 ms stub critic not twice that.
     assert 1.0 <= ratio50 <= ratio99 and ratio50 < 2.0 and 0 < p50 <= p99 and cpu > 0
+
+
+def test_overhead_agent_turns_make_the_critic_score_distinct_candidates(capsys, tmp_path, monkeypatch):
+    # The plain rank row's four candidates are one reply, scored once; agent turns get replies that
+    # differ from call to call (tool calls with other arguments, texts), so the critic scores more
+    # rows a turn, each with the agent's conversation before it. The shipped head runs no encoder,
+    # so the proxy serves a copy whose tool head weights it.
+    bundle = Path(shutil.copytree(shipped_bundle(), tmp_path / "bundle"))
+    head = json.loads((bundle / "head.json").read_text())
+    tool = head["heads"]["tool"]
+    tool["weights"][tool["features"].index("encoder")] = 0.5
+    (bundle / "head.json").write_text(json.dumps(head))
+    monkeypatch.setenv("TURNGATE_CRITIC", str(bundle))
+    load_bench("overhead").main(["--seconds", "1", "--concurrency", "2", "--targets", "rank,rank-agent",
+                                 "--shipped-critic", "--tools"])
+    out = capsys.readouterr().out
+    assert "critic rows/turn" in out, out
+    rows = {}
+    for name in ("turngate rank N=4", "rank N=4, agent turns"):
+        row = re.search("^" + re.escape(name) + r"\s+2\s+(\d+)" + r"\s+(-?[\d.]+)" * 10 + r"$", out, re.MULTILINE)
+        assert row, out
+        rows[name] = [float(x) for x in row.groups()]
+    plain, agent = rows["turngate rank N=4"], rows["rank N=4, agent turns"]
+    assert plain[10] == 1.0  # identical candidates: one critic row a turn
+    assert 2.0 <= agent[10] <= 4.0  # 4 calls of 7 rotating replies: mostly distinct, never more than 4
+    assert agent[7] > plain[7]  # and they cost the proxy more CPU a turn (longer rows, more of them)
 
 
 def test_overhead_on_postgres_prints_the_store_and_the_databases_cpu_and_drops_its_database(capsys):
