@@ -55,6 +55,7 @@ class HeadConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     agent_head: bool = False  # fit a head of its own for agent turns (else the tool head scores them)
     logits_cache: str | None = None  # JSON file of encoder logits, read and updated (one per encoder)
+    without_encoder: bool = False  # the encoder's logit left at 0: its weight is 0 and serving never runs it
     name: str | None = None  # default: the encoder bundle's name
 
 
@@ -131,8 +132,8 @@ def train_head(cfg: HeadConfig, extra: tuple[list[head_data.Item], list[head_dat
         train, val = train + extra[0], val + extra[1]
         items = train + val
     cache = _read_cache(cfg.logits_cache, encoder)
-    head_data.fill_logits(items, encoder.encoder_scores, cache)
-    if cfg.logits_cache:
+    head_data.fill_logits(items, None if cfg.without_encoder else encoder.encoder_scores, cache)
+    if cfg.logits_cache and not cfg.without_encoder:
         Path(cfg.logits_cache).write_text(json.dumps({"encoder": _encoder_id(encoder), "logits": cache}))
     seen = _encoder_files(encoder)
     for it in train:
@@ -147,6 +148,7 @@ def train_head(cfg: HeadConfig, extra: tuple[list[head_data.Item], list[head_dat
     fitted = fittable(train_groups, cfg.agent_head)
     head = fit_head(fitted, cfg.fit, cfg.agent_head, {"training": {
         "groups": len(fitted), "fit": asdict(cfg.fit), "agent_head": cfg.agent_head,
+        "without_encoder": cfg.without_encoder,
         "encoder_logit_zeroed_for": sorted(seen & {it.source for it in train}),
         "data_sha256": report["data"]["sha256"]}})
     out = write_bundle(encoder, head, Path(cfg.out), cfg)

@@ -121,7 +121,10 @@ def train_head(data: list[Path] = typer.Option([], "--data", help=DATA_HELP + " 
                                                            "trajectories and logged agent turns (else the tool "
                                                            "head scores them)."),
                logits_cache: Path | None = typer.Option(None, help="JSON file of the encoder's logits, read "
-                                                                   "and updated: a rerun skips the encoder pass.")
+                                                                   "and updated: a rerun skips the encoder pass."),
+               no_encoder: bool = typer.Option(False, "--no-encoder", help="Leave the encoder's logit out: a "
+                                               "head of the turn features alone, whose critic never runs the "
+                                               "encoder (no encoder pass here either).")
                ) -> None:
     """Fit the feature head (agreement, grounding, ... and the encoder's logit) over an encoder
     bundle; numpy only, no torch. Prints the cross-validated and held-out pick figures."""
@@ -155,7 +158,8 @@ def train_head(data: list[Path] = typer.Option([], "--data", help=DATA_HELP + " 
     report = run_head(HeadConfig(encoder=str(base), data=[str(p) for p in data], out=str(out), seed=seed,
                                  val_fraction=val_fraction, draws=draws, folds=folds,
                                  fit=FitConfig(pointwise=pointwise, steps=steps), agent_head=agent_head,
-                                 logits_cache=str(logits_cache) if logits_cache else None), extra)
+                                 logits_cache=str(logits_cache) if logits_cache else None,
+                                 without_encoder=no_encoder), extra)
     if from_store and extra is not None and held is not None:
         from critic_models.store_data import write_holdout
 

@@ -101,6 +101,28 @@ async def test_the_served_bundle_explains_each_score(trained):
     assert found[2].features["call_support"] == pytest.approx(1 / 3)
 
 
+async def test_a_head_fitted_without_the_encoder_is_served_without_running_it(trained, tmp_path):
+    out = tmp_path / "noenc"
+    result = CliRunner().invoke(cli_app, ["critic", "train-head", "--encoder", str(trained["encoder"]), "--data",
+                                          str(trained["data"]), "--out", str(out), "--draws", "4", "--folds", "0",
+                                          "--steps", "300", "--no-encoder"])
+    assert result.exit_code == 0, result.output
+    bundle = read_bundle(out)
+    assert bundle.head is not None and bundle.manifest["encoder_version"] == "enc1"
+    for linear in bundle.head.heads.values():
+        assert linear.weights[linear.features.index("encoder")] == 0.0
+    held = bundle.manifest["evaluation_head"]["sets"]["toy-tool-calls.jsonl"]
+    assert held["critic"]["mean"] > held["first"]["mean"] + 0.2  # the features alone still pick the right call
+    critic = OnnxCritic.load(out, "CPUExecutionProvider")
+    try:
+        assert critic.encoder_unread == {"text", "tool", "agent"}
+        found = await critic.assess([{"role": "user", "content": "Please cancel reservation R0001X."}],
+                                    [_call("R0001X"), _call("R0001X"), _call("ZZZZ99")], TOOLS)
+    finally:
+        critic.close()
+    assert found[0].score > found[2].score and all("encoder" not in a.features for a in found)
+
+
 def test_eval_reports_the_pick_against_the_free_baselines(trained, tmp_path):
     out = tmp_path / "eval"
     result = CliRunner().invoke(cli_app, ["critic", "eval", str(trained["bundle"]), "--data", str(trained["data"]),
