@@ -42,8 +42,8 @@ from service.critic.onnx_critic import CPU, CUDA, cpu_description  # noqa: E402
 from service.critic.registry import shipped_bundle  # noqa: E402
 from service.demo.fake_actor import free_port  # noqa: E402
 
-# A declared tool makes each request a tool turn, whose head reads the encoder: the shipped head does
-# not on text turns, and the service then skips the encoder (service/critic/onnx_critic.py).
+# A declared tool makes each request a tool turn, scored by the tool head; the service's copy of the
+# bundle weights the encoder there, so that it runs (a head that gives it weight 0 skips it).
 TOOLS = [{"type": "function", "function": {"name": "lookup_order", "description": "Finds an order by its id.",
                                            "parameters": {"type": "object", "properties": {"id": {"type": "string"}},
                                                           "required": ["id"]}}}]
@@ -100,16 +100,21 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "TURNGATE_CRITIC": str(bundle.path), "TURNGATE_CRITIC_PROVIDERS": args.provider,
            "TURNGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "TURNGATE_SPOOL_DIR": str(tmp / "spool"),
            "TURNGATE_UPSTREAM_BASE_URL": "http://127.0.0.1:9/v1", "PYTHONPATH": python_path(ROOT)}
-    # The bundle's max_length is what the service cuts to: a copy with max_length = T.
-    if bundle.max_length != args.tokens:
-        copy = tmp / "bundle"
-        copy.mkdir()
-        for f in bundle.path.iterdir():
-            if f.is_file():
-                (copy / f.name).symlink_to(f)
-        (copy / "critic.json").unlink()
-        (copy / "critic.json").write_text(json.dumps({**bundle.manifest, "max_length": args.tokens}))
-        env["TURNGATE_CRITIC"] = str(copy)
+    # The service serves a copy: max_length = T (what it cuts to), and a tool head that reads the
+    # encoder (the shipped head gives it weight 0 and the service would skip it), as raw onnxruntime does.
+    copy = tmp / "bundle"
+    copy.mkdir()
+    for f in bundle.path.iterdir():
+        if f.is_file() and f.name not in ("critic.json", "head.json"):
+            (copy / f.name).symlink_to(f)
+    (copy / "critic.json").write_text(json.dumps({**bundle.manifest, "max_length": args.tokens}))
+    if (bundle.path / "head.json").is_file():
+        head = json.loads((bundle.path / "head.json").read_text())
+        tool = head["heads"]["tool"]
+        at = tool["features"].index("encoder")
+        tool["weights"][at] = tool["weights"][at] or 1e-12
+        (copy / "head.json").write_text(json.dumps(head))
+    env["TURNGATE_CRITIC"] = str(copy)
     server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
                                "--log-level", "warning"], env=env)
     base = f"http://127.0.0.1:{port}"

@@ -67,11 +67,15 @@ def test_fp16_standin_is_served_with_the_shipped_head(tmp_path, capsys):
         assert critic.bundle.precision == "fp16" and critic.bundle.head is not None
         assert critic.bundle.max_length == read_bundle(shipped_bundle()).max_length
         tools = [{"type": "function", "function": {"name": "refund", "parameters": {"type": "object"}}}]
-        found = asyncio.run(critic.assess([{"role": "user", "content": "Refund order 12?"}],
-                                          [{"role": "assistant", "content": "Done, refunded."},
-                                           {"role": "assistant", "content": "I cannot help."}],
-                                          tools))  # a tool turn: its head reads the encoder
-        assert len(found) == 2 and all(0 < a.score < 1 and math.isfinite(a.features["encoder"]) for a in found)
+        turn = ([{"role": "user", "content": "Refund order 12?"}],
+                [{"role": "assistant", "content": "Done, refunded."},
+                 {"role": "assistant", "content": "I cannot help."}], tools)
+        served = asyncio.run(critic.assess(*turn))  # the shipped head reads no encoder: not run
+        critic.encoder_unread = frozenset()  # the fp16 encoder itself, read as a head that weights it would
+        read = asyncio.run(critic.assess(*turn))
+        assert len(served) == 2 and all(0 < a.score < 1 and "encoder" not in a.features for a in served)
+        assert [a.score for a in read] == [a.score for a in served]
+        assert all(math.isfinite(a.features["encoder"]) for a in read)
     finally:
         critic.close()
 

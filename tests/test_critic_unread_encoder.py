@@ -1,6 +1,6 @@
-"""The encoder is not run on a kind of turn whose head gives it no weight (the shipped head's text
-turns): its reading could not move a score, and it is most of the critic's CPU. The scores are the
-same to the bit; the explanations leave it out."""
+"""The encoder is not run on a kind of turn whose head gives it no weight (the shipped head's
+turns, all of them since a6cee4009e51): its reading could not move a score, and it is most of the
+critic's CPU. The scores are the same to the bit; the explanations leave it out."""
 
 from __future__ import annotations
 
@@ -47,35 +47,35 @@ def shipped():
     critic.close()
 
 
-def test_text_turns_score_the_same_without_running_the_encoder(shipped):
-    assert shipped.encoder_unread == {"text"}  # the shipped head: text turns give the encoder weight 0
-    skipped, runs = _assess(shipped, TEXT)
+@pytest.mark.parametrize("turn", [TEXT, TOOL], ids=["text", "tool"])
+def test_turns_score_the_same_without_running_the_encoder(shipped, turn):
+    # The shipped head gives the encoder weight 0 on every kind of turn (REPORT.md, a6cee4009e51).
+    assert shipped.encoder_unread == {"text", "tool", "agent"}
+    skipped, runs = _assess(shipped, turn)
     assert runs == 0 and all("encoder" not in a.features and "encoder" not in a.contributions for a in skipped)
     shipped.encoder_unread = frozenset()  # as before: the encoder read, and weighted 0
     try:
-        read, runs_read = _assess(shipped, TEXT)
+        read, runs_read = _assess(shipped, turn)
     finally:
-        shipped.encoder_unread = frozenset({"text"})
+        shipped.encoder_unread = frozenset({"text", "tool", "agent"})
     assert runs_read == 1 and all(math.isfinite(a.features["encoder"]) for a in read)
     assert [a.score for a in skipped] == [a.score for a in read]
     assert [{k: v for k, v in a.features.items() if k != "encoder"} for a in read] == [a.features for a in skipped]
 
 
-def test_tool_turns_still_run_the_encoder(shipped):
-    found, runs = _assess(shipped, TOOL)
-    assert runs == 1 and all(math.isfinite(a.features["encoder"]) and "encoder" in a.contributions for a in found)
-
-
-def test_a_head_that_weights_the_encoder_on_text_runs_it(tmp_path):
+@pytest.mark.parametrize(("kind", "turn", "unread"), [("text", TEXT, {"tool", "agent"}),
+                                                      ("tool", TOOL, {"text"})])
+def test_a_head_that_weights_the_encoder_runs_it(tmp_path, kind, turn, unread):
     bundle = Path(shutil.copytree(shipped_bundle(), tmp_path / "bundle"))
     head = json.loads((bundle / "head.json").read_text())
-    text = head["heads"]["text"]
-    text["weights"][text["features"].index("encoder")] = 0.5
+    linear = head["heads"][kind]
+    linear["weights"][linear["features"].index("encoder")] = 0.5
     (bundle / "head.json").write_text(json.dumps(head))
     critic = OnnxCritic.load(bundle, "cpu")
     try:
-        assert critic.encoder_unread == frozenset()
-        found, runs = _assess(critic, TEXT)
-        assert runs == 1 and all(math.isfinite(a.features["encoder"]) for a in found)
+        assert critic.encoder_unread == unread  # agent turns are scored by the tool head
+        found, runs = _assess(critic, turn)
+        assert runs == 1 and all(math.isfinite(a.features["encoder"]) and "encoder" in a.contributions
+                                 for a in found)
     finally:
         critic.close()
