@@ -109,7 +109,7 @@ async def service_times(upstream: str) -> dict[str, float]:
         await client.close()
 
 
-# An agent's conversation before the user's next message, about 330 tokens for the critic's
+# An agent's conversation before the user's next message, about 300 tokens for the critic's
 # tokenizer: with it a rank turn's critic rows are near the shipped critic's 256-token window,
 # as in production, instead of one short sentence. `bench-varied` asks the lean upstream for
 # distinct replies (bench/_lean_http.VARIED_REPLIES).
