@@ -8,9 +8,11 @@ import time
 
 import pytest
 import redis
+from sqlalchemy import func, select
 
 from service.control.plane import ControlPlane, audit
 from service.store.engine import make_async_engine
+from service.store.models import AuditEntry
 from tests.test_store_support import db_url, make_pg_db, shared_pg_db  # noqa: F401 - fixtures
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -90,4 +92,32 @@ def test_a_missing_database_at_start_does_not_stop_the_replica(tmp_path):
         assert plane.generation == -1
         await plane.stop()
         await engine.dispose()
+    asyncio.run(main())
+
+
+def test_stop_lets_a_reload_in_progress_finish(db_url):  # noqa: F811
+    # Cancelled in the middle of a query, a database driver that runs it on a thread of its own
+    # (aiosqlite) answers later, and finds the event loop closed when the process is shutting down.
+    async def main():
+        engine = make_async_engine(db_url)
+        plane = ControlPlane(engine, None, 0.05)
+        began, finished = asyncio.Event(), []
+
+        async def reload(conn):
+            if plane.generation < 0:
+                return  # the load at start
+            began.set()
+            await asyncio.sleep(0.3)  # a slow reload, stopped in the middle
+            finished.append((await conn.execute(select(func.count()).select_from(AuditEntry))).scalar_one())
+        plane.on_change("slow", reload)
+        await plane.start()
+        try:
+            async with engine.begin() as conn:
+                await audit(conn, "test", "route.put", "r1", None, {"alias": "r1"})
+            await asyncio.wait_for(began.wait(), 5)  # the poll is reloading
+            await plane.stop()
+            assert finished == [1]  # the reload ran to its end before stop returned
+        finally:
+            await plane.stop()
+            await engine.dispose()
     asyncio.run(main())

@@ -24,6 +24,7 @@ from service.telemetry.throttled import ThrottledWarning
 log = logging.getLogger(__name__)
 
 CHANNEL = "turngate:control"
+STOP_WAIT_S = 5.0  # how long stop() lets a reload in progress finish
 Reloader = Callable[[AsyncConnection], Awaitable[None]]
 
 
@@ -64,9 +65,21 @@ class ControlPlane:
             self._tasks.append(asyncio.create_task(self._listen(), name="control-listen"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Cancel between reloads, not inside one: a query cancelled half way is still answered by
+        # the database driver's thread (aiosqlite), later, into an event loop closed by then. A
+        # reload that hangs past STOP_WAIT_S is cancelled anyway.
+        try:
+            await asyncio.wait_for(self._lock.acquire(), STOP_WAIT_S)
+            held = True
+        except TimeoutError:
+            held = False
+        try:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            if held:
+                self._lock.release()
         self._tasks.clear()
         if self._redis is not None:
             await self._redis.aclose()
