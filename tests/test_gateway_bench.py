@@ -4,14 +4,12 @@ against the upstream's own service time (LiteLLM's rows only where the bench ext
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
-from service.critic.registry import shipped_bundle
+from tests.test_critic_unread_encoder import shipped_reading_the_encoder
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -52,12 +50,7 @@ def test_overhead_agent_turns_make_the_critic_score_distinct_candidates(capsys, 
     # differ from call to call (tool calls with other arguments, texts), so the critic scores more
     # rows a turn, each with the agent's conversation before it. The shipped head runs no encoder,
     # so the proxy serves a copy whose tool head weights it.
-    bundle = Path(shutil.copytree(shipped_bundle(), tmp_path / "bundle"))
-    head = json.loads((bundle / "head.json").read_text())
-    tool = head["heads"]["tool"]
-    tool["weights"][tool["features"].index("encoder")] = 0.5
-    (bundle / "head.json").write_text(json.dumps(head))
-    monkeypatch.setenv("TURNGATE_CRITIC", str(bundle))
+    monkeypatch.setenv("TURNGATE_CRITIC", str(shipped_reading_the_encoder(tmp_path / "bundle", "tool")))
     load_bench("overhead").main(["--seconds", "1", "--concurrency", "2", "--targets", "rank,rank-agent",
                                  "--shipped-critic", "--tools"])
     out = capsys.readouterr().out
