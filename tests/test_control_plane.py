@@ -92,6 +92,10 @@ def test_a_missing_database_at_start_does_not_stop_the_replica(tmp_path):
         assert plane.generation == -1
         await plane.stop()
         await engine.dispose()
+        # aiosqlite answers a failed connect's clean-up (`Connection.stop()`, a future nobody awaits)
+        # from its thread; closing the loop before that lands is what pytest reported as an unhandled
+        # thread exception in whichever test ran next.
+        await asyncio.sleep(0.1)
     asyncio.run(main())
 
 
