@@ -1,5 +1,6 @@
 """bench/store_cpu.py runs end to end, briefly, on the embedded SQLite store and on PostgreSQL, and
-prints the store's CPU a turn, by part with --split (the PostgreSQL writer's loop thread there)."""
+prints the store's CPU a turn, by part with --split (the PostgreSQL writer's loop thread there);
+bench/sqlite_statements.py compares its two ways of inserting."""
 
 from __future__ import annotations
 
@@ -25,3 +26,15 @@ def test_store_cpu_bench_prints_the_stores_cpu_by_part(database):
         assert "the postgres processes" in out.stdout and "writer: the PostgreSQL loop" in out.stdout, out.stdout
     else:
         assert "writer: inserts" in out.stdout and "postgres" not in out.stdout, out.stdout
+
+
+def test_sqlite_statements_bench_compares_both_ways_beside_a_busy_thread():
+    """Both ways land every row (the bench checks the count) and each prints a CPU figure a turn."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "sqlite_statements.py"), "--batches", "2",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = re.findall(r"^(a row|32 rows)\s+(nothing|a busy thread)\s+([\d.]+)\s+([\d.]+)", out.stdout, re.MULTILINE)
+    printed = sorted((way, beside) for way, beside, _, _ in rows)
+    assert printed == [("32 rows", "a busy thread"), ("32 rows", "nothing"), ("a row", "a busy thread"),
+                       ("a row", "nothing")], out.stdout
+    assert all(float(cpu) > 0 for _, _, cpu, _ in rows), out.stdout
