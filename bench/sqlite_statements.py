@@ -11,7 +11,7 @@ turn and candidate rows into a SQLite file both ways, alternately, and prints th
 a turn, the wall time a turn, and the busy thread's round trips a second meanwhile (its share of
 the GIL), medians of the repeats.
 
-Beside this busy thread, a row a statement costs the writer twice the CPU; in the proxy (bench/
+Beside this busy thread, a row a statement costs the writer about twice the CPU; in the proxy (bench/
 proxy_threads.py, the writer with 32 rows a statement against the writer as it is) the writer thread's
 CPU a request did not change, so the writer keeps executemany (docs/store.md, "Stop 35").
 """
@@ -40,18 +40,18 @@ from service.store.writer import LinkCache, cached_links, prepare, thread_rows
 
 BATCH = 125  # turns a batch: the writer's at a few hundred turns a second
 ROWS = 32  # rows a statement, the other way
+CONFLICT = "ON CONFLICT DO NOTHING"
 
 
 def insert_many(conn: sqlite3.Connection, t: _Table, rows: list[tuple]) -> None:
     """The rows ROWS a statement, the rest in smaller powers of two (few statement texts to compile)."""
-    head, conflict = t.sql.split(" VALUES ")
-    one = "(" + ", ".join("?" * len(t.columns)) + ")"
-    conflict = conflict.split(") ", 1)[1]
+    head = t.sql.split(" VALUES ")[0]
+    one = f"({', '.join('?' * len(t.columns))})"
     start, n = 0, ROWS
     while n:
         while len(rows) - start >= n:
-            chunk = rows[start:start + n]
-            conn.execute(f"{head} VALUES {', '.join([one] * n)} {conflict}", list(chain.from_iterable(chunk)))
+            conn.execute(f"{head} VALUES {', '.join([one] * n)} {CONFLICT}",
+                         list(chain.from_iterable(rows[start:start + n])))
             start += n
         n //= 2
 
@@ -109,7 +109,7 @@ def run(way: str, prepared: list, busy: bool) -> tuple[float, float, float]:
             c0, w0 = time.thread_time(), time.perf_counter()
             for table, columns in ((Turn.__table__, p.turns), (Candidate.__table__, p.candidates)):
                 t = tables.get(table.name) or tables.setdefault(
-                    table.name, _Table(table, list(columns), "ON CONFLICT DO NOTHING"))
+                    table.name, _Table(table, list(columns), CONFLICT))
                 rows = t.params(columns)
                 if way == "a row":
                     conn.executemany(t.sql, rows)
