@@ -148,7 +148,7 @@ async def latency_cell(critic: OnnxCritic, torch_run, n: int, length: int, secon
     cases = [turn(n, seed) for seed in range(8)]
     feeds = [critic.encode(m, c, None) for m, c in cases]
     assert all(f["input_ids"].shape == (n, length) for f in feeds), [f["input_ids"].shape for f in feeds]
-    sess = critic.session
+    sess = critic.open_session()
     # warm this shape on every path
     await critic.score(*cases[0])
     sess.run(["logits"], feeds[0])
@@ -182,7 +182,7 @@ async def throughput(critic: OnnxCritic, n: int, length: int, concurrency: int, 
     critic.max_length = length
     cases = [turn(n, seed) for seed in range(concurrency)]
     feeds = [critic.encode(m, c, None) for m, c in cases]
-    sess = critic.session
+    sess = critic.open_session()
     group = next((k for k in range(concurrency, 0, -1) if critic.batcher.fits(k * n, length)), 1)
     merged_feeds = [{k: np.concatenate([f[k] for f in feeds[j:j + group]]) for k in feeds[0]}
                     for j in range(0, concurrency, group)]

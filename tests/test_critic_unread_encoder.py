@@ -10,9 +10,11 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from service.critic.bundle import BundleError
 from service.critic.onnx_critic import OnnxCritic
 from service.critic.registry import shipped_bundle
 
@@ -85,5 +87,55 @@ def test_a_head_that_weights_the_encoder_runs_it(tmp_path, kind, turn, unread):
         found, runs = _assess(critic, turn)
         assert runs == 1 and all(math.isfinite(a.features["encoder"]) and "encoder" in a.contributions
                                  for a in found)
+    finally:
+        critic.close()
+
+
+# --- the session of a model nothing runs ----------------------------------------------------------
+
+def test_a_head_that_reads_no_encoder_lets_the_session_go_once_the_bundle_is_checked():
+    # Checked at load like any bundle (model inputs, a smoke run), then let go: about 95 MB a worker
+    # (bench/serve_memory.py). The provider is the one the check ran on, where the encoder would run.
+    critic = OnnxCritic.load(shipped_bundle() or pytest.skip("no shipped critic bundle"), "cpu")
+    try:
+        assert critic.session is None
+        assert critic.provider == "CPUExecutionProvider"
+        assert critic.info()["threads"]["intra_op"] >= 1
+        assert asyncio.run(critic.score(*TOOL)) == asyncio.run(critic.score(*TOOL))  # serves without it
+        assert critic.session is None
+    finally:
+        critic.close()
+
+
+def test_the_encoder_still_runs_on_demand_after_its_session_was_let_go():
+    critic = OnnxCritic.load(shipped_bundle() or pytest.skip("no shipped critic bundle"), "cpu")
+    try:
+        assert critic.session is None
+        scores = critic.run({"input_ids": np.full((2, 8), 1000, dtype=np.int64),
+                             "attention_mask": np.ones((2, 8), dtype=np.int64),
+                             "token_type_ids": np.zeros((2, 8), dtype=np.int64)})
+        assert scores.shape == (2,) and np.all((scores > 0) & (scores < 1))
+        assert critic.session is not None  # opened again, and kept from then on
+    finally:
+        critic.close()
+    assert critic.session is None
+    with pytest.raises(RuntimeError, match="closed"):
+        critic.open_session()
+
+
+def test_a_broken_model_is_refused_even_where_the_head_would_not_read_it(tmp_path):
+    source = shipped_bundle()
+    if source is None:
+        pytest.skip("no shipped critic bundle")
+    bundle = Path(shutil.copytree(source, tmp_path / "bundle"))
+    (bundle / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(BundleError, match=r"model\.onnx does not load"):
+        OnnxCritic.load(bundle, "cpu")
+
+
+def test_a_head_that_weights_the_encoder_keeps_its_session(tmp_path):
+    critic = OnnxCritic.load(shipped_reading_the_encoder(tmp_path / "bundle", "tool"), "cpu")
+    try:
+        assert critic.session is not None
     finally:
         critic.close()

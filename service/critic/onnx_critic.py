@@ -1,19 +1,24 @@
 """The learned critic: a validated bundle, one onnxruntime session, a micro-batcher in front.
 
 ``OnnxCritic.load`` is blocking (it builds the session and warms it): call it at start-up or off
-the event loop. ``score`` tokenizes in a small thread pool and queues the turn's rows on the
-batcher, whose runs execute in the inference pool; the event loop only awaits.
+the event loop; a bundle whose head reads no encoder lets the session go once it is checked.
+``score`` tokenizes in a small thread pool and queues the turn's rows on the batcher, whose runs
+execute in the inference pool; the event loop only awaits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import functools
 import json
 import logging
 import math
 import platform
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -99,13 +104,44 @@ def session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
+ALL_KINDS = frozenset(features.FEATURES_BY_KIND)
+
+
+def unread_kinds(bundle: Bundle) -> frozenset[str]:
+    """The kinds of turn whose head gives the encoder weight 0 (none without a head: then the
+    encoder is the score)."""
+    head = bundle.head
+    return frozenset() if head is None else frozenset(
+        kind for kind in features.FEATURES_BY_KIND
+        if (lin := head.linear(kind)).weights[lin.features.index("encoder")] == 0.0)
+
+
+def _open_session(bundle: Bundle, providers: list[str], intra_op: int) -> ort.InferenceSession:
+    try:
+        session = ort.InferenceSession(str(bundle.model_path), session_options(intra_op), providers=providers)
+    except Exception as e:  # onnxruntime raises its own untyped errors
+        raise BundleError(f"critic bundle {bundle.path}: model.onnx does not load: {e}") from e
+    check_model_io(bundle, session.get_inputs(), session.get_outputs())
+    return session
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed memory in its heap; a freed model's arena is worth giving back (about a
+    third of what the session held). Elsewhere (musl, macOS) there is nothing to call."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 class OnnxCritic:
     """Scores with one onnxruntime session; safe to share by all the turns of a process."""
 
     def __init__(self, bundle: Bundle, session: ort.InferenceSession, tokenizer: tokenizers.Tokenizer, *,
                  max_batch: int = 64, max_tokens: int | None = None, max_wait_s: float = 0.002,
-                 max_length: int | None = None, tokenizer_threads: int = 2, runs: int = 1) -> None:
-        self.bundle, self.session, self.tokenizer = bundle, session, tokenizer
+                 max_length: int | None = None, tokenizer_threads: int = 2, runs: int = 1,
+                 reopen: Callable[[], ort.InferenceSession] | None = None) -> None:
+        self.session: ort.InferenceSession | None = session
+        self.bundle, self.tokenizer = bundle, tokenizer
+        self._reopen, self._opening = reopen, threading.Lock()
         self.name, self.version = bundle.name, bundle.version
         self.provider = session.get_providers()[0]  # the one actually in use
         self.max_length = max_length or bundle.max_length
@@ -124,10 +160,7 @@ class OnnxCritic:
         self._closed = threading.Event()
         # Kinds of turn whose head gives the encoder no weight: the encoder is not run on them, as its
         # reading could not move a score (a bundle without a head: the encoder is the score).
-        head = bundle.head
-        self.encoder_unread = frozenset() if head is None else frozenset(
-            kind for kind in features.FEATURES_BY_KIND
-            if (lin := head.linear(kind)).weights[lin.features.index("encoder")] == 0.0)
+        self.encoder_unread = unread_kinds(bundle)
 
     @classmethod
     def load(cls, path: str | Path, providers: str | list[str] | None = None, *,
@@ -144,14 +177,9 @@ class OnnxCritic:
             tokenizer = tokenizers.Tokenizer.from_file(str(bundle.tokenizer_path))
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise BundleError(f"critic bundle {bundle.path}: tokenizer.json does not load: {e}") from e
-        try:
-            session = ort.InferenceSession(str(bundle.model_path), session_options(threads.intra_op),
-                                           providers=wanted)
-        except Exception as e:  # onnxruntime raises its own untyped errors
-            raise BundleError(f"critic bundle {bundle.path}: model.onnx does not load: {e}") from e
-        check_model_io(bundle, session.get_inputs(), session.get_outputs())
-        critic = cls(bundle, session, tokenizer, **{"tokenizer_threads": threads.tokenizer, "runs": threads.runs,
-                                                    **kwargs})
+        opener = functools.partial(_open_session, bundle, wanted, threads.intra_op)
+        critic = cls(bundle, opener(), tokenizer, **{"tokenizer_threads": threads.tokenizer, "runs": threads.runs,
+                                                     "reopen": opener, **kwargs})
         # Asked for: named in the setting, or by default on a build that has CUDA (the GPU image).
         asked = CUDA in (providers if isinstance(providers, list) else requested(providers, bundle.precision)) and (
             bool(providers) or CUDA in ort.get_available_providers())
@@ -167,6 +195,8 @@ class OnnxCritic:
         log.info("critic %s/%s loaded from %s on %s (%s, max_length %d, %d intra-op thread(s) x %d run(s), "
                  "%d tokenizer thread(s))", critic.name, critic.version, bundle.path, critic.provider,
                  bundle.precision, critic.max_length, threads.intra_op, critic.runs, threads.tokenizer)
+        if critic.encoder_unread == ALL_KINDS:
+            critic.let_session_go()
         return critic
 
     def warm(self) -> None:
@@ -187,15 +217,16 @@ class OnnxCritic:
 
     def run(self, feed: Feed) -> np.ndarray:
         """One blocking inference run: sigmoid scores, a float32 per row."""
+        session = self.session if self.session is not None else self.open_session()
         if self._use_binding:
-            binding = self.session.io_binding()
+            binding = session.io_binding()
             for name in INPUT_NAMES:
                 binding.bind_cpu_input(name, np.ascontiguousarray(feed[name]))
             binding.bind_output(OUTPUT_NAME)
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             logits = binding.copy_outputs_to_cpu()[0]
         else:
-            logits = self.session.run([OUTPUT_NAME], {n: feed[n] for n in INPUT_NAMES})[0]
+            logits = session.run([OUTPUT_NAME], {n: feed[n] for n in INPUT_NAMES})[0]
         logits = np.asarray(logits, dtype=np.float32).reshape(-1)
         return 1.0 / (1.0 + np.exp(-logits))
 
@@ -259,6 +290,27 @@ class OnnxCritic:
                     tools: list[dict[str, Any]] | None = None) -> list[float]:
         return [a.score for a in await self.assess(messages, candidates, tools)]
 
+    def let_session_go(self) -> None:
+        """Frees the session of a bundle whose head reads no encoder on any kind of turn: checked and
+        warmed at load like any, then nothing in serving runs it, and it held about 95 MB a process
+        (bench/serve_memory.py). `run` opens it again if something does (a bench, a test)."""
+        with self._opening:
+            self.session = None
+        _return_freed_memory()
+        log.info("critic %s/%s: its head reads no encoder, so the model's session is let go (it opens "
+                 "again if a run needs it)", self.name, self.version)
+
+    def open_session(self) -> ort.InferenceSession:
+        """The session, opened again if it was let go; from any thread."""
+        with self._opening:
+            if self._closed.is_set():
+                raise RuntimeError(f"critic {self.name}/{self.version} is closed")
+            if self.session is None:
+                if self._reopen is None:
+                    raise RuntimeError(f"critic {self.name}/{self.version} has no session to open")
+                self.session = self._reopen()
+            return self.session
+
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "provider": self.provider,
                 "max_length": self.max_length, "bundle": self.bundle.describe(),
@@ -273,6 +325,7 @@ class OnnxCritic:
         started = time.perf_counter()
         self._tokenize.shutdown(wait=True)
         self._infer.shutdown(wait=True)
-        self.session = None  # the last reference: onnxruntime frees the model and its arena
+        with self._opening:
+            self.session = None  # the last reference: onnxruntime frees the model and its arena
         log.info("critic %s/%s closed (%.0f ms waiting for runs in flight)", self.name, self.version,
                  1000 * (time.perf_counter() - started))
