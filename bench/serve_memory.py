@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -91,12 +90,7 @@ def one_start(tree: Path, workers: int) -> dict[str, float]:
             last = now
         return {"rss": now[0], "pss": now[1], "ready_s": ready_at}
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _load.stop([proc], timeout=20)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, within_s: float = 60.0) -> None:
